@@ -1,0 +1,45 @@
+# Thin driver over CMake. `make` builds into build/, `make test` installs what
+# is missing, builds, and runs every test (plain and sanitized builds).
+BUILD     ?= build
+SAN_BUILD ?= build-san
+JOBS      ?= $(shell nproc 2>/dev/null || echo 2)
+CMAKE_FLAGS ?=
+
+.PHONY: all deps test test-plain test-san run install clean bench fuzz
+
+all: $(BUILD)/Makefile
+	cmake --build $(BUILD) -j $(JOBS)
+
+$(BUILD)/Makefile: CMakeLists.txt
+	cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=RelWithDebInfo $(CMAKE_FLAGS)
+
+$(SAN_BUILD)/Makefile: CMakeLists.txt
+	cmake -S . -B $(SAN_BUILD) -DCMAKE_BUILD_TYPE=Debug -DQK_SANITIZE=ON $(CMAKE_FLAGS)
+
+deps:
+	scripts/install-deps.sh
+
+# Every test, through ctest: first the release build, then the whole suite
+# again under AddressSanitizer + UndefinedBehaviorSanitizer.
+test: deps
+	$(MAKE) test-plain
+	$(MAKE) test-san
+
+test-plain: all
+	cd $(BUILD) && ctest --output-on-failure -j $(JOBS)
+
+test-san: $(SAN_BUILD)/Makefile
+	cmake --build $(SAN_BUILD) -j $(JOBS)
+	cd $(SAN_BUILD) && ctest --output-on-failure -j $(JOBS)
+
+run: all
+	scripts/demo.sh $(BUILD)/qcowkit
+
+install: all
+	cmake --install $(BUILD) $(if $(PREFIX),--prefix $(PREFIX))
+
+bench: all
+	bench/read.sh $(BUILD)/qcowkit
+
+clean:
+	rm -rf $(BUILD) $(SAN_BUILD)

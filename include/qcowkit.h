@@ -1,0 +1,231 @@
+/*
+ * qcowkit.h - the public API of libqcowkit, a library for QCOW2 and raw
+ * disk images.
+ *
+ * Conventions, for every function below unless its comment says otherwise:
+ * - A function that can fail returns 0 (or a non-negative count) on success
+ *   and a negative errno on failure. On failure it also records a one-line
+ *   message naming the problem, kept per thread: qk_last_error() returns it
+ *   and qk_last_errno() the errno. Success does not clear it.
+ * - Pointers returned by the library (names, lists) are owned by the image
+ *   and stay valid until qk_close() of that image.
+ * - One qk_image may be used from several threads at once.
+ *
+ * SPDX-License-Identifier: MIT
+ */
+#ifndef QCOWKIT_H
+#define QCOWKIT_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/uio.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define QK_VERSION_MAJOR 0
+#define QK_VERSION_MINOR 1
+#define QK_VERSION_PATCH 0
+#define QK_VERSION_NUMBER \
+	(QK_VERSION_MAJOR * 10000 + QK_VERSION_MINOR * 100 + QK_VERSION_PATCH)
+
+/* The runtime library's version, "MAJOR.MINOR.PATCH". */
+const char *qk_version(void);
+/* QK_VERSION_NUMBER of the runtime library. */
+int qk_version_number(void);
+
+/* ---- errors ---------------------------------------------------------- */
+
+/* The message of the calling thread's last failure, "" if none. Never NULL.
+ * The text begins with the API name, e.g. "qk_open: ...". */
+const char *qk_last_error(void);
+/* The positive errno of the calling thread's last failure, 0 if none. */
+int qk_last_errno(void);
+
+/* ---- opening and closing --------------------------------------------- */
+
+typedef struct qk_image qk_image;
+
+typedef enum qk_format {
+	QK_FORMAT_AUTO = 0, /* detect from the content (open only) */
+	QK_FORMAT_RAW = 1,
+	QK_FORMAT_QCOW2 = 2,
+} qk_format;
+
+/* Open flags. */
+#define QK_OPEN_RDWR        (1u << 0) /* read-write; default is read-only */
+#define QK_OPEN_NO_BACKING  (1u << 1) /* do not open the backing chain: reads
+                                       * of unallocated ranges return zeros */
+#define QK_OPEN_DIRECT      (1u << 2) /* bypass the host page cache (O_DIRECT) */
+#define QK_OPEN_FORCE_SHARE (1u << 3) /* read an image another process holds */
+
+struct qk_open_options {
+	/* sizeof(struct qk_open_options), set by qk_open_options_init(); lets
+	 * the structure grow without breaking callers. */
+	uint32_t struct_size;
+	qk_format format;        /* QK_FORMAT_AUTO detects from the content */
+	uint32_t flags;          /* QK_OPEN_* */
+	/* Bytes of L2 tables kept in memory per image; 0 picks QEMU's default
+	 * (enough to map the whole disk, at most 32 MiB). */
+	uint64_t l2_cache_size;
+	/* Longest backing chain accepted, counting the top image; 0 = 64. */
+	uint32_t max_chain_depth;
+};
+
+/* Fill *opts with the defaults: detect the format, read-only. */
+void qk_open_options_init(struct qk_open_options *opts);
+
+/*
+ * Open the image at `path`. `opts` may be NULL (defaults). Detection opens
+ * qcow2 (versions 2 and 3) and raw, and refuses by name the other formats it
+ * recognises (qcow v1, VMDK, VDI, VHD, VHDX, QED, LUKS, Android sparse, zstd,
+ * gzip, xz...): a file with such a magic is read as raw only when the format
+ * is forced to QK_FORMAT_RAW. The backing chain is opened read-only.
+ * Returns 0 and sets *out, or:
+ *   -ENOENT, -EACCES...  the file (or a backing file) could not be opened;
+ *   -EINVAL              the header or a table is malformed (message says which);
+ *   -ENOTSUP             a format or feature this library does not read
+ *                        (encryption, unknown incompatible bits, other formats);
+ *   -EACCES              read-write open of an image marked corrupt;
+ *   -ELOOP               the backing chain loops or is too deep;
+ *   -EFBIG               a table larger than the limits allow.
+ */
+int qk_open(const char *path, const struct qk_open_options *opts,
+	    qk_image **out);
+
+/* Close the image and its backing chain. NULL is a no-op. Returns 0 or the
+ * first error met while releasing (the image is freed in any case). */
+int qk_close(qk_image *img);
+
+/* ---- description ------------------------------------------------------ */
+
+/* Virtual (guest-visible) size in bytes. */
+uint64_t qk_get_size(const qk_image *img);
+/* Format of this image (never QK_FORMAT_AUTO). */
+qk_format qk_get_format(const qk_image *img);
+/* "qcow2" or "raw". */
+const char *qk_format_name(qk_format fmt);
+/* The path this image was opened with. */
+const char *qk_get_filename(const qk_image *img);
+/* The backing image, or NULL at the bottom of the chain. */
+qk_image *qk_get_backing(const qk_image *img);
+
+#define QK_COMPRESSION_ZLIB 0
+#define QK_COMPRESSION_ZSTD 1
+
+struct qk_info {
+	qk_format format;
+	uint64_t virtual_size;
+	uint64_t actual_size;     /* bytes the host file system allocates */
+	uint64_t file_size;       /* length of the image file */
+	uint32_t cluster_size;    /* qcow2; 0 for raw */
+	uint32_t qcow2_version;   /* 2 or 3; 0 for raw */
+	uint32_t refcount_bits;
+	uint32_t compression_type; /* QK_COMPRESSION_* */
+	uint64_t incompatible_features;
+	uint64_t compatible_features;
+	uint64_t autoclear_features;
+	int dirty;                /* incompatible bit 0 */
+	int corrupt;              /* incompatible bit 1 */
+	int lazy_refcounts;       /* compatible bit 0 */
+	int extended_l2;          /* incompatible bit 4 */
+	int data_file_raw;        /* autoclear bit 1 */
+	int bitmaps_consistent;   /* autoclear bit 0 */
+	int encrypted;
+	const char *backing_file;       /* as stored in the header, or NULL */
+	const char *full_backing_file;  /* resolved path, or NULL */
+	const char *backing_format;     /* from the header extension, or NULL */
+	const char *data_file;          /* external data file name, or NULL */
+	uint32_t nb_snapshots;
+	uint32_t nb_bitmaps;
+};
+
+/* Fill *info. Returns 0 or a negative errno. */
+int qk_get_info(qk_image *img, struct qk_info *info);
+
+/* ---- reading ----------------------------------------------------------- */
+
+/*
+ * Read `len` bytes at guest offset `off` into `buf`. The range must lie
+ * inside the image: off + len <= virtual size (a zero-length read at the
+ * end is fine). Unallocated ranges read from the backing chain, or as zeros
+ * past its end or without one. Returns 0 when all `len` bytes were read, or:
+ *   -EINVAL  the range extends past the end (nothing is read);
+ *   -EIO     an I/O error, or metadata found corrupt on the way (the message
+ *            names the structure and offset);
+ *   -ENOMEM  out of memory.
+ */
+int qk_pread(qk_image *img, void *buf, size_t len, uint64_t off);
+/* As qk_pread, scattering into `iovcnt` buffers. */
+int qk_preadv(qk_image *img, const struct iovec *iov, int iovcnt,
+	      uint64_t off);
+
+/* ---- block status ------------------------------------------------------ */
+
+#define QK_EXTENT_PRESENT    (1u << 0) /* allocated in the layer at `depth` */
+#define QK_EXTENT_ZERO       (1u << 1) /* reads as zeros */
+#define QK_EXTENT_DATA       (1u << 2) /* read from stored data */
+#define QK_EXTENT_OFFSET     (1u << 3) /* `offset` is a valid host offset */
+#define QK_EXTENT_COMPRESSED (1u << 4) /* stored in compressed clusters */
+
+struct qk_extent {
+	uint64_t start;      /* guest offset */
+	uint64_t length;     /* bytes, > 0 */
+	uint32_t flags;      /* QK_EXTENT_* */
+	uint32_t depth;      /* 0 = this image, 1 = its backing file, ... */
+	uint64_t offset;     /* host offset when QK_EXTENT_OFFSET is set */
+	const char *file;    /* file holding `offset` (the image or its data
+	                      * file), NULL when no offset */
+};
+
+/*
+ * Describe the guest range starting at `off`: fills *ext with the longest
+ * run (at most `max_len` bytes and never past the end) whose status is the
+ * same throughout, looking through the backing chain. Host offsets of a run
+ * are contiguous. Returns 0, -EINVAL if off >= size or max_len == 0, or
+ * -EIO when metadata is corrupt.
+ */
+int qk_block_status(qk_image *img, uint64_t off, uint64_t max_len,
+		    struct qk_extent *ext);
+
+/* ---- snapshots and bitmaps ------------------------------------------- */
+
+struct qk_snapshot {
+	const char *id;
+	const char *name;
+	uint64_t vm_state_size;
+	uint64_t disk_size;      /* virtual size when taken */
+	uint32_t date_sec;
+	uint32_t date_nsec;
+	uint64_t vm_clock_nsec;
+	uint64_t icount;         /* UINT64_MAX when not recorded */
+	uint64_t l1_table_offset;
+	uint32_t l1_size;
+};
+
+/* Set *list to the internal snapshots (an array of *count) and return 0.
+ * Raw images have none. */
+int qk_list_snapshots(qk_image *img, const struct qk_snapshot **list,
+		      size_t *count);
+
+#define QK_BITMAP_IN_USE (1u << 0)
+#define QK_BITMAP_AUTO   (1u << 1)
+
+struct qk_bitmap {
+	const char *name;
+	uint32_t flags;          /* QK_BITMAP_* */
+	uint32_t type;           /* 1 = dirty tracking */
+	uint64_t granularity;    /* bytes per bit */
+	uint64_t table_offset;
+	uint32_t table_size;
+};
+
+/* Set *list to the persistent bitmaps (an array of *count) and return 0. */
+int qk_list_bitmaps(qk_image *img, const struct qk_bitmap **list,
+		    size_t *count);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* QCOWKIT_H */

@@ -1,0 +1,65 @@
+/*
+ * Per-thread last error: a negative errno travels up the call stack while
+ * the innermost failure records one line of text. Public entry points set
+ * the API name (qk__api_enter) so the message reads "qk_open: ...".
+ */
+#include "internal.h"
+
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+
+static _Thread_local const char *tls_api = "qcowkit";
+static _Thread_local char tls_msg[512];
+static _Thread_local int tls_errno;
+/* Set once a message is recorded inside the current API call, so outer
+ * frames that also report do not overwrite the more precise inner text. */
+static _Thread_local int tls_recorded;
+
+void qk__api_enter(const char *api)
+{
+	tls_api = api;
+	tls_recorded = 0;
+}
+
+int qk__err(int errnum, const char *fmt, ...)
+{
+	if (errnum < 0)
+		errnum = -errnum;
+	if (errnum == 0)
+		errnum = EIO;
+	if (!tls_recorded) {
+		va_list ap;
+		int n = snprintf(tls_msg, sizeof tls_msg, "%s: ", tls_api);
+		if (n < 0 || (size_t)n >= sizeof tls_msg)
+			n = 0;
+		va_start(ap, fmt);
+		vsnprintf(tls_msg + n, sizeof tls_msg - (size_t)n, fmt, ap);
+		va_end(ap);
+		/* One line, always: a name from an image may hold a newline. */
+		for (char *p = tls_msg; *p; p++)
+			if (*p == '\n' || *p == '\r')
+				*p = ' ';
+		tls_errno = errnum;
+		tls_recorded = 1;
+	}
+	return -errnum;
+}
+
+int qk__err_sys(int errnum, const char *what)
+{
+	if (errnum < 0)
+		errnum = -errnum;
+	return qk__err(errnum, "%s: %s", what, strerror(errnum));
+}
+
+QK_EXPORT const char *qk_last_error(void)
+{
+	return tls_msg;
+}
+
+QK_EXPORT int qk_last_errno(void)
+{
+	return tls_errno;
+}

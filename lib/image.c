@@ -1,0 +1,347 @@
+/*
+ * The image handle: format probing, driver choice, and the public entry
+ * points. Each public function names itself for error messages, checks its
+ * arguments, and calls the unlocked driver body; drivers do their own
+ * locking so reads of stable data never wait on one image-wide lock.
+ */
+#include "internal.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define PROBE_LEN 512
+
+QK_EXPORT const char *qk_version(void)
+{
+	return "0.1.0";
+}
+
+QK_EXPORT int qk_version_number(void)
+{
+	return QK_VERSION_NUMBER;
+}
+
+QK_EXPORT const char *qk_format_name(qk_format fmt)
+{
+	switch (fmt) {
+	case QK_FORMAT_RAW:
+		return "raw";
+	case QK_FORMAT_QCOW2:
+		return "qcow2";
+	default:
+		return "auto";
+	}
+}
+
+/* Formats we recognise and refuse: a magic at a fixed offset. */
+struct magic {
+	const char *name;
+	size_t off;
+	size_t len;
+	const char *bytes;
+};
+
+static const struct magic foreign[] = {
+	{ "vmdk", 0, 4, "KDMV" },
+	{ "vmdk", 0, 4, "COWD" },
+	{ "vmdk", 0, 21, "# Disk DescriptorFile" },
+	{ "vdi", 0x40, 4, "\x7f\x10\xda\xbe" },
+	{ "vdi", 0, 39, "<<< Oracle VM VirtualBox Disk Image >>>" },
+	{ "vpc (VHD)", 0, 8, "conectix" },
+	{ "vhdx", 0, 8, "vhdxfile" },
+	{ "qed", 0, 4, "QED\0" },
+	{ "luks", 0, 6, "LUKS\xba\xbe" },
+	{ "android sparse", 0, 4, "\x3a\xff\x26\xed" },
+	{ "zstd-compressed", 0, 4, "\x28\xb5\x2f\xfd" },
+	{ "gzip-compressed", 0, 3, "\x1f\x8b\x08" },
+	{ "xz-compressed", 0, 6, "\xfd" "7zXZ\0" },
+	{ "parallels", 0, 16, "WithoutFreeSpace" },
+	{ "parallels", 0, 16, "WithouFreSpacExt" },
+	{ "bochs", 0, 21, "Bochs Virtual HD Image" },
+};
+
+int qk__probe(const uint8_t *buf, size_t len, uint64_t file_size, qk_format *fmt)
+{
+	(void)file_size;
+	if (len >= 4 && memcmp(buf, "QFI\xfb", 4) == 0) {
+		uint32_t version = len >= 8 ? qk_be32(buf + 4) : 0;
+		if (version == 1)
+			return qk__err(ENOTSUP, "image is in the qcow (version 1) format, which is not supported");
+		if (version != 2 && version != 3)
+			return qk__err(ENOTSUP, "Unsupported qcow2 version %u", version);
+		*fmt = QK_FORMAT_QCOW2;
+		return 0;
+	}
+	for (size_t i = 0; i < sizeof foreign / sizeof foreign[0]; i++) {
+		const struct magic *m = &foreign[i];
+		if (m->off + m->len > len)
+			continue;
+		if (memcmp(buf + m->off, m->bytes, m->len) == 0)
+			return qk__err(ENOTSUP, "image is in the %s format, which is not supported "
+				       "(use -f raw to read its bytes as a raw image)", m->name);
+	}
+	*fmt = QK_FORMAT_RAW;
+	return 0;
+}
+
+QK_EXPORT void qk_open_options_init(struct qk_open_options *opts)
+{
+	memset(opts, 0, sizeof *opts);
+	opts->struct_size = sizeof *opts;
+	opts->format = QK_FORMAT_AUTO;
+}
+
+void qk__image_free(qk_image *img)
+{
+	if (!img)
+		return;
+	if (img->backing)
+		qk__image_free(img->backing);
+	if (img->drv && img->drv->close)
+		img->drv->close(img);
+	qk__file_close(img->file);
+	free(img->filename);
+	free(img);
+}
+
+int qk__image_open_file(struct qk__file *file, const char *filename,
+			const struct qk_open_options *opts, qk_image *overlay,
+			qk_image **out)
+{
+	qk_image *img = calloc(1, sizeof *img);
+	char *name = strdup(filename);
+	if (!img || !name) {
+		free(img);
+		free(name);
+		qk__file_close(file);
+		return qk__err(ENOMEM, "out of memory");
+	}
+	img->file = file;
+	img->filename = name;
+	img->flags = opts->flags;
+	img->overlay = overlay;
+	img->depth = overlay ? overlay->depth + 1 : 0;
+
+	qk_format fmt = opts->format;
+	int ret = 0;
+	if (fmt == QK_FORMAT_AUTO) {
+		uint8_t buf[PROBE_LEN];
+		uint64_t fsize;
+		ret = qk__file_get_size(file, &fsize);
+		if (ret == 0)
+			ret = qk__file_pread(file, buf, sizeof buf, 0);
+		if (ret == 0)
+			ret = qk__probe(buf, qk_min_u64(sizeof buf, fsize), fsize, &fmt);
+		if (ret < 0)
+			goto fail;
+	}
+	switch (fmt) {
+	case QK_FORMAT_RAW:
+		img->drv = &qk__raw_driver;
+		break;
+	case QK_FORMAT_QCOW2:
+		img->drv = &qk__qcow2_driver;
+		break;
+	default:
+		ret = qk__err(EINVAL, "unknown format %d", (int)fmt);
+		goto fail;
+	}
+	ret = img->drv->open(img, opts);
+	if (ret < 0) {
+		img->drv = NULL;        /* open cleans up after itself */
+		goto fail;
+	}
+	*out = img;
+	return 0;
+fail:
+	qk__image_free(img);
+	return ret;
+}
+
+QK_EXPORT int qk_open(const char *path, const struct qk_open_options *opts,
+		      qk_image **out)
+{
+	struct qk_open_options defaults;
+	qk__api_enter("qk_open");
+	if (!path || !out)
+		return qk__err(EINVAL, "path and out are required");
+	*out = NULL;
+	if (!opts) {
+		qk_open_options_init(&defaults);
+		opts = &defaults;
+	} else if (opts->struct_size < sizeof(struct qk_open_options)) {
+		/* An older caller's shorter structure: copy what it has. */
+		qk_open_options_init(&defaults);
+		if (opts->struct_size > sizeof defaults.struct_size)
+			memcpy((char *)&defaults + sizeof defaults.struct_size,
+			       (const char *)opts + sizeof defaults.struct_size,
+			       opts->struct_size - sizeof defaults.struct_size);
+		opts = &defaults;
+	}
+	if (opts->flags & QK_OPEN_RDWR)
+		return qk__err(ENOTSUP, "read-write open of '%s': writing is not supported yet", path);
+	struct qk__file *f;
+	int ret = qk__file_open_posix(path, opts->flags & QK_OPEN_RDWR,
+				      opts->flags & QK_OPEN_DIRECT, &f);
+	if (ret < 0)
+		return ret;
+	return qk__image_open_file(f, path, opts, NULL, out);
+}
+
+QK_EXPORT int qk_close(qk_image *img)
+{
+	qk__api_enter("qk_close");
+	qk__image_free(img);
+	return 0;
+}
+
+QK_EXPORT uint64_t qk_get_size(const qk_image *img)
+{
+	return img ? img->size : 0;
+}
+
+QK_EXPORT qk_format qk_get_format(const qk_image *img)
+{
+	return img ? img->drv->format : QK_FORMAT_AUTO;
+}
+
+QK_EXPORT const char *qk_get_filename(const qk_image *img)
+{
+	return img ? img->filename : NULL;
+}
+
+QK_EXPORT qk_image *qk_get_backing(const qk_image *img)
+{
+	return img ? img->backing : NULL;
+}
+
+QK_EXPORT int qk_get_info(qk_image *img, struct qk_info *info)
+{
+	qk__api_enter("qk_get_info");
+	if (!img || !info)
+		return qk__err(EINVAL, "image and info are required");
+	memset(info, 0, sizeof *info);
+	info->format = img->drv->format;
+	info->virtual_size = img->size;
+	int ret = qk__file_get_size(img->file, &info->file_size);
+	if (ret < 0)
+		return ret;
+	if (img->file->ops->allocated_size) {
+		ret = img->file->ops->allocated_size(img->file, &info->actual_size);
+		if (ret < 0)
+			return ret;
+	}
+	return img->drv->get_info ? img->drv->get_info(img, info) : 0;
+}
+
+int qk__image_pread(qk_image *img, void *buf, size_t len, uint64_t off)
+{
+	if (len == 0)
+		return 0;
+	return img->drv->pread(img, buf, len, off);
+}
+
+static int check_range(const qk_image *img, uint64_t off, uint64_t len, const char *what)
+{
+	if (off > img->size || len > img->size - off)
+		return qk__err(EINVAL, "%s of %llu bytes at offset %llu is past the end of the image (%llu bytes)",
+			       what, (unsigned long long)len, (unsigned long long)off,
+			       (unsigned long long)img->size);
+	return 0;
+}
+
+QK_EXPORT int qk_pread(qk_image *img, void *buf, size_t len, uint64_t off)
+{
+	qk__api_enter("qk_pread");
+	if (!img || (!buf && len))
+		return qk__err(EINVAL, "image and buffer are required");
+	int ret = check_range(img, off, len, "read");
+	if (ret < 0)
+		return ret;
+	return qk__image_pread(img, buf, len, off);
+}
+
+QK_EXPORT int qk_preadv(qk_image *img, const struct iovec *iov, int iovcnt,
+			uint64_t off)
+{
+	qk__api_enter("qk_preadv");
+	if (!img || iovcnt < 0 || (!iov && iovcnt))
+		return qk__err(EINVAL, "image and iovec are required");
+	uint64_t total = 0;
+	for (int i = 0; i < iovcnt; i++)
+		if (qk_add_overflow(total, iov[i].iov_len, &total))
+			return qk__err(EINVAL, "iovec length overflows");
+	int ret = check_range(img, off, total, "read");
+	if (ret < 0)
+		return ret;
+	for (int i = 0; i < iovcnt && ret == 0; i++) {
+		ret = qk__image_pread(img, iov[i].iov_base, iov[i].iov_len, off);
+		off += iov[i].iov_len;
+	}
+	return ret;
+}
+
+QK_EXPORT int qk_block_status(qk_image *img, uint64_t off, uint64_t max_len,
+			      struct qk_extent *ext)
+{
+	qk__api_enter("qk_block_status");
+	if (!img || !ext)
+		return qk__err(EINVAL, "image and extent are required");
+	if (off >= img->size || max_len == 0)
+		return qk__err(EINVAL, "block status at offset %llu: outside the image (%llu bytes)",
+			       (unsigned long long)off, (unsigned long long)img->size);
+	uint64_t len = qk_min_u64(max_len, img->size - off);
+	qk_image *layer = img;
+	uint32_t depth = 0;
+	for (;;) {
+		struct qk__status st = { 0 };
+		int ret = layer->drv->block_status(layer, off, len, &st);
+		if (ret < 0)
+			return ret;
+		if (st.bytes == 0 || st.bytes > len)
+			return qk__err(EIO, "internal error: block status of %s returned %llu bytes",
+				       layer->filename, (unsigned long long)st.bytes);
+		len = st.bytes;
+		bool below = !(st.flags & QK_EXTENT_PRESENT) && layer->backing &&
+			     off < layer->backing->size;
+		if (!below) {
+			if (!(st.flags & QK_EXTENT_PRESENT) && !layer->backing)
+				st.flags |= QK_EXTENT_ZERO;
+			ext->start = off;
+			ext->length = len;
+			ext->flags = st.flags;
+			ext->depth = depth;
+			ext->offset = (st.flags & QK_EXTENT_OFFSET) ? st.offset : 0;
+			ext->file = (st.flags & QK_EXTENT_OFFSET) ? st.file : NULL;
+			if (!(st.flags & QK_EXTENT_PRESENT) && layer->backing)
+				ext->flags |= QK_EXTENT_ZERO;  /* past the backing file's end */
+			return 0;
+		}
+		len = qk_min_u64(len, layer->backing->size - off);
+		layer = layer->backing;
+		depth++;
+	}
+}
+
+QK_EXPORT int qk_list_snapshots(qk_image *img, const struct qk_snapshot **list,
+				size_t *count)
+{
+	qk__api_enter("qk_list_snapshots");
+	if (!img || !list || !count)
+		return qk__err(EINVAL, "image, list and count are required");
+	*list = NULL;
+	*count = 0;
+	return img->drv->list_snapshots ? img->drv->list_snapshots(img, list, count) : 0;
+}
+
+QK_EXPORT int qk_list_bitmaps(qk_image *img, const struct qk_bitmap **list,
+			      size_t *count)
+{
+	qk__api_enter("qk_list_bitmaps");
+	if (!img || !list || !count)
+		return qk__err(EINVAL, "image, list and count are required");
+	*list = NULL;
+	*count = 0;
+	return img->drv->list_bitmaps ? img->drv->list_bitmaps(img, list, count) : 0;
+}

@@ -1,0 +1,174 @@
+/*
+ * internal.h - the library's one private header: the byte I/O backend
+ * table, the image driver table, and the qk__ functions shared between
+ * files, a section per .c file. Format details of QCOW2 live in
+ * lib/qcow2/format.h and lib/qcow2/qcow2.h.
+ */
+#ifndef QK_INTERNAL_H
+#define QK_INTERNAL_H
+
+#include <pthread.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+#include <sys/uio.h>
+
+#include "qcowkit.h"
+#include "util/checked.h"
+#include "util/endian.h"
+
+#define QK_EXPORT __attribute__((visibility("default")))
+#define QK_UNUSED __attribute__((unused))
+
+/* Longest backing chain accepted by default, counting the top image. */
+#define QK_DEFAULT_MAX_CHAIN_DEPTH 64
+
+/* ---- error.c -------------------------------------------------------------- */
+
+/* Name the public API being run, for the message prefix; clears the
+ * "already recorded" state of the previous call. */
+void qk__api_enter(const char *api);
+/* Record "API: <fmt...>" as this thread's last error (unless a deeper frame
+ * of this call already recorded one) and return -errnum. */
+int qk__err(int errnum, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Record "API: WHAT: strerror(errnum)" and return -errnum. */
+int qk__err_sys(int errnum, const char *what);
+
+/* ---- io/: byte I/O backends ------------------------------------------------
+ *
+ * Contract, for every backend:
+ * - pread reads exactly len bytes at off. Bytes past the end of the file
+ *   read as zeros (as a block device past a short file does in QEMU); it
+ *   returns 0 or a negative errno and records the message.
+ * - pwrite writes exactly len bytes, growing the file as needed.
+ * - sync makes every completed write durable.
+ * - get_size reports the current length of the file.
+ * - block_status (optional) says whether [off, off+len) begins with data or
+ *   a hole and how far that lasts (*pnum > 0); without it all is data.
+ * - Every call may run concurrently with any other on the same file.
+ */
+struct qk__file;
+
+struct qk__io_ops {
+	const char *name;
+	int (*pread)(struct qk__file *f, void *buf, size_t len, uint64_t off);
+	int (*pwrite)(struct qk__file *f, const void *buf, size_t len, uint64_t off);
+	int (*sync)(struct qk__file *f);
+	int (*get_size)(struct qk__file *f, uint64_t *size);
+	int (*set_size)(struct qk__file *f, uint64_t size);
+	/* Bytes the storage holds for this file (st_blocks); may be NULL. */
+	int (*allocated_size)(struct qk__file *f, uint64_t *bytes);
+	int (*block_status)(struct qk__file *f, uint64_t off, uint64_t len,
+			    bool *is_data, uint64_t *pnum);
+	/* Device and inode identity for loop detection; may be NULL. */
+	int (*identity)(struct qk__file *f, uint64_t *dev, uint64_t *ino);
+	void (*close)(struct qk__file *f);
+};
+
+struct qk__file {
+	const struct qk__io_ops *ops;
+	char *path;    /* for messages */
+	void *priv;
+};
+
+static inline int qk__file_pread(struct qk__file *f, void *buf, size_t len, uint64_t off)
+{
+	return f->ops->pread(f, buf, len, off);
+}
+static inline int qk__file_get_size(struct qk__file *f, uint64_t *size)
+{
+	return f->ops->get_size(f, size);
+}
+void qk__file_close(struct qk__file *f);
+
+/* io/file.c: POSIX files. `direct` asks for O_DIRECT (falling back to the
+ * page cache where the file system refuses it). */
+int qk__file_open_posix(const char *path, bool writable, bool direct,
+			struct qk__file **out);
+
+/* io/mem.c: a growable buffer, for unit tests and fuzzers. The data is
+ * copied; `name` is used in messages. */
+int qk__file_open_mem(const void *data, size_t len, const char *name,
+		      struct qk__file **out);
+/* The current contents of a memory file (valid until the next write). */
+const void *qk__file_mem_data(struct qk__file *f, size_t *len);
+
+/* ---- image.c: drivers and the image handle ------------------------------- */
+
+/* One layer's answer for a guest range (driver block_status). */
+struct qk__status {
+	uint64_t bytes;      /* length of the run, > 0 */
+	uint32_t flags;      /* QK_EXTENT_*; no PRESENT = look in the backing file */
+	uint64_t offset;     /* host offset when QK_EXTENT_OFFSET */
+	const char *file;    /* name of the file holding offset */
+};
+
+struct qk__driver {
+	const char *name;
+	qk_format format;
+	/* Parse the image on img->file; fill img->size and the driver state. */
+	int (*open)(qk_image *img, const struct qk_open_options *opts);
+	void (*close)(qk_image *img);
+	/* Read [off, off+len), which lies inside the image. */
+	int (*pread)(qk_image *img, void *buf, size_t len, uint64_t off);
+	/* This layer only: st->flags lacks PRESENT where the backing chain
+	 * decides. [off, off+len) lies inside the image; len > 0. */
+	int (*block_status)(qk_image *img, uint64_t off, uint64_t len,
+			    struct qk__status *st);
+	/* Fill the format-specific fields of *info. */
+	int (*get_info)(qk_image *img, struct qk_info *info);
+	int (*list_snapshots)(qk_image *img, const struct qk_snapshot **list, size_t *n);
+	int (*list_bitmaps)(qk_image *img, const struct qk_bitmap **list, size_t *n);
+};
+
+extern const struct qk__driver qk__raw_driver;
+extern const struct qk__driver qk__qcow2_driver;
+
+struct qk_image {
+	const struct qk__driver *drv;
+	void *drv_state;
+	struct qk__file *file;
+	char *filename;          /* as given to open */
+	uint32_t flags;          /* QK_OPEN_* */
+	uint64_t size;           /* virtual size */
+	qk_image *backing;       /* NULL at the bottom */
+	qk_image *overlay;       /* the image above, NULL at the top */
+	uint32_t depth;          /* 0 for the top image of a chain */
+};
+
+/* Open `file` (ownership passes to the image, also on failure) as an image
+ * named `filename`, below `overlay` (NULL for the top of a chain). */
+int qk__image_open_file(struct qk__file *file, const char *filename,
+			const struct qk_open_options *opts, qk_image *overlay,
+			qk_image **out);
+void qk__image_free(qk_image *img);
+/* Read [off, off+len) of img, which must lie inside it. */
+int qk__image_pread(qk_image *img, void *buf, size_t len, uint64_t off);
+
+/* Magic-based detection of the first bytes of a file: the format to open,
+ * or a negative errno with a message naming the format we refuse. */
+int qk__probe(const uint8_t *buf, size_t len, uint64_t file_size, qk_format *fmt);
+
+/* ---- chain.c: backing chains ----------------------------------------------- */
+
+/* Resolve a backing name stored in `overlay_path`'s header: absolute names
+ * as they are, relative ones against the overlay's directory. Returns a
+ * malloc'd path or NULL (ENOMEM). */
+char *qk__backing_path(const char *overlay_path, const char *name);
+/* Open the backing file `name` (format `fmt` or NULL to detect) below img,
+ * enforcing the depth limit and refusing loops. */
+int qk__chain_open(qk_image *img, const char *name, const char *fmt,
+		   const struct qk_open_options *opts);
+/* Read [off, off+len) of the guest range where this layer has nothing: from
+ * the backing image, zeros past its end or without one. */
+int qk__chain_read(qk_image *img, void *buf, size_t len, uint64_t off);
+
+/* ---- compress (qcow2/compress.c) ---------------------------------------------- */
+
+/* Inflate one compressed cluster: exactly dst_len bytes must come out of
+ * src (trailing input ignored). Returns 0, or -EIO with a message. */
+int qk__decompress(uint32_t type, const void *src, size_t src_len,
+		   void *dst, size_t dst_len);
+
+#endif /* QK_INTERNAL_H */

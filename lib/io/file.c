@@ -1,0 +1,245 @@
+/*
+ * POSIX file backend. Reads past the end of the file return zeros (see the
+ * backend contract in internal.h). With O_DIRECT, requests whose buffer,
+ * offset or length are not aligned go through an aligned bounce buffer.
+ */
+#include "internal.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#define DIRECT_ALIGN 4096u
+
+struct posix_file {
+	int fd;
+	bool direct;
+};
+
+static int fd_of(struct qk__file *f)
+{
+	return ((struct posix_file *)f->priv)->fd;
+}
+
+/* Plain full read; zero-fill from EOF on. */
+static int read_full(struct qk__file *f, void *buf, size_t len, uint64_t off)
+{
+	uint8_t *p = buf;
+	while (len > 0) {
+		ssize_t n = pread(fd_of(f), p, len, (off_t)off);
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			return qk__err(errno, "read of %zu bytes at offset %llu of %s failed: %s",
+				       len, (unsigned long long)off, f->path, strerror(errno));
+		}
+		if (n == 0) {
+			memset(p, 0, len);
+			return 0;
+		}
+		p += n;
+		len -= (size_t)n;
+		off += (uint64_t)n;
+	}
+	return 0;
+}
+
+static int file_pread(struct qk__file *f, void *buf, size_t len, uint64_t off)
+{
+	struct posix_file *pf = f->priv;
+	if (off > (uint64_t)INT64_MAX || len > (uint64_t)INT64_MAX - off)
+		return qk__err(EINVAL, "read at offset %llu of %s is out of range",
+			       (unsigned long long)off, f->path);
+	if (!pf->direct || ((uintptr_t)buf % DIRECT_ALIGN == 0 &&
+			    off % DIRECT_ALIGN == 0 && len % DIRECT_ALIGN == 0))
+		return read_full(f, buf, len, off);
+
+	/* Unaligned under O_DIRECT: bounce through an aligned window. */
+	uint64_t start = off & ~(uint64_t)(DIRECT_ALIGN - 1);
+	size_t chunk = 1u << 20;
+	void *bounce;
+	if (posix_memalign(&bounce, DIRECT_ALIGN, chunk))
+		return qk__err(ENOMEM, "out of memory");
+	uint8_t *out = buf;
+	int ret = 0;
+	while (len > 0) {
+		size_t skip = (size_t)(off - start);
+		size_t n = qk_min_u64(len, chunk - skip);
+		size_t rlen = (skip + n + DIRECT_ALIGN - 1) & ~(size_t)(DIRECT_ALIGN - 1);
+		ret = read_full(f, bounce, rlen, start);
+		if (ret < 0)
+			break;
+		memcpy(out, (uint8_t *)bounce + skip, n);
+		out += n;
+		len -= n;
+		off += n;
+		start = off & ~(uint64_t)(DIRECT_ALIGN - 1);
+	}
+	free(bounce);
+	return ret;
+}
+
+static int file_pwrite(struct qk__file *f, const void *buf, size_t len, uint64_t off)
+{
+	const uint8_t *p = buf;
+	while (len > 0) {
+		ssize_t n = pwrite(fd_of(f), p, len, (off_t)off);
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			return qk__err(errno, "write of %zu bytes at offset %llu of %s failed: %s",
+				       len, (unsigned long long)off, f->path, strerror(errno));
+		}
+		p += n;
+		len -= (size_t)n;
+		off += (uint64_t)n;
+	}
+	return 0;
+}
+
+static int file_sync(struct qk__file *f)
+{
+	if (fdatasync(fd_of(f)) < 0)
+		return qk__err(errno, "sync of %s failed: %s", f->path, strerror(errno));
+	return 0;
+}
+
+static int file_get_size(struct qk__file *f, uint64_t *size)
+{
+	struct stat st;
+	if (fstat(fd_of(f), &st) < 0)
+		return qk__err(errno, "stat of %s failed: %s", f->path, strerror(errno));
+	if (S_ISBLK(st.st_mode)) {
+		off_t end = lseek(fd_of(f), 0, SEEK_END);
+		if (end < 0)
+			return qk__err(errno, "size of %s: %s", f->path, strerror(errno));
+		*size = (uint64_t)end;
+		return 0;
+	}
+	*size = (uint64_t)st.st_size;
+	return 0;
+}
+
+static int file_set_size(struct qk__file *f, uint64_t size)
+{
+	if (ftruncate(fd_of(f), (off_t)size) < 0)
+		return qk__err(errno, "resizing %s failed: %s", f->path, strerror(errno));
+	return 0;
+}
+
+static int file_allocated_size(struct qk__file *f, uint64_t *bytes)
+{
+	struct stat st;
+	if (fstat(fd_of(f), &st) < 0)
+		return qk__err(errno, "stat of %s failed: %s", f->path, strerror(errno));
+	*bytes = (uint64_t)st.st_blocks * 512;
+	return 0;
+}
+
+/* SEEK_DATA/SEEK_HOLE; a file system without them reports all data. */
+static int file_block_status(struct qk__file *f, uint64_t off, uint64_t len,
+			     bool *is_data, uint64_t *pnum)
+{
+	int fd = fd_of(f);
+	off_t data = lseek(fd, (off_t)off, SEEK_DATA);
+	if (data < 0) {
+		if (errno == ENXIO) {           /* only a hole up to EOF */
+			*is_data = false;
+			*pnum = len;
+			return 0;
+		}
+		*is_data = true;                /* unsupported: assume data */
+		*pnum = len;
+		return 0;
+	}
+	if ((uint64_t)data > off) {
+		*is_data = false;
+		*pnum = qk_min_u64(len, (uint64_t)data - off);
+		return 0;
+	}
+	off_t hole = lseek(fd, (off_t)off, SEEK_HOLE);
+	*is_data = true;
+	if (hole < 0 || (uint64_t)hole <= off)
+		*pnum = len;
+	else
+		*pnum = qk_min_u64(len, (uint64_t)hole - off);
+	return 0;
+}
+
+static int file_identity(struct qk__file *f, uint64_t *dev, uint64_t *ino)
+{
+	struct stat st;
+	if (fstat(fd_of(f), &st) < 0)
+		return qk__err(errno, "stat of %s failed: %s", f->path, strerror(errno));
+	*dev = (uint64_t)st.st_dev;
+	*ino = (uint64_t)st.st_ino;
+	return 0;
+}
+
+static void file_close(struct qk__file *f)
+{
+	struct posix_file *pf = f->priv;
+	close(pf->fd);
+	free(pf);
+}
+
+static const struct qk__io_ops posix_ops = {
+	.name = "file",
+	.pread = file_pread,
+	.pwrite = file_pwrite,
+	.sync = file_sync,
+	.get_size = file_get_size,
+	.set_size = file_set_size,
+	.allocated_size = file_allocated_size,
+	.block_status = file_block_status,
+	.identity = file_identity,
+	.close = file_close,
+};
+
+int qk__file_open_posix(const char *path, bool writable, bool direct,
+			struct qk__file **out)
+{
+	int flags = (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC;
+	int fd = open(path, flags | (direct ? O_DIRECT : 0));
+	if (fd < 0 && direct && errno == EINVAL) {
+		/* The file system refuses O_DIRECT: use the page cache. */
+		direct = false;
+		fd = open(path, flags);
+	}
+	if (fd < 0)
+		return qk__err(errno, "Could not open '%s': %s", path, strerror(errno));
+	struct stat st;
+	if (fstat(fd, &st) == 0 && S_ISDIR(st.st_mode)) {
+		close(fd);
+		return qk__err(EISDIR, "Could not open '%s': Is a directory", path);
+	}
+	struct qk__file *f = calloc(1, sizeof *f);
+	struct posix_file *pf = calloc(1, sizeof *pf);
+	char *p = strdup(path);
+	if (!f || !pf || !p) {
+		free(f);
+		free(pf);
+		free(p);
+		close(fd);
+		return qk__err(ENOMEM, "out of memory");
+	}
+	pf->fd = fd;
+	pf->direct = direct;
+	f->ops = &posix_ops;
+	f->priv = pf;
+	f->path = p;
+	*out = f;
+	return 0;
+}
+
+void qk__file_close(struct qk__file *f)
+{
+	if (!f)
+		return;
+	f->ops->close(f);
+	free(f->path);
+	free(f);
+}

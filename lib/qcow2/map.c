@@ -1,0 +1,369 @@
+/*
+ * Guest-to-host translation, reads and block status for QCOW2.
+ *
+ * Design: every question about a guest range is answered by get_run(),
+ * which walks L1 -> L2 under the image lock and returns the longest run
+ * from the start offset whose units (clusters, or subclusters with
+ * extended L2) share one type and, for types with a host cluster, lie at
+ * contiguous host offsets. Runs span L2 tables, so a sequential read of
+ * contiguous clusters becomes a single preadv straight into the caller's
+ * buffer. The lock is held only for the table walk (and an L2 load on a
+ * cache miss), never for data I/O, so reads of cached metadata proceed in
+ * parallel.
+ *
+ * Invariants checked on every access (corruption → -EIO naming the table
+ * and offset): L1 and L2 entries carry no reserved bits, table and data
+ * offsets are cluster aligned, L2 tables lie inside the file, zero flags
+ * appear only in v3, compressed entries have no subcluster bits, and no
+ * subcluster is both allocated and zero.
+ */
+#include "qcow2/qcow2.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+struct run {
+	enum qk__ctype type;
+	uint64_t host;      /* host offset of the run's first byte (if any) */
+	uint64_t bytes;
+	uint64_t l2e;       /* the L2 entry, for compressed clusters */
+	bool status;        /* block status: compressed clusters join runs */
+};
+
+static bool type_has_host(enum qk__ctype t)
+{
+	return t == CT_NORMAL || t == CT_ZERO_ALLOC || t == CT_UNALLOCATED_ALLOC;
+}
+
+int qk__qcow2_load_l2(void *opaque, void *table, uint64_t offset)
+{
+	qk_image *img = opaque;
+	struct qcow2 *q = qcow2_of(img);
+	qk_be64_table_to_host(table, q->cluster_size / 8);
+	return 0;
+}
+
+/*
+ * Add a piece [host, +n) of type t to the run. Returns false when the piece
+ * does not continue the run (the run is complete).
+ */
+static bool extend(struct run *r, enum qk__ctype t, uint64_t host, uint64_t n)
+{
+	if (r->bytes == 0) {
+		r->type = t;
+		r->host = host;
+		r->bytes = n;
+		return t != CT_COMPRESSED || r->status;
+	}
+	if (t != r->type || (t == CT_COMPRESSED && !r->status))
+		return false;
+	if (type_has_host(t) && host != r->host + r->bytes)
+		return false;
+	r->bytes += n;
+	return true;
+}
+
+/* Validate a host data offset from an L2 entry (cluster aligned, and for
+ * the image file not wholly past its end). */
+static int check_data_offset(qk_image *img, uint64_t host, uint64_t guest)
+{
+	struct qcow2 *q = qcow2_of(img);
+	if (host & (q->cluster_size - 1))
+		return qk__qcow2_corrupt(img, "cluster allocation offset 0x%llx unaligned (guest offset 0x%llx)",
+					 (unsigned long long)host, (unsigned long long)guest);
+	if (!q->data_file && host >= q->file_size) {
+		/* The file may have grown since open; ask again before refusing. */
+		uint64_t size;
+		if (qk__file_get_size(img->file, &size) == 0)
+			q->file_size = size;
+		if (host >= q->file_size)
+			return qk__qcow2_corrupt(img, "data cluster at host offset 0x%llx (guest offset 0x%llx) "
+						 "lies past the end of the file (%llu bytes)",
+						 (unsigned long long)host, (unsigned long long)guest,
+						 (unsigned long long)q->file_size);
+	}
+	return 0;
+}
+
+/*
+ * Classify the units of one L2 entry from byte `in` of its cluster to the
+ * cluster's end, feeding pieces to the run. Returns 1 when the run goes on
+ * into the next entry, 0 when it is complete, or a negative errno.
+ */
+static int scan_entry(qk_image *img, uint64_t guest_cluster, uint64_t e, uint64_t bm,
+		      uint64_t in, struct run *r)
+{
+	struct qcow2 *q = qcow2_of(img);
+	uint64_t cs = q->cluster_size;
+	uint64_t guest = guest_cluster * cs;
+
+	if (e & QCOW_OFLAG_COMPRESSED) {
+		if (q->data_file)
+			return qk__qcow2_corrupt(img, "compressed cluster at guest offset 0x%llx in an image "
+						 "with an external data file", (unsigned long long)guest);
+		if (q->extl2 && bm)
+			return qk__qcow2_corrupt(img, "compressed cluster at guest offset 0x%llx has subcluster bits set",
+						 (unsigned long long)guest);
+		if (r->bytes == 0)
+			r->l2e = e;
+		return extend(r, CT_COMPRESSED, 0, cs - in) ? 1 : 0;
+	}
+	uint64_t host = e & L2E_OFFSET_MASK;
+	bool allocated = host != 0 || (q->data_file && (e & QCOW_OFLAG_COPIED));
+
+	if (!q->extl2) {
+		enum qk__ctype t;
+		if (e & QCOW_OFLAG_ZERO) {
+			if (q->version < 3)
+				return qk__qcow2_corrupt(img, "zero cluster entry at guest offset 0x%llx in a version 2 image",
+							 (unsigned long long)guest);
+			t = host ? CT_ZERO_ALLOC : CT_ZERO_PLAIN;
+		} else {
+			t = allocated ? CT_NORMAL : CT_UNALLOCATED;
+		}
+		if (type_has_host(t)) {
+			int ret = check_data_offset(img, host, guest);
+			if (ret < 0)
+				return ret;
+		}
+		return extend(r, t, host + in, cs - in) ? 1 : 0;
+	}
+
+	/* Extended L2: one type per 1/32 of the cluster. */
+	if (e & QCOW_OFLAG_ZERO)
+		return qk__qcow2_corrupt(img, "extended L2 entry at guest offset 0x%llx has the zero flag set",
+					 (unsigned long long)guest);
+	uint32_t alloc = (uint32_t)(bm & SC_ALLOC_MASK), zero = (uint32_t)(bm >> 32);
+	if (alloc & zero)
+		return qk__qcow2_corrupt(img, "subclusters at guest offset 0x%llx are both allocated and zero (bitmap 0x%016llx)",
+					 (unsigned long long)guest, (unsigned long long)bm);
+	if (!allocated && alloc)
+		return qk__qcow2_corrupt(img, "unallocated cluster at guest offset 0x%llx has allocated subclusters",
+					 (unsigned long long)guest);
+	if (allocated) {
+		int ret = check_data_offset(img, host, guest);
+		if (ret < 0)
+			return ret;
+	}
+	uint64_t scs = 1ull << q->sc_bits;
+	for (uint32_t sc = (uint32_t)(in >> q->sc_bits); sc < SUBCLUSTERS; sc++) {
+		enum qk__ctype t;
+		uint32_t bit = 1u << sc;
+		if (!allocated)
+			t = (zero & bit) ? CT_ZERO_PLAIN : CT_UNALLOCATED;
+		else if (zero & bit)
+			t = CT_ZERO_ALLOC;
+		else if (alloc & bit)
+			t = CT_NORMAL;
+		else
+			t = CT_UNALLOCATED_ALLOC;
+		uint64_t from = qk_max_u64(in, (uint64_t)sc * scs);
+		uint64_t n = (uint64_t)(sc + 1) * scs - from;
+		if (!extend(r, t, host + from, n))
+			return 0;
+	}
+	return 1;
+}
+
+/*
+ * Find the run starting at guest offset `off`, at most `len` bytes (which
+ * stay inside the image). For reads a compressed cluster is a run of its
+ * own; for block status (`status`) compressed clusters join into one run.
+ * Takes the image lock for the walk.
+ */
+static int get_run(qk_image *img, uint64_t off, uint64_t len, bool status, struct run *r)
+{
+	struct qcow2 *q = qcow2_of(img);
+	uint64_t cs = q->cluster_size;
+	uint64_t l2_entries = 1ull << q->l2_bits;
+	int ret = 0;
+	memset(r, 0, sizeof *r);
+	r->status = status;
+
+	pthread_mutex_lock(&q->lock);
+	while (r->bytes < len) {
+		uint64_t cur = off + r->bytes;
+		uint64_t cluster = cur >> q->cluster_bits;
+		uint64_t l1i = cluster >> q->l2_bits;
+		uint64_t l2i = cluster & (l2_entries - 1);
+		uint64_t in = cur & (cs - 1);
+		uint64_t l2_off = 0;
+
+		if (l1i < q->l1_size) {
+			uint64_t l1e = q->l1[l1i];
+			if (l1e & L1E_RESERVED_MASK) {
+				ret = qk__qcow2_corrupt(img, "L1 entry %llu (0x%016llx) has reserved bits set",
+							(unsigned long long)l1i, (unsigned long long)l1e);
+				break;
+			}
+			l2_off = l1e & L1E_OFFSET_MASK;
+			if (l2_off & (cs - 1)) {
+				ret = qk__qcow2_corrupt(img, "L2 table offset 0x%llx unaligned (L1 index %llu)",
+							(unsigned long long)l2_off, (unsigned long long)l1i);
+				break;
+			}
+			uint64_t end = l2_off + cs;
+			if (l2_off && end > q->file_size) {
+				uint64_t size;
+				if (qk__file_get_size(img->file, &size) == 0)
+					q->file_size = size;
+				if (end > q->file_size) {
+					ret = qk__qcow2_corrupt(img, "L2 table at offset 0x%llx (L1 index %llu) lies past the end of the file",
+								(unsigned long long)l2_off, (unsigned long long)l1i);
+					break;
+				}
+			}
+		}
+		if (!l2_off) {
+			/* No L2 table: the whole table's range is unallocated. */
+			uint64_t n = (l2_entries - l2i) * cs - in;
+			if (!extend(r, CT_UNALLOCATED, 0, n))
+				break;
+			continue;
+		}
+		void *table;
+		ret = qk__cache_get(&q->l2_cache, l2_off, &table);
+		if (ret < 0)
+			break;
+		const uint64_t *t = table;
+		int more = 1;
+		for (uint64_t i = l2i; i < l2_entries && more == 1 && r->bytes < len; i++) {
+			uint64_t e = q->extl2 ? t[2 * i] : t[i];
+			uint64_t bm = q->extl2 ? t[2 * i + 1] : 0;
+			more = scan_entry(img, (l1i << q->l2_bits) + i, e, bm, i == l2i ? in : 0, r);
+		}
+		qk__cache_put(&q->l2_cache, l2_off);
+		if (more < 0) {
+			ret = more;
+			break;
+		}
+		if (more == 0)
+			break;
+	}
+	pthread_mutex_unlock(&q->lock);
+	if (ret == 0 && r->bytes > len)
+		r->bytes = len;
+	return ret;
+}
+
+/* Read from a compressed cluster: bytes [in, in+n) of the cluster `e`
+ * describes. Keeps the last decompressed cluster. */
+static int read_compressed(qk_image *img, uint64_t e, uint64_t in, void *buf, size_t n)
+{
+	struct qcow2 *q = qcow2_of(img);
+	size_t cs = q->cluster_size;
+
+	pthread_mutex_lock(&q->lock);
+	if (q->cbuf_valid && q->cbuf_entry == e) {
+		memcpy(buf, q->cbuf + in, n);
+		pthread_mutex_unlock(&q->lock);
+		return 0;
+	}
+	pthread_mutex_unlock(&q->lock);
+
+	unsigned shift = 62 - (q->cluster_bits - 8);
+	uint64_t coffset = e & ((1ull << shift) - 1);
+	uint64_t sectors = ((e >> shift) & ((1ull << (q->cluster_bits - 8)) - 1)) + 1;
+	uint64_t csize = sectors * 512 - (coffset & 511);
+	if (coffset > MAX_HOST_OFFSET || coffset >= q->file_size)
+		return qk__qcow2_corrupt(img, "compressed cluster data at host offset 0x%llx lies past the end of the file",
+					 (unsigned long long)coffset);
+	uint8_t *src = malloc(csize);
+	uint8_t *dst = malloc(cs);
+	int ret;
+	if (!src || !dst) {
+		ret = qk__err(ENOMEM, "out of memory");
+		goto out;
+	}
+	/* Data may end before the last sector: past EOF reads as zeros. */
+	ret = qk__file_pread(img->file, src, csize, coffset);
+	if (ret == 0)
+		ret = qk__decompress(q->compression_type, src, csize, dst, cs);
+	if (ret < 0) {
+		if (ret == -EIO)
+			ret = qk__qcow2_corrupt(img, "compressed cluster at host offset 0x%llx is unreadable",
+						(unsigned long long)coffset);
+		goto out;
+	}
+	memcpy(buf, dst + in, n);
+	pthread_mutex_lock(&q->lock);
+	uint8_t *old = q->cbuf;
+	q->cbuf = dst;
+	q->cbuf_entry = e;
+	q->cbuf_valid = true;
+	pthread_mutex_unlock(&q->lock);
+	dst = old;
+out:
+	free(src);
+	free(dst);
+	return ret;
+}
+
+int qk__qcow2_pread(qk_image *img, void *buf, size_t len, uint64_t off)
+{
+	struct qcow2 *q = qcow2_of(img);
+	uint8_t *p = buf;
+	while (len > 0) {
+		struct run r;
+		int ret = get_run(img, off, len, false, &r);
+		if (ret < 0)
+			return ret;
+		size_t n = r.bytes;
+		switch (r.type) {
+		case CT_UNALLOCATED:
+		case CT_UNALLOCATED_ALLOC:
+			ret = qk__chain_read(img, p, n, off);
+			break;
+		case CT_ZERO_PLAIN:
+		case CT_ZERO_ALLOC:
+			memset(p, 0, n);
+			break;
+		case CT_NORMAL:
+			ret = qk__file_pread(q->data_file ? q->data_file : img->file, p, n, r.host);
+			break;
+		case CT_COMPRESSED:
+			ret = read_compressed(img, r.l2e, off & (q->cluster_size - 1), p, n);
+			break;
+		}
+		if (ret < 0)
+			return ret;
+		p += n;
+		off += n;
+		len -= n;
+	}
+	return 0;
+}
+
+int qk__qcow2_block_status(qk_image *img, uint64_t off, uint64_t len, struct qk__status *st)
+{
+	struct qcow2 *q = qcow2_of(img);
+	struct run r;
+	int ret = get_run(img, off, len, true, &r);
+	if (ret < 0)
+		return ret;
+	st->bytes = r.bytes;
+	st->offset = r.host;
+	st->file = q->data_file ? q->data_file->path : img->filename;
+	switch (r.type) {
+	case CT_UNALLOCATED:
+		st->flags = 0;
+		break;
+	case CT_UNALLOCATED_ALLOC:
+		st->flags = QK_EXTENT_OFFSET;
+		break;
+	case CT_ZERO_PLAIN:
+		st->flags = QK_EXTENT_PRESENT | QK_EXTENT_ZERO;
+		break;
+	case CT_ZERO_ALLOC:
+		st->flags = QK_EXTENT_PRESENT | QK_EXTENT_ZERO | QK_EXTENT_OFFSET;
+		break;
+	case CT_NORMAL:
+		st->flags = QK_EXTENT_PRESENT | QK_EXTENT_DATA | QK_EXTENT_OFFSET;
+		break;
+	case CT_COMPRESSED:
+		st->flags = QK_EXTENT_PRESENT | QK_EXTENT_DATA | QK_EXTENT_COMPRESSED;
+		break;
+	}
+	return 0;
+}

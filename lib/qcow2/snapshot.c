@@ -1,0 +1,111 @@
+/*
+ * Internal snapshot table (read side). Entries are variable length: a
+ * 40-byte fixed part, extra data, the id and the name, padded to 8 bytes.
+ * Bounds: at most MAX_SNAPSHOTS entries, MAX_SNAPSHOT_EXTRA bytes of extra
+ * data each, and the whole table inside the file.
+ */
+#include "qcow2/qcow2.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+void qk__qcow2_free_snapshots(struct qcow2 *q)
+{
+	for (uint32_t i = 0; i < q->n_snapshots; i++) {
+		free((char *)q->snapshots[i].id);
+		free((char *)q->snapshots[i].name);
+	}
+	free(q->snapshots);
+	q->snapshots = NULL;
+	q->n_snapshots = 0;
+}
+
+static char *dup_str(const uint8_t *p, size_t len)
+{
+	char *s = malloc(len + 1);
+	if (s) {
+		memcpy(s, p, len);
+		s[len] = '\0';
+		for (size_t i = 0; i < len; i++)
+			if ((unsigned char)s[i] < 0x20)
+				s[i] = '?';
+	}
+	return s;
+}
+
+int qk__qcow2_read_snapshots(qk_image *img)
+{
+	struct qcow2 *q = qcow2_of(img);
+	if (q->nb_snapshots == 0)
+		return 0;
+	if (q->nb_snapshots > MAX_SNAPSHOTS)
+		return qk__err(EFBIG, "'%s' has too many snapshots (%u, at most %u)",
+			       img->filename, q->nb_snapshots, MAX_SNAPSHOTS);
+	if (q->snapshots_offset % q->cluster_size || q->snapshots_offset == 0 ||
+	    q->snapshots_offset >= q->file_size)
+		return qk__err(EINVAL, "snapshot table offset 0x%llx of '%s' is invalid",
+			       (unsigned long long)q->snapshots_offset, img->filename);
+	q->snapshots = calloc(q->nb_snapshots, sizeof *q->snapshots);
+	if (!q->snapshots)
+		return qk__err(ENOMEM, "out of memory");
+	uint64_t off = q->snapshots_offset;
+	uint8_t fixed[SNAP_FIXED_LEN];
+	uint8_t *var = malloc(MAX_SNAPSHOT_EXTRA + 2 * 65535);
+	if (!var)
+		return qk__err(ENOMEM, "out of memory");
+	int ret = 0;
+	for (uint32_t i = 0; i < q->nb_snapshots; i++) {
+		if (off + SNAP_FIXED_LEN > q->file_size) {
+			ret = qk__err(EINVAL, "snapshot table of '%s' runs past the end of the file (entry %u)",
+				      img->filename, i);
+			break;
+		}
+		ret = qk__file_pread(img->file, fixed, sizeof fixed, off);
+		if (ret < 0)
+			break;
+		uint32_t extra = qk_be32(fixed + 36);
+		uint16_t id_len = qk_be16(fixed + 12), name_len = qk_be16(fixed + 14);
+		if (extra > MAX_SNAPSHOT_EXTRA) {
+			ret = qk__err(EFBIG, "snapshot %u of '%s' has too much extra data (%u bytes, at most %u)",
+				      i, img->filename, extra, MAX_SNAPSHOT_EXTRA);
+			break;
+		}
+		uint64_t var_len = (uint64_t)extra + id_len + name_len;
+		uint64_t entry_len = (SNAP_FIXED_LEN + var_len + 7) & ~7ull;
+		if (off + SNAP_FIXED_LEN + var_len > q->file_size ||
+		    off + entry_len - q->snapshots_offset > MAX_SNAPSHOTS * (uint64_t)MAX_SNAPSHOT_EXTRA) {
+			ret = qk__err(EINVAL, "snapshot %u of '%s' runs past the end of the file",
+				      i, img->filename);
+			break;
+		}
+		ret = qk__file_pread(img->file, var, var_len, off + SNAP_FIXED_LEN);
+		if (ret < 0)
+			break;
+		struct qk_snapshot *s = &q->snapshots[i];
+		s->l1_table_offset = qk_be64(fixed);
+		s->l1_size = qk_be32(fixed + 8);
+		s->date_sec = qk_be32(fixed + 16);
+		s->date_nsec = qk_be32(fixed + 20);
+		s->vm_clock_nsec = qk_be64(fixed + 24);
+		s->vm_state_size = qk_be32(fixed + 32);
+		s->disk_size = img->size;
+		s->icount = UINT64_MAX;
+		if (extra >= 8)
+			s->vm_state_size = qk_be64(var);
+		if (extra >= 16)
+			s->disk_size = qk_be64(var + 8);
+		if (extra >= 24)
+			s->icount = qk_be64(var + 16);
+		s->id = dup_str(var + extra, id_len);
+		s->name = dup_str(var + extra + id_len, name_len);
+		q->n_snapshots = i + 1;
+		if (!s->id || !s->name) {
+			ret = qk__err(ENOMEM, "out of memory");
+			break;
+		}
+		off += entry_len;
+	}
+	free(var);
+	return ret;
+}

@@ -1,0 +1,41 @@
+/* The raw driver: guest offset = file offset; holes come from the file
+ * system (SEEK_HOLE). */
+#include "internal.h"
+
+#include <errno.h>
+
+static int raw_open(qk_image *img, const struct qk_open_options *opts)
+{
+	return qk__file_get_size(img->file, &img->size);
+}
+
+static int raw_pread(qk_image *img, void *buf, size_t len, uint64_t off)
+{
+	return qk__file_pread(img->file, buf, len, off);
+}
+
+static int raw_block_status(qk_image *img, uint64_t off, uint64_t len,
+			    struct qk__status *st)
+{
+	bool data = true;
+	uint64_t n = len;
+	if (img->file->ops->block_status) {
+		int ret = img->file->ops->block_status(img->file, off, len, &data, &n);
+		if (ret < 0)
+			return ret;
+	}
+	st->bytes = n;
+	st->flags = QK_EXTENT_PRESENT | QK_EXTENT_OFFSET |
+		    (data ? QK_EXTENT_DATA : QK_EXTENT_ZERO);
+	st->offset = off;
+	st->file = img->filename;
+	return 0;
+}
+
+const struct qk__driver qk__raw_driver = {
+	.name = "raw",
+	.format = QK_FORMAT_RAW,
+	.open = raw_open,
+	.pread = raw_pread,
+	.block_status = raw_block_status,
+};
