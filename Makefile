@@ -32,7 +32,7 @@ test-san: $(SAN_BUILD)/Makefile
 	cmake --build $(SAN_BUILD) -j $(JOBS)
 	cd $(SAN_BUILD) && ctest --output-on-failure -j $(JOBS)
 
-run: all
+run: deps all
 	scripts/demo.sh $(BUILD)/qcowkit
 
 install: all

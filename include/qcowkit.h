@@ -86,7 +86,9 @@ void qk_open_options_init(struct qk_open_options *opts);
  *   -ENOENT, -EACCES...  the file (or a backing file) could not be opened;
  *   -EINVAL              the header or a table is malformed (message says which);
  *   -ENOTSUP             a format or feature this library does not read
- *                        (encryption, unknown incompatible bits, other formats);
+ *                        (encryption, unknown incompatible bits, other formats),
+ *                        or a dirty image opened read-write (its refcounts
+ *                        need a rebuild first);
  *   -EACCES              read-write open of an image marked corrupt;
  *   -ELOOP               the backing chain loops or is too deep;
  *   -EFBIG               a table larger than the limits allow.

@@ -179,8 +179,6 @@ QK_EXPORT int qk_open(const char *path, const struct qk_open_options *opts,
 			       opts->struct_size - sizeof defaults.struct_size);
 		opts = &defaults;
 	}
-	if (opts->flags & QK_OPEN_RDWR)
-		return qk__err(ENOTSUP, "read-write open of '%s': writing is not supported yet", path);
 	struct qk__file *f;
 	int ret = qk__file_open_posix(path, opts->flags & QK_OPEN_RDWR,
 				      opts->flags & QK_OPEN_DIRECT, &f);

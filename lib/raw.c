@@ -4,9 +4,17 @@
 
 #include <errno.h>
 
+/* The guest sees whole 512-byte sectors, as in QEMU: a file of 1000001
+ * bytes is a 1000448-byte disk whose tail reads as zeros. */
 static int raw_open(qk_image *img, const struct qk_open_options *opts)
 {
-	return qk__file_get_size(img->file, &img->size);
+	uint64_t size;
+	int ret = qk__file_get_size(img->file, &size);
+	if (ret < 0)
+		return ret;
+	if (qk_align_up_overflow(size, 512, &img->size) || img->size > (uint64_t)INT64_MAX)
+		return qk__err(EFBIG, "'%s' is too large", img->filename);
+	return 0;
 }
 
 static int raw_pread(qk_image *img, void *buf, size_t len, uint64_t off)

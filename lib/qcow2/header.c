@@ -282,6 +282,7 @@ static void qcow2_close(qk_image *img)
 	if (!q)
 		return;
 	qk__cache_destroy(&q->l2_cache);
+	qk__qcow2_free_refcounts(q);
 	qk__file_close(q->data_file);
 	qk__qcow2_free_snapshots(q);
 	qk__qcow2_free_bitmaps(q);
@@ -445,6 +446,12 @@ static int qcow2_open(qk_image *img, const struct qk_open_options *opts)
 			      "(repair it with check -r all)", img->filename);
 		goto fail;
 	}
+	if ((q->incompat & INCOMPAT_DIRTY) && (opts->flags & QK_OPEN_RDWR)) {
+		/* Its refcounts must be rebuilt before any write. */
+		ret = qk__err(ENOTSUP, "'%s' is dirty (lazy refcounts) and needs a refcount rebuild "
+			      "before it can be opened read-write", img->filename);
+		goto fail;
+	}
 	q->extl2 = q->incompat & INCOMPAT_EXTL2;
 	if (q->extl2 && q->cluster_bits < MIN_EXTL2_CLUSTER_BITS) {
 		ret = qk__err(EINVAL, "'%s' uses extended L2 entries with %llu-byte clusters (at least 16384 needed)",
@@ -519,13 +526,7 @@ static int qcow2_get_info(qk_image *img, struct qk_info *info)
 	info->data_file = q->data_file_name;
 	info->nb_snapshots = q->n_snapshots;
 	info->nb_bitmaps = q->n_bitmaps;
-	if (q->data_file && q->data_file->ops->allocated_size) {
-		uint64_t extra;
-		int ret = q->data_file->ops->allocated_size(q->data_file, &extra);
-		if (ret < 0)
-			return ret;
-		info->actual_size += extra;
-	}
+	/* actual_size is the image file's alone, as qemu-img reports it. */
 	return 0;
 }
 

@@ -320,6 +320,7 @@ int qk__qcow2_pread(qk_image *img, void *buf, size_t len, uint64_t off)
 			memset(p, 0, n);
 			break;
 		case CT_NORMAL:
+		case CT_NORMAL_HOLE:
 			ret = qk__file_pread(q->data_file ? q->data_file : img->file, p, n, r.host);
 			break;
 		case CT_COMPRESSED:
@@ -335,13 +336,58 @@ int qk__qcow2_pread(qk_image *img, void *buf, size_t len, uint64_t off)
 	return 0;
 }
 
+/*
+ * QEMU's test for an image preallocated with metadata (it changes what
+ * block status reports, and map must agree with qemu-img): more clusters
+ * carry a refcount than the file system stores. Counted over the file's
+ * clusters until the threshold is met; an error means "no", as in QEMU.
+ */
+static bool detect_metadata_prealloc(qk_image *img)
+{
+	struct qcow2 *q = qcow2_of(img);
+	uint64_t file_size, allocated;
+	if (!img->file->ops->allocated_size ||
+	    qk__file_get_size(img->file, &file_size) < 0 ||
+	    img->file->ops->allocated_size(img->file, &allocated) < 0)
+		return false;
+	uint64_t real = allocated / q->cluster_size;
+	uint64_t threshold = qk_max_u64(real * 10 / 9, real + 2);
+	uint64_t end = (file_size + q->cluster_size - 1) >> q->cluster_bits;
+	uint64_t count = 0;
+	for (uint64_t i = 0; i < end && count < threshold; i++) {
+		uint64_t rc;
+		if (qk__qcow2_get_refcount(img, i, &rc) < 0)
+			return false;
+		count += rc != 0;
+	}
+	return count >= threshold;
+}
+
 int qk__qcow2_block_status(qk_image *img, uint64_t off, uint64_t len, struct qk__status *st)
 {
 	struct qcow2 *q = qcow2_of(img);
 	struct run r;
+	pthread_mutex_lock(&q->lock);
+	if (!q->prealloc_checked) {
+		q->metadata_prealloc = detect_metadata_prealloc(img);
+		q->prealloc_checked = true;
+	}
+	pthread_mutex_unlock(&q->lock);
 	int ret = get_run(img, off, len, true, &r);
 	if (ret < 0)
 		return ret;
+	if (r.type == CT_NORMAL && q->metadata_prealloc) {
+		/* Ask the file system whether the clusters hold data; a hole
+		 * (or space past the end of the file) reads as zeros. */
+		struct qk__file *f = q->data_file ? q->data_file : img->file;
+		bool data = true;
+		uint64_t n = r.bytes;
+		if (f->ops->block_status && f->ops->block_status(f, r.host, r.bytes, &data, &n) == 0) {
+			r.bytes = n;
+			if (!data)
+				r.type = CT_NORMAL_HOLE;
+		}
+	}
 	st->bytes = r.bytes;
 	st->offset = r.host;
 	st->file = q->data_file ? q->data_file->path : img->filename;
@@ -360,6 +406,9 @@ int qk__qcow2_block_status(qk_image *img, uint64_t off, uint64_t len, struct qk_
 		break;
 	case CT_NORMAL:
 		st->flags = QK_EXTENT_PRESENT | QK_EXTENT_DATA | QK_EXTENT_OFFSET;
+		break;
+	case CT_NORMAL_HOLE:
+		st->flags = QK_EXTENT_PRESENT | QK_EXTENT_DATA | QK_EXTENT_ZERO | QK_EXTENT_OFFSET;
 		break;
 	case CT_COMPRESSED:
 		st->flags = QK_EXTENT_PRESENT | QK_EXTENT_DATA | QK_EXTENT_COMPRESSED;

@@ -55,6 +55,7 @@ enum qk__ctype {
 	CT_ZERO_ALLOC,         /* zeros, host cluster kept */
 	CT_NORMAL,             /* data at a host offset */
 	CT_COMPRESSED,         /* compressed cluster */
+	CT_NORMAL_HOLE,        /* block status only: data cluster over a file hole */
 };
 
 struct qcow2 {
@@ -92,6 +93,17 @@ struct qcow2 {
 	struct qk__cache l2_cache;
 	uint64_t file_size;         /* image file length at open */
 
+	/* refcounts, loaded on first use (refcount.c) */
+	uint64_t *rt;               /* host order, rt_entries */
+	uint64_t rt_entries;
+	struct qk__cache rb_cache;
+
+	/* QEMU's guess that the image was preallocated with metadata, which
+	 * makes block status ask the file system where data clusters hold
+	 * holes (map.c) */
+	bool prealloc_checked;
+	bool metadata_prealloc;
+
 	/* last decompressed cluster, keyed by its L2 entry */
 	uint64_t cbuf_entry;
 	bool cbuf_valid;
@@ -121,6 +133,11 @@ void qk__qcow2_free_snapshots(struct qcow2 *q);
 int qk__qcow2_read_bitmaps(qk_image *img, uint64_t dir_offset, uint64_t dir_size,
 			   uint32_t nb_bitmaps);
 void qk__qcow2_free_bitmaps(struct qcow2 *q);
+
+/* ---- refcount.c --------------------------------------------------------------- */
+/* The refcount of host cluster `cluster`; 0 past the table. Image lock held. */
+int qk__qcow2_get_refcount(qk_image *img, uint64_t cluster, uint64_t *rc);
+void qk__qcow2_free_refcounts(struct qcow2 *q);
 
 /* ---- map.c -------------------------------------------------------------------- */
 int qk__qcow2_pread(qk_image *img, void *buf, size_t len, uint64_t off);
