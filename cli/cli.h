@@ -1,0 +1,188 @@
+/*
+ * cli.h - private declarations of the qcowkit command-line program.
+ *
+ * The CLI reaches the library only through the public header qcowkit.h.
+ * Layout: main.c (command table, dispatch), cmd-<name>.c (one command
+ * each), opts.c (option values: sizes, formats, -o lists, opening images),
+ * output.c (qemu-compatible text and JSON output, progress).
+ *
+ * Error convention: every failure prints exactly one line to stderr,
+ * "qcowkit: <message>"; for library failures <message> is qk_last_error()
+ * unchanged (it already names the API call).
+ *
+ * SPDX-License-Identifier: MIT
+ */
+#ifndef QCOWKIT_CLI_H
+#define QCOWKIT_CLI_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#include "qcowkit.h"
+
+/* ---- exit codes -------------------------------------------------------- */
+
+#define CLI_EXIT_OK 0
+#define CLI_EXIT_FAILURE 1          /* any error, usage errors included */
+/* compare, as qemu-img compare */
+#define CLI_EXIT_CMP_DIFFERENT 1
+#define CLI_EXIT_CMP_ERROR 2        /* could not open (or usage) */
+#define CLI_EXIT_CMP_STATUS_ERROR 3 /* block status failed */
+#define CLI_EXIT_CMP_READ_ERROR 4   /* read failed */
+
+/* ---- main.c ------------------------------------------------------------ */
+
+struct cli_command {
+	const char *name;
+	/* argv[0] is the command name; returns the process exit code. */
+	int (*run)(int argc, char **argv);
+	const char *synopsis;   /* one line, after "qcowkit " */
+	const char *summary;    /* what it does, one line */
+};
+
+/* The command named `name`, or NULL. */
+const struct cli_command *cli_find_command(const char *name);
+/* Print the usage of `cmd` to `f`. */
+void cli_print_usage(FILE *f, const struct cli_command *cmd);
+
+/* Print "qcowkit: <fmt...>" and a newline to stderr. */
+void cli_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+/* Print the calling thread's last library error; `ret` (a negative errno)
+ * is used only when the library recorded no message. */
+void cli_lib_error(int ret);
+/* Report a getopt failure of command `cmd` on one line; returns the
+ * usage-error exit code to use (`code`). `opt` is getopt's return value. */
+int cli_bad_option(const char *cmd, int opt, char **argv, int code);
+/* Report a usage problem ("Expecting one image file name") on one line. */
+int cli_usage_error(const char *cmd, int code, const char *fmt, ...)
+	__attribute__((format(printf, 3, 4)));
+
+/* Commands (cmd-<name>.c). */
+int cmd_info(int argc, char **argv);
+int cmd_map(int argc, char **argv);
+int cmd_convert(int argc, char **argv);
+int cmd_compare(int argc, char **argv);
+int cmd_io(int argc, char **argv);
+int cmd_bench(int argc, char **argv);
+
+/* ---- opts.c ------------------------------------------------------------ */
+
+/*
+ * Parse a size the way qemu-img does (qemu_strtosz): a decimal or 0x hex
+ * integer, an optional decimal fraction (only with a suffix other than B),
+ * an optional suffix B, K, M, G, T, P, E (either case; powers of 1024).
+ * Returns 0 and sets *out, -EINVAL for malformed text, -ERANGE when the
+ * value does not fit in 63 bits.
+ */
+int cli_parse_size(const char *s, uint64_t *out);
+
+/*
+ * qemu-img's cvtnum: parse `s` as a size in [min, max]; on failure print
+ * "Invalid <name> specified..." and return -1.
+ */
+int cli_cvtnum(const char *name, const char *s, uint64_t min, uint64_t max,
+	       uint64_t *out);
+
+/* Parse an unsigned integer (decimal, 0x hex or 0 octal, as strtoul base
+ * 0) into *out. Returns 0 or -EINVAL / -ERANGE. */
+int cli_parse_uint(const char *s, uint64_t *out);
+
+/* Map "qcow2"/"raw" to a qk_format; anything else prints
+ * "Unknown file format 'X'" and returns -1. NULL gives QK_FORMAT_AUTO. */
+int cli_parse_format(const char *name, qk_format *out);
+
+/* --output=human|json. Returns 0 (json = false/true) or prints qemu-img's
+ * message and returns -1. */
+int cli_parse_output(const char *arg, bool *json);
+
+/* Cache modes as qemu-img -t: sets *direct. Returns 0, or -1 if unknown
+ * (nothing printed). */
+int cli_parse_cache(const char *mode, bool *direct);
+
+/* One "key=value" item of an -o list. */
+struct cli_kv {
+	char *key;
+	char *value;     /* "" when no '=' was given */
+};
+/*
+ * Split an -o list "a=b,c=d" into items. A doubled comma ",," stands for a
+ * literal comma in a value, as in QEMU. Returns the item count (>= 0) and
+ * sets *out (free with cli_free_kv), or -EINVAL for an empty key.
+ */
+int cli_parse_kv_list(const char *list, struct cli_kv **out);
+void cli_free_kv(struct cli_kv *kv, int n);
+
+/*
+ * Open `path` with format `fmt` and QK_OPEN_* `flags`. On failure prints
+ * the library's message and returns the negative errno.
+ */
+int cli_open(const char *path, qk_format fmt, uint32_t flags,
+	     qk_image **out);
+
+/* Allocation that cannot fail (prints an error and exits instead). */
+void *cli_xmalloc(size_t n);
+void *cli_xcalloc(size_t n, size_t size);
+void *cli_xrealloc(void *p, size_t n);
+char *cli_xstrdup(const char *s);
+
+/* ---- output.c ---------------------------------------------------------- */
+
+/*
+ * A JSON value tree that prints the way QEMU's QObject JSON writer does.
+ * QEMU keeps dictionary entries in a 512-bucket hash table and prints them
+ * bucket by bucket (newest first within a bucket), so qemu-img's key order
+ * looks random but is fixed; we reproduce it so scripts that diff output
+ * see no difference.
+ */
+struct qj;
+
+struct qj *qj_dict(void);
+struct qj *qj_list(void);
+/* Add `val` to a dict (under `key`) or a list (`key` NULL); takes
+ * ownership of `val`. Returns `val`. */
+struct qj *qj_add(struct qj *parent, const char *key, struct qj *val);
+void qj_add_int(struct qj *parent, const char *key, int64_t v);
+void qj_add_uint(struct qj *parent, const char *key, uint64_t v);
+void qj_add_bool(struct qj *parent, const char *key, bool v);
+void qj_add_str(struct qj *parent, const char *key, const char *v);
+/* The value under `key` of a dict, or NULL. */
+struct qj *qj_get(const struct qj *dict, const char *key);
+void qj_free(struct qj *v);
+/* Pretty-print `v` as qobject_to_json_pretty() does (no final newline). */
+void qj_print_json(FILE *f, const struct qj *v);
+/* Print a dict or list as QEMU's human "Format specific information"
+ * dump (block/qapi.c dump_qobject) at `indent` levels of 4 spaces. */
+void qj_print_human(FILE *f, int indent, const struct qj *v);
+
+/* qemu's size_to_str(): "0 B", "260 KiB", "1.32 MiB" (3 significant
+ * digits, binary units). Writes into buf. */
+void fmt_size_human(char *buf, size_t n, uint64_t v);
+/* qemu-io's cvtstr(): "64 KiB", "1.500 KiB", "100 bytes". */
+void fmt_io_size(char *buf, size_t n, double v);
+/* qemu-io's timestr() for a duration in seconds: "00.00 sec" below one
+ * second, else "H:MM:SS.ss"; `fixed` selects the -C layout. */
+void fmt_io_time(char *buf, size_t n, double secs, bool fixed);
+
+/* Print one qemu-img snapshot table row / header (no newline). */
+void print_snapshot_header(FILE *f);
+void print_snapshot_row(FILE *f, const struct qk_snapshot *sn);
+
+/* qemu-style progress ("    (NN.NN/100%)\r" on stdout). */
+struct cli_progress {
+	bool enabled;
+	float current;
+	float last_print;
+	float min_skip;
+};
+void progress_init(struct cli_progress *p, bool enabled, float min_skip);
+/* max == 0: `delta` is the absolute percentage; else delta * max / 100
+ * is added to the current value (qemu_progress_print). */
+void progress_print(struct cli_progress *p, float delta, int max);
+void progress_end(struct cli_progress *p);
+
+/* Monotonic time in seconds. */
+double cli_now(void);
+
+#endif /* QCOWKIT_CLI_H */

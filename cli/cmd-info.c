@@ -1,0 +1,293 @@
+/*
+ * cmd-info.c - "qcowkit info": describe an image as qemu-img 7.2 info does,
+ * in its human layout or its JSON (ImageInfo) keys and types.
+ *
+ * SPDX-License-Identifier: MIT
+ */
+#include <getopt.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cli.h"
+
+/* What one image of the report needs, gathered before printing so that a
+ * failure prints nothing half-way. */
+struct image_report {
+	qk_image *img;
+	struct qk_info info;
+	const struct qk_snapshot *snaps;
+	size_t nsnaps;
+	const struct qk_bitmap *bitmaps;
+	size_t nbitmaps;
+	struct qj *format_specific;   /* the "data" dict lives inside */
+};
+
+static const char *compression_name(uint32_t type)
+{
+	return type == QK_COMPRESSION_ZSTD ? "zstd" : "zlib";
+}
+
+/* ImageInfoSpecific for qcow2 (block/qcow2.c qcow2_get_specific_info):
+ * v2 images report only compat, compression type and refcount bits. */
+static struct qj *qcow2_specific(const struct image_report *r)
+{
+	const struct qk_info *in = &r->info;
+	struct qj *spec = qj_dict(), *data;
+
+	qj_add_str(spec, "type", "qcow2");
+	data = qj_add(spec, "data", qj_dict());
+	if (in->qcow2_version < 3) {
+		qj_add_str(data, "compat", "0.10");
+		qj_add_uint(data, "refcount-bits", in->refcount_bits);
+		qj_add_str(data, "compression-type",
+			   compression_name(in->compression_type));
+		return spec;
+	}
+	qj_add_str(data, "compat", "1.1");
+	if (in->data_file != NULL)
+		qj_add_str(data, "data-file", in->data_file);
+	/* data-file-raw comes with the external-data-file feature bit. */
+	if (in->incompatible_features & (1u << 2))
+		qj_add_bool(data, "data-file-raw", in->data_file_raw != 0);
+	qj_add_bool(data, "extended-l2", in->extended_l2 != 0);
+	qj_add_bool(data, "lazy-refcounts", in->lazy_refcounts != 0);
+	qj_add_bool(data, "corrupt", in->corrupt != 0);
+	qj_add_uint(data, "refcount-bits", in->refcount_bits);
+	if (r->nbitmaps > 0) {
+		struct qj *list = qj_add(data, "bitmaps", qj_list());
+
+		for (size_t i = 0; i < r->nbitmaps; i++) {
+			const struct qk_bitmap *b = &r->bitmaps[i];
+			struct qj *bm = qj_add(list, NULL, qj_dict());
+			struct qj *flags;
+
+			qj_add_str(bm, "name", b->name);
+			qj_add_uint(bm, "granularity", b->granularity);
+			flags = qj_add(bm, "flags", qj_list());
+			if (b->flags & QK_BITMAP_IN_USE)
+				qj_add_str(flags, NULL, "in-use");
+			if (b->flags & QK_BITMAP_AUTO)
+				qj_add_str(flags, NULL, "auto");
+		}
+	}
+	qj_add_str(data, "compression-type",
+		   compression_name(in->compression_type));
+	return spec;
+}
+
+/* Gather everything about `img`; prints the error and returns -1 on
+ * failure. */
+static int gather(qk_image *img, struct image_report *r)
+{
+	int ret;
+
+	memset(r, 0, sizeof(*r));
+	r->img = img;
+	ret = qk_get_info(img, &r->info);
+	if (ret < 0)
+		goto fail;
+	ret = qk_list_snapshots(img, &r->snaps, &r->nsnaps);
+	if (ret < 0)
+		goto fail;
+	if (r->info.format == QK_FORMAT_QCOW2) {
+		if (r->info.nb_bitmaps > 0) {
+			ret = qk_list_bitmaps(img, &r->bitmaps, &r->nbitmaps);
+			if (ret < 0)
+				goto fail;
+		}
+		r->format_specific = qcow2_specific(r);
+	}
+	return 0;
+fail:
+	cli_lib_error(ret);
+	return -1;
+}
+
+/* The ImageInfo object of qemu-img info --output=json. Members are added
+ * in QAPI schema order; the printer orders them the way QEMU does. */
+static struct qj *image_json(struct image_report *r)
+{
+	const struct qk_info *in = &r->info;
+	struct qj *o = qj_dict();
+
+	qj_add_str(o, "filename", qk_get_filename(r->img));
+	qj_add_str(o, "format", qk_format_name(in->format));
+	qj_add_bool(o, "dirty-flag", in->dirty != 0);
+	qj_add_uint(o, "actual-size", in->actual_size);
+	qj_add_uint(o, "virtual-size", in->virtual_size);
+	if (in->format == QK_FORMAT_QCOW2)
+		qj_add_uint(o, "cluster-size", in->cluster_size);
+	if (in->encrypted)
+		qj_add_bool(o, "encrypted", true);
+	if (in->backing_file != NULL && in->backing_file[0] != '\0') {
+		qj_add_str(o, "backing-filename", in->backing_file);
+		if (in->full_backing_file != NULL)
+			qj_add_str(o, "full-backing-filename",
+				   in->full_backing_file);
+		if (in->backing_format != NULL && in->backing_format[0])
+			qj_add_str(o, "backing-filename-format",
+				   in->backing_format);
+	}
+	if (r->nsnaps > 0) {
+		struct qj *list = qj_add(o, "snapshots", qj_list());
+
+		for (size_t i = 0; i < r->nsnaps; i++) {
+			const struct qk_snapshot *s = &r->snaps[i];
+			struct qj *sn = qj_add(list, NULL, qj_dict());
+
+			qj_add_str(sn, "id", s->id);
+			qj_add_str(sn, "name", s->name);
+			qj_add_uint(sn, "vm-state-size", s->vm_state_size);
+			qj_add_uint(sn, "date-sec", s->date_sec);
+			qj_add_uint(sn, "date-nsec", s->date_nsec);
+			qj_add_uint(sn, "vm-clock-sec",
+				    s->vm_clock_nsec / 1000000000u);
+			qj_add_uint(sn, "vm-clock-nsec",
+				    s->vm_clock_nsec % 1000000000u);
+			if (s->icount != UINT64_MAX)
+				qj_add_uint(sn, "icount", s->icount);
+		}
+	}
+	if (r->format_specific != NULL) {
+		qj_add(o, "format-specific", r->format_specific);
+		r->format_specific = NULL;   /* now owned by o */
+	}
+	return o;
+}
+
+/* block/qapi.c bdrv_image_info_dump() of QEMU 7.2. */
+static void image_human(const struct image_report *r)
+{
+	const struct qk_info *in = &r->info;
+	char vsize[32], dsize[32];
+
+	fmt_size_human(vsize, sizeof(vsize), in->virtual_size);
+	fmt_size_human(dsize, sizeof(dsize), in->actual_size);
+	printf("image: %s\n"
+	       "file format: %s\n"
+	       "virtual size: %s (%llu bytes)\n"
+	       "disk size: %s\n",
+	       qk_get_filename(r->img), qk_format_name(in->format), vsize,
+	       (unsigned long long)in->virtual_size, dsize);
+	if (in->encrypted)
+		printf("encrypted: yes\n");
+	if (in->format == QK_FORMAT_QCOW2)
+		printf("cluster_size: %u\n", in->cluster_size);
+	if (in->dirty)
+		printf("cleanly shut down: no\n");
+	if (in->backing_file != NULL && in->backing_file[0] != '\0') {
+		printf("backing file: %s", in->backing_file);
+		if (in->full_backing_file == NULL)
+			printf(" (cannot determine actual path)");
+		else if (strcmp(in->backing_file, in->full_backing_file) != 0)
+			printf(" (actual path: %s)", in->full_backing_file);
+		printf("\n");
+		if (in->backing_format != NULL && in->backing_format[0])
+			printf("backing file format: %s\n", in->backing_format);
+	}
+	if (r->nsnaps > 0) {
+		printf("Snapshot list:\n");
+		print_snapshot_header(stdout);
+		printf("\n");
+		for (size_t i = 0; i < r->nsnaps; i++) {
+			print_snapshot_row(stdout, &r->snaps[i]);
+			printf("\n");
+		}
+	}
+	if (r->format_specific != NULL) {
+		printf("Format specific information:\n");
+		qj_print_human(stdout, 1, qj_get(r->format_specific, "data"));
+	}
+}
+
+int cmd_info(int argc, char **argv)
+{
+	static const struct option longopts[] = {
+		{ "help", no_argument, NULL, 'h' },
+		{ "format", required_argument, NULL, 'f' },
+		{ "output", required_argument, NULL, 'O' },
+		{ "backing-chain", no_argument, NULL, 'B' },
+		{ "force-share", no_argument, NULL, 'U' },
+		{ NULL, 0, NULL, 0 },
+	};
+	const char *fmtname = NULL;
+	bool json = false, chain = false;
+	uint32_t flags = 0;
+	qk_format fmt;
+	qk_image *img;
+	struct qj *list = NULL;
+	int c, ret = CLI_EXIT_OK;
+
+	while ((c = getopt_long(argc, argv, ":f:hU", longopts, NULL)) != -1) {
+		switch (c) {
+		case 'f':
+			fmtname = optarg;
+			break;
+		case 'O':
+			if (cli_parse_output(optarg, &json) < 0)
+				return CLI_EXIT_FAILURE;
+			break;
+		case 'B':
+			chain = true;
+			break;
+		case 'U':
+			flags |= QK_OPEN_FORCE_SHARE;
+			break;
+		case 'h':
+			cli_print_usage(stdout, cli_find_command("info"));
+			return CLI_EXIT_OK;
+		default:
+			return cli_bad_option("info", c, argv,
+					      CLI_EXIT_FAILURE);
+		}
+	}
+	if (optind != argc - 1)
+		return cli_usage_error("info", CLI_EXIT_FAILURE,
+				       "Expecting one image file name");
+	if (cli_parse_format(fmtname, &fmt) < 0)
+		return CLI_EXIT_FAILURE;
+	/* Like qemu-img, a plain info does not need the backing files to
+	 * be present; the chain walk opens them. */
+	if (!chain)
+		flags |= QK_OPEN_NO_BACKING;
+	if (cli_open(argv[optind], fmt, flags, &img) < 0)
+		return CLI_EXIT_FAILURE;
+
+	if (json && chain)
+		list = qj_list();
+	for (qk_image *cur = img; cur != NULL; cur = qk_get_backing(cur)) {
+		struct image_report r;
+
+		if (gather(cur, &r) < 0) {
+			ret = CLI_EXIT_FAILURE;
+			break;
+		}
+		if (json) {
+			struct qj *o = image_json(&r);
+
+			if (list != NULL) {
+				qj_add(list, NULL, o);
+			} else {
+				qj_print_json(stdout, o);
+				printf("\n");
+				qj_free(o);
+			}
+		} else {
+			if (cur != img)
+				printf("\n");
+			image_human(&r);
+		}
+		qj_free(r.format_specific);
+		if (!chain)
+			break;
+	}
+	if (list != NULL) {
+		if (ret == CLI_EXIT_OK) {
+			qj_print_json(stdout, list);
+			printf("\n");
+		}
+		qj_free(list);
+	}
+	qk_close(img);
+	return ret;
+}

@@ -1,0 +1,223 @@
+/*
+ * main.c - the qcowkit program: command table, dispatch, help, version.
+ *
+ * Usage: qcowkit [--help | --version] COMMAND [OPTIONS...] ARGS...
+ * Flags follow qemu-img / qemu-io / qemu-nbd so habits and scripts carry
+ * over. Each command lives in cmd-<name>.c and returns the exit code.
+ *
+ * SPDX-License-Identifier: MIT
+ */
+#include <errno.h>
+#include <getopt.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cli.h"
+
+static int cmd_not_implemented(int argc, char **argv);
+
+/* Commands not written yet run cmd_not_implemented until their issue
+ * lands; keeping them here lets help list the whole interface. */
+static const struct cli_command commands[] = {
+	{ "bench", cmd_bench,
+	  "bench [-c COUNT] [-d DEPTH] [-f FMT] [-n] [-o OFFSET] [-s SIZE] "
+	  "[-S STEP] [-t CACHE] [-w] [--pattern=N] [--flush-interval=N] "
+	  "[--random] [-U] FILE",
+	  "measure read throughput of an image" },
+	{ "check", cmd_not_implemented,
+	  "check [-f FMT] [-r leaks|all] [--output=human|json] FILE",
+	  "check (and repair) the consistency of an image" },
+	{ "commit", cmd_not_implemented,
+	  "commit [-b BASE] [-d] [-p] FILE",
+	  "write an image's changes into its backing file" },
+	{ "compare", cmd_compare,
+	  "compare [-f FMT] [-F FMT] [-s] [-p] [-q] [-U] A B",
+	  "compare the guest-visible content of two images" },
+	{ "convert", cmd_convert,
+	  "convert [-f FMT] -O raw [-p] [-q] [-m N] [-S N] [-W] [-U] SRC DST",
+	  "copy an image into a sparse raw file" },
+	{ "create", cmd_not_implemented,
+	  "create [-f qcow2|raw] [-b BACKING [-F FMT]] [-u] [-o OPTS] FILE "
+	  "[SIZE]",
+	  "create a new image" },
+	{ "info", cmd_info,
+	  "info [-f FMT] [--output=human|json] [--backing-chain] [-U] FILE",
+	  "describe an image (as qemu-img info)" },
+	{ "io", cmd_io,
+	  "io [-f FMT] [-r] [-U] [-n] [-t CACHE] FILE -c CMD [-c CMD ...]",
+	  "run qemu-io style commands (read [-P BYTE] [-q] [-v] [-C] OFF LEN, "
+	  "map)" },
+	{ "map", cmd_map,
+	  "map [-f FMT] [--output=human|json] [--start-offset=N] "
+	  "[--max-length=N] [-U] FILE",
+	  "show how guest ranges map to host files" },
+	{ "measure", cmd_not_implemented,
+	  "measure [--output=human|json] [-O FMT] [-o OPTS] "
+	  "(--size N | [-f FMT] FILE)",
+	  "compute the size a new image needs" },
+	{ "rebase", cmd_not_implemented,
+	  "rebase [-u] -b BACKING [-F FMT] [-p] FILE",
+	  "change the backing file of an image" },
+	{ "resize", cmd_not_implemented,
+	  "resize [--shrink] FILE [+|-]SIZE",
+	  "change the virtual size of an image" },
+	{ "serve", cmd_not_implemented,
+	  "serve [-f FMT] [-r] [-k SOCKET | -p PORT [-b ADDR]] [-x NAME] "
+	  "[-e N] [-t] [--pid-file F] FILE",
+	  "export an image over NBD" },
+	{ "snapshot", cmd_not_implemented,
+	  "snapshot [-l | -c NAME | -a NAME | -d NAME] FILE",
+	  "list, create, apply or delete internal snapshots" },
+};
+
+#define N_COMMANDS (sizeof(commands) / sizeof(commands[0]))
+
+const struct cli_command *cli_find_command(const char *name)
+{
+	for (size_t i = 0; i < N_COMMANDS; i++)
+		if (strcmp(commands[i].name, name) == 0)
+			return &commands[i];
+	return NULL;
+}
+
+void cli_print_usage(FILE *f, const struct cli_command *cmd)
+{
+	fprintf(f, "usage: qcowkit %s\n  %s\n", cmd->synopsis, cmd->summary);
+}
+
+static void print_main_usage(FILE *f)
+{
+	fprintf(f,
+		"usage: qcowkit [--help | --version] COMMAND [OPTIONS] ARGS\n"
+		"QCOW2 and raw disk image tool (qemu-img compatible flags)\n"
+		"\n"
+		"Commands:\n");
+	for (size_t i = 0; i < N_COMMANDS; i++)
+		fprintf(f, "  %s\n", commands[i].synopsis);
+	fprintf(f,
+		"\n"
+		"FMT is qcow2 or raw; without -f the format is detected.\n"
+		"Sizes and offsets take k, M, G, T, P, E suffixes (powers of "
+		"1024).\n"
+		"'qcowkit COMMAND --help' describes one command.\n");
+}
+
+void cli_error(const char *fmt, ...)
+{
+	va_list ap;
+
+	/* One write per line so concurrent threads do not interleave. */
+	char line[4096];
+	va_start(ap, fmt);
+	vsnprintf(line, sizeof(line), fmt, ap);
+	va_end(ap);
+	fprintf(stderr, "qcowkit: %s\n", line);
+}
+
+void cli_lib_error(int ret)
+{
+	const char *msg = qk_last_error();
+
+	if (msg[0] != '\0')
+		cli_error("%s", msg);
+	else
+		cli_error("%s", strerror(ret < 0 ? -ret : ret));
+}
+
+int cli_bad_option(const char *cmd, int opt, char **argv, int code)
+{
+	/* getopt_long leaves optind just past the offending element. */
+	const char *arg = optind > 0 ? argv[optind - 1] : "?";
+
+	if (opt == ':') {
+		if (optopt != 0 && optopt < 256)
+			cli_error("option requires an argument -- '%c' "
+				  "(try 'qcowkit %s --help')", optopt, cmd);
+		else
+			cli_error("option '%s' requires an argument "
+				  "(try 'qcowkit %s --help')", arg, cmd);
+	} else if (optopt != 0 && optopt < 256) {
+		cli_error("invalid option -- '%c' (try 'qcowkit %s --help')",
+			  optopt, cmd);
+	} else {
+		cli_error("unrecognized option '%s' (try 'qcowkit %s --help')",
+			  arg, cmd);
+	}
+	return code;
+}
+
+int cli_usage_error(const char *cmd, int code, const char *fmt, ...)
+{
+	char line[1024];
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(line, sizeof(line), fmt, ap);
+	va_end(ap);
+	cli_error("%s (try 'qcowkit %s --help')", line, cmd);
+	return code;
+}
+
+/* Placeholder for commands whose issues have not landed. */
+static int cmd_not_implemented(int argc, char **argv)
+{
+	const struct cli_command *cmd = cli_find_command(argv[0]);
+
+	for (int i = 1; i < argc; i++) {
+		if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
+			cli_print_usage(stdout, cmd);
+			return CLI_EXIT_OK;
+		}
+	}
+	cli_error("%s is not implemented yet", argv[0]);
+	return CLI_EXIT_FAILURE;
+}
+
+int main(int argc, char **argv)
+{
+	const struct cli_command *cmd;
+	int ret;
+
+	if (argc < 2) {
+		print_main_usage(stderr);
+		return CLI_EXIT_FAILURE;
+	}
+	if (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0 ||
+	    strcmp(argv[1], "help") == 0) {
+		if (argc > 2 && (cmd = cli_find_command(argv[2])) != NULL) {
+			cli_print_usage(stdout, cmd);
+			return CLI_EXIT_OK;
+		}
+		print_main_usage(stdout);
+		return CLI_EXIT_OK;
+	}
+	if (strcmp(argv[1], "--version") == 0 || strcmp(argv[1], "-V") == 0) {
+		printf("qcowkit version %s\n", qk_version());
+		return CLI_EXIT_OK;
+	}
+	cmd = cli_find_command(argv[1]);
+	if (cmd == NULL) {
+		if (argv[1][0] == '-')
+			cli_error("unrecognized option '%s' (try 'qcowkit "
+				  "--help')", argv[1]);
+		else
+			cli_error("Command not found: %s (try 'qcowkit --help')",
+				  argv[1]);
+		return CLI_EXIT_FAILURE;
+	}
+
+	/* Commands parse argv[1..] with getopt_long from a fresh state. */
+	optind = 0;
+	opterr = 0;
+	ret = cmd->run(argc - 1, argv + 1);
+
+	/* Output that never reached its destination is a failure too. */
+	if (fflush(stdout) != 0 || ferror(stdout)) {
+		cli_error("error writing standard output: %s", strerror(errno));
+		if (ret == 0)
+			ret = CLI_EXIT_FAILURE;
+	}
+	return ret;
+}

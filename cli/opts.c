@@ -1,0 +1,295 @@
+/*
+ * opts.c - option values: sizes with suffixes, formats, cache modes,
+ * "-o a=b,c=d" lists, and opening an image from command-line flags.
+ *
+ * SPDX-License-Identifier: MIT
+ */
+#include <ctype.h>
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cli.h"
+
+void *cli_xmalloc(size_t n)
+{
+	void *p = malloc(n ? n : 1);
+
+	if (p == NULL) {
+		cli_error("out of memory");
+		exit(CLI_EXIT_FAILURE);
+	}
+	return p;
+}
+
+void *cli_xcalloc(size_t n, size_t size)
+{
+	void *p = calloc(n ? n : 1, size ? size : 1);
+
+	if (p == NULL) {
+		cli_error("out of memory");
+		exit(CLI_EXIT_FAILURE);
+	}
+	return p;
+}
+
+void *cli_xrealloc(void *p, size_t n)
+{
+	void *q = realloc(p, n ? n : 1);
+
+	if (q == NULL) {
+		cli_error("out of memory");
+		exit(CLI_EXIT_FAILURE);
+	}
+	return q;
+}
+
+char *cli_xstrdup(const char *s)
+{
+	size_t n = strlen(s) + 1;
+	char *p = cli_xmalloc(n);
+
+	memcpy(p, s, n);
+	return p;
+}
+
+/* Multiplier of a size suffix letter, 0 if `c` is not one. */
+static uint64_t suffix_mul(char c)
+{
+	switch (toupper((unsigned char)c)) {
+	case 'B': return 1;
+	case 'K': return 1ull << 10;
+	case 'M': return 1ull << 20;
+	case 'G': return 1ull << 30;
+	case 'T': return 1ull << 40;
+	case 'P': return 1ull << 50;
+	case 'E': return 1ull << 60;
+	default:  return 0;
+	}
+}
+
+int cli_parse_size(const char *s, uint64_t *out)
+{
+	const char *p = s;
+	uint64_t val = 0, mul;
+	double frac = 0.0;
+	bool hex = false;
+	int ndig = 0;
+
+	/* strtoull would accept leading spaces and '-'; qemu rejects '-' and
+	 * so do we (a negative size is never meant). */
+	while (isspace((unsigned char)*p))
+		p++;
+	if (*p == '-' || *p == '+')
+		return -EINVAL;
+	if (p[0] == '0' && (p[1] == 'x' || p[1] == 'X') &&
+	    isxdigit((unsigned char)p[2])) {
+		hex = true;
+		p += 2;
+	}
+	for (;; p++, ndig++) {
+		unsigned d;
+
+		if (isdigit((unsigned char)*p))
+			d = (unsigned)(*p - '0');
+		else if (hex && isxdigit((unsigned char)*p))
+			d = (unsigned)(tolower((unsigned char)*p) - 'a' + 10);
+		else
+			break;
+		if (val > (UINT64_MAX - d) / (hex ? 16 : 10))
+			return -ERANGE;
+		val = val * (hex ? 16 : 10) + d;
+	}
+	if (ndig == 0)
+		return -EINVAL;
+	if (*p == '.') {
+		double scale = 0.1;
+		int nfrac = 0;
+
+		if (hex)
+			return -EINVAL;
+		for (p++; isdigit((unsigned char)*p); p++, nfrac++) {
+			frac += (*p - '0') * scale;
+			scale /= 10;
+		}
+		if (nfrac == 0)
+			return -EINVAL;
+	}
+	mul = suffix_mul(*p);
+	if (mul != 0)
+		p++;
+	else
+		mul = 1;
+	if (*p != '\0')
+		return -EINVAL;
+	/* "1.5" with no unit (or with B) is not a whole number of bytes. */
+	if (mul == 1 && frac != 0.0)
+		return -EINVAL;
+	if (val > (UINT64_MAX - (uint64_t)(frac * (double)mul)) / mul)
+		return -ERANGE;
+	val = val * mul + (uint64_t)(frac * (double)mul);
+	if (val > INT64_MAX)
+		return -ERANGE;
+	*out = val;
+	return 0;
+}
+
+int cli_cvtnum(const char *name, const char *s, uint64_t min, uint64_t max,
+	       uint64_t *out)
+{
+	uint64_t v;
+	int r = cli_parse_size(s, &v);
+
+	if (r == -EINVAL) {
+		cli_error("Invalid %s specified. You may use k, M, G, T, P or E "
+			  "suffixes for kilobytes, megabytes, gigabytes, "
+			  "terabytes, petabytes and exabytes.", name);
+		return -1;
+	}
+	if (r == -ERANGE || v < min || v > max) {
+		cli_error("Invalid %s specified. Must be between %llu and %llu.",
+			  name, (unsigned long long)min,
+			  (unsigned long long)max);
+		return -1;
+	}
+	*out = v;
+	return 0;
+}
+
+int cli_parse_uint(const char *s, uint64_t *out)
+{
+	char *end;
+	unsigned long long v;
+
+	while (isspace((unsigned char)*s))
+		s++;
+	if (*s == '-' || *s == '\0')
+		return -EINVAL;
+	errno = 0;
+	v = strtoull(s, &end, 0);
+	if (errno == ERANGE)
+		return -ERANGE;
+	if (end == s || *end != '\0')
+		return -EINVAL;
+	*out = v;
+	return 0;
+}
+
+int cli_parse_format(const char *name, qk_format *out)
+{
+	if (name == NULL)
+		*out = QK_FORMAT_AUTO;
+	else if (strcmp(name, "qcow2") == 0)
+		*out = QK_FORMAT_QCOW2;
+	else if (strcmp(name, "raw") == 0)
+		*out = QK_FORMAT_RAW;
+	else {
+		cli_error("Unknown file format '%s'", name);
+		return -1;
+	}
+	return 0;
+}
+
+int cli_parse_output(const char *arg, bool *json)
+{
+	if (strcmp(arg, "json") == 0)
+		*json = true;
+	else if (strcmp(arg, "human") == 0)
+		*json = false;
+	else {
+		cli_error("--output must be used with human or json as "
+			  "argument.");
+		return -1;
+	}
+	return 0;
+}
+
+int cli_parse_cache(const char *mode, bool *direct)
+{
+	/* qemu's bdrv_parse_cache_mode(): none and directsync bypass the
+	 * host page cache; the others only differ in flush behaviour, which
+	 * does not matter to the read-only users so far. */
+	if (strcmp(mode, "none") == 0 || strcmp(mode, "off") == 0 ||
+	    strcmp(mode, "directsync") == 0)
+		*direct = true;
+	else if (strcmp(mode, "writeback") == 0 ||
+		 strcmp(mode, "writethrough") == 0 ||
+		 strcmp(mode, "unsafe") == 0)
+		*direct = false;
+	else
+		return -1;
+	return 0;
+}
+
+int cli_parse_kv_list(const char *list, struct cli_kv **out)
+{
+	struct cli_kv *kv = NULL;
+	int n = 0;
+	const char *p = list;
+
+	while (*p != '\0') {
+		/* An item ends at a single comma; ",," is a literal comma. */
+		size_t cap = strlen(p) + 1, len = 0;
+		char *item = cli_xmalloc(cap), *eq;
+
+		while (*p != '\0') {
+			if (*p == ',' && p[1] == ',') {
+				item[len++] = ',';
+				p += 2;
+			} else if (*p == ',') {
+				p++;
+				break;
+			} else {
+				item[len++] = *p++;
+			}
+		}
+		item[len] = '\0';
+		if (len == 0) {
+			free(item);
+			continue;
+		}
+		eq = strchr(item, '=');
+		if (eq == item) {
+			free(item);
+			cli_free_kv(kv, n);
+			return -EINVAL;
+		}
+		kv = cli_xrealloc(kv, sizeof(*kv) * (size_t)(n + 1));
+		if (eq != NULL) {
+			*eq = '\0';
+			kv[n].value = cli_xstrdup(eq + 1);
+		} else {
+			kv[n].value = cli_xstrdup("");
+		}
+		kv[n].key = item;
+		n++;
+	}
+	*out = kv;
+	return n;
+}
+
+void cli_free_kv(struct cli_kv *kv, int n)
+{
+	for (int i = 0; i < n; i++) {
+		free(kv[i].key);
+		free(kv[i].value);
+	}
+	free(kv);
+}
+
+int cli_open(const char *path, qk_format fmt, uint32_t flags,
+	     qk_image **out)
+{
+	struct qk_open_options o;
+	int ret;
+
+	qk_open_options_init(&o);
+	o.format = fmt;
+	o.flags = flags;
+	ret = qk_open(path, &o, out);
+	if (ret < 0) {
+		cli_lib_error(ret);
+		*out = NULL;
+	}
+	return ret;
+}
