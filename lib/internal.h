@@ -167,8 +167,10 @@ int qk__chain_read(qk_image *img, void *buf, size_t len, uint64_t off);
 /* ---- compress (qcow2/compress.c) ---------------------------------------------- */
 
 /* Inflate one compressed cluster: exactly dst_len bytes must come out of
- * src (trailing input ignored). Returns 0, or -EIO with a message. */
+ * src (trailing input ignored). Returns 0; or -EIO with the reason written
+ * to `why` (not recorded, so the caller can name the cluster); or -ENOMEM
+ * (recorded). */
 int qk__decompress(uint32_t type, const void *src, size_t src_len,
-		   void *dst, size_t dst_len);
+		   void *dst, size_t dst_len, char *why, size_t why_len);
 
 #endif /* QK_INTERNAL_H */

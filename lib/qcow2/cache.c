@@ -118,6 +118,8 @@ int qk__cache_get(struct qk__cache *c, uint64_t offset, void **table)
 		victim = s;
 		break;
 	}
+	if (!victim)
+		return qk__err(EBUSY, "metadata cache: every slot is in use");
 	if (!victim->data) {
 		victim->data = malloc(c->entry_size);
 		if (!victim->data)

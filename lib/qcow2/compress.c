@@ -8,10 +8,12 @@
 #include "internal.h"
 
 #include <errno.h>
+#include <stdio.h>
 #include <zlib.h>
 #include <zstd.h>
 
-static int inflate_cluster(const void *src, size_t src_len, void *dst, size_t dst_len)
+static int inflate_cluster(const void *src, size_t src_len, void *dst, size_t dst_len,
+			   char *why, size_t why_len)
 {
 	z_stream z = { 0 };
 	if (inflateInit2(&z, -15) != Z_OK)
@@ -25,12 +27,14 @@ static int inflate_cluster(const void *src, size_t src_len, void *dst, size_t ds
 	inflateEnd(&z);
 	if ((zr == Z_STREAM_END || zr == Z_BUF_ERROR) && produced == dst_len)
 		return 0;
-	return qk__err(EIO, "compressed cluster does not inflate to %zu bytes (zlib: %s, %zu bytes out)",
-		       dst_len, zr == Z_DATA_ERROR ? "invalid deflate data" :
-		       zr == Z_STREAM_END ? "stream ends early" : "input ends early", produced);
+	snprintf(why, why_len, "deflate data does not inflate to %zu bytes (%s, %zu bytes out)",
+		 dst_len, zr == Z_DATA_ERROR ? "invalid deflate data" :
+		 zr == Z_STREAM_END ? "stream ends early" : "input ends early", produced);
+	return -EIO;
 }
 
-static int zstd_cluster(const void *src, size_t src_len, void *dst, size_t dst_len)
+static int zstd_cluster(const void *src, size_t src_len, void *dst, size_t dst_len,
+			char *why, size_t why_len)
 {
 	ZSTD_DCtx *d = ZSTD_createDCtx();
 	if (!d)
@@ -42,13 +46,13 @@ static int zstd_cluster(const void *src, size_t src_len, void *dst, size_t dst_l
 		size_t before_in = in.pos, before_out = out.pos;
 		size_t r = ZSTD_decompressStream(d, &out, &in);
 		if (ZSTD_isError(r)) {
-			ret = qk__err(EIO, "compressed cluster is not valid zstd data: %s",
-				      ZSTD_getErrorName(r));
+			snprintf(why, why_len, "invalid zstd data (%s)", ZSTD_getErrorName(r));
+			ret = -EIO;
 			break;
 		}
 		if (in.pos == before_in && out.pos == before_out) {
-			ret = qk__err(EIO, "compressed cluster ends after %zu of %zu bytes (zstd)",
-				      out.pos, dst_len);
+			snprintf(why, why_len, "zstd data ends after %zu of %zu bytes", out.pos, dst_len);
+			ret = -EIO;
 			break;
 		}
 	}
@@ -56,13 +60,14 @@ static int zstd_cluster(const void *src, size_t src_len, void *dst, size_t dst_l
 	return ret;
 }
 
-int qk__decompress(uint32_t type, const void *src, size_t src_len, void *dst, size_t dst_len)
+int qk__decompress(uint32_t type, const void *src, size_t src_len, void *dst, size_t dst_len,
+		   char *why, size_t why_len)
 {
 	switch (type) {
 	case QK_COMPRESSION_ZLIB:
-		return inflate_cluster(src, src_len, dst, dst_len);
+		return inflate_cluster(src, src_len, dst, dst_len, why, why_len);
 	case QK_COMPRESSION_ZSTD:
-		return zstd_cluster(src, src_len, dst, dst_len);
+		return zstd_cluster(src, src_len, dst, dst_len, why, why_len);
 	default:
 		return qk__err(ENOTSUP, "unknown compression type %u", type);
 	}

@@ -260,13 +260,12 @@ static int check_refcount_table(qk_image *img, struct qcow2 *q)
 static int setup_l2_cache(qk_image *img, struct qcow2 *q, const struct qk_open_options *opts)
 {
 	uint64_t table_bytes = q->cluster_size;
-	uint64_t want = opts->l2_cache_size;
-	if (want == 0) {
-		uint64_t clusters = img->size / q->cluster_size + 1;
-		uint64_t full = clusters * q->l2_entry_size;   /* size < 2^63, no overflow */
-		full = (full + table_bytes - 1) / table_bytes * table_bytes;
-		want = qk_min_u64(full, DEFAULT_L2_CACHE_MAX);
-	}
+	/* Enough tables to map the whole disk: a larger cache is never used. */
+	uint64_t clusters = img->size / q->cluster_size + 1;
+	uint64_t full = clusters * q->l2_entry_size;   /* size < 2^63, no overflow */
+	full = (full + table_bytes - 1) / table_bytes * table_bytes;
+	uint64_t want = opts->l2_cache_size ? opts->l2_cache_size : DEFAULT_L2_CACHE_MAX;
+	want = qk_min_u64(want, full);
 	uint64_t slots = want / table_bytes;
 	if (slots < 2)
 		slots = 2;

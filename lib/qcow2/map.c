@@ -109,6 +109,9 @@ static int scan_entry(qk_image *img, uint64_t guest_cluster, uint64_t e, uint64_
 			r->l2e = e;
 		return extend(r, CT_COMPRESSED, 0, cs - in) ? 1 : 0;
 	}
+	if (e & L2E_RESERVED_MASK)
+		return qk__qcow2_corrupt(img, "L2 entry for guest offset 0x%llx (0x%016llx) has reserved bits set",
+					 (unsigned long long)guest, (unsigned long long)e);
 	uint64_t host = e & L2E_OFFSET_MASK;
 	bool allocated = host != 0 || (q->data_file && (e & QCOW_OFLAG_COPIED));
 
@@ -278,14 +281,15 @@ static int read_compressed(qk_image *img, uint64_t e, uint64_t in, void *buf, si
 	}
 	/* Data may end before the last sector: past EOF reads as zeros. */
 	ret = qk__file_pread(img->file, src, csize, coffset);
-	if (ret == 0)
-		ret = qk__decompress(q->compression_type, src, csize, dst, cs);
-	if (ret < 0) {
-		if (ret == -EIO)
-			ret = qk__qcow2_corrupt(img, "compressed cluster at host offset 0x%llx is unreadable",
-						(unsigned long long)coffset);
+	if (ret < 0)
 		goto out;
-	}
+	char why[160];
+	ret = qk__decompress(q->compression_type, src, csize, dst, cs, why, sizeof why);
+	if (ret == -EIO)
+		ret = qk__qcow2_corrupt(img, "compressed cluster at host offset 0x%llx: %s",
+					(unsigned long long)coffset, why);
+	if (ret < 0)
+		goto out;
 	memcpy(buf, dst + in, n);
 	pthread_mutex_lock(&q->lock);
 	uint8_t *old = q->cbuf;
