@@ -35,8 +35,12 @@ test-san: $(SAN_BUILD)/Makefile
 run: deps all
 	scripts/demo.sh $(BUILD)/qcowkit
 
-install: all
-	cmake --install $(BUILD) $(if $(PREFIX),--prefix $(PREFIX))
+# PREFIX (default /usr/local) is configured in, so qcowkit.pc names it.
+PREFIX ?= /usr/local
+install: $(BUILD)/Makefile
+	cmake -S . -B $(BUILD) -DCMAKE_INSTALL_PREFIX=$(PREFIX)
+	cmake --build $(BUILD) -j $(JOBS)
+	cmake --install $(BUILD)
 
 bench: all
 	bench/read.sh $(BUILD)/qcowkit
