@@ -96,8 +96,9 @@ void qk_open_options_init(struct qk_open_options *opts);
 int qk_open(const char *path, const struct qk_open_options *opts,
 	    qk_image **out);
 
-/* Close the image and its backing chain. NULL is a no-op. Returns 0 or the
- * first error met while releasing (the image is freed in any case). */
+/* Close the image and its backing chain, flushing a read-write image
+ * first. NULL is a no-op. Returns 0 or the first error met while flushing
+ * (the image is freed in any case). */
 int qk_close(qk_image *img);
 
 /* ---- description ------------------------------------------------------ */
@@ -162,6 +163,30 @@ int qk_pread(qk_image *img, void *buf, size_t len, uint64_t off);
 /* As qk_pread, scattering into `iovcnt` buffers. */
 int qk_preadv(qk_image *img, const struct iovec *iov, int iovcnt,
 	      uint64_t off);
+
+/* ---- writing ------------------------------------------------------------ */
+
+/*
+ * Write `len` bytes from `buf` at guest offset `off` of an image opened
+ * with QK_OPEN_RDWR; the range must lie inside the image. Partial clusters
+ * are completed from what the guest read there before (copy-on-write from
+ * the backing chain, compressed, zero or shared clusters). The data is
+ * durable after qk_flush() (or qk_close()). Returns 0, or:
+ *   -EPERM   the image is read-only;
+ *   -EINVAL  the range extends past the end;
+ *   -ENOTSUP a feature whose writing is not supported yet (the message
+ *            names it: extended L2, external data file, persistent bitmaps);
+ *   -EIO     an I/O error, or corrupt metadata found (the message names the
+ *            structure and offset);
+ *   -ENOSPC, -EFBIG  no room left in the file or its host offsets.
+ * After an error the image holds at most leaked clusters.
+ */
+int qk_pwrite(qk_image *img, const void *buf, size_t len, uint64_t off);
+/* As qk_pwrite, gathering from `iovcnt` buffers. */
+int qk_pwritev(qk_image *img, const struct iovec *iov, int iovcnt, uint64_t off);
+/* Write cached metadata in a crash-safe order and sync the file(s).
+ * A no-op for read-only images. */
+int qk_flush(qk_image *img);
 
 /* ---- block status ------------------------------------------------------ */
 

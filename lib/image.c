@@ -190,8 +190,11 @@ QK_EXPORT int qk_open(const char *path, const struct qk_open_options *opts,
 QK_EXPORT int qk_close(qk_image *img)
 {
 	qk__api_enter("qk_close");
+	int ret = 0;
+	if (img && (img->flags & QK_OPEN_RDWR) && img->drv->flush)
+		ret = img->drv->flush(img);
 	qk__image_free(img);
-	return 0;
+	return ret;
 }
 
 QK_EXPORT uint64_t qk_get_size(const qk_image *img)
@@ -278,6 +281,53 @@ QK_EXPORT int qk_preadv(qk_image *img, const struct iovec *iov, int iovcnt,
 		off += iov[i].iov_len;
 	}
 	return ret;
+}
+
+/* Common checks of the write entry points. */
+static int check_writable(const qk_image *img, uint64_t off, uint64_t len)
+{
+	if (!(img->flags & QK_OPEN_RDWR))
+		return qk__err(EPERM, "'%s' was opened read-only", img->filename);
+	return check_range(img, off, len, "write");
+}
+
+QK_EXPORT int qk_pwrite(qk_image *img, const void *buf, size_t len, uint64_t off)
+{
+	qk__api_enter("qk_pwrite");
+	if (!img || (!buf && len))
+		return qk__err(EINVAL, "image and buffer are required");
+	int ret = check_writable(img, off, len);
+	if (ret < 0 || len == 0)
+		return ret;
+	return img->drv->pwrite(img, buf, len, off);
+}
+
+QK_EXPORT int qk_pwritev(qk_image *img, const struct iovec *iov, int iovcnt, uint64_t off)
+{
+	qk__api_enter("qk_pwritev");
+	if (!img || iovcnt < 0 || (!iov && iovcnt))
+		return qk__err(EINVAL, "image and iovec are required");
+	uint64_t total = 0;
+	for (int i = 0; i < iovcnt; i++)
+		if (qk_add_overflow(total, iov[i].iov_len, &total))
+			return qk__err(EINVAL, "iovec length overflows");
+	int ret = check_writable(img, off, total);
+	for (int i = 0; i < iovcnt && ret == 0; i++) {
+		if (iov[i].iov_len)
+			ret = img->drv->pwrite(img, iov[i].iov_base, iov[i].iov_len, off);
+		off += iov[i].iov_len;
+	}
+	return ret;
+}
+
+QK_EXPORT int qk_flush(qk_image *img)
+{
+	qk__api_enter("qk_flush");
+	if (!img)
+		return qk__err(EINVAL, "image is required");
+	if (!(img->flags & QK_OPEN_RDWR))
+		return 0;
+	return img->drv->flush(img);
 }
 
 QK_EXPORT int qk_block_status(qk_image *img, uint64_t off, uint64_t max_len,

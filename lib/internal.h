@@ -112,6 +112,10 @@ struct qk__driver {
 	void (*close)(qk_image *img);
 	/* Read [off, off+len), which lies inside the image. */
 	int (*pread)(qk_image *img, void *buf, size_t len, uint64_t off);
+	/* Write [off, off+len), inside the image, opened read-write. */
+	int (*pwrite)(qk_image *img, const void *buf, size_t len, uint64_t off);
+	/* Make every completed write durable. */
+	int (*flush)(qk_image *img);
 	/* This layer only: st->flags lacks PRESENT where the backing chain
 	 * decides. [off, off+len) lies inside the image; len > 0. */
 	int (*block_status)(qk_image *img, uint64_t off, uint64_t len,

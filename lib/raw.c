@@ -22,6 +22,16 @@ static int raw_pread(qk_image *img, void *buf, size_t len, uint64_t off)
 	return qk__file_pread(img->file, buf, len, off);
 }
 
+static int raw_pwrite(qk_image *img, const void *buf, size_t len, uint64_t off)
+{
+	return img->file->ops->pwrite(img->file, buf, len, off);
+}
+
+static int raw_flush(qk_image *img)
+{
+	return img->file->ops->sync(img->file);
+}
+
 static int raw_block_status(qk_image *img, uint64_t off, uint64_t len,
 			    struct qk__status *st)
 {
@@ -45,5 +55,7 @@ const struct qk__driver qk__raw_driver = {
 	.format = QK_FORMAT_RAW,
 	.open = raw_open,
 	.pread = raw_pread,
+	.pwrite = raw_pwrite,
+	.flush = raw_flush,
 	.block_status = raw_block_status,
 };

@@ -3,6 +3,7 @@
  * an open-addressing hash of the host offset with linear probing; removal
  * uses backward-shift deletion, so there are no tombstones and a probe
  * sequence always ends at a free bucket (the table is at most half full).
+ * Write ordering: see the note in qcow2.h.
  */
 #include "qcow2/qcow2.h"
 
@@ -42,6 +43,8 @@ int qk__cache_init(struct qk__cache *c, struct qk__file *file, size_t entry_size
 
 void qk__cache_destroy(struct qk__cache *c)
 {
+	free(c->scratch);
+	c->scratch = NULL;
 	if (c->slots)
 		for (uint32_t i = 0; i < c->nslots; i++)
 			free(c->slots[i].data);
@@ -91,20 +94,90 @@ static void hash_remove(struct qk__cache *c, uint64_t offset)
 	}
 }
 
-int qk__cache_get(struct qk__cache *c, uint64_t offset, void **table)
+/* Write one dirty slot (its dependencies already flushed). */
+static int write_slot(struct qk__cache *c, struct qk__cache_slot *s)
 {
-	bool found;
-	uint32_t b = find_bucket(c, offset, &found);
-	if (found) {
-		struct qk__cache_slot *s = &c->slots[c->hash[b] - 1];
-		s->recent = true;
-		s->refs++;
-		c->hits++;
-		*table = s->data;
+	int ret = c->pre_write ? c->pre_write(c->opaque, s->offset) : 0;
+	if (ret < 0)
+		return ret;
+	const void *out = s->data;
+	if (c->store) {
+		if (!c->scratch && !(c->scratch = malloc(c->entry_size)))
+			return qk__err(ENOMEM, "out of memory for the metadata cache");
+		c->store(c->opaque, s->data, c->scratch);
+		out = c->scratch;
+	}
+	ret = c->file->ops->pwrite(c->file, out, c->entry_size, s->offset);
+	if (ret == 0)
+		s->dirty = false;
+	return ret;
+}
+
+bool qk__cache_is_dirty(const struct qk__cache *c)
+{
+	for (uint32_t i = 0; i < c->nslots; i++)
+		if (c->slots[i].dirty)
+			return true;
+	return false;
+}
+
+int qk__cache_flush(struct qk__cache *c)
+{
+	if (!c->slots || !qk__cache_is_dirty(c)) {
+		c->depends = NULL;
+		c->flush_file_first = false;
 		return 0;
 	}
-	/* Victim by the CLOCK algorithm: the hand skips slots in use and gives
-	 * recently used ones a second chance; two turns always find one. */
+	int ret = 0;
+	if (c->depends) {
+		ret = qk__cache_flush(c->depends);
+		if (ret < 0)
+			return ret;
+		c->depends = NULL;
+	}
+	if (c->flush_file_first) {
+		ret = c->file->ops->sync(c->file);
+		if (ret < 0)
+			return ret;
+		c->flush_file_first = false;
+	}
+	for (uint32_t i = 0; i < c->nslots && ret == 0; i++)
+		if (c->slots[i].dirty)
+			ret = write_slot(c, &c->slots[i]);
+	if (ret == 0)
+		ret = c->file->ops->sync(c->file);
+	return ret;
+}
+
+/* Flush what c waits for and forget the dependency. */
+static int flush_dependency(struct qk__cache *c)
+{
+	int ret = qk__cache_flush(c->depends);
+	if (ret == 0)
+		c->depends = NULL;
+	return ret;
+}
+
+int qk__cache_set_dependency(struct qk__cache *c, struct qk__cache *dep)
+{
+	int ret = 0;
+	/* Chains and cycles are cut by flushing, as QEMU does: the
+	 * dependency's own dependency is settled first. */
+	if (dep->depends)
+		ret = flush_dependency(dep);
+	if (ret == 0 && c->depends && c->depends != dep)
+		ret = flush_dependency(c);
+	if (ret == 0)
+		c->depends = dep;
+	return ret;
+}
+
+/* A slot for a table not in the cache: CLOCK victim, written back first
+ * when dirty. */
+static int take_slot(struct qk__cache *c, uint64_t offset, struct qk__cache_slot **out)
+{
+	/* The hand skips slots in use and gives recently used ones a second
+	 * chance; two turns always find one. */
 	struct qk__cache_slot *victim = NULL;
 	for (uint32_t n = 0; n < 2 * c->nslots; n++) {
 		struct qk__cache_slot *s = &c->slots[c->hand];
@@ -120,6 +193,11 @@ int qk__cache_get(struct qk__cache *c, uint64_t offset, void **table)
 	}
 	if (!victim)
 		return qk__err(EBUSY, "metadata cache: every slot is in use");
+	if (victim->dirty) {
+		int ret = qk__cache_flush(c);
+		if (ret < 0)
+			return ret;
+	}
 	if (!victim->data) {
 		victim->data = malloc(c->entry_size);
 		if (!victim->data)
@@ -129,19 +207,86 @@ int qk__cache_get(struct qk__cache *c, uint64_t offset, void **table)
 		hash_remove(c, victim->offset);
 		victim->offset = 0;
 	}
+	*out = victim;
+	return 0;
+}
+
+static void install(struct qk__cache *c, struct qk__cache_slot *s, uint64_t offset)
+{
+	bool found;
+	s->offset = offset;
+	s->recent = true;
+	s->refs = 1;
+	uint32_t b = find_bucket(c, offset, &found);
+	c->hash[b] = (uint32_t)(s - c->slots) + 1;
+}
+
+int qk__cache_get(struct qk__cache *c, uint64_t offset, void **table)
+{
+	bool found;
+	uint32_t b = find_bucket(c, offset, &found);
+	if (found) {
+		struct qk__cache_slot *s = &c->slots[c->hash[b] - 1];
+		s->recent = true;
+		s->refs++;
+		c->hits++;
+		*table = s->data;
+		return 0;
+	}
+	struct qk__cache_slot *victim;
+	int ret = take_slot(c, offset, &victim);
+	if (ret < 0)
+		return ret;
 	c->misses++;
-	int ret = qk__file_pread(c->file, victim->data, c->entry_size, offset);
+	ret = qk__file_pread(c->file, victim->data, c->entry_size, offset);
 	if (ret == 0 && c->load)
 		ret = c->load(c->opaque, victim->data, offset);
 	if (ret < 0)
 		return ret;
-	victim->offset = offset;
-	victim->recent = true;
-	victim->refs = 1;
-	b = find_bucket(c, offset, &found);
-	c->hash[b] = (uint32_t)(victim - c->slots) + 1;
+	install(c, victim, offset);
 	*table = victim->data;
 	return 0;
+}
+
+int qk__cache_get_empty(struct qk__cache *c, uint64_t offset, void **table)
+{
+	bool found;
+	uint32_t b = find_bucket(c, offset, &found);
+	struct qk__cache_slot *s;
+	if (found) {
+		s = &c->slots[c->hash[b] - 1];
+		s->refs++;
+	} else {
+		int ret = take_slot(c, offset, &s);
+		if (ret < 0)
+			return ret;
+		install(c, s, offset);
+	}
+	memset(s->data, 0, c->entry_size);
+	s->dirty = true;
+	*table = s->data;
+	return 0;
+}
+
+void qk__cache_mark_dirty(struct qk__cache *c, uint64_t offset)
+{
+	bool found;
+	uint32_t b = find_bucket(c, offset, &found);
+	if (found)
+		c->slots[c->hash[b] - 1].dirty = true;
+}
+
+void qk__cache_discard(struct qk__cache *c, uint64_t offset)
+{
+	bool found;
+	uint32_t b = find_bucket(c, offset, &found);
+	if (!found)
+		return;
+	struct qk__cache_slot *s = &c->slots[c->hash[b] - 1];
+	hash_remove(c, offset);
+	s->offset = 0;
+	s->dirty = false;
+	s->refs = 0;
 }
 
 void qk__cache_put(struct qk__cache *c, uint64_t offset)

@@ -271,8 +271,11 @@ static int setup_l2_cache(qk_image *img, struct qcow2 *q, const struct qk_open_o
 		slots = 2;
 	if (slots > (1u << 24))
 		slots = 1u << 24;
-	return qk__cache_init(&q->l2_cache, img->file, table_bytes, (uint32_t)slots,
-			      qk__qcow2_load_l2, img);
+	int ret = qk__cache_init(&q->l2_cache, img->file, table_bytes, (uint32_t)slots,
+				 qk__qcow2_load_l2, img);
+	q->l2_cache.store = qk__qcow2_store_l2;
+	q->l2_cache.pre_write = qk__qcow2_pre_write_meta;
+	return ret;
 }
 
 static void qcow2_close(qk_image *img)
@@ -294,6 +297,7 @@ static void qcow2_close(qk_image *img)
 	free(q->l1);
 	free(q->cbuf);
 	pthread_mutex_destroy(&q->lock);
+	pthread_mutex_destroy(&q->alloc_lock);
 	free(q);
 	img->drv_state = NULL;
 }
@@ -369,6 +373,7 @@ static int qcow2_open(qk_image *img, const struct qk_open_options *opts)
 	if (!q)
 		return qk__err(ENOMEM, "out of memory");
 	pthread_mutex_init(&q->lock, NULL);
+	pthread_mutex_init(&q->alloc_lock, NULL);
 	img->drv_state = q;
 	uint8_t *hdr = NULL;
 	int ret = qk__file_get_size(img->file, &q->file_size);
@@ -551,6 +556,8 @@ const struct qk__driver qk__qcow2_driver = {
 	.open = qcow2_open,
 	.close = qcow2_close,
 	.pread = qk__qcow2_pread,
+	.pwrite = qk__qcow2_pwrite,
+	.flush = qk__qcow2_flush,
 	.block_status = qk__qcow2_block_status,
 	.get_info = qcow2_get_info,
 	.list_snapshots = qcow2_list_snapshots,

@@ -10,16 +10,25 @@
 
 /* ---- cache.c: metadata table cache -----------------------------------------
  *
- * A fixed number of slots, each holding one table (an L2 table now;
- * refcount blocks later) keyed by its host offset, evicted by the CLOCK
- * approximation of least recently used. Lookups hash the offset. A slot in use (refs > 0) is never evicted.
- * The cache has no lock of its own: callers hold the image lock.
+ * A fixed number of slots, each holding one table (an L2 table or a
+ * refcount block) keyed by its host offset, evicted by the CLOCK
+ * approximation of least recently used. Lookups hash the offset. A slot in
+ * use (refs > 0) is never evicted. The cache has no lock of its own:
+ * callers hold the image lock.
+ *
+ * Write ordering lives here, as in QEMU: a dirty table reaches the disk
+ * only after the cache it depends on has been flushed (written and
+ * synced), e.g. L2 tables after the refcount blocks that count their
+ * clusters, and, when `flush_file_first` is set, after a sync of the file
+ * (guest data before the L2 entry that exposes it). Eviction of a dirty
+ * table flushes the whole cache, so the order holds there too.
  */
 struct qk__cache_slot {
 	uint64_t offset;       /* host offset of the table; 0 = empty */
 	bool recent;           /* used since the clock hand last passed */
+	bool dirty;            /* changed since it was read or written */
 	uint32_t refs;
-	void *data;            /* entry_size bytes, host byte order */
+	void *data;            /* entry_size bytes, in the cache's order */
 };
 
 struct qk__cache {
@@ -31,9 +40,16 @@ struct qk__cache {
 	uint32_t hash_mask;
 	uint32_t hand;         /* CLOCK hand: next slot to consider */
 	uint64_t hits, misses;
-	/* Converts a freshly read table to host order and validates it. */
+	/* Converts a freshly read table to host order (NULL: kept as read). */
 	int (*load)(void *opaque, void *table, uint64_t offset);
+	/* Converts a table to disk order into `out` (NULL: written as is). */
+	void (*store)(void *opaque, const void *table, void *out);
+	/* Called before each table write: the overlap check. */
+	int (*pre_write)(void *opaque, uint64_t offset);
 	void *opaque;
+	struct qk__cache *depends;  /* flush this cache before writing ours */
+	bool flush_file_first;      /* sync the file before writing ours */
+	void *scratch;              /* entry_size bytes for store() */
 };
 
 int qk__cache_init(struct qk__cache *c, struct qk__file *file, size_t entry_size,
@@ -43,7 +59,20 @@ void qk__cache_destroy(struct qk__cache *c);
  * the matching qk__cache_put(offset). Returns 0 or a negative errno (-EBUSY
  * when every slot is in use). */
 int qk__cache_get(struct qk__cache *c, uint64_t offset, void **table);
+/* As qk__cache_get for a table that is new on disk: not read, zero-filled
+ * and dirty. */
+int qk__cache_get_empty(struct qk__cache *c, uint64_t offset, void **table);
 void qk__cache_put(struct qk__cache *c, uint64_t offset);
+/* Mark the (held) table at `offset` changed. */
+void qk__cache_mark_dirty(struct qk__cache *c, uint64_t offset);
+/* Write every dirty table, dependencies first, then sync the file. */
+int qk__cache_flush(struct qk__cache *c);
+/* Forget the table at `offset` without writing it (it was freed). */
+void qk__cache_discard(struct qk__cache *c, uint64_t offset);
+/* Record that `c` must not be written before `dep` is flushed. */
+int qk__cache_set_dependency(struct qk__cache *c, struct qk__cache *dep);
+/* True when some table is dirty. */
+bool qk__cache_is_dirty(const struct qk__cache *c);
 
 /* ---- driver state ----------------------------------------------------------- */
 
@@ -60,6 +89,9 @@ enum qk__ctype {
 
 struct qcow2 {
 	pthread_mutex_t lock;       /* metadata: L1, cache, compressed cache */
+	pthread_mutex_t alloc_lock; /* serialises allocating writes (write.c) */
+	bool write_ready;           /* prepare_write done */
+	uint64_t snapshots_bytes;   /* length of the snapshot table */
 	struct qk__file *data_file; /* external data file, or NULL */
 
 	/* header */
@@ -97,6 +129,7 @@ struct qcow2 {
 	uint64_t *rt;               /* host order, rt_entries */
 	uint64_t rt_entries;
 	struct qk__cache rb_cache;
+	uint64_t free_hint;         /* no free cluster below this index */
 
 	/* QEMU's guess that the image was preallocated with metadata, which
 	 * makes block status ask the file system where data clusters hold
@@ -124,6 +157,9 @@ static inline struct qcow2 *qcow2_of(qk_image *img)
 /* Report corrupt metadata found while reading: "<what> at offset N: ..." and
  * -EIO. (Writers will also mark the image corrupt here.) */
 int qk__qcow2_corrupt(qk_image *img, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Cache pre-write hook: refuse a metadata write over the header, the L1
+ * table, the refcount table or the snapshot table (the overlap check). */
+int qk__qcow2_pre_write_meta(void *opaque, uint64_t offset);
 /* A name for the incompatible bit `bit` (from the feature table, if any). */
 const char *qk__qcow2_feature_name(struct qcow2 *q, unsigned bit);
 
@@ -137,7 +173,20 @@ void qk__qcow2_free_bitmaps(struct qcow2 *q);
 /* ---- refcount.c --------------------------------------------------------------- */
 /* The refcount of host cluster `cluster`; 0 past the table. Image lock held. */
 int qk__qcow2_get_refcount(qk_image *img, uint64_t cluster, uint64_t *rc);
+/* Add delta (+1 or -1) to the refcount of every cluster overlapping
+ * [offset, offset+length), creating refcount blocks as needed. Changes
+ * stay in the refcount cache until it is flushed. -EIO (corruption) on an
+ * underflow or overflow. Image lock held. */
+int qk__qcow2_update_refcount(qk_image *img, uint64_t offset, uint64_t length, int delta);
+/* Allocate n contiguous free clusters (refcount raised to 1). */
+int qk__qcow2_alloc_clusters(qk_image *img, uint64_t n, uint64_t *offset);
 void qk__qcow2_free_refcounts(struct qcow2 *q);
+
+/* ---- write.c ------------------------------------------------------------------ */
+int qk__qcow2_pwrite(qk_image *img, const void *buf, size_t len, uint64_t off);
+int qk__qcow2_flush(qk_image *img);
+/* Cache store hook for L2 tables: host order to big-endian. */
+void qk__qcow2_store_l2(void *opaque, const void *table, void *out);
 
 /* ---- map.c -------------------------------------------------------------------- */
 int qk__qcow2_pread(qk_image *img, void *buf, size_t len, uint64_t off);

@@ -1,14 +1,27 @@
 /*
- * Reference counts (read side): the refcount table, loaded on first use,
- * and refcount blocks through their own cache. Entries are 1 to 64 bits
- * wide (refcount_order 0..6): widths of 8 bits and more are big-endian
+ * Reference counts: the refcount table, loaded on first use, and refcount
+ * blocks through their own cache. Entries are 1 to 64 bits wide
+ * (refcount_order 0..6): widths of 8 bits and more are big-endian
  * integers; narrower ones pack several per byte, lowest index in the
  * lowest bits.
+ *
+ * Allocation design. A refcount block covers a "range" of epb clusters
+ * (epb = entries per block). A range without a block has every refcount 0,
+ * so its first cluster is free: a new block is always placed there and
+ * counts itself. When the table itself is full, a new area is built at
+ * the start of the first uncovered range: k new blocks, then the new
+ * table, all counted by those blocks; it is written and synced before the
+ * header points at it, and only then is the old table freed. So on disk a
+ * refcount never drops below the references to its cluster, and a crash
+ * at any point leaks at most. Cluster allocation finds a free run, makes
+ * sure every block it needs exists (restarting the search when metadata
+ * had to be placed, since that may take the run), then raises the counts.
  */
 #include "qcow2/qcow2.h"
 
 #include <errno.h>
 #include <stdlib.h>
+#include <string.h>
 
 #define RT_RESERVED_MASK 0x1ffull
 
@@ -30,7 +43,8 @@ static int load_reftable(qk_image *img, struct qcow2 *q)
 	qk_be64_table_to_host(rt, bytes / 8);
 	uint32_t slots = q->l2_cache.nslots / 4;
 	ret = qk__cache_init(&q->rb_cache, img->file, q->cluster_size, slots < 4 ? 4 : slots,
-			     NULL, NULL);
+			     NULL, img);
+	q->rb_cache.pre_write = qk__qcow2_pre_write_meta;
 	if (ret < 0) {
 		free(rt);
 		return ret;
@@ -90,6 +104,269 @@ int qk__qcow2_get_refcount(qk_image *img, uint64_t cluster, uint64_t *rc)
 	*rc = rb_entry(rb, cluster & ((1ull << entries_bits) - 1), q->refcount_order);
 	qk__cache_put(&q->rb_cache, rb_off);
 	return 0;
+}
+
+/* Set entry i of a refcount block to v (v fits the width). */
+static void rb_set(uint8_t *rb, uint64_t i, uint32_t order, uint64_t v)
+{
+	switch (order) {
+	case 0: case 1: case 2: {
+		uint32_t bits = 1u << order, per_byte = 8 / bits, shift = bits * (i % per_byte);
+		uint8_t mask = (uint8_t)(((1u << bits) - 1) << shift);
+		rb[i / per_byte] = (uint8_t)((rb[i / per_byte] & ~mask) | ((v << shift) & mask));
+		break;
+	}
+	case 3:
+		rb[i] = (uint8_t)v;
+		break;
+	case 4:
+		qk_put_be16(rb + 2 * i, (uint16_t)v);
+		break;
+	case 5:
+		qk_put_be32(rb + 4 * i, (uint32_t)v);
+		break;
+	default:
+		qk_put_be64(rb + 8 * i, v);
+	}
+}
+
+static uint64_t rc_max(const struct qcow2 *q)
+{
+	return q->refcount_order == 6 ? UINT64_MAX : (1ull << (1u << q->refcount_order)) - 1;
+}
+
+static uint32_t epb_bits(const struct qcow2 *q)
+{
+	return q->cluster_bits + 3 - q->refcount_order;
+}
+
+/* Sync-write the header field(s) at `off` (bytes already big-endian). */
+static int write_header_field(qk_image *img, uint64_t off, const void *buf, size_t len)
+{
+	int ret = img->file->ops->pwrite(img->file, buf, len, off);
+	if (ret == 0)
+		ret = img->file->ops->sync(img->file);
+	return ret;
+}
+
+/*
+ * Grow the refcount table so that it has an entry `rt_index`: a new area
+ * at the start of the first uncovered range (see the design note).
+ */
+static int grow_reftable(qk_image *img, uint64_t rt_index)
+{
+	struct qcow2 *q = qcow2_of(img);
+	uint64_t cs = q->cluster_size, epb = 1ull << epb_bits(q);
+	uint64_t old = q->rt_entries;
+	uint64_t want = qk_max_u64(rt_index + 1, old + old / 2);
+	uint64_t tc = 0, k = 1;
+	for (int iter = 0; iter < 64; iter++) {
+		want = qk_max_u64(want, old + k);
+		tc = (want * 8 + cs - 1) / cs;
+		uint64_t k2 = (k + tc + epb - 1) / epb;   /* blocks covering the area */
+		if (k2 <= k)
+			break;
+		k = k2;
+	}
+	want = tc * cs / 8;
+	if (tc * cs > MAX_REFTABLE_BYTES)
+		return qk__err(EFBIG, "refcount table of '%s' cannot grow past %llu bytes",
+			       img->filename, MAX_REFTABLE_BYTES);
+	uint64_t area = old * epb;                       /* first cluster of the area */
+	uint64_t area_off = area << q->cluster_bits;
+	uint64_t table_off = (area + k) << q->cluster_bits;
+	if (table_off + tc * cs > MAX_HOST_OFFSET)
+		return qk__err(EFBIG, "'%s' is full: host offsets would pass 2^56", img->filename);
+
+	uint8_t *blk = calloc(1, cs);
+	uint64_t *nt = calloc(tc * cs / 8, 8);
+	int ret = 0;
+	if (!blk || !nt) {
+		ret = qk__err(ENOMEM, "out of memory growing the refcount table");
+		goto out;
+	}
+	/* Blocks first: block j covers range old+j and counts the area's
+	 * clusters that lie in it. */
+	for (uint64_t j = 0; j < k && ret == 0; j++) {
+		memset(blk, 0, cs);
+		for (uint64_t c = area; c < area + k + tc; c++)
+			if (c / epb == old + j)
+				rb_set(blk, c % epb, q->refcount_order, 1);
+		uint64_t boff = (area + j) << q->cluster_bits;
+		qk__cache_discard(&q->rb_cache, boff);
+		ret = img->file->ops->pwrite(img->file, blk, cs, boff);
+	}
+	if (ret < 0)
+		goto out;
+	for (uint64_t i = 0; i < old; i++)
+		qk_put_be64(&nt[i], q->rt[i]);
+	for (uint64_t j = 0; j < k; j++)
+		qk_put_be64(&nt[old + j], (area + j) << q->cluster_bits);
+	ret = img->file->ops->pwrite(img->file, nt, tc * cs, table_off);
+	if (ret == 0)
+		ret = img->file->ops->sync(img->file);
+	if (ret < 0)
+		goto out;
+	/* Now the header: offset and cluster count in one write. */
+	uint8_t hdr[12];
+	qk_put_be64(hdr, table_off);
+	qk_put_be32(hdr + 8, (uint32_t)tc);
+	ret = write_header_field(img, HDR_RT_OFFSET, hdr, sizeof hdr);
+	if (ret < 0)
+		goto out;
+	uint64_t old_off = q->rt_offset, old_clusters = q->rt_clusters;
+	qk_be64_table_to_host(nt, want);
+	free(q->rt);
+	q->rt = nt;
+	nt = NULL;
+	q->rt_entries = want;
+	q->rt_offset = table_off;
+	q->rt_clusters = (uint32_t)tc;
+	if (area_off + (k + tc) * cs > q->file_size)
+		q->file_size = area_off + (k + tc) * cs;
+	/* The old table is garbage now; a failure here only leaks it. */
+	ret = qk__qcow2_update_refcount(img, old_off, old_clusters * cs, -1);
+out:
+	free(blk);
+	free(nt);
+	return ret;
+}
+
+/*
+ * Make sure refcount table entry rt_index has a block. Sets *placed when
+ * metadata had to be created (the caller's free run may be gone).
+ */
+static int ensure_block(qk_image *img, uint64_t rt_index, bool *placed)
+{
+	struct qcow2 *q = qcow2_of(img);
+	if (rt_index >= q->rt_entries) {
+		int ret = grow_reftable(img, rt_index);
+		if (ret < 0)
+			return ret;
+		*placed = true;
+		if (q->rt[rt_index])
+			return 0;
+	}
+	if (q->rt[rt_index])
+		return 0;
+	if (rt_index == 0)
+		return qk__qcow2_corrupt(img, "refcount table entry 0 is empty");
+	uint64_t boff = (rt_index << epb_bits(q)) << q->cluster_bits;
+	if (boff + q->cluster_size > MAX_HOST_OFFSET)
+		return qk__err(EFBIG, "'%s' is full: host offsets would pass 2^56", img->filename);
+	/* The new block counts itself, then reaches the disk before the
+	 * table entry that points at it. */
+	void *rb;
+	int ret = qk__cache_get_empty(&q->rb_cache, boff, &rb);
+	if (ret < 0)
+		return ret;
+	rb_set(rb, 0, q->refcount_order, 1);
+	qk__cache_put(&q->rb_cache, boff);
+	ret = qk__cache_flush(&q->rb_cache);
+	if (ret < 0)
+		return ret;
+	uint8_t be[8];
+	qk_put_be64(be, boff);
+	ret = write_header_field(img, q->rt_offset + 8 * rt_index, be, 8);
+	if (ret < 0)
+		return ret;
+	q->rt[rt_index] = boff;
+	if (boff + q->cluster_size > q->file_size)
+		q->file_size = boff + q->cluster_size;
+	*placed = true;
+	return 0;
+}
+
+int qk__qcow2_update_refcount(qk_image *img, uint64_t offset, uint64_t length, int delta)
+{
+	struct qcow2 *q = qcow2_of(img);
+	if (length == 0)
+		return 0;
+	if (!q->rt) {
+		int ret = load_reftable(img, q);
+		if (ret < 0)
+			return ret;
+	}
+	uint64_t first = offset >> q->cluster_bits;
+	uint64_t last = (offset + length - 1) >> q->cluster_bits;
+	uint32_t eb = epb_bits(q);
+	uint64_t max = rc_max(q);
+	for (uint64_t c = first; c <= last; c++) {
+		uint64_t rt_index = c >> eb;
+		bool placed = false;
+		int ret = ensure_block(img, rt_index, &placed);
+		if (ret < 0)
+			return ret;
+		uint64_t boff = q->rt[rt_index] & ~RT_RESERVED_MASK;
+		if ((boff & (q->cluster_size - 1)) || boff > MAX_HOST_OFFSET)
+			return qk__qcow2_corrupt(img, "refcount block offset 0x%llx invalid (refcount table index %llu)",
+						 (unsigned long long)boff, (unsigned long long)rt_index);
+		void *rb;
+		ret = qk__cache_get(&q->rb_cache, boff, &rb);
+		if (ret < 0)
+			return ret;
+		uint64_t i = c & ((1ull << eb) - 1);
+		uint64_t v = rb_entry(rb, i, q->refcount_order);
+		if ((delta < 0 && v == 0) || (delta > 0 && v == max)) {
+			qk__cache_put(&q->rb_cache, boff);
+			return qk__qcow2_corrupt(img, "refcount of cluster at offset 0x%llx would %s (refcount %llu)",
+						 (unsigned long long)(c << q->cluster_bits),
+						 delta < 0 ? "drop below 0" : "overflow", (unsigned long long)v);
+		}
+		v = delta < 0 ? v - 1 : v + 1;
+		rb_set(rb, i, q->refcount_order, v);
+		qk__cache_mark_dirty(&q->rb_cache, boff);
+		qk__cache_put(&q->rb_cache, boff);
+		if (v == 0 && c < q->free_hint)
+			q->free_hint = c;
+	}
+	return 0;
+}
+
+int qk__qcow2_alloc_clusters(qk_image *img, uint64_t n, uint64_t *offset)
+{
+	struct qcow2 *q = qcow2_of(img);
+	if (!q->rt) {
+		int ret = load_reftable(img, q);
+		if (ret < 0)
+			return ret;
+	}
+	if (q->free_hint == 0)
+		q->free_hint = 1;       /* cluster 0 is the header */
+	for (;;) {
+		uint64_t start = q->free_hint, run = 0;
+		for (uint64_t c = start; run < n; c++) {
+			uint64_t rc;
+			if ((c + 1) << q->cluster_bits > MAX_HOST_OFFSET)
+				return qk__err(EFBIG, "'%s' is full: host offsets would pass 2^56", img->filename);
+			int ret = qk__qcow2_get_refcount(img, c, &rc);
+			if (ret < 0)
+				return ret;
+			if (rc) {
+				run = 0;
+				start = c + 1;
+			} else {
+				run++;
+			}
+		}
+		bool placed = false;
+		uint32_t eb = epb_bits(q);
+		for (uint64_t r = start >> eb; r <= (start + n - 1) >> eb; r++) {
+			int ret = ensure_block(img, r, &placed);
+			if (ret < 0)
+				return ret;
+		}
+		if (placed)
+			continue;       /* metadata may have taken the run: look again */
+		int ret = qk__qcow2_update_refcount(img, start << q->cluster_bits,
+						    n << q->cluster_bits, +1);
+		if (ret < 0)
+			return ret;
+		if (start == q->free_hint)
+			q->free_hint = start + n;
+		*offset = start << q->cluster_bits;
+		return 0;
+	}
 }
 
 void qk__qcow2_free_refcounts(struct qcow2 *q)

@@ -106,6 +106,7 @@ int qk__qcow2_read_snapshots(qk_image *img)
 		}
 		off += entry_len;
 	}
+	q->snapshots_bytes = off - q->snapshots_offset;
 	free(var);
 	return ret;
 }

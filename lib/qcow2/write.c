@@ -1,0 +1,317 @@
+/*
+ * QCOW2 writes: cluster allocation with copy-on-write, L2 table
+ * allocation, and flush.
+ *
+ * Ordering (crash safety, as QEMU): a new cluster's refcount is raised
+ * (refcount cache) before any L2 entry points at it (the L2 cache depends
+ * on the refcount cache); guest data is written before the L2 entry that
+ * exposes it (the L2 cache syncs the file first); a new L2 table reaches
+ * the disk before the L1 entry that points at it (written and synced
+ * directly); a mapping is removed before the old cluster's refcount drops
+ * (the refcount cache depends on the L2 cache). Barriers are taken only
+ * when a cache is flushed, so sequential writes do not sync per cluster.
+ *
+ * Concurrency: the metadata lock (q->lock) guards L1, caches and
+ * refcounts; it is never held across data I/O. Writes into clusters the
+ * image owns alone (COPIED) go straight to the file. Allocating writes are
+ * serialised by q->alloc_lock, so two writers never allocate for one
+ * cluster; reads never take it.
+ */
+#include "qcow2/qcow2.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+void qk__qcow2_store_l2(void *opaque, const void *table, void *out)
+{
+	qk_image *img = opaque;
+	struct qcow2 *q = qcow2_of(img);
+	const uint64_t *t = table;
+	uint8_t *o = out;
+	for (uint64_t i = 0; i < q->cluster_size / 8; i++)
+		qk_put_be64(o + 8 * i, t[i]);
+}
+
+/* Does [a, a+alen) meet [b, b+blen)? */
+static bool overlaps(uint64_t a, uint64_t alen, uint64_t b, uint64_t blen)
+{
+	return alen && blen && a < b + blen && b < a + alen;
+}
+
+int qk__qcow2_pre_write_meta(void *opaque, uint64_t offset)
+{
+	qk_image *img = opaque;
+	struct qcow2 *q = qcow2_of(img);
+	uint64_t cs = q->cluster_size;
+	const char *what = NULL;
+	if (offset < cs)
+		what = "the header";
+	else if (overlaps(offset, cs, q->l1_offset, (uint64_t)q->l1_size * 8))
+		what = "the active L1 table";
+	else if (overlaps(offset, cs, q->rt_offset, (uint64_t)q->rt_clusters * cs))
+		what = "the refcount table";
+	else if (q->nb_snapshots && overlaps(offset, cs, q->snapshots_offset, q->snapshots_bytes))
+		what = "the snapshot table";
+	if (!what)
+		return 0;
+	return qk__qcow2_corrupt(img, "preventing a metadata write at offset 0x%llx, which overlaps %s",
+				 (unsigned long long)offset, what);
+}
+
+/* Checks and header changes before the first write of this handle. */
+static int prepare_write(qk_image *img)
+{
+	struct qcow2 *q = qcow2_of(img);
+	if (q->write_ready)
+		return 0;
+	if (q->extl2)
+		return qk__err(ENOTSUP, "writing to '%s' is not supported yet: it uses extended L2 entries",
+			       img->filename);
+	if (q->data_file)
+		return qk__err(ENOTSUP, "writing to '%s' is not supported yet: it has an external data file",
+			       img->filename);
+	if (q->n_bitmaps)
+		return qk__err(ENOTSUP, "writing to '%s' is not supported yet: its persistent bitmaps "
+			       "would need updating", img->filename);
+	if (q->version >= 3 && q->autoclear) {
+		/* Unknown autoclear bits (and a bitmaps bit without bitmaps)
+		 * must be cleared before the image changes. */
+		uint8_t be[8];
+		qk_put_be64(be, 0);
+		int ret = img->file->ops->pwrite(img->file, be, 8, HDR_AUTOCLEAR);
+		if (ret == 0)
+			ret = img->file->ops->sync(img->file);
+		if (ret < 0)
+			return ret;
+		q->autoclear = 0;
+	}
+	q->write_ready = true;
+	return 0;
+}
+
+/*
+ * The L2 table for L1 index l1i, ready to be changed: allocated when
+ * missing, copied when shared (no COPIED flag). Returns it held in the
+ * cache (*l2_off to put). Metadata lock held.
+ */
+static int l2_for_write(qk_image *img, uint64_t l1i, uint64_t *l2_off, uint64_t **table)
+{
+	struct qcow2 *q = qcow2_of(img);
+	uint64_t l1e = q->l1[l1i];
+	uint64_t old = l1e & L1E_OFFSET_MASK;
+	if (l1e & L1E_RESERVED_MASK)
+		return qk__qcow2_corrupt(img, "L1 entry %llu (0x%016llx) has reserved bits set",
+					 (unsigned long long)l1i, (unsigned long long)l1e);
+	if (old & (q->cluster_size - 1))
+		return qk__qcow2_corrupt(img, "L2 table offset 0x%llx unaligned (L1 index %llu)",
+					 (unsigned long long)old, (unsigned long long)l1i);
+	if (old && (l1e & QCOW_OFLAG_COPIED)) {
+		*l2_off = old;
+		return qk__cache_get(&q->l2_cache, old, (void **)table);
+	}
+	uint64_t t;
+	int ret = qk__qcow2_alloc_clusters(img, 1, &t);
+	if (ret == 0)
+		ret = qk__cache_flush(&q->rb_cache);     /* the table's refcount first */
+	if (ret < 0)
+		return ret;
+	uint64_t *nt;
+	ret = qk__cache_get_empty(&q->l2_cache, t, (void **)&nt);
+	if (ret < 0)
+		return ret;
+	if (old) {
+		uint64_t *ot;
+		ret = qk__cache_get(&q->l2_cache, old, (void **)&ot);
+		if (ret < 0) {
+			qk__cache_discard(&q->l2_cache, t);
+			return ret;
+		}
+		memcpy(nt, ot, q->cluster_size);
+		qk__cache_put(&q->l2_cache, old);
+	}
+	/* The table reaches the disk before the L1 entry points at it. */
+	ret = qk__cache_flush(&q->l2_cache);
+	if (ret < 0) {
+		qk__cache_put(&q->l2_cache, t);
+		return ret;
+	}
+	uint8_t be[8];
+	qk_put_be64(be, t | QCOW_OFLAG_COPIED);
+	ret = img->file->ops->pwrite(img->file, be, 8, q->l1_offset + 8 * l1i);
+	if (ret == 0)
+		ret = img->file->ops->sync(img->file);
+	if (ret < 0) {
+		qk__cache_put(&q->l2_cache, t);
+		return ret;
+	}
+	q->l1[l1i] = t | QCOW_OFLAG_COPIED;
+	if (t + q->cluster_size > q->file_size)
+		q->file_size = t + q->cluster_size;
+	if (old) {
+		/* Shared with a snapshot: this copy no longer references it. */
+		ret = qk__qcow2_update_refcount(img, old, q->cluster_size, -1);
+		if (ret < 0) {
+			qk__cache_put(&q->l2_cache, t);
+			return ret;
+		}
+	}
+	*l2_off = t;
+	*table = nt;
+	return 0;
+}
+
+/* Release the host clusters an L2 entry held (before it was replaced).
+ * The replacing entry must reach the disk first. Metadata lock held. */
+static int release_entry(qk_image *img, uint64_t e)
+{
+	struct qcow2 *q = qcow2_of(img);
+	int ret = qk__cache_set_dependency(&q->rb_cache, &q->l2_cache);
+	if (ret < 0)
+		return ret;
+	if (e & QCOW_OFLAG_COMPRESSED) {
+		unsigned shift = 62 - (q->cluster_bits - 8);
+		uint64_t coffset = e & ((1ull << shift) - 1);
+		uint64_t sectors = ((e >> shift) & ((1ull << (q->cluster_bits - 8)) - 1)) + 1;
+		uint64_t csize = sectors * 512 - (coffset & 511);
+		return qk__qcow2_update_refcount(img, coffset, csize, -1);
+	}
+	uint64_t host = e & L2E_OFFSET_MASK;
+	if (host)
+		return qk__qcow2_update_refcount(img, host, q->cluster_size, -1);
+	return 0;
+}
+
+/* Host offset of guest cluster gc when the image owns it alone and it
+ * holds plain data (so a write may go in place); 0 otherwise. */
+static int owned_host(qk_image *img, uint64_t gc, uint64_t *host)
+{
+	struct qcow2 *q = qcow2_of(img);
+	*host = 0;
+	uint64_t l1i = gc >> q->l2_bits, l2i = gc & ((1ull << q->l2_bits) - 1);
+	uint64_t l1e = q->l1[l1i];
+	uint64_t l2_off = l1e & L1E_OFFSET_MASK;
+	if (!l2_off || !(l1e & QCOW_OFLAG_COPIED) || (l2_off & (q->cluster_size - 1)))
+		return 0;
+	uint64_t *t;
+	int ret = qk__cache_get(&q->l2_cache, l2_off, (void **)&t);
+	if (ret < 0)
+		return ret;
+	uint64_t e = t[l2i];
+	qk__cache_put(&q->l2_cache, l2_off);
+	uint64_t off = e & L2E_OFFSET_MASK;
+	if ((e & QCOW_OFLAG_COPIED) && !(e & (QCOW_OFLAG_COMPRESSED | QCOW_OFLAG_ZERO)) &&
+	    !(e & L2E_RESERVED_MASK) && off && !(off & (q->cluster_size - 1)))
+		*host = off;
+	return 0;
+}
+
+/*
+ * Write n bytes at byte `in` of guest cluster gc through a new cluster:
+ * the rest of the cluster is copied from what the guest reads there now
+ * (backing chain, compressed or zero cluster, or a shared cluster).
+ * alloc_lock held, metadata lock not.
+ */
+static int write_new_cluster(qk_image *img, uint64_t gc, uint64_t in, const uint8_t *data, size_t n,
+			     uint8_t *buf)
+{
+	struct qcow2 *q = qcow2_of(img);
+	uint64_t cs = q->cluster_size, start = gc << q->cluster_bits;
+	if (n < cs) {
+		uint64_t valid = qk_min_u64(cs, img->size - start);
+		int ret = qk__qcow2_pread(img, buf, valid, start);
+		if (ret < 0)
+			return ret;
+		memset(buf + valid, 0, cs - valid);
+	}
+	memcpy(buf + in, data, n);
+
+	pthread_mutex_lock(&q->lock);
+	uint64_t host;
+	int ret = qk__qcow2_alloc_clusters(img, 1, &host);
+	pthread_mutex_unlock(&q->lock);
+	if (ret < 0)
+		return ret;
+	ret = img->file->ops->pwrite(img->file, buf, cs, host);
+	pthread_mutex_lock(&q->lock);
+	if (ret < 0) {
+		qk__qcow2_update_refcount(img, host, cs, -1);   /* best effort: else a leak */
+		goto out;
+	}
+	if (host + cs > q->file_size)
+		q->file_size = host + cs;
+	uint64_t l1i = gc >> q->l2_bits, l2i = gc & ((1ull << q->l2_bits) - 1);
+	uint64_t l2_off = 0, *t = NULL;
+	ret = l2_for_write(img, l1i, &l2_off, &t);
+	if (ret < 0)
+		goto out;
+	/* Refcounts, then data, before the entry reaches the disk. */
+	ret = qk__cache_set_dependency(&q->l2_cache, &q->rb_cache);
+	if (ret == 0) {
+		q->l2_cache.flush_file_first = true;
+		uint64_t old = t[l2i];
+		t[l2i] = host | QCOW_OFLAG_COPIED;
+		qk__cache_mark_dirty(&q->l2_cache, l2_off);
+		ret = release_entry(img, old);
+	}
+	qk__cache_put(&q->l2_cache, l2_off);
+out:
+	pthread_mutex_unlock(&q->lock);
+	return ret;
+}
+
+int qk__qcow2_pwrite(qk_image *img, const void *buf, size_t len, uint64_t off)
+{
+	struct qcow2 *q = qcow2_of(img);
+	const uint8_t *p = buf;
+	uint8_t *cbuf = NULL;
+	int ret = 0;
+	pthread_mutex_lock(&q->lock);
+	ret = prepare_write(img);
+	pthread_mutex_unlock(&q->lock);
+	while (ret == 0 && len > 0) {
+		uint64_t gc = off >> q->cluster_bits;
+		uint64_t in = off & (q->cluster_size - 1);
+		size_t n = qk_min_u64(len, q->cluster_size - in);
+		uint64_t host;
+		pthread_mutex_lock(&q->lock);
+		ret = owned_host(img, gc, &host);
+		pthread_mutex_unlock(&q->lock);
+		if (ret < 0)
+			break;
+		if (!host) {
+			pthread_mutex_lock(&q->alloc_lock);
+			/* Another writer may have allocated it meanwhile. */
+			pthread_mutex_lock(&q->lock);
+			ret = owned_host(img, gc, &host);
+			pthread_mutex_unlock(&q->lock);
+			if (ret == 0 && !host) {
+				if (!cbuf && !(cbuf = malloc(q->cluster_size)))
+					ret = qk__err(ENOMEM, "out of memory");
+				else
+					ret = write_new_cluster(img, gc, in, p, n, cbuf);
+			}
+			pthread_mutex_unlock(&q->alloc_lock);
+		}
+		if (ret == 0 && host)
+			ret = img->file->ops->pwrite(img->file, p, n, host + in);
+		p += n;
+		off += n;
+		len -= n;
+	}
+	free(cbuf);
+	return ret;
+}
+
+int qk__qcow2_flush(qk_image *img)
+{
+	struct qcow2 *q = qcow2_of(img);
+	pthread_mutex_lock(&q->lock);
+	int ret = qk__cache_flush(&q->l2_cache);
+	if (ret == 0 && q->rt)
+		ret = qk__cache_flush(&q->rb_cache);
+	if (ret == 0)
+		ret = img->file->ops->sync(img->file);
+	pthread_mutex_unlock(&q->lock);
+	return ret;
+}
