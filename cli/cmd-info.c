@@ -202,11 +202,12 @@ static void image_human(const struct image_report *r)
 
 int cmd_info(int argc, char **argv)
 {
+	enum { OPT_OUTPUT = 256, OPT_BACKING_CHAIN };
 	static const struct option longopts[] = {
 		{ "help", no_argument, NULL, 'h' },
 		{ "format", required_argument, NULL, 'f' },
-		{ "output", required_argument, NULL, 'O' },
-		{ "backing-chain", no_argument, NULL, 'B' },
+		{ "output", required_argument, NULL, OPT_OUTPUT },
+		{ "backing-chain", no_argument, NULL, OPT_BACKING_CHAIN },
 		{ "force-share", no_argument, NULL, 'U' },
 		{ NULL, 0, NULL, 0 },
 	};
@@ -215,7 +216,8 @@ int cmd_info(int argc, char **argv)
 	uint32_t flags = 0;
 	qk_format fmt;
 	qk_image *img;
-	struct qj *list = NULL;
+	struct image_report *reports = NULL;
+	size_t n = 0;
 	int c, ret = CLI_EXIT_OK;
 
 	while ((c = getopt_long(argc, argv, ":f:hU", longopts, NULL)) != -1) {
@@ -223,11 +225,11 @@ int cmd_info(int argc, char **argv)
 		case 'f':
 			fmtname = optarg;
 			break;
-		case 'O':
+		case OPT_OUTPUT:
 			if (cli_parse_output(optarg, &json) < 0)
 				return CLI_EXIT_FAILURE;
 			break;
-		case 'B':
+		case OPT_BACKING_CHAIN:
 			chain = true;
 			break;
 		case 'U':
@@ -253,41 +255,42 @@ int cmd_info(int argc, char **argv)
 	if (cli_open(argv[optind], fmt, flags, &img) < 0)
 		return CLI_EXIT_FAILURE;
 
-	if (json && chain)
-		list = qj_list();
+	/* Gather the whole chain before printing anything, so a failure
+	 * part-way leaves only the error message (as with qemu-img). */
 	for (qk_image *cur = img; cur != NULL; cur = qk_get_backing(cur)) {
-		struct image_report r;
-
-		if (gather(cur, &r) < 0) {
+		reports = cli_xrealloc(reports, sizeof(*reports) * (n + 1));
+		if (gather(cur, &reports[n]) < 0) {
 			ret = CLI_EXIT_FAILURE;
 			break;
 		}
-		if (json) {
-			struct qj *o = image_json(&r);
-
-			if (list != NULL) {
-				qj_add(list, NULL, o);
-			} else {
-				qj_print_json(stdout, o);
-				printf("\n");
-				qj_free(o);
-			}
-		} else {
-			if (cur != img)
-				printf("\n");
-			image_human(&r);
-		}
-		qj_free(r.format_specific);
+		n++;
 		if (!chain)
 			break;
 	}
-	if (list != NULL) {
-		if (ret == CLI_EXIT_OK) {
-			qj_print_json(stdout, list);
-			printf("\n");
+	if (ret == CLI_EXIT_OK && json) {
+		struct qj *out = chain ? qj_list() : NULL;
+
+		for (size_t i = 0; i < n; i++) {
+			struct qj *o = image_json(&reports[i]);
+
+			if (out == NULL)
+				out = o;
+			else
+				qj_add(out, NULL, o);
 		}
-		qj_free(list);
+		qj_print_json(stdout, out);
+		printf("\n");
+		qj_free(out);
+	} else if (ret == CLI_EXIT_OK) {
+		for (size_t i = 0; i < n; i++) {
+			if (i > 0)
+				printf("\n");
+			image_human(&reports[i]);
+		}
 	}
+	for (size_t i = 0; i < n; i++)
+		qj_free(reports[i].format_specific);
+	free(reports);
 	qk_close(img);
 	return ret;
 }

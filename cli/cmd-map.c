@@ -95,12 +95,13 @@ static int dump_entry(bool json, const struct map_entry *e,
 
 int cmd_map(int argc, char **argv)
 {
+	enum { OPT_OUTPUT = 256, OPT_START_OFFSET, OPT_MAX_LENGTH };
 	static const struct option longopts[] = {
 		{ "help", no_argument, NULL, 'h' },
 		{ "format", required_argument, NULL, 'f' },
-		{ "output", required_argument, NULL, 'O' },
-		{ "start-offset", required_argument, NULL, 's' },
-		{ "max-length", required_argument, NULL, 'l' },
+		{ "output", required_argument, NULL, OPT_OUTPUT },
+		{ "start-offset", required_argument, NULL, OPT_START_OFFSET },
+		{ "max-length", required_argument, NULL, OPT_MAX_LENGTH },
 		{ "force-share", no_argument, NULL, 'U' },
 		{ NULL, 0, NULL, 0 },
 	};
@@ -118,16 +119,16 @@ int cmd_map(int argc, char **argv)
 		case 'f':
 			fmtname = optarg;
 			break;
-		case 'O':
+		case OPT_OUTPUT:
 			if (cli_parse_output(optarg, &json) < 0)
 				return CLI_EXIT_FAILURE;
 			break;
-		case 's':
+		case OPT_START_OFFSET:
 			if (cli_cvtnum("start offset", optarg, 0, INT64_MAX,
 				       &start) < 0)
 				return CLI_EXIT_FAILURE;
 			break;
-		case 'l':
+		case OPT_MAX_LENGTH:
 			if (cli_cvtnum("max length", optarg, 0, INT64_MAX,
 				       &max_len) < 0)
 				return CLI_EXIT_FAILURE;

@@ -128,23 +128,25 @@ void cli_lib_error(int ret)
 
 int cli_bad_option(const char *cmd, int opt, char **argv, int code)
 {
-	/* getopt_long leaves optind just past the offending element. */
+	/* Long-only options use values >= 256, so a short option is one
+	 * whose optopt is a character; for long ones (optopt 0 when unknown)
+	 * getopt_long has moved optind just past the offending element. */
+	bool is_long = optopt == 0 || optopt >= 256;
 	const char *arg = optind > 0 ? argv[optind - 1] : "?";
+	size_t len = strcspn(arg, "=");
 
-	if (opt == ':') {
-		if (optopt != 0 && optopt < 256)
-			cli_error("option requires an argument -- '%c' "
-				  "(try 'qcowkit %s --help')", optopt, cmd);
-		else
-			cli_error("option '%s' requires an argument "
-				  "(try 'qcowkit %s --help')", arg, cmd);
-	} else if (optopt != 0 && optopt < 256) {
+	if (opt == ':' && is_long)
+		cli_error("option '%.*s' requires an argument (try 'qcowkit "
+			  "%s --help')", (int)len, arg, cmd);
+	else if (opt == ':')
+		cli_error("option requires an argument -- '%c' (try 'qcowkit "
+			  "%s --help')", optopt, cmd);
+	else if (is_long)
+		cli_error("unrecognized option '%.*s' (try 'qcowkit %s "
+			  "--help')", (int)len, arg, cmd);
+	else
 		cli_error("invalid option -- '%c' (try 'qcowkit %s --help')",
 			  optopt, cmd);
-	} else {
-		cli_error("unrecognized option '%s' (try 'qcowkit %s --help')",
-			  arg, cmd);
-	}
 	return code;
 }
 
