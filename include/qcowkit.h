@@ -101,6 +101,43 @@ int qk_open(const char *path, const struct qk_open_options *opts,
  * (the image is freed in any case). */
 int qk_close(qk_image *img);
 
+/* ---- creating ------------------------------------------------------------- */
+
+#define QK_PREALLOC_OFF      0 /* nothing allocated */
+#define QK_PREALLOC_METADATA 1 /* L2 tables and data clusters allocated, sparse */
+#define QK_PREALLOC_FALLOC   2 /* as metadata, and the file space reserved */
+#define QK_PREALLOC_FULL     3 /* as metadata, and zeros written */
+
+struct qk_create_options {
+	uint32_t struct_size;      /* sizeof, set by qk_create_options_init() */
+	qk_format format;          /* QK_FORMAT_QCOW2 (default) or QK_FORMAT_RAW */
+	uint64_t size;             /* virtual size in bytes */
+	uint32_t cluster_size;     /* 512 to 2 MiB, a power of two; default 65536 */
+	uint32_t version;          /* 2 ("0.10") or 3 ("1.1", default) */
+	uint32_t refcount_bits;    /* 1, 2, 4, 8, 16 (default), 32 or 64 */
+	int lazy_refcounts;        /* v3 only */
+	uint32_t compression_type; /* QK_COMPRESSION_*; zstd needs v3 */
+	int extended_l2;           /* v3, clusters of 16 KiB or more */
+	int preallocation;         /* QK_PREALLOC_* */
+	const char *backing_file;  /* stored as given; NULL for none */
+	const char *backing_format; /* "qcow2" or "raw"; required with a backing file */
+	const char *data_file;     /* external data file name (v3), or NULL */
+	int data_file_raw;         /* the data file is a valid raw image too */
+};
+
+/* Fill *opts with qemu-img's defaults: qcow2 v3, 64 KiB clusters, 16-bit
+ * refcounts, zlib, no preallocation. */
+void qk_create_options_init(struct qk_create_options *opts);
+
+/*
+ * Create (or truncate) the image at `path`. With a data file, that file is
+ * created too (its name resolved against the image's directory). Returns 0,
+ * or -EINVAL for options that contradict each other or the format (the
+ * message says which, in qemu-img's words where it has them), or an errno
+ * from the file system.
+ */
+int qk_create(const char *path, const struct qk_create_options *opts);
+
 /* ---- description ------------------------------------------------------ */
 
 /* Virtual (guest-visible) size in bytes. */
@@ -184,6 +221,26 @@ int qk_preadv(qk_image *img, const struct iovec *iov, int iovcnt,
 int qk_pwrite(qk_image *img, const void *buf, size_t len, uint64_t off);
 /* As qk_pwrite, gathering from `iovcnt` buffers. */
 int qk_pwritev(qk_image *img, const struct iovec *iov, int iovcnt, uint64_t off);
+#define QK_ZERO_MAY_UNMAP   (1u << 0) /* the range may be deallocated */
+#define QK_ZERO_NO_FALLBACK (1u << 1) /* fail with -ENOTSUP rather than
+                                       * write zeros (a "fast zero") */
+
+/*
+ * Make [off, off+len) read as zeros. QCOW2 v3 marks whole clusters zero in
+ * metadata, keeping their host clusters unless QK_ZERO_MAY_UNMAP (then
+ * they are freed and punched out of the file after the next flush); parts
+ * of clusters, and v2 images over a backing file, get real zeros (or
+ * -ENOTSUP with QK_ZERO_NO_FALLBACK). Other returns as qk_pwrite.
+ */
+int qk_write_zeroes(qk_image *img, uint64_t off, uint64_t len, uint32_t flags);
+/*
+ * Discard [off, off+len): whole clusters in it are unmapped, read as zeros
+ * afterwards (not as the backing file; a v2 image over a backing file keeps
+ * its data, since it cannot say "zero"), their refcounts drop, and freed
+ * clusters are punched out of the file after the next flush. Partial
+ * clusters are left alone: discard is a hint. Returns as qk_pwrite.
+ */
+int qk_discard(qk_image *img, uint64_t off, uint64_t len);
 /* Write cached metadata in a crash-safe order and sync the file(s).
  * A no-op for read-only images. */
 int qk_flush(qk_image *img);

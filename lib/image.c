@@ -320,6 +320,30 @@ QK_EXPORT int qk_pwritev(qk_image *img, const struct iovec *iov, int iovcnt, uin
 	return ret;
 }
 
+QK_EXPORT int qk_discard(qk_image *img, uint64_t off, uint64_t len)
+{
+	qk__api_enter("qk_discard");
+	if (!img)
+		return qk__err(EINVAL, "image is required");
+	int ret = check_writable(img, off, len);
+	if (ret < 0 || len == 0)
+		return ret;
+	return img->drv->discard(img, off, len);
+}
+
+QK_EXPORT int qk_write_zeroes(qk_image *img, uint64_t off, uint64_t len, uint32_t flags)
+{
+	qk__api_enter("qk_write_zeroes");
+	if (!img)
+		return qk__err(EINVAL, "image is required");
+	if (flags & ~(uint32_t)(QK_ZERO_MAY_UNMAP | QK_ZERO_NO_FALLBACK))
+		return qk__err(EINVAL, "unknown flags 0x%x", flags);
+	int ret = check_writable(img, off, len);
+	if (ret < 0 || len == 0)
+		return ret;
+	return img->drv->write_zeroes(img, off, len, flags);
+}
+
 QK_EXPORT int qk_flush(qk_image *img)
 {
 	qk__api_enter("qk_flush");

@@ -61,6 +61,12 @@ struct qk__io_ops {
 	int (*allocated_size)(struct qk__file *f, uint64_t *bytes);
 	int (*block_status)(struct qk__file *f, uint64_t off, uint64_t len,
 			    bool *is_data, uint64_t *pnum);
+	/* Deallocate [off, off+len) keeping the size; reads give zeros after.
+	 * May be NULL; -ENOTSUP when the file system cannot. */
+	int (*discard)(struct qk__file *f, uint64_t off, uint64_t len);
+	/* Make [off, off+len) read as zeros without writing them (space stays
+	 * allocated). May be NULL; -ENOTSUP when the file system cannot. */
+	int (*zero_range)(struct qk__file *f, uint64_t off, uint64_t len);
 	/* Device and inode identity for loop detection; may be NULL. */
 	int (*identity)(struct qk__file *f, uint64_t *dev, uint64_t *ino);
 	void (*close)(struct qk__file *f);
@@ -116,6 +122,11 @@ struct qk__driver {
 	int (*pwrite)(qk_image *img, const void *buf, size_t len, uint64_t off);
 	/* Make every completed write durable. */
 	int (*flush)(qk_image *img);
+	/* Drop [off, off+len) so it reads as zeros (whole clusters only for
+	 * qcow2; the rest is ignored, as discard is a hint). */
+	int (*discard)(qk_image *img, uint64_t off, uint64_t len);
+	/* Make [off, off+len) read as zeros; QK_ZERO_* flags. */
+	int (*write_zeroes)(qk_image *img, uint64_t off, uint64_t len, uint32_t flags);
 	/* This layer only: st->flags lacks PRESENT where the backing chain
 	 * decides. [off, off+len) lies inside the image; len > 0. */
 	int (*block_status)(qk_image *img, uint64_t off, uint64_t len,

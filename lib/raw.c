@@ -32,6 +32,36 @@ static int raw_flush(qk_image *img)
 	return img->file->ops->sync(img->file);
 }
 
+static int raw_discard(qk_image *img, uint64_t off, uint64_t len)
+{
+	if (!img->file->ops->discard)
+		return 0;
+	int ret = img->file->ops->discard(img->file, off, len);
+	return ret == -ENOTSUP ? 0 : ret;     /* a hint: refusal is fine */
+}
+
+static int raw_write_zeroes(qk_image *img, uint64_t off, uint64_t len, uint32_t flags)
+{
+	struct qk__file *f = img->file;
+	int ret = -ENOTSUP;
+	if ((flags & QK_ZERO_MAY_UNMAP) && f->ops->discard)
+		ret = f->ops->discard(f, off, len);
+	if (ret == -ENOTSUP && f->ops->zero_range)
+		ret = f->ops->zero_range(f, off, len);
+	if (ret != -ENOTSUP)
+		return ret;
+	if (flags & QK_ZERO_NO_FALLBACK)
+		return qk__err(ENOTSUP, "'%s' cannot zero a range without writing zeros", img->filename);
+	static const uint8_t zeros[65536];
+	for (ret = 0; ret == 0 && len > 0;) {
+		size_t n = qk_min_u64(len, sizeof zeros);
+		ret = f->ops->pwrite(f, zeros, n, off);
+		off += n;
+		len -= n;
+	}
+	return ret;
+}
+
 static int raw_block_status(qk_image *img, uint64_t off, uint64_t len,
 			    struct qk__status *st)
 {
@@ -57,5 +87,7 @@ const struct qk__driver qk__raw_driver = {
 	.pread = raw_pread,
 	.pwrite = raw_pwrite,
 	.flush = raw_flush,
+	.discard = raw_discard,
+	.write_zeroes = raw_write_zeroes,
 	.block_status = raw_block_status,
 };

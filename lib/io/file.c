@@ -7,6 +7,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/falloc.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -17,6 +18,8 @@
 struct posix_file {
 	int fd;
 	bool direct;
+	bool no_punch;          /* PUNCH_HOLE refused once */
+	bool no_zero_range;     /* ZERO_RANGE refused once */
 };
 
 static int fd_of(struct qk__file *f)
@@ -169,6 +172,33 @@ static int file_block_status(struct qk__file *f, uint64_t off, uint64_t len,
 	return 0;
 }
 
+/* fallocate modes, probed on first use: a refusal is remembered so the
+ * next call falls back at once. */
+static int falloc(struct qk__file *f, int mode, uint64_t off, uint64_t len, bool *refused)
+{
+	if (*refused)
+		return -ENOTSUP;
+	if (fallocate(fd_of(f), mode, (off_t)off, (off_t)len) == 0)
+		return 0;
+	if (errno == EOPNOTSUPP || errno == ENOSYS || errno == EINVAL) {
+		*refused = true;
+		return -ENOTSUP;
+	}
+	return qk__err(errno, "fallocate on %s failed: %s", f->path, strerror(errno));
+}
+
+static int file_discard(struct qk__file *f, uint64_t off, uint64_t len)
+{
+	struct posix_file *pf = f->priv;
+	return falloc(f, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, len, &pf->no_punch);
+}
+
+static int file_zero_range(struct qk__file *f, uint64_t off, uint64_t len)
+{
+	struct posix_file *pf = f->priv;
+	return falloc(f, FALLOC_FL_ZERO_RANGE, off, len, &pf->no_zero_range);
+}
+
 static int file_identity(struct qk__file *f, uint64_t *dev, uint64_t *ino)
 {
 	struct stat st;
@@ -195,6 +225,8 @@ static const struct qk__io_ops posix_ops = {
 	.set_size = file_set_size,
 	.allocated_size = file_allocated_size,
 	.block_status = file_block_status,
+	.discard = file_discard,
+	.zero_range = file_zero_range,
 	.identity = file_identity,
 	.close = file_close,
 };

@@ -89,6 +89,16 @@ static int mem_allocated_size(struct qk__file *f, uint64_t *bytes)
 	return mem_get_size(f, bytes);
 }
 
+static int mem_discard(struct qk__file *f, uint64_t off, uint64_t len)
+{
+	struct mem_file *m = f->priv;
+	pthread_mutex_lock(&m->lock);
+	if (off < m->len)
+		memset(m->data + off, 0, qk_min_u64(len, m->len - off));
+	pthread_mutex_unlock(&m->lock);
+	return 0;
+}
+
 static void mem_close(struct qk__file *f)
 {
 	struct mem_file *m = f->priv;
@@ -105,6 +115,8 @@ static const struct qk__io_ops mem_ops = {
 	.get_size = mem_get_size,
 	.set_size = mem_set_size,
 	.allocated_size = mem_allocated_size,
+	.discard = mem_discard,
+	.zero_range = mem_discard,
 	.close = mem_close,
 };
 

@@ -8,6 +8,8 @@
 #include "internal.h"
 #include "qcow2/format.h"
 
+#define MAX_PENDING_PUNCH 64
+
 /* ---- cache.c: metadata table cache -----------------------------------------
  *
  * A fixed number of slots, each holding one table (an L2 table or a
@@ -92,6 +94,9 @@ struct qcow2 {
 	pthread_mutex_t alloc_lock; /* serialises allocating writes (write.c) */
 	bool write_ready;           /* prepare_write done */
 	uint64_t snapshots_bytes;   /* length of the snapshot table */
+	/* host ranges to punch after the next metadata flush (write.c) */
+	struct { uint64_t off, len; } punch[MAX_PENDING_PUNCH];
+	uint32_t n_punch;
 	struct qk__file *data_file; /* external data file, or NULL */
 
 	/* header */
@@ -185,6 +190,8 @@ void qk__qcow2_free_refcounts(struct qcow2 *q);
 /* ---- write.c ------------------------------------------------------------------ */
 int qk__qcow2_pwrite(qk_image *img, const void *buf, size_t len, uint64_t off);
 int qk__qcow2_flush(qk_image *img);
+int qk__qcow2_discard(qk_image *img, uint64_t off, uint64_t len);
+int qk__qcow2_write_zeroes(qk_image *img, uint64_t off, uint64_t len, uint32_t flags);
 /* Cache store hook for L2 tables: host order to big-endian. */
 void qk__qcow2_store_l2(void *opaque, const void *table, void *out);
 

@@ -23,6 +23,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+static int flush_locked(qk_image *img);
+
 void qk__qcow2_store_l2(void *opaque, const void *table, void *out)
 {
 	qk_image *img = opaque;
@@ -303,15 +305,235 @@ int qk__qcow2_pwrite(qk_image *img, const void *buf, size_t len, uint64_t off)
 	return ret;
 }
 
-int qk__qcow2_flush(qk_image *img)
+/* Queue host range [off, off+len) to be punched out of the file once the
+ * metadata that stopped using it is on disk. Metadata lock held. */
+static int queue_punch(qk_image *img, uint64_t off, uint64_t len)
 {
 	struct qcow2 *q = qcow2_of(img);
-	pthread_mutex_lock(&q->lock);
+	if (!img->file->ops->discard)
+		return 0;
+	if (q->n_punch && q->punch[q->n_punch - 1].off + q->punch[q->n_punch - 1].len == off) {
+		q->punch[q->n_punch - 1].len += len;
+		return 0;
+	}
+	if (q->n_punch == MAX_PENDING_PUNCH) {
+		int ret = flush_locked(img);
+		if (ret < 0)
+			return ret;
+	}
+	q->punch[q->n_punch].off = off;
+	q->punch[q->n_punch].len = len;
+	q->n_punch++;
+	return 0;
+}
+
+/* Flush metadata in order, sync, then punch the queued holes. */
+static int flush_locked(qk_image *img)
+{
+	struct qcow2 *q = qcow2_of(img);
 	int ret = qk__cache_flush(&q->l2_cache);
 	if (ret == 0 && q->rt)
 		ret = qk__cache_flush(&q->rb_cache);
 	if (ret == 0)
 		ret = img->file->ops->sync(img->file);
+	if (ret < 0)
+		return ret;
+	/* Only now is no durable entry pointing at these clusters. A cluster
+	 * may have been allocated again since it was queued: punch only those
+	 * still free. Holes are an optimisation: a refusal is not an error. */
+	uint64_t cs = q->cluster_size;
+	for (uint32_t i = 0; i < q->n_punch; i++) {
+		uint64_t run = 0, start = q->punch[i].off;
+		for (uint64_t o = q->punch[i].off; o <= q->punch[i].off + q->punch[i].len; o += cs) {
+			uint64_t rc = 1;
+			if (o < q->punch[i].off + q->punch[i].len &&
+			    qk__qcow2_get_refcount(img, o >> q->cluster_bits, &rc) < 0)
+				rc = 1;
+			if (rc == 0) {
+				if (!run)
+					start = o;
+				run += cs;
+				continue;
+			}
+			if (run)
+				img->file->ops->discard(img->file, start, run);
+			run = 0;
+		}
+	}
+	q->n_punch = 0;
+	return 0;
+}
+
+int qk__qcow2_flush(qk_image *img)
+{
+	struct qcow2 *q = qcow2_of(img);
+	pthread_mutex_lock(&q->lock);
+	int ret = flush_locked(img);
 	pthread_mutex_unlock(&q->lock);
+	return ret;
+}
+
+/*
+ * Replace the L2 entry of guest cluster gc by `ne` (QK: metadata change
+ * only), releasing what the old entry held; with `punch`, freed data
+ * clusters become holes in the file after the next flush. Metadata lock
+ * held.
+ */
+static int set_entry(qk_image *img, uint64_t gc, uint64_t ne, bool punch)
+{
+	struct qcow2 *q = qcow2_of(img);
+	uint64_t l1i = gc >> q->l2_bits, l2i = gc & ((1ull << q->l2_bits) - 1);
+	uint64_t l2_off = 0, *t = NULL;
+	int ret = l2_for_write(img, l1i, &l2_off, &t);
+	if (ret < 0)
+		return ret;
+	uint64_t old = t[l2i];
+	if (old != ne) {
+		ret = qk__cache_set_dependency(&q->l2_cache, &q->rb_cache);
+		if (ret == 0) {
+			t[l2i] = ne;
+			qk__cache_mark_dirty(&q->l2_cache, l2_off);
+			uint64_t host = old & L2E_OFFSET_MASK;
+			bool keeps = !(old & QCOW_OFLAG_COMPRESSED) && host && (ne & L2E_OFFSET_MASK) == host;
+			if (!keeps) {
+				ret = release_entry(img, old);
+				if (ret == 0 && punch && host && !(old & QCOW_OFLAG_COMPRESSED)) {
+					uint64_t rc;
+					ret = qk__qcow2_get_refcount(img, host >> q->cluster_bits, &rc);
+					if (ret == 0 && rc == 0)
+						ret = queue_punch(img, host, q->cluster_size);
+				}
+			}
+		}
+	}
+	qk__cache_put(&q->l2_cache, l2_off);
+	return ret;
+}
+
+/* The L2 entry of guest cluster gc (0 when unmapped). Metadata lock held. */
+static int get_entry(qk_image *img, uint64_t gc, uint64_t *e)
+{
+	struct qcow2 *q = qcow2_of(img);
+	uint64_t l1i = gc >> q->l2_bits, l2i = gc & ((1ull << q->l2_bits) - 1);
+	uint64_t l2_off = q->l1[l1i] & L1E_OFFSET_MASK;
+	*e = 0;
+	if (!l2_off)
+		return 0;
+	uint64_t *t;
+	int ret = qk__cache_get(&q->l2_cache, l2_off, (void **)&t);
+	if (ret < 0)
+		return ret;
+	*e = t[l2i];
+	qk__cache_put(&q->l2_cache, l2_off);
+	return 0;
+}
+
+/* Whole clusters of [off, off+len): the first and one past the last, where
+ * a range reaching the end of the image counts its last partial cluster. */
+static void whole_clusters(qk_image *img, uint64_t off, uint64_t len, uint64_t *first,
+			   uint64_t *end)
+{
+	struct qcow2 *q = qcow2_of(img);
+	uint64_t cs = q->cluster_size;
+	*first = (off + cs - 1) >> q->cluster_bits;
+	uint64_t stop = off + len;
+	*end = (stop == img->size) ? (stop + cs - 1) >> q->cluster_bits : stop >> q->cluster_bits;
+	if (*end < *first)
+		*end = *first;
+}
+
+int qk__qcow2_discard(qk_image *img, uint64_t off, uint64_t len)
+{
+	struct qcow2 *q = qcow2_of(img);
+	uint64_t first, end;
+	whole_clusters(img, off, len, &first, &end);
+	bool has_backing = q->backing_file != NULL;
+	pthread_mutex_lock(&q->alloc_lock);
+	pthread_mutex_lock(&q->lock);
+	int ret = prepare_write(img);
+	for (uint64_t gc = first; ret == 0 && gc < end; gc++) {
+		uint64_t e;
+		ret = get_entry(img, gc, &e);
+		if (ret < 0)
+			break;
+		bool allocated = (e & QCOW_OFLAG_COMPRESSED) || (e & L2E_OFFSET_MASK);
+		/* Discarded data must read as zeros, not as the backing file:
+		 * v3 has the zero flag; v2 over a backing file cannot say it
+		 * without writing zeros, so it keeps the data (discard is a
+		 * hint). */
+		uint64_t ne;
+		if (q->version >= 3)
+			ne = (allocated || has_backing) ? QCOW_OFLAG_ZERO : e;
+		else
+			ne = has_backing ? e : 0;
+		if (ne != e)
+			ret = set_entry(img, gc, ne, true);
+	}
+	pthread_mutex_unlock(&q->lock);
+	pthread_mutex_unlock(&q->alloc_lock);
+	return ret;
+}
+
+int qk__qcow2_write_zeroes(qk_image *img, uint64_t off, uint64_t len, uint32_t flags)
+{
+	struct qcow2 *q = qcow2_of(img);
+	uint64_t cs = q->cluster_size;
+	uint64_t first, end;
+	whole_clusters(img, off, len, &first, &end);
+	uint64_t head_end = qk_min_u64(off + len, first << q->cluster_bits);
+	uint64_t tail_start = qk_max_u64(head_end, qk_min_u64(off + len, end << q->cluster_bits));
+	bool has_backing = q->backing_file != NULL;
+	bool unmap = flags & QK_ZERO_MAY_UNMAP;
+	int ret = 0;
+
+	/* Whole clusters by metadata alone, where the format can say it. */
+	if (end > first && q->version < 3 && has_backing) {
+		if (flags & QK_ZERO_NO_FALLBACK)
+			return qk__err(ENOTSUP, "'%s' (version 2, with a backing file) can only store zeros by writing them",
+				       img->filename);
+		head_end = off;
+		tail_start = off;     /* everything is written below */
+		first = end;
+	}
+	if ((head_end > off || tail_start < off + len) && (flags & QK_ZERO_NO_FALLBACK))
+		return qk__err(ENOTSUP, "zeroing part of a cluster of '%s' needs writing zeros",
+			       img->filename);
+	pthread_mutex_lock(&q->alloc_lock);
+	pthread_mutex_lock(&q->lock);
+	ret = prepare_write(img);
+	for (uint64_t gc = first; ret == 0 && gc < end; gc++) {
+		uint64_t e, ne;
+		ret = get_entry(img, gc, &e);
+		if (ret < 0)
+			break;
+		if (q->version < 3) {
+			ne = 0;            /* no backing: unallocated reads as zeros */
+		} else {
+			uint64_t host = e & L2E_OFFSET_MASK;
+			bool keep = !unmap && !(e & QCOW_OFLAG_COMPRESSED) && host;
+			ne = QCOW_OFLAG_ZERO | (keep ? (e & (L2E_OFFSET_MASK | QCOW_OFLAG_COPIED)) : 0);
+		}
+		if (ne != e)
+			ret = set_entry(img, gc, ne, unmap);
+	}
+	pthread_mutex_unlock(&q->lock);
+	pthread_mutex_unlock(&q->alloc_lock);
+	if (ret < 0)
+		return ret;
+
+	/* Partial clusters (and v2 over a backing file): real zeros. */
+	uint8_t *zeros = NULL;
+	uint64_t ranges[2][2] = { { off, head_end }, { tail_start, off + len } };
+	for (int i = 0; i < 2 && ret == 0; i++) {
+		for (uint64_t o = ranges[i][0]; ret == 0 && o < ranges[i][1];) {
+			size_t n = qk_min_u64(ranges[i][1] - o, cs);
+			if (!zeros && !(zeros = calloc(1, cs)))
+				ret = qk__err(ENOMEM, "out of memory");
+			else
+				ret = qk__qcow2_pwrite(img, zeros, n, o);
+			o += n;
+		}
+	}
+	free(zeros);
 	return ret;
 }
