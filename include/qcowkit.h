@@ -91,7 +91,10 @@ void qk_open_options_init(struct qk_open_options *opts);
  *                        need a rebuild first);
  *   -EACCES              read-write open of an image marked corrupt;
  *   -ELOOP               the backing chain loops or is too deep;
- *   -EFBIG               a table larger than the limits allow.
+ *   -EFBIG               a table larger than the limits allow;
+ *   -EAGAIN              another process holds the image (QEMU-compatible
+ *                        locks: writers exclude other writers and readers
+ *                        that do not force-share).
  */
 int qk_open(const char *path, const struct qk_open_options *opts,
 	    qk_image **out);

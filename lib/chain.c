@@ -80,6 +80,11 @@ int qk__chain_open(qk_image *img, const char *name, const char *fmt,
 		return qk__err(ENOMEM, "out of memory");
 	struct qk__file *f;
 	int ret = qk__file_open_posix(path, false, opts->flags & QK_OPEN_DIRECT, &f);
+	if (ret == 0) {
+		ret = qk__file_lock(f, false, opts->flags & QK_OPEN_FORCE_SHARE);
+		if (ret < 0)
+			qk__file_close(f);
+	}
 	if (ret == 0 && in_chain(img, f)) {
 		qk__file_close(f);
 		ret = qk__err(ELOOP, "backing chain of '%s' loops back to '%s'",

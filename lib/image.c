@@ -184,6 +184,11 @@ QK_EXPORT int qk_open(const char *path, const struct qk_open_options *opts,
 				      opts->flags & QK_OPEN_DIRECT, &f);
 	if (ret < 0)
 		return ret;
+	ret = qk__file_lock(f, opts->flags & QK_OPEN_RDWR, opts->flags & QK_OPEN_FORCE_SHARE);
+	if (ret < 0) {
+		qk__file_close(f);
+		return ret;
+	}
 	return qk__image_open_file(f, path, opts, NULL, out);
 }
 

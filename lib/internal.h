@@ -67,6 +67,10 @@ struct qk__io_ops {
 	/* Make [off, off+len) read as zeros without writing them (space stays
 	 * allocated). May be NULL; -ENOTSUP when the file system cannot. */
 	int (*zero_range)(struct qk__file *f, uint64_t off, uint64_t len);
+	/* Take the image lock (QEMU-compatible): for writing or reading, and
+	 * with force_share, without keeping others from writing. -EAGAIN when
+	 * another process holds a conflicting lock. May be NULL. */
+	int (*lock)(struct qk__file *f, bool write, bool force_share);
 	/* Device and inode identity for loop detection; may be NULL. */
 	int (*identity)(struct qk__file *f, uint64_t *dev, uint64_t *ino);
 	void (*close)(struct qk__file *f);
@@ -81,6 +85,10 @@ struct qk__file {
 static inline int qk__file_pread(struct qk__file *f, void *buf, size_t len, uint64_t off)
 {
 	return f->ops->pread(f, buf, len, off);
+}
+static inline int qk__file_lock(struct qk__file *f, bool write, bool force_share)
+{
+	return f->ops->lock ? f->ops->lock(f, write, force_share) : 0;
 }
 static inline int qk__file_get_size(struct qk__file *f, uint64_t *size)
 {

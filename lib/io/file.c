@@ -199,6 +199,68 @@ static int file_zero_range(struct qk__file *f, uint64_t off, uint64_t len)
 	return falloc(f, FALLOC_FL_ZERO_RANGE, off, len, &pf->no_zero_range);
 }
 
+/*
+ * Image locking, compatible with QEMU's: OFD read locks on single bytes,
+ * 100 + p for each permission p held and 200 + p for each permission not
+ * shared with others (p: 0 consistent read, 1 write, 2 write unchanged,
+ * 3 resize). A reader holds 100 and refuses to share 201 and 203; a
+ * writer also holds 101 and 103; force-share holds 100 only. Conflicts
+ * are tested first (F_OFD_GETLK), then the bytes are taken.
+ */
+#define LOCK_PERM_BASE   100
+#define LOCK_SHARED_BASE 200
+static const char *const perm_names[] = { "consistent read", "write", "write unchanged", "resize" };
+
+static int lock_byte(int fd, int cmd, short type, off_t byte, bool *conflict)
+{
+	struct flock fl = { .l_type = type, .l_whence = SEEK_SET, .l_start = byte, .l_len = 1 };
+	if (fcntl(fd, cmd, &fl) < 0)
+		return -errno;
+	if (conflict)
+		*conflict = fl.l_type != F_UNLCK;
+	return 0;
+}
+
+static int file_lock(struct qk__file *f, bool write, bool force_share)
+{
+	int fd = fd_of(f);
+	unsigned held = write ? 0xb : 0x1;              /* bits: 0, 1, 3 / 0 */
+	unsigned unshared = force_share ? 0 : 0xa;      /* bits 1 and 3 */
+	for (unsigned p = 0; p < 4; p++) {
+		bool conflict = false;
+		int ret = 0;
+		if (held & (1u << p)) {
+			ret = lock_byte(fd, F_OFD_GETLK, F_WRLCK, LOCK_SHARED_BASE + p, &conflict);
+			if (ret == 0 && conflict)
+				return qk__err(EAGAIN, "Failed to get \"%s\" lock: is another process using the image '%s'?",
+					       perm_names[p], f->path);
+		}
+		if (ret == 0 && (unshared & (1u << p))) {
+			ret = lock_byte(fd, F_OFD_GETLK, F_WRLCK, LOCK_PERM_BASE + p, &conflict);
+			if (ret == 0 && conflict)
+				return qk__err(EAGAIN, "Failed to get shared \"%s\" lock: is another process using the image '%s'?",
+					       perm_names[p], f->path);
+		}
+		if (ret == -EINVAL || ret == -ENOTSUP || ret == -ENOLCK)
+			return 0;       /* no OFD locks here (old kernel, some NFS): go on unlocked */
+		if (ret < 0)
+			return qk__err(-ret, "locking '%s' failed: %s", f->path, strerror(-ret));
+	}
+	for (unsigned p = 0; p < 4; p++) {
+		int ret = 0;
+		if (held & (1u << p))
+			ret = lock_byte(fd, F_OFD_SETLK, F_RDLCK, LOCK_PERM_BASE + p, NULL);
+		if (ret == 0 && (unshared & (1u << p)))
+			ret = lock_byte(fd, F_OFD_SETLK, F_RDLCK, LOCK_SHARED_BASE + p, NULL);
+		if (ret == -EAGAIN || ret == -EACCES)
+			return qk__err(EAGAIN, "Failed to lock byte %u of '%s': is another process using the image?",
+				       (held & (1u << p)) ? LOCK_PERM_BASE + p : LOCK_SHARED_BASE + p, f->path);
+		if (ret < 0 && ret != -EINVAL && ret != -ENOTSUP && ret != -ENOLCK)
+			return qk__err(-ret, "locking '%s' failed: %s", f->path, strerror(-ret));
+	}
+	return 0;
+}
+
 static int file_identity(struct qk__file *f, uint64_t *dev, uint64_t *ino)
 {
 	struct stat st;
@@ -228,6 +290,7 @@ static const struct qk__io_ops posix_ops = {
 	.discard = file_discard,
 	.zero_range = file_zero_range,
 	.identity = file_identity,
+	.lock = file_lock,
 	.close = file_close,
 };
 

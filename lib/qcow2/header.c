@@ -17,14 +17,29 @@
  * DEFAULT_L2_CACHE_MAX_SIZE on Linux). */
 #define DEFAULT_L2_CACHE_MAX (32ull << 20)
 
+/*
+ * The one corruption path. On an image open for writing, the corrupt bit
+ * is set in the header (so neither we nor QEMU write it again before a
+ * repair) and every later write of this handle fails; reads go on.
+ */
 int qk__qcow2_corrupt(qk_image *img, const char *fmt, ...)
 {
+	struct qcow2 *q = qcow2_of(img);
 	char msg[384];
 	va_list ap;
 	va_start(ap, fmt);
 	vsnprintf(msg, sizeof msg, fmt, ap);
 	va_end(ap);
-	return qk__err(EIO, "image '%s' is corrupt: %s", img->filename, msg);
+	const char *marked = "";
+	if ((img->flags & QK_OPEN_RDWR) && q->version >= 3 && !(q->incompat & INCOMPAT_CORRUPT)) {
+		uint8_t be[8];
+		qk_put_be64(be, q->incompat | INCOMPAT_CORRUPT);
+		if (img->file->ops->pwrite(img->file, be, 8, HDR_INCOMPAT) == 0 &&
+		    img->file->ops->sync(img->file) == 0)
+			marked = "; the image is now marked corrupt";
+		q->incompat |= INCOMPAT_CORRUPT;
+	}
+	return qk__err(EIO, "image '%s' is corrupt: %s%s", img->filename, msg, marked);
 }
 
 const char *qk__qcow2_feature_name(struct qcow2 *q, unsigned bit)
@@ -198,6 +213,9 @@ static int open_data_file(qk_image *img, struct qcow2 *q, const struct qk_open_o
 	int ret = qk__file_open_posix(path, opts->flags & QK_OPEN_RDWR,
 				      opts->flags & QK_OPEN_DIRECT, &q->data_file);
 	free(path);
+	if (ret == 0)
+		ret = qk__file_lock(q->data_file, opts->flags & QK_OPEN_RDWR,
+				    opts->flags & QK_OPEN_FORCE_SHARE);
 	return ret;
 }
 

@@ -65,6 +65,9 @@ int qk__qcow2_pre_write_meta(void *opaque, uint64_t offset)
 static int prepare_write(qk_image *img)
 {
 	struct qcow2 *q = qcow2_of(img);
+	if (q->incompat & INCOMPAT_CORRUPT)
+		return qk__err(EIO, "'%s' is marked corrupt: no more writes until it is repaired",
+			       img->filename);
 	if (q->write_ready)
 		return 0;
 	if (q->extl2)
