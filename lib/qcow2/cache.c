@@ -125,7 +125,7 @@ int qk__cache_flush(struct qk__cache *c)
 {
 	if (!c->slots || !qk__cache_is_dirty(c)) {
 		c->depends = NULL;
-		c->flush_file_first = false;
+		c->sync_first = NULL;
 		return 0;
 	}
 	int ret = 0;
@@ -135,11 +135,11 @@ int qk__cache_flush(struct qk__cache *c)
 			return ret;
 		c->depends = NULL;
 	}
-	if (c->flush_file_first) {
-		ret = c->file->ops->sync(c->file);
+	if (c->sync_first) {
+		ret = c->sync_first->ops->sync(c->sync_first);
 		if (ret < 0)
 			return ret;
-		c->flush_file_first = false;
+		c->sync_first = NULL;
 	}
 	for (uint32_t i = 0; i < c->nslots && ret == 0; i++)
 		if (c->slots[i].dirty)

@@ -21,7 +21,7 @@
  * Write ordering lives here, as in QEMU: a dirty table reaches the disk
  * only after the cache it depends on has been flushed (written and
  * synced), e.g. L2 tables after the refcount blocks that count their
- * clusters, and, when `flush_file_first` is set, after a sync of the file
+ * clusters, and, when `sync_first` is set, after a sync of that file
  * (guest data before the L2 entry that exposes it). Eviction of a dirty
  * table flushes the whole cache, so the order holds there too.
  */
@@ -50,7 +50,7 @@ struct qk__cache {
 	int (*pre_write)(void *opaque, uint64_t offset);
 	void *opaque;
 	struct qk__cache *depends;  /* flush this cache before writing ours */
-	bool flush_file_first;      /* sync the file before writing ours */
+	struct qk__file *sync_first; /* sync this file before writing ours */
 	void *scratch;              /* entry_size bytes for store() */
 };
 

@@ -73,23 +73,23 @@ static int prepare_write(qk_image *img)
 	if (q->extl2)
 		return qk__err(ENOTSUP, "writing to '%s' is not supported yet: it uses extended L2 entries",
 			       img->filename);
-	if (q->data_file)
-		return qk__err(ENOTSUP, "writing to '%s' is not supported yet: it has an external data file",
-			       img->filename);
 	if (q->n_bitmaps)
 		return qk__err(ENOTSUP, "writing to '%s' is not supported yet: its persistent bitmaps "
 			       "would need updating", img->filename);
-	if (q->version >= 3 && q->autoclear) {
-		/* Unknown autoclear bits (and a bitmaps bit without bitmaps)
-		 * must be cleared before the image changes. */
+	/* Autoclear bits this writer does not keep true (unknown ones, and
+	 * bitmaps, which it does not update) must be cleared before the image
+	 * changes. The raw data file bit stays: writes keep the data file a
+	 * valid raw image. */
+	uint64_t keep = q->autoclear & AUTOCLEAR_DATA_RAW;
+	if (q->version >= 3 && q->autoclear != keep) {
 		uint8_t be[8];
-		qk_put_be64(be, 0);
+		qk_put_be64(be, keep);
 		int ret = img->file->ops->pwrite(img->file, be, 8, HDR_AUTOCLEAR);
 		if (ret == 0)
 			ret = img->file->ops->sync(img->file);
 		if (ret < 0)
 			return ret;
-		q->autoclear = 0;
+		q->autoclear = keep;
 	}
 	q->write_ready = true;
 	return 0;
@@ -182,17 +182,18 @@ static int release_entry(qk_image *img, uint64_t e)
 		return qk__qcow2_update_refcount(img, coffset, csize, -1);
 	}
 	uint64_t host = e & L2E_OFFSET_MASK;
-	if (host)
+	if (host && !q->data_file)      /* data file clusters have no refcount */
 		return qk__qcow2_update_refcount(img, host, q->cluster_size, -1);
 	return 0;
 }
 
-/* Host offset of guest cluster gc when the image owns it alone and it
- * holds plain data (so a write may go in place); 0 otherwise. */
-static int owned_host(qk_image *img, uint64_t gc, uint64_t *host)
+/* Host offset of guest cluster gc, with *owned set, when the image owns
+ * it alone and it holds plain data (so a write may go in place). */
+static int owned_host(qk_image *img, uint64_t gc, uint64_t *host, bool *owned)
 {
 	struct qcow2 *q = qcow2_of(img);
 	*host = 0;
+	*owned = false;
 	uint64_t l1i = gc >> q->l2_bits, l2i = gc & ((1ull << q->l2_bits) - 1);
 	uint64_t l1e = q->l1[l1i];
 	uint64_t l2_off = l1e & L1E_OFFSET_MASK;
@@ -205,9 +206,12 @@ static int owned_host(qk_image *img, uint64_t gc, uint64_t *host)
 	uint64_t e = t[l2i];
 	qk__cache_put(&q->l2_cache, l2_off);
 	uint64_t off = e & L2E_OFFSET_MASK;
+	bool allocated = off || q->data_file;     /* data file: identity, 0 is valid */
 	if ((e & QCOW_OFLAG_COPIED) && !(e & (QCOW_OFLAG_COMPRESSED | QCOW_OFLAG_ZERO)) &&
-	    !(e & L2E_RESERVED_MASK) && off && !(off & (q->cluster_size - 1)))
+	    !(e & L2E_RESERVED_MASK) && allocated && !(off & (q->cluster_size - 1))) {
 		*host = off;
+		*owned = true;
+	}
 	return 0;
 }
 
@@ -231,19 +235,28 @@ static int write_new_cluster(qk_image *img, uint64_t gc, uint64_t in, const uint
 	}
 	memcpy(buf + in, data, n);
 
-	pthread_mutex_lock(&q->lock);
-	uint64_t host;
-	int ret = qk__qcow2_alloc_clusters(img, 1, &host);
-	pthread_mutex_unlock(&q->lock);
-	if (ret < 0)
-		return ret;
-	ret = img->file->ops->pwrite(img->file, buf, cs, host);
+	/* An external data file maps guest offsets to the same offsets and
+	 * has no refcounts; else a free cluster of the image file. */
+	struct qk__file *df = q->data_file ? q->data_file : img->file;
+	uint64_t host = start;
+	int ret = 0;
+	if (!q->data_file) {
+		pthread_mutex_lock(&q->lock);
+		ret = qk__qcow2_alloc_clusters(img, 1, &host);
+		pthread_mutex_unlock(&q->lock);
+		if (ret < 0)
+			return ret;
+	}
+	/* The last cluster of a data file ends with the image. */
+	uint64_t wlen = q->data_file ? qk_min_u64(cs, img->size - start) : cs;
+	ret = df->ops->pwrite(df, buf, wlen, host);
 	pthread_mutex_lock(&q->lock);
 	if (ret < 0) {
-		qk__qcow2_update_refcount(img, host, cs, -1);   /* best effort: else a leak */
+		if (!q->data_file)
+			qk__qcow2_update_refcount(img, host, cs, -1);   /* best effort: else a leak */
 		goto out;
 	}
-	if (host + cs > q->file_size)
+	if (!q->data_file && host + cs > q->file_size)
 		q->file_size = host + cs;
 	uint64_t l1i = gc >> q->l2_bits, l2i = gc & ((1ull << q->l2_bits) - 1);
 	uint64_t l2_off = 0, *t = NULL;
@@ -253,7 +266,7 @@ static int write_new_cluster(qk_image *img, uint64_t gc, uint64_t in, const uint
 	/* Refcounts, then data, before the entry reaches the disk. */
 	ret = qk__cache_set_dependency(&q->l2_cache, &q->rb_cache);
 	if (ret == 0) {
-		q->l2_cache.flush_file_first = true;
+		q->l2_cache.sync_first = df;
 		uint64_t old = t[l2i];
 		t[l2i] = host | QCOW_OFLAG_COPIED;
 		qk__cache_mark_dirty(&q->l2_cache, l2_off);
@@ -279,18 +292,19 @@ int qk__qcow2_pwrite(qk_image *img, const void *buf, size_t len, uint64_t off)
 		uint64_t in = off & (q->cluster_size - 1);
 		size_t n = qk_min_u64(len, q->cluster_size - in);
 		uint64_t host;
+		bool owned;
 		pthread_mutex_lock(&q->lock);
-		ret = owned_host(img, gc, &host);
+		ret = owned_host(img, gc, &host, &owned);
 		pthread_mutex_unlock(&q->lock);
 		if (ret < 0)
 			break;
-		if (!host) {
+		if (!owned) {
 			pthread_mutex_lock(&q->alloc_lock);
 			/* Another writer may have allocated it meanwhile. */
 			pthread_mutex_lock(&q->lock);
-			ret = owned_host(img, gc, &host);
+			ret = owned_host(img, gc, &host, &owned);
 			pthread_mutex_unlock(&q->lock);
-			if (ret == 0 && !host) {
+			if (ret == 0 && !owned) {
 				if (!cbuf && !(cbuf = malloc(q->cluster_size)))
 					ret = qk__err(ENOMEM, "out of memory");
 				else
@@ -298,8 +312,10 @@ int qk__qcow2_pwrite(qk_image *img, const void *buf, size_t len, uint64_t off)
 			}
 			pthread_mutex_unlock(&q->alloc_lock);
 		}
-		if (ret == 0 && host)
-			ret = img->file->ops->pwrite(img->file, p, n, host + in);
+		if (ret == 0 && owned) {
+			struct qk__file *df = q->data_file ? q->data_file : img->file;
+			ret = df->ops->pwrite(df, p, n, host + in);
+		}
 		p += n;
 		off += n;
 		len -= n;
@@ -334,7 +350,11 @@ static int queue_punch(qk_image *img, uint64_t off, uint64_t len)
 static int flush_locked(qk_image *img)
 {
 	struct qcow2 *q = qcow2_of(img);
-	int ret = qk__cache_flush(&q->l2_cache);
+	int ret = 0;
+	if (q->data_file)
+		ret = q->data_file->ops->sync(q->data_file);
+	if (ret == 0)
+		ret = qk__cache_flush(&q->l2_cache);
 	if (ret == 0 && q->rt)
 		ret = qk__cache_flush(&q->rb_cache);
 	if (ret == 0)
@@ -400,7 +420,7 @@ static int set_entry(qk_image *img, uint64_t gc, uint64_t ne, bool punch)
 			bool keeps = !(old & QCOW_OFLAG_COMPRESSED) && host && (ne & L2E_OFFSET_MASK) == host;
 			if (!keeps) {
 				ret = release_entry(img, old);
-				if (ret == 0 && punch && host && !(old & QCOW_OFLAG_COMPRESSED)) {
+				if (ret == 0 && punch && host && !q->data_file && !(old & QCOW_OFLAG_COMPRESSED)) {
 					uint64_t rc;
 					ret = qk__qcow2_get_refcount(img, host >> q->cluster_bits, &rc);
 					if (ret == 0 && rc == 0)
@@ -451,6 +471,8 @@ int qk__qcow2_discard(qk_image *img, uint64_t off, uint64_t len)
 	uint64_t first, end;
 	whole_clusters(img, off, len, &first, &end);
 	bool has_backing = q->backing_file != NULL;
+	if (q->autoclear & AUTOCLEAR_DATA_RAW)
+		return 0;       /* the raw data file must keep its bytes: a hint ignored */
 	pthread_mutex_lock(&q->alloc_lock);
 	pthread_mutex_lock(&q->lock);
 	int ret = prepare_write(img);
@@ -489,8 +511,10 @@ int qk__qcow2_write_zeroes(qk_image *img, uint64_t off, uint64_t len, uint32_t f
 	bool unmap = flags & QK_ZERO_MAY_UNMAP;
 	int ret = 0;
 
-	/* Whole clusters by metadata alone, where the format can say it. */
-	if (end > first && q->version < 3 && has_backing) {
+	/* Whole clusters by metadata alone, where the format can say it; a
+	 * raw data file must hold the zeros itself. */
+	bool raw_df = q->autoclear & AUTOCLEAR_DATA_RAW;
+	if (end > first && ((q->version < 3 && has_backing) || raw_df)) {
 		if (flags & QK_ZERO_NO_FALLBACK)
 			return qk__err(ENOTSUP, "'%s' (version 2, with a backing file) can only store zeros by writing them",
 				       img->filename);
