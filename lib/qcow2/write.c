@@ -24,6 +24,7 @@
 #include <string.h>
 
 static int flush_locked(qk_image *img);
+static int queue_punch(qk_image *img, uint64_t off, uint64_t len);
 
 void qk__qcow2_store_l2(void *opaque, const void *table, void *out)
 {
@@ -70,9 +71,6 @@ static int prepare_write(qk_image *img)
 			       img->filename);
 	if (q->write_ready)
 		return 0;
-	if (q->extl2)
-		return qk__err(ENOTSUP, "writing to '%s' is not supported yet: it uses extended L2 entries",
-			       img->filename);
 	if (q->n_bitmaps)
 		return qk__err(ENOTSUP, "writing to '%s' is not supported yet: its persistent bitmaps "
 			       "would need updating", img->filename);
@@ -187,92 +185,201 @@ static int release_entry(qk_image *img, uint64_t e)
 	return 0;
 }
 
-/* Host offset of guest cluster gc, with *owned set, when the image owns
- * it alone and it holds plain data (so a write may go in place). */
-static int owned_host(qk_image *img, uint64_t gc, uint64_t *host, bool *owned)
+/* An L2 entry and, with extended L2, its subcluster bitmap. */
+struct entry {
+	uint64_t e;
+	uint64_t bm;
+};
+
+static uint64_t l2_slot(const struct qcow2 *q, uint64_t gc)
+{
+	uint64_t l2i = gc & ((1ull << q->l2_bits) - 1);
+	return q->extl2 ? 2 * l2i : l2i;
+}
+
+/* The entry of guest cluster gc ({0, 0} when unmapped). Metadata lock held. */
+static int get_entry(qk_image *img, uint64_t gc, struct entry *en)
 {
 	struct qcow2 *q = qcow2_of(img);
-	*host = 0;
-	*owned = false;
-	uint64_t l1i = gc >> q->l2_bits, l2i = gc & ((1ull << q->l2_bits) - 1);
-	uint64_t l1e = q->l1[l1i];
-	uint64_t l2_off = l1e & L1E_OFFSET_MASK;
-	if (!l2_off || !(l1e & QCOW_OFLAG_COPIED) || (l2_off & (q->cluster_size - 1)))
+	uint64_t l2_off = q->l1[gc >> q->l2_bits] & L1E_OFFSET_MASK;
+	en->e = en->bm = 0;
+	if (!l2_off)
 		return 0;
+	if (l2_off & (q->cluster_size - 1))
+		return qk__qcow2_corrupt(img, "L2 table offset 0x%llx unaligned (L1 index %llu)",
+					 (unsigned long long)l2_off, (unsigned long long)(gc >> q->l2_bits));
 	uint64_t *t;
 	int ret = qk__cache_get(&q->l2_cache, l2_off, (void **)&t);
 	if (ret < 0)
 		return ret;
-	uint64_t e = t[l2i];
+	uint64_t slot = l2_slot(q, gc);
+	en->e = t[slot];
+	en->bm = q->extl2 ? t[slot + 1] : 0;
 	qk__cache_put(&q->l2_cache, l2_off);
-	uint64_t off = e & L2E_OFFSET_MASK;
+	return 0;
+}
+
+/* Bitmap bits (alloc half) of the subclusters meeting [in, in+n). */
+static uint64_t sc_mask(const struct qcow2 *q, uint64_t in, uint64_t n)
+{
+	uint32_t a = (uint32_t)(in >> q->sc_bits), b = (uint32_t)((in + n - 1) >> q->sc_bits);
+	return (b == 31 ? 0xffffffffull : ((1ull << (b + 1)) - 1)) & ~((1ull << a) - 1);
+}
+
+/* Does the image own this entry's host cluster alone, holding data (so a
+ * write may go in place)? Sets *host. */
+static bool entry_owned(const struct qcow2 *q, const struct entry *en, uint64_t *host)
+{
+	uint64_t e = en->e, off = e & L2E_OFFSET_MASK;
 	bool allocated = off || q->data_file;     /* data file: identity, 0 is valid */
-	if ((e & QCOW_OFLAG_COPIED) && !(e & (QCOW_OFLAG_COMPRESSED | QCOW_OFLAG_ZERO)) &&
-	    !(e & L2E_RESERVED_MASK) && allocated && !(off & (q->cluster_size - 1))) {
-		*host = off;
+	*host = off;
+	return (e & QCOW_OFLAG_COPIED) && !(e & (QCOW_OFLAG_COMPRESSED | QCOW_OFLAG_ZERO)) &&
+	       !(e & L2E_RESERVED_MASK) && allocated && !(off & (q->cluster_size - 1));
+}
+
+/* Host offset of guest cluster gc, with *owned set, when a write of
+ * [in, in+n) may go straight there: the cluster is the image's alone and,
+ * with extended L2, every touched subcluster is allocated. Metadata lock
+ * held. */
+static int owned_host(qk_image *img, uint64_t gc, uint64_t in, uint64_t n, uint64_t *host,
+		      bool *owned)
+{
+	struct qcow2 *q = qcow2_of(img);
+	*owned = false;
+	uint64_t l1e = q->l1[gc >> q->l2_bits];
+	if (!(l1e & QCOW_OFLAG_COPIED))
+		return 0;
+	struct entry en;
+	int ret = get_entry(img, gc, &en);
+	if (ret < 0)
+		return ret;
+	if (!entry_owned(q, &en, host))
+		return 0;
+	if (q->extl2) {
+		uint64_t m = sc_mask(q, in, n);
+		*owned = (en.bm & m) == m && !(en.bm & (m << 32));
+	} else {
 		*owned = true;
 	}
 	return 0;
 }
 
 /*
- * Write n bytes at byte `in` of guest cluster gc through a new cluster:
- * the rest of the cluster is copied from what the guest reads there now
- * (backing chain, compressed or zero cluster, or a shared cluster).
- * alloc_lock held, metadata lock not.
+ * Set the entry of guest cluster gc to `ne` (and bitmap `nbm` with
+ * extended L2), releasing what the old entry held unless the new one keeps
+ * its host cluster. With `punch`, freed data clusters become holes in the
+ * file after the next flush. `sync_first` (may be NULL) is synced before
+ * the entry reaches the disk (data before mapping). Metadata lock held.
  */
-static int write_new_cluster(qk_image *img, uint64_t gc, uint64_t in, const uint8_t *data, size_t n,
-			     uint8_t *buf)
+static int set_entry(qk_image *img, uint64_t gc, uint64_t ne, uint64_t nbm, bool punch,
+		     struct qk__file *sync_first)
+{
+	struct qcow2 *q = qcow2_of(img);
+	uint64_t l2_off = 0, *t = NULL;
+	int ret = l2_for_write(img, gc >> q->l2_bits, &l2_off, &t);
+	if (ret < 0)
+		return ret;
+	uint64_t slot = l2_slot(q, gc);
+	uint64_t old = t[slot];
+	if (old == ne && (!q->extl2 || t[slot + 1] == nbm))
+		goto out;
+	/* Refcounts of new clusters first, then data, then the entry. */
+	ret = qk__cache_set_dependency(&q->l2_cache, &q->rb_cache);
+	if (ret < 0)
+		goto out;
+	if (sync_first)
+		q->l2_cache.sync_first = sync_first;
+	t[slot] = ne;
+	if (q->extl2)
+		t[slot + 1] = nbm;
+	qk__cache_mark_dirty(&q->l2_cache, l2_off);
+	uint64_t host = old & L2E_OFFSET_MASK;
+	bool compressed = old & QCOW_OFLAG_COMPRESSED;
+	if (!compressed && host && (ne & L2E_OFFSET_MASK) == host && !(ne & QCOW_OFLAG_COMPRESSED))
+		goto out;       /* the host cluster stays in use */
+	ret = release_entry(img, old);
+	if (ret == 0 && punch && host && !q->data_file && !compressed) {
+		uint64_t rc;
+		ret = qk__qcow2_get_refcount(img, host >> q->cluster_bits, &rc);
+		if (ret == 0 && rc == 0)
+			ret = queue_punch(img, host, q->cluster_size);
+	}
+out:
+	qk__cache_put(&q->l2_cache, l2_off);
+	return ret;
+}
+
+/*
+ * Write n bytes at byte `in` of guest cluster gc when they cannot go in
+ * place. What the guest reads around them now (backing chain, compressed,
+ * zero or shared cluster) is copied: the whole cluster into a new host
+ * cluster; or, with extended L2, only the touched subclusters, into the
+ * cluster the image already owns or into a new one when the old entry held
+ * nothing. alloc_lock held, metadata lock not.
+ */
+static int write_slow(qk_image *img, uint64_t gc, uint64_t in, const uint8_t *data, size_t n,
+		      uint8_t *buf)
 {
 	struct qcow2 *q = qcow2_of(img);
 	uint64_t cs = q->cluster_size, start = gc << q->cluster_bits;
-	if (n < cs) {
-		uint64_t valid = qk_min_u64(cs, img->size - start);
-		int ret = qk__qcow2_pread(img, buf, valid, start);
+	struct qk__file *df = q->data_file ? q->data_file : img->file;
+	struct entry en;
+	uint64_t host;
+	pthread_mutex_lock(&q->lock);
+	int ret = get_entry(img, gc, &en);
+	pthread_mutex_unlock(&q->lock);
+	if (ret < 0)
+		return ret;
+	bool owned = entry_owned(q, &en, &host);
+	bool holds = (en.e & QCOW_OFLAG_COMPRESSED) || (en.e & L2E_OFFSET_MASK) ||
+		     (q->data_file && (en.e & QCOW_OFLAG_COPIED));
+
+	/* The byte span to write: whole subclusters with extended L2 when the
+	 * cluster is ours or held nothing, else the whole cluster. */
+	uint64_t span_lo = 0, span_hi = cs, m = 0xffffffffull;
+	if (q->extl2 && (owned || !holds)) {
+		m = sc_mask(q, in, n);
+		span_lo = (uint64_t)__builtin_ctzll(m) << q->sc_bits;
+		span_hi = (uint64_t)(64 - __builtin_clzll(m)) << q->sc_bits;
+	}
+	uint64_t valid_hi = qk_min_u64(span_hi, img->size - start);
+	if (in > span_lo || in + n < valid_hi) {
+		ret = qk__qcow2_pread(img, buf + span_lo, valid_hi - span_lo, start + span_lo);
 		if (ret < 0)
 			return ret;
-		memset(buf + valid, 0, cs - valid);
 	}
+	memset(buf + valid_hi, 0, span_hi - valid_hi);
 	memcpy(buf + in, data, n);
 
-	/* An external data file maps guest offsets to the same offsets and
-	 * has no refcounts; else a free cluster of the image file. */
-	struct qk__file *df = q->data_file ? q->data_file : img->file;
-	uint64_t host = start;
-	int ret = 0;
-	if (!q->data_file) {
-		pthread_mutex_lock(&q->lock);
-		ret = qk__qcow2_alloc_clusters(img, 1, &host);
-		pthread_mutex_unlock(&q->lock);
-		if (ret < 0)
-			return ret;
+	if (!owned) {
+		/* A new host cluster: identity in a data file, else allocated. */
+		host = start;
+		if (!q->data_file) {
+			pthread_mutex_lock(&q->lock);
+			ret = qk__qcow2_alloc_clusters(img, 1, &host);
+			pthread_mutex_unlock(&q->lock);
+			if (ret < 0)
+				return ret;
+		}
 	}
-	/* The last cluster of a data file ends with the image. */
-	uint64_t wlen = q->data_file ? qk_min_u64(cs, img->size - start) : cs;
-	ret = df->ops->pwrite(df, buf, wlen, host);
+	/* A data file ends with the image; the image file gets whole clusters. */
+	uint64_t wend = q->data_file ? valid_hi : span_hi;
+	ret = df->ops->pwrite(df, buf + span_lo, wend - span_lo, host + span_lo);
 	pthread_mutex_lock(&q->lock);
 	if (ret < 0) {
-		if (!q->data_file)
+		if (!owned && !q->data_file)
 			qk__qcow2_update_refcount(img, host, cs, -1);   /* best effort: else a leak */
 		goto out;
 	}
 	if (!q->data_file && host + cs > q->file_size)
 		q->file_size = host + cs;
-	uint64_t l1i = gc >> q->l2_bits, l2i = gc & ((1ull << q->l2_bits) - 1);
-	uint64_t l2_off = 0, *t = NULL;
-	ret = l2_for_write(img, l1i, &l2_off, &t);
-	if (ret < 0)
-		goto out;
-	/* Refcounts, then data, before the entry reaches the disk. */
-	ret = qk__cache_set_dependency(&q->l2_cache, &q->rb_cache);
-	if (ret == 0) {
-		q->l2_cache.sync_first = df;
-		uint64_t old = t[l2i];
-		t[l2i] = host | QCOW_OFLAG_COPIED;
-		qk__cache_mark_dirty(&q->l2_cache, l2_off);
-		ret = release_entry(img, old);
+	uint64_t nbm = 0;
+	if (q->extl2) {
+		uint64_t alloc = owned ? (en.bm & 0xffffffffull) | m : m;
+		uint64_t zero = owned || !holds ? (en.bm >> 32) & ~m : 0;
+		nbm = alloc | (zero << 32);
 	}
-	qk__cache_put(&q->l2_cache, l2_off);
+	ret = set_entry(img, gc, host | QCOW_OFLAG_COPIED, nbm, false, df);
 out:
 	pthread_mutex_unlock(&q->lock);
 	return ret;
@@ -294,7 +401,7 @@ int qk__qcow2_pwrite(qk_image *img, const void *buf, size_t len, uint64_t off)
 		uint64_t host;
 		bool owned;
 		pthread_mutex_lock(&q->lock);
-		ret = owned_host(img, gc, &host, &owned);
+		ret = owned_host(img, gc, in, n, &host, &owned);
 		pthread_mutex_unlock(&q->lock);
 		if (ret < 0)
 			break;
@@ -302,13 +409,13 @@ int qk__qcow2_pwrite(qk_image *img, const void *buf, size_t len, uint64_t off)
 			pthread_mutex_lock(&q->alloc_lock);
 			/* Another writer may have allocated it meanwhile. */
 			pthread_mutex_lock(&q->lock);
-			ret = owned_host(img, gc, &host, &owned);
+			ret = owned_host(img, gc, in, n, &host, &owned);
 			pthread_mutex_unlock(&q->lock);
 			if (ret == 0 && !owned) {
 				if (!cbuf && !(cbuf = malloc(q->cluster_size)))
 					ret = qk__err(ENOMEM, "out of memory");
 				else
-					ret = write_new_cluster(img, gc, in, p, n, cbuf);
+					ret = write_slow(img, gc, in, p, n, cbuf);
 			}
 			pthread_mutex_unlock(&q->alloc_lock);
 		}
@@ -396,61 +503,6 @@ int qk__qcow2_flush(qk_image *img)
 	return ret;
 }
 
-/*
- * Replace the L2 entry of guest cluster gc by `ne` (QK: metadata change
- * only), releasing what the old entry held; with `punch`, freed data
- * clusters become holes in the file after the next flush. Metadata lock
- * held.
- */
-static int set_entry(qk_image *img, uint64_t gc, uint64_t ne, bool punch)
-{
-	struct qcow2 *q = qcow2_of(img);
-	uint64_t l1i = gc >> q->l2_bits, l2i = gc & ((1ull << q->l2_bits) - 1);
-	uint64_t l2_off = 0, *t = NULL;
-	int ret = l2_for_write(img, l1i, &l2_off, &t);
-	if (ret < 0)
-		return ret;
-	uint64_t old = t[l2i];
-	if (old != ne) {
-		ret = qk__cache_set_dependency(&q->l2_cache, &q->rb_cache);
-		if (ret == 0) {
-			t[l2i] = ne;
-			qk__cache_mark_dirty(&q->l2_cache, l2_off);
-			uint64_t host = old & L2E_OFFSET_MASK;
-			bool keeps = !(old & QCOW_OFLAG_COMPRESSED) && host && (ne & L2E_OFFSET_MASK) == host;
-			if (!keeps) {
-				ret = release_entry(img, old);
-				if (ret == 0 && punch && host && !q->data_file && !(old & QCOW_OFLAG_COMPRESSED)) {
-					uint64_t rc;
-					ret = qk__qcow2_get_refcount(img, host >> q->cluster_bits, &rc);
-					if (ret == 0 && rc == 0)
-						ret = queue_punch(img, host, q->cluster_size);
-				}
-			}
-		}
-	}
-	qk__cache_put(&q->l2_cache, l2_off);
-	return ret;
-}
-
-/* The L2 entry of guest cluster gc (0 when unmapped). Metadata lock held. */
-static int get_entry(qk_image *img, uint64_t gc, uint64_t *e)
-{
-	struct qcow2 *q = qcow2_of(img);
-	uint64_t l1i = gc >> q->l2_bits, l2i = gc & ((1ull << q->l2_bits) - 1);
-	uint64_t l2_off = q->l1[l1i] & L1E_OFFSET_MASK;
-	*e = 0;
-	if (!l2_off)
-		return 0;
-	uint64_t *t;
-	int ret = qk__cache_get(&q->l2_cache, l2_off, (void **)&t);
-	if (ret < 0)
-		return ret;
-	*e = t[l2i];
-	qk__cache_put(&q->l2_cache, l2_off);
-	return 0;
-}
-
 /* Whole clusters of [off, off+len): the first and one past the last, where
  * a range reaching the end of the image counts its last partial cluster. */
 static void whole_clusters(qk_image *img, uint64_t off, uint64_t len, uint64_t *first,
@@ -477,90 +529,142 @@ int qk__qcow2_discard(qk_image *img, uint64_t off, uint64_t len)
 	pthread_mutex_lock(&q->lock);
 	int ret = prepare_write(img);
 	for (uint64_t gc = first; ret == 0 && gc < end; gc++) {
-		uint64_t e;
-		ret = get_entry(img, gc, &e);
+		struct entry en;
+		ret = get_entry(img, gc, &en);
 		if (ret < 0)
 			break;
-		bool allocated = (e & QCOW_OFLAG_COMPRESSED) || (e & L2E_OFFSET_MASK);
+		bool allocated = (en.e & QCOW_OFLAG_COMPRESSED) || (en.e & L2E_OFFSET_MASK) ||
+				 (en.bm & 0xffffffffull);
 		/* Discarded data must read as zeros, not as the backing file:
-		 * v3 has the zero flag; v2 over a backing file cannot say it
-		 * without writing zeros, so it keeps the data (discard is a
-		 * hint). */
-		uint64_t ne;
-		if (q->version >= 3)
-			ne = (allocated || has_backing) ? QCOW_OFLAG_ZERO : e;
-		else
-			ne = has_backing ? e : 0;
-		if (ne != e)
-			ret = set_entry(img, gc, ne, true);
+		 * v3 says so with the zero flag (all zero bits with extended
+		 * L2); v2 over a backing file cannot without writing zeros, so
+		 * it keeps the data (discard is a hint). */
+		uint64_t ne = en.e, nbm = en.bm;
+		if (q->version >= 3 && (allocated || has_backing)) {
+			ne = q->extl2 ? 0 : QCOW_OFLAG_ZERO;
+			nbm = q->extl2 ? SC_ZERO_MASK : 0;
+		} else if (q->version < 3 && !has_backing) {
+			ne = 0;
+		}
+		ret = set_entry(img, gc, ne, nbm, true, NULL);
 	}
 	pthread_mutex_unlock(&q->lock);
 	pthread_mutex_unlock(&q->alloc_lock);
 	return ret;
 }
 
+/* Write real zeros over [off, off+len) through the normal write path. */
+static int write_zero_bytes(qk_image *img, uint64_t off, uint64_t len, uint32_t flags)
+{
+	struct qcow2 *q = qcow2_of(img);
+	if (len == 0)
+		return 0;
+	if (flags & QK_ZERO_NO_FALLBACK)
+		return qk__err(ENOTSUP, "zeroing [%llu, +%llu) of '%s' needs writing zeros",
+			       (unsigned long long)off, (unsigned long long)len, img->filename);
+	uint8_t *zeros = calloc(1, q->cluster_size);
+	if (!zeros)
+		return qk__err(ENOMEM, "out of memory");
+	int ret = 0;
+	while (ret == 0 && len > 0) {
+		size_t n = qk_min_u64(len, q->cluster_size - (off & (q->cluster_size - 1)));
+		ret = qk__qcow2_pwrite(img, zeros, n, off);
+		off += n;
+		len -= n;
+	}
+	free(zeros);
+	return ret;
+}
+
+/*
+ * Zero the whole subclusters of [a, b) inside guest cluster gc by bitmap
+ * (extended L2): they become zero, keeping the host cluster. Sets *done
+ * to the bytes [lo, hi) covered; a compressed cluster is left for real
+ * zeros (*lo == *hi). Metadata lock held.
+ */
+static int zero_subclusters(qk_image *img, uint64_t gc, uint64_t a, uint64_t b, uint64_t *lo,
+			    uint64_t *hi)
+{
+	struct qcow2 *q = qcow2_of(img);
+	uint64_t scs = 1ull << q->sc_bits, start = gc << q->cluster_bits;
+	uint64_t cl_end = qk_min_u64(start + q->cluster_size, img->size);
+	*lo = (a + scs - 1) & ~(scs - 1);
+	*hi = b == cl_end ? b : b & ~(scs - 1);   /* the image's last subcluster counts */
+	if (*hi <= *lo) {
+		*lo = *hi = a;
+		return 0;
+	}
+	struct entry en;
+	int ret = get_entry(img, gc, &en);
+	if (ret < 0)
+		return ret;
+	if (en.e & QCOW_OFLAG_COMPRESSED) {
+		*lo = *hi = a;
+		return 0;
+	}
+	uint64_t m = sc_mask(q, *lo - start, *hi - *lo);
+	uint64_t nbm = (en.bm & ~m) | (m << 32);
+	return set_entry(img, gc, en.e, nbm, false, NULL);
+}
+
 int qk__qcow2_write_zeroes(qk_image *img, uint64_t off, uint64_t len, uint32_t flags)
 {
 	struct qcow2 *q = qcow2_of(img);
-	uint64_t cs = q->cluster_size;
 	uint64_t first, end;
 	whole_clusters(img, off, len, &first, &end);
-	uint64_t head_end = qk_min_u64(off + len, first << q->cluster_bits);
-	uint64_t tail_start = qk_max_u64(head_end, qk_min_u64(off + len, end << q->cluster_bits));
 	bool has_backing = q->backing_file != NULL;
 	bool unmap = flags & QK_ZERO_MAY_UNMAP;
-	int ret = 0;
+	/* A raw data file must hold the zeros itself; v2 over a backing file
+	 * has no way to say "zero" in metadata. */
+	if ((q->autoclear & AUTOCLEAR_DATA_RAW) || (q->version < 3 && has_backing))
+		return write_zero_bytes(img, off, len, flags);
 
-	/* Whole clusters by metadata alone, where the format can say it; a
-	 * raw data file must hold the zeros itself. */
-	bool raw_df = q->autoclear & AUTOCLEAR_DATA_RAW;
-	if (end > first && ((q->version < 3 && has_backing) || raw_df)) {
-		if (flags & QK_ZERO_NO_FALLBACK)
-			return qk__err(ENOTSUP, "'%s' (version 2, with a backing file) can only store zeros by writing them",
-				       img->filename);
-		head_end = off;
-		tail_start = off;     /* everything is written below */
-		first = end;
-	}
-	if ((head_end > off || tail_start < off + len) && (flags & QK_ZERO_NO_FALLBACK))
+	uint64_t head_end = qk_min_u64(off + len, first << q->cluster_bits);
+	uint64_t tail_start = qk_max_u64(head_end, qk_min_u64(off + len, end << q->cluster_bits));
+	if (!q->extl2 && (head_end > off || tail_start < off + len) && (flags & QK_ZERO_NO_FALLBACK))
 		return qk__err(ENOTSUP, "zeroing part of a cluster of '%s' needs writing zeros",
 			       img->filename);
+	/* Byte ranges still to be written as real zeros afterwards. */
+	uint64_t parts[4][2] = { { off, head_end }, { 0, 0 }, { tail_start, off + len }, { 0, 0 } };
+
 	pthread_mutex_lock(&q->alloc_lock);
 	pthread_mutex_lock(&q->lock);
-	ret = prepare_write(img);
+	int ret = prepare_write(img);
 	for (uint64_t gc = first; ret == 0 && gc < end; gc++) {
-		uint64_t e, ne;
-		ret = get_entry(img, gc, &e);
+		struct entry en;
+		ret = get_entry(img, gc, &en);
 		if (ret < 0)
 			break;
-		if (q->version < 3) {
-			ne = 0;            /* no backing: unallocated reads as zeros */
-		} else {
-			uint64_t host = e & L2E_OFFSET_MASK;
-			bool keep = !unmap && !(e & QCOW_OFLAG_COMPRESSED) && host;
-			ne = QCOW_OFLAG_ZERO | (keep ? (e & (L2E_OFFSET_MASK | QCOW_OFLAG_COPIED)) : 0);
-		}
-		if (ne != e)
-			ret = set_entry(img, gc, ne, unmap);
+		uint64_t host = en.e & L2E_OFFSET_MASK;
+		bool keep = !unmap && !(en.e & QCOW_OFLAG_COMPRESSED) && (host || q->data_file) &&
+			    (en.e & QCOW_OFLAG_COPIED);
+		uint64_t kept = keep ? (en.e & (L2E_OFFSET_MASK | QCOW_OFLAG_COPIED)) : 0;
+		if (q->version < 3)
+			ret = set_entry(img, gc, 0, 0, unmap, NULL);   /* no backing: reads zeros */
+		else if (q->extl2)
+			ret = set_entry(img, gc, kept, SC_ZERO_MASK, unmap, NULL);
+		else
+			ret = set_entry(img, gc, QCOW_OFLAG_ZERO | kept, 0, unmap, NULL);
+	}
+	/* Extended L2: whole subclusters of the partial clusters by bitmap. */
+	if (ret == 0 && q->extl2 && head_end > off) {
+		uint64_t lo, hi;
+		ret = zero_subclusters(img, off >> q->cluster_bits, off, head_end, &lo, &hi);
+		parts[0][1] = lo;
+		parts[1][0] = hi;
+		parts[1][1] = head_end;
+	}
+	if (ret == 0 && q->extl2 && tail_start < off + len) {
+		uint64_t lo, hi;
+		ret = zero_subclusters(img, tail_start >> q->cluster_bits, tail_start, off + len, &lo, &hi);
+		parts[2][1] = lo;
+		parts[3][0] = hi;
+		parts[3][1] = off + len;
 	}
 	pthread_mutex_unlock(&q->lock);
 	pthread_mutex_unlock(&q->alloc_lock);
-	if (ret < 0)
-		return ret;
-
-	/* Partial clusters (and v2 over a backing file): real zeros. */
-	uint8_t *zeros = NULL;
-	uint64_t ranges[2][2] = { { off, head_end }, { tail_start, off + len } };
-	for (int i = 0; i < 2 && ret == 0; i++) {
-		for (uint64_t o = ranges[i][0]; ret == 0 && o < ranges[i][1];) {
-			size_t n = qk_min_u64(ranges[i][1] - o, cs);
-			if (!zeros && !(zeros = calloc(1, cs)))
-				ret = qk__err(ENOMEM, "out of memory");
-			else
-				ret = qk__qcow2_pwrite(img, zeros, n, o);
-			o += n;
-		}
-	}
-	free(zeros);
+	for (int i = 0; i < 4 && ret == 0; i++)
+		if (parts[i][1] > parts[i][0])
+			ret = write_zero_bytes(img, parts[i][0], parts[i][1] - parts[i][0], flags);
 	return ret;
 }
