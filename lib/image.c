@@ -198,6 +198,8 @@ QK_EXPORT int qk_close(qk_image *img)
 	int ret = 0;
 	if (img && (img->flags & QK_OPEN_RDWR) && img->drv->flush)
 		ret = img->drv->flush(img);
+	if (ret == 0 && img && (img->flags & QK_OPEN_RDWR) && img->drv->mark_clean)
+		ret = img->drv->mark_clean(img);
 	qk__image_free(img);
 	return ret;
 }

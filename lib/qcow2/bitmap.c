@@ -39,6 +39,8 @@ int qk__qcow2_read_bitmaps(qk_image *img, uint64_t dir_offset, uint64_t dir_size
 		free(dir);
 		return qk__err(ENOMEM, "out of memory");
 	}
+	q->bitmap_dir_offset = dir_offset;
+	q->bitmap_dir_size = dir_size;
 	int ret = qk__file_pread(img->file, dir, dir_size, dir_offset);
 	uint64_t pos = 0;
 	for (uint32_t i = 0; ret == 0 && i < nb_bitmaps; i++) {

@@ -468,12 +468,6 @@ static int qcow2_open(qk_image *img, const struct qk_open_options *opts)
 			      "(repair it with check -r all)", img->filename);
 		goto fail;
 	}
-	if ((q->incompat & INCOMPAT_DIRTY) && (opts->flags & QK_OPEN_RDWR)) {
-		/* Its refcounts must be rebuilt before any write. */
-		ret = qk__err(ENOTSUP, "'%s' is dirty (lazy refcounts) and needs a refcount rebuild "
-			      "before it can be opened read-write", img->filename);
-		goto fail;
-	}
 	q->extl2 = q->incompat & INCOMPAT_EXTL2;
 	if (q->extl2 && q->cluster_bits < MIN_EXTL2_CLUSTER_BITS) {
 		ret = qk__err(EINVAL, "'%s' uses extended L2 entries with %llu-byte clusters (at least 16384 needed)",
@@ -505,6 +499,17 @@ static int qcow2_open(qk_image *img, const struct qk_open_options *opts)
 	ret = setup_l2_cache(img, q, opts);
 	if (ret < 0)
 		goto fail;
+	if ((q->incompat & INCOMPAT_DIRTY) && (opts->flags & QK_OPEN_RDWR)) {
+		/* Refcounts may be stale (lazy refcounts and no clean close):
+		 * rebuild them before any write, as QEMU does. */
+		ret = qk__qcow2_rebuild_refcounts(img);
+		if (ret == 0)
+			ret = qk__qcow2_write_incompat(img, q->incompat & ~INCOMPAT_DIRTY);
+		if (ret < 0) {
+			qk__err(-ret, "'%s' is dirty and its refcounts could not be rebuilt", img->filename);
+			goto fail;
+		}
+	}
 	if (q->backing_file) {
 		q->full_backing_file = qk__backing_path(img->filename, q->backing_file);
 		if (!q->full_backing_file) {
@@ -576,6 +581,7 @@ const struct qk__driver qk__qcow2_driver = {
 	.pread = qk__qcow2_pread,
 	.pwrite = qk__qcow2_pwrite,
 	.flush = qk__qcow2_flush,
+	.mark_clean = qk__qcow2_mark_clean,
 	.discard = qk__qcow2_discard,
 	.write_zeroes = qk__qcow2_write_zeroes,
 	.block_status = qk__qcow2_block_status,

@@ -151,6 +151,8 @@ struct qcow2 {
 	uint32_t n_snapshots;
 	struct qk_bitmap *bitmaps;
 	uint32_t n_bitmaps;
+	uint64_t bitmap_dir_offset, bitmap_dir_size;
+	bool lazy;                  /* refcount writes deferred: image marked dirty */
 };
 
 static inline struct qcow2 *qcow2_of(qk_image *img)
@@ -187,9 +189,19 @@ int qk__qcow2_update_refcount(qk_image *img, uint64_t offset, uint64_t length, i
 int qk__qcow2_alloc_clusters(qk_image *img, uint64_t n, uint64_t *offset);
 void qk__qcow2_free_refcounts(struct qcow2 *q);
 
+/* ---- check.c ------------------------------------------------------------------ */
+/* Count every reference, correct the active COPIED flags, and write a new
+ * refcount structure that matches (crash-safe switch). Metadata lock held
+ * or the image not shared yet. */
+int qk__qcow2_rebuild_refcounts(qk_image *img);
+
 /* ---- write.c ------------------------------------------------------------------ */
 int qk__qcow2_pwrite(qk_image *img, const void *buf, size_t len, uint64_t off);
 int qk__qcow2_flush(qk_image *img);
+/* After a final flush: clear the dirty bit that lazy refcounts set. */
+int qk__qcow2_mark_clean(qk_image *img);
+/* Sync-write the incompatible feature bits. */
+int qk__qcow2_write_incompat(qk_image *img, uint64_t incompat);
 int qk__qcow2_discard(qk_image *img, uint64_t off, uint64_t len);
 int qk__qcow2_write_zeroes(qk_image *img, uint64_t off, uint64_t len, uint32_t flags);
 /* Cache store hook for L2 tables: host order to big-endian. */

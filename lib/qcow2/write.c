@@ -89,8 +89,43 @@ static int prepare_write(qk_image *img)
 			return ret;
 		q->autoclear = keep;
 	}
+	if ((q->compat & COMPAT_LAZY_REFCOUNTS) && q->version >= 3 && !(q->incompat & INCOMPAT_DIRTY)) {
+		/* Lazy refcounts: mark the image dirty once, then refcounts need
+		 * not reach the disk before the mappings that use them; a crash
+		 * leaves the dirty bit and the next read-write open rebuilds. */
+		int ret = qk__qcow2_write_incompat(img, q->incompat | INCOMPAT_DIRTY);
+		if (ret < 0)
+			return ret;
+		q->lazy = true;
+	}
 	q->write_ready = true;
 	return 0;
+}
+
+int qk__qcow2_write_incompat(qk_image *img, uint64_t incompat)
+{
+	struct qcow2 *q = qcow2_of(img);
+	uint8_t be[8];
+	qk_put_be64(be, incompat);
+	int ret = img->file->ops->pwrite(img->file, be, 8, HDR_INCOMPAT);
+	if (ret == 0)
+		ret = img->file->ops->sync(img->file);
+	if (ret == 0)
+		q->incompat = incompat;
+	return ret;
+}
+
+int qk__qcow2_mark_clean(qk_image *img)
+{
+	struct qcow2 *q = qcow2_of(img);
+	if (!q->lazy)
+		return 0;
+	int ret = qk__qcow2_flush(img);
+	if (ret == 0)
+		ret = qk__qcow2_write_incompat(img, q->incompat & ~INCOMPAT_DIRTY);
+	if (ret == 0)
+		q->lazy = false;
+	return ret;
 }
 
 /*
@@ -169,7 +204,7 @@ static int l2_for_write(qk_image *img, uint64_t l1i, uint64_t *l2_off, uint64_t 
 static int release_entry(qk_image *img, uint64_t e)
 {
 	struct qcow2 *q = qcow2_of(img);
-	int ret = qk__cache_set_dependency(&q->rb_cache, &q->l2_cache);
+	int ret = q->lazy ? 0 : qk__cache_set_dependency(&q->rb_cache, &q->l2_cache);
 	if (ret < 0)
 		return ret;
 	if (e & QCOW_OFLAG_COMPRESSED) {
@@ -283,8 +318,10 @@ static int set_entry(qk_image *img, uint64_t gc, uint64_t ne, uint64_t nbm, bool
 	uint64_t old = t[slot];
 	if (old == ne && (!q->extl2 || t[slot + 1] == nbm))
 		goto out;
-	/* Refcounts of new clusters first, then data, then the entry. */
-	ret = qk__cache_set_dependency(&q->l2_cache, &q->rb_cache);
+	/* Refcounts of new clusters first (unless lazy), then data, then
+	 * the entry. */
+	if (!q->lazy)
+		ret = qk__cache_set_dependency(&q->l2_cache, &q->rb_cache);
 	if (ret < 0)
 		goto out;
 	if (sync_first)
