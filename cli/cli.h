@@ -66,6 +66,8 @@ int cmd_convert(int argc, char **argv);
 int cmd_compare(int argc, char **argv);
 int cmd_io(int argc, char **argv);
 int cmd_bench(int argc, char **argv);
+int cmd_create(int argc, char **argv);
+int cmd_resize(int argc, char **argv);
 
 /* ---- opts.c ------------------------------------------------------------ */
 

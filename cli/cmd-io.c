@@ -2,11 +2,18 @@
  * cmd-io.c - "qcowkit io": run qemu-io style commands on an image.
  *
  * Commands come from -c options (in order) or, without any, one per line
- * from standard input. Supported so far: read, map, length, quit; the
- * writing commands (write, discard, flush...) report "not supported yet".
- * Output of read and map is byte-for-byte qemu-io 7.2's. Every command
- * runs even after one fails; the exit status is 1 if any failed (qemu-io
- * does the same), including a read -P pattern mismatch.
+ * from standard input. Supported: read, write (-P, -z [-u] [-n], -s, -f),
+ * writev, discard, flush, aio_flush, map, length, quit; write -c and -b
+ * report "not supported yet". Output is byte-for-byte qemu-io 7.2's
+ * (except the timing figures); a failed library call prints its one-line
+ * message on stderr. Every command runs even after one fails; the exit
+ * status is 1 if any failed (qemu-io does the same), including a read -P
+ * pattern mismatch and a failing final flush.
+ *
+ * The image is opened read-write when a -c command writes (or, reading
+ * commands from standard input, unless -r is given, as qemu-io always
+ * does); with -r a writing command fails with qemu-io's "Block node is
+ * read-only". discard really discards (qemu-io needs -d unmap for that).
  *
  * SPDX-License-Identifier: MIT
  */
@@ -26,27 +33,15 @@
 struct io_state {
 	qk_image *img;
 	bool quit;
+	bool readonly;      /* opened without QK_OPEN_RDWR */
 };
 
-/* Commands qemu-io has that need a writable image or are not here yet. */
+/* Commands qemu-io has that are not here yet. */
 static const char *const later_cmds[] = {
-	"write", "writev", "aio_write", "aio_read", "aio_flush", "readv",
-	"discard", "aio_discard", "flush", "truncate", "zero", "alloc",
-	"info", "open", "close", "reopen", "sleep", "abort", "break",
-	"remove_break", "resume", "wait_break", "sigraise", "help", NULL,
+	"aio_write", "aio_read", "readv", "truncate", "alloc", "info", "open",
+	"close", "reopen", "sleep", "abort", "break", "remove_break", "resume",
+	"wait_break", "sigraise", "help", NULL,
 };
-
-static bool is_write_cmd(const char *name)
-{
-	static const char *const w[] = {
-		"write", "writev", "aio_write", "discard", "aio_discard",
-		"truncate", "zero", NULL,
-	};
-	for (int i = 0; w[i] != NULL; i++)
-		if (strcmp(w[i], name) == 0)
-			return true;
-	return false;
-}
 
 /* qemu-io's cvtnum(): a size with suffixes, at most INT64_MAX. */
 static int io_cvtnum(const char *s, int64_t *out)
@@ -69,6 +64,30 @@ static void print_cvtnum_err(int rc, const char *arg)
 		printf("Parsing error: argument too large -- %s\n", arg);
 	else
 		printf("Parsing error: %s\n", arg);
+}
+
+/* qemu-io's parse_pattern(): a byte, decimal, 0x hex or 0 octal. */
+static int parse_pattern(const char *arg)
+{
+	char *end;
+	long v = strtol(arg, &end, 0);
+
+	if (v < 0 || v > 255 || *end != '\0' || end == arg) {
+		printf("%s is not a valid pattern byte\n", arg);
+		return -1;
+	}
+	return (int)v;
+}
+
+/* getopt's own message for a bad option of command `cmd` (opterr is off,
+ * so the text is ours: the same as glibc's). */
+static void getopt_error(const char *cmd, int c)
+{
+	if (c == ':')
+		fprintf(stderr, "%s: option requires an argument -- '%c'\n",
+			cmd, optopt);
+	else
+		fprintf(stderr, "%s: invalid option -- '%c'\n", cmd, optopt);
 }
 
 static void read_usage(void)
@@ -147,20 +166,11 @@ static int io_read(struct io_state *st, int argc, char **argv)
 				return -1;
 			}
 			break;
-		case 'P': {
-			char *end;
-			long v = strtol(optarg, &end, 0);
-
-			if (v < 0 || v > 255 || *end != '\0' ||
-			    end == optarg) {
-				printf("%s is not a valid pattern byte\n",
-				       optarg);
+		case 'P':
+			if ((pattern = parse_pattern(optarg)) < 0)
 				return -1;
-			}
 			pflag = true;
-			pattern = (int)v;
 			break;
-		}
 		case 'q':
 			qflag = true;
 			break;
@@ -175,12 +185,7 @@ static int io_read(struct io_state *st, int argc, char **argv)
 			vflag = true;
 			break;
 		default:
-			if (c == ':')
-				fprintf(stderr, "read: option requires an "
-					"argument -- '%c'\n", optopt);
-			else
-				fprintf(stderr, "read: invalid option -- "
-					"'%c'\n", optopt);
+			getopt_error(argv[0], c);
 			read_usage();
 			return -1;
 		}
@@ -317,6 +322,432 @@ static int io_length(struct io_state *st, int argc, char **argv)
 	return 0;
 }
 
+/* A library call failed: its one-line message on stderr, after what
+ * stdout already holds. Returns -1. */
+static int lib_failed(int r)
+{
+	fflush(stdout);
+	cli_lib_error(r);
+	return -1;
+}
+
+/* Complete a write with -f (FUA): the data must be durable now. */
+static int fua_flush(struct io_state *st, bool fua)
+{
+	int r;
+
+	if (!fua)
+		return 0;
+	r = qk_flush(st->img);
+	return r < 0 ? r : 0;
+}
+
+static void write_usage(void)
+{
+	printf("write [-bcCfnquz] [-P pattern | -s source_file] off len -- "
+	       "writes a number of bytes at a specified offset\n");
+}
+
+/*
+ * qemu-io's qemu_io_alloc_from_file(): `len` bytes of `name`, repeated
+ * when the file is shorter. NULL (message printed) on failure.
+ */
+static unsigned char *alloc_from_file(const char *name, size_t len)
+{
+	unsigned char *buf = NULL;
+	size_t have;
+	FILE *f = fopen(name, "r");
+
+	if (f == NULL) {
+		cli_error("%s: %s", name, strerror(errno));
+		return NULL;
+	}
+	if (posix_memalign((void **)&buf, 4096, len ? len : 1)) {
+		fclose(f);
+		cli_error("out of memory");
+		return NULL;
+	}
+	have = fread(buf, 1, len, f);
+	if (ferror(f)) {
+		cli_error("%s: %s", name, strerror(errno ? errno : EIO));
+		goto fail;
+	}
+	if (have == 0 && len != 0) {
+		cli_error("%s: file is empty", name);
+		goto fail;
+	}
+	fclose(f);
+	for (size_t at = have; at < len; at += have)
+		memcpy(buf + at, buf, len - at < have ? len - at : have);
+	return buf;
+fail:
+	fclose(f);
+	free(buf);
+	return NULL;
+}
+
+/*
+ * write [-bcCfnquz] [-P pattern | -s source_file] off len, as qemu-io:
+ * -z makes the range read as zeros (qk_write_zeroes; -u may unmap, -n
+ * refuses to write zero bytes), -f is FUA (flushed before it completes),
+ * -c (compressed) and -b (VM state) are not supported yet.
+ */
+static int io_write(struct io_state *st, int argc, char **argv)
+{
+	bool bflag = false, cflag = false, Cflag = false, qflag = false;
+	bool Pflag = false, zflag = false, sflag = false, fua = false;
+	bool no_fallback = false, unmap = false;
+	const char *source = NULL;
+	int64_t offset, count;
+	int pattern = 0xcd, c, r;
+	unsigned char *buf = NULL;
+	double t0, secs;
+
+	optind = 0;
+	while ((c = getopt(argc, argv, ":bcCfnpP:qs:uz")) != -1) {
+		switch (c) {
+		case 'b':
+			bflag = true;
+			break;
+		case 'c':
+			cflag = true;
+			break;
+		case 'C':
+			Cflag = true;
+			break;
+		case 'f':
+			fua = true;
+			break;
+		case 'n':
+			no_fallback = true;
+			break;
+		case 'p':
+			break;  /* ignored, as by qemu-io */
+		case 'P':
+			if ((pattern = parse_pattern(optarg)) < 0)
+				return -1;
+			Pflag = true;
+			break;
+		case 'q':
+			qflag = true;
+			break;
+		case 's':
+			sflag = true;
+			source = optarg;
+			break;
+		case 'u':
+			unmap = true;
+			break;
+		case 'z':
+			zflag = true;
+			break;
+		default:
+			getopt_error(argv[0], c);
+			write_usage();
+			return -1;
+		}
+	}
+	if (optind != argc - 2) {
+		write_usage();
+		return -1;
+	}
+	if (bflag && zflag) {
+		printf("-b and -z cannot be specified at the same time\n");
+		return -1;
+	}
+	if (fua && (bflag || cflag)) {
+		printf("-f and -b or -c cannot be specified at the same time\n");
+		return -1;
+	}
+	if (no_fallback && !zflag) {
+		printf("-n requires -z to be specified\n");
+		return -1;
+	}
+	if (unmap && !zflag) {
+		printf("-u requires -z to be specified\n");
+		return -1;
+	}
+	if ((int)zflag + (int)Pflag + (int)sflag > 1) {
+		printf("Only one of -z, -P, and -s can be specified at the "
+		       "same time\n");
+		return -1;
+	}
+	if ((r = io_cvtnum(argv[optind], &offset)) < 0) {
+		print_cvtnum_err(r, argv[optind]);
+		return -1;
+	}
+	if ((r = io_cvtnum(argv[optind + 1], &count)) < 0) {
+		print_cvtnum_err(r, argv[optind + 1]);
+		return -1;
+	}
+	if ((uint64_t)count > REQUEST_MAX_BYTES && !no_fallback) {
+		printf("length cannot exceed %llu without -n, given %s\n",
+		       REQUEST_MAX_BYTES, argv[optind + 1]);
+		return -1;
+	}
+	if (bflag || cflag) {
+		if (offset % 512) {
+			printf("%" PRId64 " is not a sector-aligned value for "
+			       "'offset'\n", offset);
+			return -1;
+		}
+		if (count % 512) {
+			printf("%" PRId64 " is not a sector-aligned value for "
+			       "'count'\n", count);
+			return -1;
+		}
+	}
+	if (bflag) {
+		cli_error("io: write -b (VM state) is not supported yet");
+		return -1;
+	}
+	if (cflag) {
+		cli_error("io: write -c (compressed write) is not supported yet");
+		return -1;
+	}
+
+	if (!zflag) {
+		if (sflag) {
+			buf = alloc_from_file(source, (size_t)count);
+			if (buf == NULL)
+				return -1;
+		} else {
+			if (posix_memalign((void **)&buf, 4096,
+					   count ? (size_t)count : 1)) {
+				cli_error("out of memory");
+				return -1;
+			}
+			memset(buf, pattern, (size_t)count);
+		}
+	}
+	t0 = cli_now();
+	if (zflag)
+		r = qk_write_zeroes(st->img, (uint64_t)offset, (uint64_t)count,
+				    (unmap ? QK_ZERO_MAY_UNMAP : 0) |
+				    (no_fallback ? QK_ZERO_NO_FALLBACK : 0));
+	else
+		r = qk_pwrite(st->img, buf, (size_t)count, (uint64_t)offset);
+	if (r == 0)
+		r = fua_flush(st, fua);
+	secs = cli_now() - t0;
+	free(buf);
+	if (r < 0)
+		return lib_failed(r);
+	if (!qflag)
+		print_report("wrote", secs, offset, count, count, 1, Cflag);
+	return 0;
+}
+
+static void writev_usage(void)
+{
+	printf("writev [-Cfq] [-P pattern] off len [len..] -- writes a number "
+	       "of bytes at a specified offset\n");
+}
+
+/* writev [-Cfq] [-P pattern] off len [len..], as qemu-io: one write
+ * gathered from buffers of the given lengths, all filled with the
+ * pattern. */
+static int io_writev(struct io_state *st, int argc, char **argv)
+{
+	bool Cflag = false, qflag = false, fua = false;
+	int pattern = 0xcd, c, r, nr;
+	int64_t offset;
+	uint64_t total = 0;
+	struct iovec *iov;
+	unsigned char *buf = NULL;
+	double t0, secs;
+
+	optind = 0;
+	while ((c = getopt(argc, argv, ":CfqP:")) != -1) {
+		switch (c) {
+		case 'C':
+			Cflag = true;
+			break;
+		case 'f':
+			fua = true;
+			break;
+		case 'q':
+			qflag = true;
+			break;
+		case 'P':
+			if ((pattern = parse_pattern(optarg)) < 0)
+				return -1;
+			break;
+		default:
+			getopt_error(argv[0], c);
+			writev_usage();
+			return -1;
+		}
+	}
+	if (optind > argc - 2) {
+		writev_usage();
+		return -1;
+	}
+	if ((r = io_cvtnum(argv[optind], &offset)) < 0) {
+		print_cvtnum_err(r, argv[optind]);
+		return -1;
+	}
+	optind++;
+	nr = argc - optind;
+	iov = cli_xcalloc((size_t)nr, sizeof(*iov));
+	for (int i = 0; i < nr; i++) {
+		const char *arg = argv[optind + i];
+		int64_t len;
+
+		if ((r = io_cvtnum(arg, &len)) < 0) {
+			print_cvtnum_err(r, arg);
+			free(iov);
+			return -1;
+		}
+		if ((uint64_t)len > REQUEST_MAX_BYTES) {
+			printf("Argument '%s' exceeds maximum size %llu\n", arg,
+			       REQUEST_MAX_BYTES);
+			free(iov);
+			return -1;
+		}
+		if (total > REQUEST_MAX_BYTES - (uint64_t)len) {
+			printf("The total number of bytes exceed the maximum "
+			       "size %llu\n", REQUEST_MAX_BYTES);
+			free(iov);
+			return -1;
+		}
+		iov[i].iov_len = (size_t)len;
+		total += (uint64_t)len;
+	}
+	/* One buffer, cut into the requested pieces. */
+	if (posix_memalign((void **)&buf, 4096, total ? (size_t)total : 1)) {
+		free(iov);
+		cli_error("out of memory");
+		return -1;
+	}
+	memset(buf, pattern, (size_t)total);
+	for (size_t i = 0, at = 0; i < (size_t)nr; i++) {
+		iov[i].iov_base = buf + at;
+		at += iov[i].iov_len;
+	}
+	t0 = cli_now();
+	r = qk_pwritev(st->img, iov, nr, (uint64_t)offset);
+	if (r == 0)
+		r = fua_flush(st, fua);
+	secs = cli_now() - t0;
+	free(buf);
+	free(iov);
+	if (r < 0)
+		return lib_failed(r);
+	if (!qflag)
+		print_report("wrote", secs, offset, (int64_t)total,
+			     (int64_t)total, 1, Cflag);
+	return 0;
+}
+
+static void discard_usage(void)
+{
+	printf("discard [-Cq] off len -- discards a number of bytes at a "
+	       "specified offset\n");
+}
+
+/* discard [-Cq] off len, as qemu-io with -d unmap: whole clusters in the
+ * range are deallocated (qk_discard). */
+static int io_discard(struct io_state *st, int argc, char **argv)
+{
+	bool Cflag = false, qflag = false;
+	int64_t offset, bytes;
+	int c, r;
+	double t0, secs;
+
+	optind = 0;
+	while ((c = getopt(argc, argv, ":Cq")) != -1) {
+		switch (c) {
+		case 'C':
+			Cflag = true;
+			break;
+		case 'q':
+			qflag = true;
+			break;
+		default:
+			getopt_error(argv[0], c);
+			discard_usage();
+			return -1;
+		}
+	}
+	if (optind != argc - 2) {
+		discard_usage();
+		return -1;
+	}
+	if ((r = io_cvtnum(argv[optind], &offset)) < 0) {
+		print_cvtnum_err(r, argv[optind]);
+		return -1;
+	}
+	if ((r = io_cvtnum(argv[optind + 1], &bytes)) < 0) {
+		print_cvtnum_err(r, argv[optind + 1]);
+		return -1;
+	}
+	if ((uint64_t)bytes > REQUEST_MAX_BYTES) {
+		printf("length cannot exceed %llu, given %s\n",
+		       REQUEST_MAX_BYTES, argv[optind + 1]);
+		return -1;
+	}
+	t0 = cli_now();
+	r = qk_discard(st->img, (uint64_t)offset, (uint64_t)bytes);
+	secs = cli_now() - t0;
+	if (r < 0)
+		return lib_failed(r);
+	if (!qflag)
+		print_report("discard", secs, offset, bytes, bytes, 1, Cflag);
+	return 0;
+}
+
+/* flush and aio_flush: every completed write made durable. */
+static int io_flush(struct io_state *st, int argc, char **argv)
+{
+	int r;
+
+	(void)argc;
+	(void)argv;
+	r = qk_flush(st->img);
+	return r < 0 ? lib_failed(r) : 0;
+}
+
+static int io_quit(struct io_state *st, int argc, char **argv)
+{
+	(void)argc;
+	(void)argv;
+	st->quit = true;
+	return 0;
+}
+
+/* The commands, as qemu-io's command table: argument counts (argmax -1:
+ * no limit) are checked first, then whether the image must be writable. */
+struct io_cmd {
+	const char *name;
+	const char *altname;
+	int argmin, argmax;
+	bool writes;
+	int (*fn)(struct io_state *st, int argc, char **argv);
+};
+
+static const struct io_cmd io_cmds[] = {
+	{ "read", "r", 2, -1, false, io_read },
+	{ "write", "w", 2, -1, true, io_write },
+	{ "writev", NULL, 2, -1, true, io_writev },
+	{ "discard", "d", 2, -1, true, io_discard },
+	{ "flush", "f", 0, 0, false, io_flush },
+	{ "aio_flush", NULL, 0, 0, false, io_flush },
+	{ "map", NULL, 0, 0, false, io_map },
+	{ "length", "len", 0, 0, false, io_length },
+	{ "quit", "q", 0, -1, false, io_quit },
+	{ NULL, NULL, 0, 0, false, NULL },
+};
+
+static const struct io_cmd *find_cmd(const char *name)
+{
+	for (const struct io_cmd *c = io_cmds; c->name != NULL; c++)
+		if (strcmp(c->name, name) == 0 ||
+		    (c->altname && strcmp(c->altname, name) == 0))
+			return c;
+	return NULL;
+}
+
 /* Split a command line on spaces, as qemu-io's breakline(). The returned
  * array points into `line`; free the array only. */
 static char **breakline(char *line, int *count)
@@ -339,25 +770,12 @@ static int run_command(struct io_state *st, const char *text)
 	char *line = cli_xstrdup(text);
 	int argc, ret = 0;
 	char **argv = breakline(line, &argc);
+	const struct io_cmd *ct;
 
 	if (argc == 0)
 		goto out;
-	if (strcmp(argv[0], "read") == 0 || strcmp(argv[0], "r") == 0) {
-		if (argc < 3) {
-			fprintf(stderr, "bad argument count %d to %s, expected "
-				"at least 2 arguments\n", argc - 1, argv[0]);
-			ret = -1;
-		} else {
-			ret = io_read(st, argc, argv);
-		}
-	} else if (strcmp(argv[0], "map") == 0) {
-		ret = io_map(st, argc, argv);
-	} else if (strcmp(argv[0], "length") == 0 ||
-		   strcmp(argv[0], "len") == 0) {
-		ret = io_length(st, argc, argv);
-	} else if (strcmp(argv[0], "quit") == 0 || strcmp(argv[0], "q") == 0) {
-		st->quit = true;
-	} else {
+	ct = find_cmd(argv[0]);
+	if (ct == NULL) {
 		bool known = false;
 
 		for (int i = 0; later_cmds[i] != NULL; i++)
@@ -368,7 +786,32 @@ static int run_command(struct io_state *st, const char *text)
 		else
 			fprintf(stderr, "command \"%s\" not found\n", argv[0]);
 		ret = -1;
+		goto out;
 	}
+	if (argc - 1 < ct->argmin ||
+	    (ct->argmax != -1 && argc - 1 > ct->argmax)) {
+		if (ct->argmax == -1)
+			fprintf(stderr, "bad argument count %d to %s, expected "
+				"at least %d arguments\n", argc - 1, argv[0],
+				ct->argmin);
+		else if (ct->argmin == ct->argmax)
+			fprintf(stderr, "bad argument count %d to %s, expected "
+				"%d arguments\n", argc - 1, argv[0],
+				ct->argmin);
+		else
+			fprintf(stderr, "bad argument count %d to %s, expected "
+				"between %d and %d arguments\n", argc - 1,
+				argv[0], ct->argmin, ct->argmax);
+		ret = -1;
+		goto out;
+	}
+	if (ct->writes && st->readonly) {
+		/* qemu-io's words when it cannot get write permission */
+		cli_error("Block node is read-only");
+		ret = -1;
+		goto out;
+	}
+	ret = ct->fn(st, argc, argv);
 out:
 	fflush(stdout);
 	free(argv);
@@ -475,19 +918,23 @@ int cmd_io(int argc, char **argv)
 		goto out;
 	for (int i = 0; i < ncmds; i++) {
 		char first[32] = "";
+		const struct io_cmd *ct;
 
-		sscanf(cmds[i], " %31s", first);
-		if (is_write_cmd(first))
+		if (sscanf(cmds[i], " %31s", first) == 1 &&
+		    (ct = find_cmd(first)) != NULL && ct->writes)
 			writes = true;
 	}
-	/* Writable only when a command needs it; reads never lock out
-	 * other readers. */
-	if (writes && !readonly)
+	/* With -c, writable only when a command needs it, so reads never
+	 * lock out other readers; commands from standard input are not
+	 * known in advance, so the image is writable unless -r (as qemu-io
+	 * opens it). */
+	if ((writes || ncmds == 0) && !readonly)
 		flags |= QK_OPEN_RDWR;
 	if (direct)
 		flags |= QK_OPEN_DIRECT;
 	if (cli_open(argv[optind], fmt, flags, &st.img) < 0)
 		goto out;
+	st.readonly = !(flags & QK_OPEN_RDWR);
 
 	if (ncmds > 0) {
 		for (int i = 0; i < ncmds && !st.quit; i++)
@@ -515,7 +962,14 @@ int cmd_io(int argc, char **argv)
 		}
 		free(line);
 	}
-	qk_close(st.img);
+	/* Closing a writable image flushes it: a failure there fails the
+	 * command too. */
+	c = qk_close(st.img);
+	if (c < 0) {
+		fflush(stdout);
+		cli_lib_error(c);
+		failed = 1;
+	}
 	ret = failed ? CLI_EXIT_FAILURE : CLI_EXIT_OK;
 out:
 	free(cmds);

@@ -38,7 +38,7 @@ static const struct cli_command commands[] = {
 	{ "convert", cmd_convert,
 	  "convert [-f FMT] -O raw [-p] [-q] [-m N] [-S N] [-W] [-U] SRC DST",
 	  "copy an image into a sparse raw file" },
-	{ "create", cmd_not_implemented,
+	{ "create", cmd_create,
 	  "create [-f qcow2|raw] [-b BACKING [-F FMT]] [-u] [-o OPTS] FILE "
 	  "[SIZE]",
 	  "create a new image" },
@@ -60,7 +60,7 @@ static const struct cli_command commands[] = {
 	{ "rebase", cmd_not_implemented,
 	  "rebase [-u] -b BACKING [-F FMT] [-p] FILE",
 	  "change the backing file of an image" },
-	{ "resize", cmd_not_implemented,
+	{ "resize", cmd_resize,
 	  "resize [--shrink] FILE [+|-]SIZE",
 	  "change the virtual size of an image" },
 	{ "serve", cmd_not_implemented,

@@ -244,6 +244,17 @@ int qk_write_zeroes(qk_image *img, uint64_t off, uint64_t len, uint32_t flags);
  * clusters are left alone: discard is a hint. Returns as qk_pwrite.
  */
 int qk_discard(qk_image *img, uint64_t off, uint64_t len);
+#define QK_RESIZE_SHRINK (1u << 0) /* allow a smaller size (data past it is lost) */
+
+/*
+ * Change the virtual size of a read-write image. Growing: the new area
+ * reads as zeros (even over a larger backing file). Shrinking needs
+ * QK_RESIZE_SHRINK: clusters past the new end are freed. Returns 0,
+ * -EINVAL (shrink without the flag, raw size not a multiple of 512),
+ * -ENOTSUP (v2 image with snapshots; persistent bitmaps), -EFBIG, or as
+ * qk_pwrite.
+ */
+int qk_resize(qk_image *img, uint64_t size, uint32_t flags);
 /* Write cached metadata in a crash-safe order and sync the file(s).
  * A no-op for read-only images. */
 int qk_flush(qk_image *img);

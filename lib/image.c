@@ -351,6 +351,26 @@ QK_EXPORT int qk_write_zeroes(qk_image *img, uint64_t off, uint64_t len, uint32_
 	return img->drv->write_zeroes(img, off, len, flags);
 }
 
+QK_EXPORT int qk_resize(qk_image *img, uint64_t size, uint32_t flags)
+{
+	qk__api_enter("qk_resize");
+	if (!img)
+		return qk__err(EINVAL, "image is required");
+	if (!(img->flags & QK_OPEN_RDWR))
+		return qk__err(EPERM, "'%s' was opened read-only", img->filename);
+	if (flags & ~(uint32_t)QK_RESIZE_SHRINK)
+		return qk__err(EINVAL, "unknown flags 0x%x", flags);
+	if (size < img->size && !(flags & QK_RESIZE_SHRINK))
+		return qk__err(EINVAL, "Use the --shrink option to perform a shrink operation "
+			       "(shrinking '%s' from %llu to %llu bytes drops data)", img->filename,
+			       (unsigned long long)img->size, (unsigned long long)size);
+	if (img->drv->format == QK_FORMAT_RAW && size % 512)
+		return qk__err(EINVAL, "raw image size must be a multiple of 512 bytes");
+	if (size == img->size)
+		return 0;
+	return img->drv->resize(img, size, flags);
+}
+
 QK_EXPORT int qk_flush(qk_image *img)
 {
 	qk__api_enter("qk_flush");

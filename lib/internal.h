@@ -130,6 +130,8 @@ struct qk__driver {
 	int (*pwrite)(qk_image *img, const void *buf, size_t len, uint64_t off);
 	/* Make every completed write durable. */
 	int (*flush)(qk_image *img);
+	/* Change the virtual size; the new area reads as zeros. */
+	int (*resize)(qk_image *img, uint64_t size, uint32_t flags);
 	/* On close of a read-write image, after the flush; may be NULL. */
 	int (*mark_clean)(qk_image *img);
 	/* Drop [off, off+len) so it reads as zeros (whole clusters only for

@@ -62,6 +62,14 @@ static int raw_write_zeroes(qk_image *img, uint64_t off, uint64_t len, uint32_t 
 	return ret;
 }
 
+static int raw_resize(qk_image *img, uint64_t size, uint32_t flags)
+{
+	int ret = img->file->ops->set_size(img->file, size);
+	if (ret == 0)
+		img->size = size;
+	return ret;
+}
+
 static int raw_block_status(qk_image *img, uint64_t off, uint64_t len,
 			    struct qk__status *st)
 {
@@ -89,5 +97,6 @@ const struct qk__driver qk__raw_driver = {
 	.flush = raw_flush,
 	.discard = raw_discard,
 	.write_zeroes = raw_write_zeroes,
+	.resize = raw_resize,
 	.block_status = raw_block_status,
 };

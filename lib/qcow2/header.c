@@ -582,6 +582,7 @@ const struct qk__driver qk__qcow2_driver = {
 	.pwrite = qk__qcow2_pwrite,
 	.flush = qk__qcow2_flush,
 	.mark_clean = qk__qcow2_mark_clean,
+	.resize = qk__qcow2_resize,
 	.discard = qk__qcow2_discard,
 	.write_zeroes = qk__qcow2_write_zeroes,
 	.block_status = qk__qcow2_block_status,

@@ -204,6 +204,7 @@ int qk__qcow2_mark_clean(qk_image *img);
 int qk__qcow2_write_incompat(qk_image *img, uint64_t incompat);
 int qk__qcow2_discard(qk_image *img, uint64_t off, uint64_t len);
 int qk__qcow2_write_zeroes(qk_image *img, uint64_t off, uint64_t len, uint32_t flags);
+int qk__qcow2_resize(qk_image *img, uint64_t size, uint32_t flags);
 /* Cache store hook for L2 tables: host order to big-endian. */
 void qk__qcow2_store_l2(void *opaque, const void *table, void *out);
 

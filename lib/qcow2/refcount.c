@@ -6,16 +6,18 @@
  * lowest bits.
  *
  * Allocation design. A refcount block covers a "range" of epb clusters
- * (epb = entries per block). A range without a block has every refcount 0,
- * so its first cluster is free: a new block is always placed there and
- * counts itself. When the table itself is full, a new area is built at
- * the start of the first uncovered range: k new blocks, then the new
- * table, all counted by those blocks; it is written and synced before the
- * header points at it, and only then is the old table freed. So on disk a
+ * (epb = entries per block). A range without a block has every refcount 0.
+ * Cluster allocation finds a free run with room at its head for the blocks
+ * of the ranges it meets that have none; those blocks are counted, flushed,
+ * and only then entered in the table (one synced write). A block needed
+ * outside allocation (a count raised in an uncovered range) goes to the
+ * first cluster of its range, which is free, and counts itself. When the
+ * table itself is full, a new area is built at the start of the first
+ * uncovered range: k new blocks, then the new table, all counted by those
+ * blocks; it is written and synced before the header points at it, and
+ * only then is the old table freed. So on disk a
  * refcount never drops below the references to its cluster, and a crash
- * at any point leaks at most. Cluster allocation finds a free run, makes
- * sure every block it needs exists (restarting the search when metadata
- * had to be placed, since that may take the run), then raises the counts.
+ * at any point leaks at most.
  */
 #include "qcow2/qcow2.h"
 
@@ -151,19 +153,26 @@ static int write_header_field(qk_image *img, uint64_t off, const void *buf, size
 
 /*
  * Grow the refcount table so that it has an entry `rt_index`: a new area
- * at the start of the first uncovered range (see the design note).
+ * of k blocks and the new table at cluster `area`, which lies past what
+ * the old table covers (so it is free). The new blocks cover the ranges
+ * the area meets and count the area; ranges between the old end and the
+ * area stay without a block. See the design note for the order of writes.
  */
-static int grow_reftable(qk_image *img, uint64_t rt_index)
+static int grow_reftable(qk_image *img, uint64_t rt_index, uint64_t area)
 {
 	struct qcow2 *q = qcow2_of(img);
-	uint64_t cs = q->cluster_size, epb = 1ull << epb_bits(q);
+	uint64_t cs = q->cluster_size;
+	uint32_t eb = epb_bits(q);
 	uint64_t old = q->rt_entries;
 	uint64_t want = qk_max_u64(rt_index + 1, old + old / 2);
-	uint64_t tc = 0, k = 1;
+	uint64_t tc = 0, k = 1, r0 = area >> eb;
+	if (area < old << eb)
+		return qk__qcow2_corrupt(img, "refcount table growth inside the covered area (cluster %llu)",
+					 (unsigned long long)area);
 	for (int iter = 0; iter < 64; iter++) {
-		want = qk_max_u64(want, old + k);
+		want = qk_max_u64(want, r0 + k);
 		tc = (want * 8 + cs - 1) / cs;
-		uint64_t k2 = (k + tc + epb - 1) / epb;   /* blocks covering the area */
+		uint64_t k2 = ((area + k + tc - 1) >> eb) - r0 + 1;   /* ranges the area meets */
 		if (k2 <= k)
 			break;
 		k = k2;
@@ -172,7 +181,6 @@ static int grow_reftable(qk_image *img, uint64_t rt_index)
 	if (tc * cs > MAX_REFTABLE_BYTES)
 		return qk__err(EFBIG, "refcount table of '%s' cannot grow past %llu bytes",
 			       img->filename, MAX_REFTABLE_BYTES);
-	uint64_t area = old * epb;                       /* first cluster of the area */
 	uint64_t area_off = area << q->cluster_bits;
 	uint64_t table_off = (area + k) << q->cluster_bits;
 	if (table_off + tc * cs > MAX_HOST_OFFSET)
@@ -185,13 +193,13 @@ static int grow_reftable(qk_image *img, uint64_t rt_index)
 		ret = qk__err(ENOMEM, "out of memory growing the refcount table");
 		goto out;
 	}
-	/* Blocks first: block j covers range old+j and counts the area's
+	/* Blocks first: block j covers range r0+j and counts the area's
 	 * clusters that lie in it. */
 	for (uint64_t j = 0; j < k && ret == 0; j++) {
 		memset(blk, 0, cs);
 		for (uint64_t c = area; c < area + k + tc; c++)
-			if (c / epb == old + j)
-				rb_set(blk, c % epb, q->refcount_order, 1);
+			if (c >> eb == r0 + j)
+				rb_set(blk, c & ((1ull << eb) - 1), q->refcount_order, 1);
 		uint64_t boff = (area + j) << q->cluster_bits;
 		qk__cache_discard(&q->rb_cache, boff);
 		ret = img->file->ops->pwrite(img->file, blk, cs, boff);
@@ -201,7 +209,7 @@ static int grow_reftable(qk_image *img, uint64_t rt_index)
 	for (uint64_t i = 0; i < old; i++)
 		qk_put_be64(&nt[i], q->rt[i]);
 	for (uint64_t j = 0; j < k; j++)
-		qk_put_be64(&nt[old + j], (area + j) << q->cluster_bits);
+		qk_put_be64(&nt[r0 + j], (area + j) << q->cluster_bits);
 	ret = img->file->ops->pwrite(img->file, nt, tc * cs, table_off);
 	if (ret == 0)
 		ret = img->file->ops->sync(img->file);
@@ -240,7 +248,7 @@ static int ensure_block(qk_image *img, uint64_t rt_index, bool *placed)
 {
 	struct qcow2 *q = qcow2_of(img);
 	if (rt_index >= q->rt_entries) {
-		int ret = grow_reftable(img, rt_index);
+		int ret = grow_reftable(img, rt_index, q->rt_entries << epb_bits(q));
 		if (ret < 0)
 			return ret;
 		*placed = true;
@@ -323,6 +331,85 @@ int qk__qcow2_update_refcount(qk_image *img, uint64_t offset, uint64_t length, i
 	return 0;
 }
 
+/* How many of the refcount ranges that [start, start+len) meets have no
+ * block yet (past the table counts as none). Sets *past_table when one
+ * lies beyond the refcount table. */
+static uint64_t missing_blocks(const struct qcow2 *q, uint64_t start, uint64_t len,
+			       bool *past_table)
+{
+	uint32_t eb = epb_bits(q);
+	uint64_t m = 0;
+	for (uint64_t r = start >> eb; r <= (start + len - 1) >> eb; r++) {
+		if (r >= q->rt_entries)
+			*past_table = true;
+		if (r >= q->rt_entries || !q->rt[r])
+			m++;
+	}
+	return m;
+}
+
+/*
+ * Create the m missing refcount blocks of the ranges that [start, start+len)
+ * meets, in the clusters start .. start+m-1 (free, and inside those
+ * ranges). Every new block is counted, then all of them reach the disk
+ * (one flush) before the refcount table entries that point at them (one
+ * synced write of the span of entries). On failure the new blocks are
+ * forgotten; at most a leak remains. Image lock held.
+ */
+static int place_blocks(qk_image *img, uint64_t start, uint64_t len, uint64_t m)
+{
+	struct qcow2 *q = qcow2_of(img);
+	uint32_t eb = epb_bits(q);
+	uint64_t r0 = start >> eb, r1 = (start + len - 1) >> eb, next = start;
+	int ret = 0;
+	for (uint64_t r = r0; r <= r1; r++) {
+		if (q->rt[r])
+			continue;
+		uint64_t boff = next++ << q->cluster_bits;
+		void *rb;
+		ret = qk__cache_get_empty(&q->rb_cache, boff, &rb);
+		if (ret < 0)
+			break;
+		qk__cache_put(&q->rb_cache, boff);
+		q->rt[r] = boff;
+	}
+	if (ret == 0)
+		ret = qk__qcow2_update_refcount(img, start << q->cluster_bits, m << q->cluster_bits, +1);
+	if (ret == 0)
+		ret = qk__cache_flush(&q->rb_cache);
+	if (ret == 0) {
+		uint64_t span = r1 - r0 + 1;
+		uint8_t *be = malloc(span * 8);
+		if (!be)
+			ret = qk__err(ENOMEM, "out of memory");
+		for (uint64_t i = 0; be && i < span; i++)
+			qk_put_be64(be + 8 * i, q->rt[r0 + i]);
+		if (be)
+			ret = write_header_field(img, q->rt_offset + 8 * r0, be, span * 8);
+		free(be);
+	}
+	if (ret < 0) {
+		for (uint64_t b = start; b < next; b++) {
+			uint64_t boff = b << q->cluster_bits;
+			qk__cache_discard(&q->rb_cache, boff);
+			for (uint64_t r = r0; r <= r1; r++)
+				if (q->rt[r] == boff)
+					q->rt[r] = 0;
+		}
+		return ret;
+	}
+	if (next << q->cluster_bits > q->file_size)
+		q->file_size = next << q->cluster_bits;
+	return 0;
+}
+
+/*
+ * Allocate n contiguous free clusters. The run is found together with room
+ * for the refcount blocks its ranges still lack, placed at its head, so
+ * that a run may span many new ranges (a large L1 table with small
+ * clusters). When the refcount table itself is too short it grows first,
+ * and the search starts again (the new area may take part of the run).
+ */
 int qk__qcow2_alloc_clusters(qk_image *img, uint64_t n, uint64_t *offset)
 {
 	struct qcow2 *q = qcow2_of(img);
@@ -331,11 +418,14 @@ int qk__qcow2_alloc_clusters(qk_image *img, uint64_t n, uint64_t *offset)
 		if (ret < 0)
 			return ret;
 	}
+	if (n == 0)
+		return qk__err(EINVAL, "allocation of 0 clusters");
 	if (q->free_hint == 0)
 		q->free_hint = 1;       /* cluster 0 is the header */
 	for (;;) {
-		uint64_t start = q->free_hint, run = 0;
-		for (uint64_t c = start; run < n; c++) {
+		uint64_t start = q->free_hint, run = 0, need = n, m = 0;
+		bool past_table = false;
+		for (uint64_t c = start; run < need; c++) {
 			uint64_t rc;
 			if ((c + 1) << q->cluster_bits > MAX_HOST_OFFSET)
 				return qk__err(EFBIG, "'%s' is full: host offsets would pass 2^56", img->filename);
@@ -345,26 +435,33 @@ int qk__qcow2_alloc_clusters(qk_image *img, uint64_t n, uint64_t *offset)
 			if (rc) {
 				run = 0;
 				start = c + 1;
-			} else {
-				run++;
+				need = n;
+				continue;
+			}
+			if (++run == need) {
+				past_table = false;
+				m = missing_blocks(q, start, run, &past_table);
+				need = n + m;
 			}
 		}
-		bool placed = false;
-		uint32_t eb = epb_bits(q);
-		for (uint64_t r = start >> eb; r <= (start + n - 1) >> eb; r++) {
-			int ret = ensure_block(img, r, &placed);
+		if (past_table) {
+			int ret = grow_reftable(img, (start + need - 1) >> epb_bits(q), start + need);
+			if (ret < 0)
+				return ret;
+			continue;       /* the new table's area may have taken the run */
+		}
+		if (m) {
+			int ret = place_blocks(img, start, need, m);
 			if (ret < 0)
 				return ret;
 		}
-		if (placed)
-			continue;       /* metadata may have taken the run: look again */
-		int ret = qk__qcow2_update_refcount(img, start << q->cluster_bits,
+		int ret = qk__qcow2_update_refcount(img, (start + m) << q->cluster_bits,
 						    n << q->cluster_bits, +1);
 		if (ret < 0)
 			return ret;
 		if (start == q->free_hint)
-			q->free_hint = start + n;
-		*offset = start << q->cluster_bits;
+			q->free_hint = start + m + n;
+		*offset = (start + m) << q->cluster_bits;
 		return 0;
 	}
 }

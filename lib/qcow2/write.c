@@ -204,6 +204,9 @@ static int l2_for_write(qk_image *img, uint64_t l1i, uint64_t *l2_off, uint64_t 
 static int release_entry(qk_image *img, uint64_t e)
 {
 	struct qcow2 *q = qcow2_of(img);
+	uint64_t host = e & L2E_OFFSET_MASK;
+	if (!(e & QCOW_OFLAG_COMPRESSED) && (!host || q->data_file))
+		return 0;       /* nothing counted: no ordering to ask for */
 	int ret = q->lazy ? 0 : qk__cache_set_dependency(&q->rb_cache, &q->l2_cache);
 	if (ret < 0)
 		return ret;
@@ -214,10 +217,7 @@ static int release_entry(qk_image *img, uint64_t e)
 		uint64_t csize = sectors * 512 - (coffset & 511);
 		return qk__qcow2_update_refcount(img, coffset, csize, -1);
 	}
-	uint64_t host = e & L2E_OFFSET_MASK;
-	if (host && !q->data_file)      /* data file clusters have no refcount */
-		return qk__qcow2_update_refcount(img, host, q->cluster_size, -1);
-	return 0;
+	return qk__qcow2_update_refcount(img, host, q->cluster_size, -1);
 }
 
 /* An L2 entry and, with extended L2, its subcluster bitmap. */
@@ -703,5 +703,121 @@ int qk__qcow2_write_zeroes(qk_image *img, uint64_t off, uint64_t len, uint32_t f
 	for (int i = 0; i < 4 && ret == 0; i++)
 		if (parts[i][1] > parts[i][0])
 			ret = write_zero_bytes(img, parts[i][0], parts[i][1] - parts[i][0], flags);
+	return ret;
+}
+
+/*
+ * Grow the active L1 table to at least `need` entries: a new table is
+ * written and synced, then the header points at it (size and offset in one
+ * write), then the old table is freed. Metadata lock held.
+ */
+static int grow_l1(qk_image *img, uint64_t need)
+{
+	struct qcow2 *q = qcow2_of(img);
+	uint64_t cs = q->cluster_size;
+	if (need * 8 > MAX_L1_BYTES)
+		return qk__err(EFBIG, "'%s' cannot grow: the L1 table would pass %llu entries",
+			       img->filename, MAX_L1_BYTES / 8);
+	uint64_t bytes = (need * 8 + cs - 1) & ~(cs - 1);
+	uint64_t *nl1 = calloc(1, bytes);
+	if (!nl1)
+		return qk__err(ENOMEM, "out of memory");
+	uint64_t noff;
+	int ret = qk__qcow2_alloc_clusters(img, bytes / cs, &noff);
+	if (ret == 0)
+		ret = qk__cache_flush(&q->rb_cache);    /* the new table's refcounts first */
+	for (uint64_t i = 0; i < q->l1_size; i++)
+		qk_put_be64(&nl1[i], q->l1[i]);
+	if (ret == 0)
+		ret = img->file->ops->pwrite(img->file, nl1, bytes, noff);
+	if (ret == 0)
+		ret = img->file->ops->sync(img->file);
+	uint8_t hdr[12];
+	qk_put_be32(hdr, (uint32_t)need);
+	qk_put_be64(hdr + 4, noff);
+	if (ret == 0)
+		ret = img->file->ops->pwrite(img->file, hdr, sizeof hdr, HDR_L1_SIZE);
+	if (ret == 0)
+		ret = img->file->ops->sync(img->file);
+	if (ret < 0) {
+		free(nl1);
+		return ret;
+	}
+	uint64_t old_off = q->l1_offset, old_bytes = (uint64_t)q->l1_size * 8;
+	qk_be64_table_to_host(nl1, need);
+	free(q->l1);
+	q->l1 = nl1;
+	q->l1_size = (uint32_t)need;
+	q->l1_offset = noff;
+	if (noff + bytes > q->file_size)
+		q->file_size = noff + bytes;
+	return old_bytes ? qk__qcow2_update_refcount(img, old_off, old_bytes, -1) : 0;
+}
+
+static int write_size(qk_image *img, uint64_t size)
+{
+	uint8_t be[8];
+	qk_put_be64(be, size);
+	int ret = img->file->ops->pwrite(img->file, be, 8, HDR_SIZE);
+	if (ret == 0)
+		ret = img->file->ops->sync(img->file);
+	return ret;
+}
+
+int qk__qcow2_resize(qk_image *img, uint64_t size, uint32_t flags)
+{
+	struct qcow2 *q = qcow2_of(img);
+	uint64_t old = img->size, cs = q->cluster_size;
+	if (q->version < 3 && q->nb_snapshots)
+		return qk__err(ENOTSUP, "Can't resize a v2 image which has snapshots");
+	if (q->n_bitmaps)
+		return qk__err(ENOTSUP, "resizing '%s' is not supported yet: it has persistent bitmaps",
+			       img->filename);
+	if (size > (uint64_t)INT64_MAX - cs)
+		return qk__err(EFBIG, "size %llu is too large", (unsigned long long)size);
+	/* v2 has no zero flag: growing over a backing file that reaches past
+	 * the old end would need every new cluster written with zeros, or the
+	 * guest would see the backing file there. Refused, as qemu-img does. */
+	if (q->version < 3 && size > old && q->backing_file &&
+	    (!img->backing || img->backing->size > old))
+		return qk__err(ENOTSUP, "cannot grow v2 image '%s' over its backing file: the new "
+			       "area would show the backing file's data (compat=1.1 images can)",
+			       img->filename);
+	pthread_mutex_lock(&q->alloc_lock);
+	pthread_mutex_lock(&q->lock);
+	int ret = prepare_write(img);
+	uint64_t per_l1 = cs << q->l2_bits;
+	uint64_t need = size / per_l1 + (size % per_l1 != 0);
+	if (ret == 0 && size < old) {
+		/* Drop every cluster wholly past the new end; a partial last
+		 * cluster keeps its bytes (invisible, zeroed if it grows again). */
+		for (uint64_t gc = (size + cs - 1) >> q->cluster_bits; ret == 0 && gc < (old + cs - 1) >> q->cluster_bits; gc++) {
+			struct entry en;
+			ret = get_entry(img, gc, &en);
+			if (ret == 0 && (en.e || en.bm))
+				ret = set_entry(img, gc, 0, 0, true, NULL);
+		}
+		if (ret == 0)
+			ret = flush_locked(img);
+	} else if (ret == 0 && need > q->l1_size) {
+		ret = grow_l1(img, need);
+	}
+	if (ret == 0)
+		ret = write_size(img, size);
+	if (ret == 0)
+		img->size = size;
+	pthread_mutex_unlock(&q->lock);
+	pthread_mutex_unlock(&q->alloc_lock);
+	if (ret < 0 || size <= old)
+		return ret;
+	/* Growing: what lies past the old end must read as zeros, not as stale
+	 * bytes of the last cluster or as a larger backing file. */
+	uint64_t zero_end = qk_min_u64(size, (old + cs - 1) & ~(cs - 1));
+	if (img->backing && img->backing->size > zero_end)
+		zero_end = qk_min_u64(size, img->backing->size);
+	else if (q->backing_file && !img->backing)
+		zero_end = size;
+	if (zero_end > old)
+		ret = qk__qcow2_write_zeroes(img, old, zero_end - old, 0);
 	return ret;
 }
