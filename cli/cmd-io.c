@@ -66,6 +66,17 @@ static void print_cvtnum_err(int rc, const char *arg)
 		printf("Parsing error: %s\n", arg);
 }
 
+/* Parse a size argument, saying what is wrong with it; 0 or -1. */
+static int num_arg(const char *arg, int64_t *out)
+{
+	int r = io_cvtnum(arg, out);
+	if (r < 0) {
+		print_cvtnum_err(r, arg);
+		return -1;
+	}
+	return 0;
+}
+
 /* qemu-io's parse_pattern(): a byte, decimal, 0x hex or 0 octal. */
 static int parse_pattern(const char *arg)
 {
@@ -161,10 +172,8 @@ static int io_read(struct io_state *st, int argc, char **argv)
 			break;
 		case 'l':
 			lflag = true;
-			if ((r = io_cvtnum(optarg, &pat_count)) < 0) {
-				print_cvtnum_err(r, optarg);
+			if (num_arg(optarg, &pat_count) < 0)
 				return -1;
-			}
 			break;
 		case 'P':
 			if ((pattern = parse_pattern(optarg)) < 0)
@@ -176,10 +185,8 @@ static int io_read(struct io_state *st, int argc, char **argv)
 			break;
 		case 's':
 			sflag = true;
-			if ((r = io_cvtnum(optarg, &pat_off)) < 0) {
-				print_cvtnum_err(r, optarg);
+			if (num_arg(optarg, &pat_off) < 0)
 				return -1;
-			}
 			break;
 		case 'v':
 			vflag = true;
@@ -194,14 +201,10 @@ static int io_read(struct io_state *st, int argc, char **argv)
 		read_usage();
 		return -1;
 	}
-	if ((r = io_cvtnum(argv[optind], &offset)) < 0) {
-		print_cvtnum_err(r, argv[optind]);
+	if (num_arg(argv[optind], &offset) < 0)
 		return -1;
-	}
-	if ((r = io_cvtnum(argv[optind + 1], &count)) < 0) {
-		print_cvtnum_err(r, argv[optind + 1]);
+	if (num_arg(argv[optind + 1], &count) < 0)
 		return -1;
-	}
 	if ((uint64_t)count > REQUEST_MAX_BYTES) {
 		printf("length cannot exceed %llu, given %s\n",
 		       REQUEST_MAX_BYTES, argv[optind + 1]);
@@ -472,14 +475,10 @@ static int io_write(struct io_state *st, int argc, char **argv)
 		       "same time\n");
 		return -1;
 	}
-	if ((r = io_cvtnum(argv[optind], &offset)) < 0) {
-		print_cvtnum_err(r, argv[optind]);
+	if (num_arg(argv[optind], &offset) < 0)
 		return -1;
-	}
-	if ((r = io_cvtnum(argv[optind + 1], &count)) < 0) {
-		print_cvtnum_err(r, argv[optind + 1]);
+	if (num_arg(argv[optind + 1], &count) < 0)
 		return -1;
-	}
 	if ((uint64_t)count > REQUEST_MAX_BYTES && !no_fallback) {
 		printf("length cannot exceed %llu without -n, given %s\n",
 		       REQUEST_MAX_BYTES, argv[optind + 1]);
@@ -583,10 +582,8 @@ static int io_writev(struct io_state *st, int argc, char **argv)
 		writev_usage();
 		return -1;
 	}
-	if ((r = io_cvtnum(argv[optind], &offset)) < 0) {
-		print_cvtnum_err(r, argv[optind]);
+	if (num_arg(argv[optind], &offset) < 0)
 		return -1;
-	}
 	optind++;
 	nr = argc - optind;
 	iov = cli_xcalloc((size_t)nr, sizeof(*iov));
@@ -674,14 +671,10 @@ static int io_discard(struct io_state *st, int argc, char **argv)
 		discard_usage();
 		return -1;
 	}
-	if ((r = io_cvtnum(argv[optind], &offset)) < 0) {
-		print_cvtnum_err(r, argv[optind]);
+	if (num_arg(argv[optind], &offset) < 0)
 		return -1;
-	}
-	if ((r = io_cvtnum(argv[optind + 1], &bytes)) < 0) {
-		print_cvtnum_err(r, argv[optind + 1]);
+	if (num_arg(argv[optind + 1], &bytes) < 0)
 		return -1;
-	}
 	if ((uint64_t)bytes > REQUEST_MAX_BYTES) {
 		printf("length cannot exceed %llu, given %s\n",
 		       REQUEST_MAX_BYTES, argv[optind + 1]);
