@@ -69,6 +69,29 @@ int cmd_bench(int argc, char **argv);
 int cmd_create(int argc, char **argv);
 int cmd_resize(int argc, char **argv);
 
+/* cmd-create.c: -o lists of create, for convert's target. */
+struct cli_create_opts;
+struct cli_create_opts *cli_create_opts_parse(qk_format fmt, const char *olist,
+					      struct qk_create_options *o);
+void cli_create_opts_free(struct cli_create_opts *h);
+
+/* convert-qcow2.c: convert's qcow2 target. */
+struct convert_qcow2 {
+	qk_image *src;
+	const char *dst_path;
+	const char *olist;        /* -o, or NULL */
+	const char *backing;      /* -B, or NULL */
+	const char *backing_fmt;  /* -F, or NULL (detected) */
+	bool compress;            /* -c */
+	bool skip_create;         /* -n */
+	bool target_is_zero;      /* --target-is-zero */
+	bool progress;
+	bool quiet;
+	uint64_t sparse;          /* -S bytes, 0 = allocate everything */
+	unsigned workers;         /* -m */
+};
+int convert_qcow2(const struct convert_qcow2 *a);
+
 /* ---- opts.c ------------------------------------------------------------ */
 
 /*

@@ -1,6 +1,6 @@
 /*
  * cmd-convert.c - "qcowkit convert": copy an image's guest content into a
- * sparse raw file (-O raw; qcow2 output comes later).
+ * sparse raw file (-O raw; -O qcow2 is in convert-qcow2.c).
  *
  * Design note. The target is created (or truncated) and sized first, so
  * every byte not written reads as zero. Workers (-m N threads, default 2)
@@ -456,6 +456,9 @@ int cmd_convert(int argc, char **argv)
 		{ NULL, 0, NULL, 0 },
 	};
 	const char *fmtname = NULL, *out_fmt = "raw", *src_path, *dst_path;
+	const char *backing = NULL, *backing_fmt = NULL;
+	char *olist = NULL;
+	bool compress = false;
 	bool progress = false, quiet = false, skip_create = false;
 	bool target_is_zero = false, direct = false, target_direct = false;
 	uint64_t sparse = 4096, nworkers = DEFAULT_WORKERS;
@@ -499,7 +502,7 @@ int cmd_convert(int argc, char **argv)
 					  "of 512 up to 16777216. Select 0 to "
 					  "disable sparse detection (fully "
 					  "allocates output).");
-				return CLI_EXIT_FAILURE;
+				goto out_early;
 			}
 			break;
 		case 'm':
@@ -508,7 +511,7 @@ int cmd_convert(int argc, char **argv)
 				cli_error("Invalid number of coroutines. Allowed "
 					  "number of coroutines is between 1 "
 					  "and %d", MAX_WORKERS);
-				return CLI_EXIT_FAILURE;
+				goto out_early;
 			}
 			break;
 		case 't':
@@ -517,60 +520,94 @@ int cmd_convert(int argc, char **argv)
 			 * as with qemu-img's default "unsafe". */
 			if (cli_parse_cache(optarg, &target_direct) < 0) {
 				cli_error("Invalid cache option: %s", optarg);
-				return CLI_EXIT_FAILURE;
+				goto out_early;
 			}
 			break;
 		case 'T':
 			if (cli_parse_cache(optarg, &direct) < 0) {
 				cli_error("Invalid source cache option: %s",
 					  optarg);
-				return CLI_EXIT_FAILURE;
+				goto out_early;
 			}
 			break;
 		case OPT_TARGET_IS_ZERO:
 			target_is_zero = true;
 			break;
 		case 'c':
-			return unsupported("compressed output (-c)");
+			compress = true;
+			break;
 		case 'B':
+			backing = optarg;
+			break;
 		case 'F':
-			return unsupported("a backing file for the target (-B)");
-		case 'o':
-			return unsupported("target options (-o)");
+			backing_fmt = optarg;
+			break;
+		case 'o': {
+			/* Several -o add up, as in qemu-img. */
+			size_t old = olist ? strlen(olist) : 0;
+			size_t add = strlen(optarg);
+
+			olist = cli_xrealloc(olist, old + add + 2);
+			if (old)
+				olist[old++] = ',';
+			memcpy(olist + old, optarg, add + 1);
+			break;
+		}
 		case 'l':
-			return unsupported("converting a snapshot (-l)");
+			unsupported("converting a snapshot (-l)");
+			goto out_early;
 		case 'C':
-			return unsupported("copy offloading (-C)");
+			unsupported("copy offloading (-C)");
+			goto out_early;
 		case 'r':
-			return unsupported("rate limiting (-r)");
+			unsupported("rate limiting (-r)");
+			goto out_early;
 		case OPT_UNSUPPORTED:
-			return unsupported(argv[optind - 1]);
+			unsupported(argv[optind - 1]);
+			goto out_early;
 		case 'h':
 			cli_print_usage(stdout, cli_find_command("convert"));
+			free(olist);
 			return CLI_EXIT_OK;
 		default:
-			return cli_bad_option("convert", c, argv,
-					      CLI_EXIT_FAILURE);
+			cli_bad_option("convert", c, argv, CLI_EXIT_FAILURE);
+			goto out_early;
 		}
 	}
-	if (argc - optind < 2)
+	if (argc - optind < 2) {
+		free(olist);
 		return cli_usage_error("convert", CLI_EXIT_FAILURE,
 				       "Expecting a source and a target file "
 				       "name");
-	if (argc - optind > 2)
-		return unsupported("concatenating several source images");
-	if (strcmp(out_fmt, "raw") != 0) {
-		if (strcmp(out_fmt, "qcow2") == 0)
-			return unsupported("-O qcow2");
+	}
+	if (argc - optind > 2) {
+		unsupported("concatenating several source images");
+		goto out_early;
+	}
+	if (strcmp(out_fmt, "raw") != 0 && strcmp(out_fmt, "qcow2") != 0) {
 		cli_error("Unknown file format '%s'", out_fmt);
-		return CLI_EXIT_FAILURE;
+		goto out_early;
+	}
+	if (strcmp(out_fmt, "raw") == 0) {
+		if (backing != NULL) {
+			cli_error("Backing file not supported for file format 'raw'");
+			goto out_early;
+		}
+		if (compress) {
+			cli_error("Compression not supported for this file format");
+			goto out_early;
+		}
+		if (olist != NULL) {
+			unsupported("target options (-o) for raw output");
+			goto out_early;
+		}
 	}
 	if (target_is_zero && !skip_create) {
 		cli_error("--target-is-zero requires use of -n flag");
-		return CLI_EXIT_FAILURE;
+		goto out_early;
 	}
 	if (cli_parse_format(fmtname, &fmt) < 0)
-		return CLI_EXIT_FAILURE;
+		goto out_early;
 	src_path = argv[optind];
 	dst_path = argv[optind + 1];
 	if (quiet)
@@ -587,6 +624,26 @@ int cmd_convert(int argc, char **argv)
 	if (cli_open(src_path, fmt, flags, &j.src) < 0)
 		goto out;
 	j.size = qk_get_size(j.src);
+	if (strcmp(out_fmt, "qcow2") == 0) {
+		struct convert_qcow2 a = {
+			.src = j.src, .dst_path = dst_path, .olist = olist,
+			.backing = backing, .backing_fmt = backing_fmt,
+			.compress = compress, .skip_create = skip_create,
+			.target_is_zero = target_is_zero, .progress = progress,
+			.quiet = quiet, .sparse = sparse,
+			.workers = (unsigned)nworkers,
+		};
+
+		if (stat(src_path, &st_src) == 0 &&
+		    stat(dst_path, &st_dst) == 0 &&
+		    st_src.st_dev == st_dst.st_dev &&
+		    st_src.st_ino == st_dst.st_ino) {
+			cli_error("Cannot convert '%s' onto itself", src_path);
+			goto out;
+		}
+		ret = convert_qcow2(&a);
+		goto out;
+	}
 
 	/* Truncating the source under our own feet would lose it. */
 	if (stat(src_path, &st_src) == 0 && stat(dst_path, &st_dst) == 0 &&
@@ -717,5 +774,9 @@ out:
 		close(j.fd);
 	qk_close(j.src);
 	pthread_mutex_destroy(&j.lock);
+	free(olist);
 	return ret;
+out_early:
+	free(olist);
+	return CLI_EXIT_FAILURE;
 }

@@ -562,3 +562,35 @@ out:
 	free(olist);
 	return ret;
 }
+
+struct cli_create_opts {
+	struct create_opts c;
+};
+
+/*
+ * For convert: parse an -o list (may be NULL) for a new image of format
+ * fmt into *o, size left to the caller. Returns the parsed values, which
+ * own the strings *o points at (free with cli_create_opts_free()), or
+ * NULL after printing qemu-img's message.
+ */
+struct cli_create_opts *cli_create_opts_parse(qk_format fmt, const char *olist,
+					      struct qk_create_options *o)
+{
+	struct cli_create_opts *h = cli_xcalloc(1, sizeof *h);
+
+	use_descs(&h->c, fmt);
+	if ((olist != NULL && parse_options(&h->c, olist) < 0) ||
+	    to_create_options(&h->c, fmt, o) < 0) {
+		cli_create_opts_free(h);
+		return NULL;
+	}
+	return h;
+}
+
+void cli_create_opts_free(struct cli_create_opts *h)
+{
+	if (h != NULL) {
+		free_options(&h->c);
+		free(h);
+	}
+}

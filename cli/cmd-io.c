@@ -389,11 +389,37 @@ fail:
 	return NULL;
 }
 
+/* Compressed writes go one cluster at a time; the range must start on a
+ * cluster and end on one or at the end of the image. */
+static int write_compressed(qk_image *img, const unsigned char *buf,
+			    uint64_t count, uint64_t offset)
+{
+	struct qk_info info;
+	uint64_t cs, done;
+	int r = qk_get_info(img, &info);
+
+	if (r < 0)
+		return r;
+	cs = info.cluster_size;
+	if (cs == 0)
+		return qk_write_compressed(img, buf, (size_t)count, offset);
+	for (done = 0; done < count; done += cs) {
+		uint64_t n = count - done < cs ? count - done : cs;
+
+		r = qk_write_compressed(img, buf + done, (size_t)n,
+					offset + done);
+		if (r < 0)
+			return r;
+	}
+	return 0;
+}
+
 /*
  * write [-bcCfnquz] [-P pattern | -s source_file] off len, as qemu-io:
  * -z makes the range read as zeros (qk_write_zeroes; -u may unmap, -n
  * refuses to write zero bytes), -f is FUA (flushed before it completes),
- * -c (compressed) and -b (VM state) are not supported yet.
+ * -c compresses cluster by cluster (offset and length cluster aligned, or
+ * reaching the end of the image), -b (VM state) is not supported yet.
  */
 static int io_write(struct io_state *st, int argc, char **argv)
 {
@@ -500,10 +526,6 @@ static int io_write(struct io_state *st, int argc, char **argv)
 		cli_error("io: write -b (VM state) is not supported yet");
 		return -1;
 	}
-	if (cflag) {
-		cli_error("io: write -c (compressed write) is not supported yet");
-		return -1;
-	}
 
 	if (!zflag) {
 		if (sflag) {
@@ -524,6 +546,9 @@ static int io_write(struct io_state *st, int argc, char **argv)
 		r = qk_write_zeroes(st->img, (uint64_t)offset, (uint64_t)count,
 				    (unmap ? QK_ZERO_MAY_UNMAP : 0) |
 				    (no_fallback ? QK_ZERO_NO_FALLBACK : 0));
+	else if (cflag)
+		r = write_compressed(st->img, buf, (uint64_t)count,
+				     (uint64_t)offset);
 	else
 		r = qk_pwrite(st->img, buf, (size_t)count, (uint64_t)offset);
 	if (r == 0)

@@ -224,6 +224,16 @@ int qk_preadv(qk_image *img, const struct iovec *iov, int iovcnt,
 int qk_pwrite(qk_image *img, const void *buf, size_t len, uint64_t off);
 /* As qk_pwrite, gathering from `iovcnt` buffers. */
 int qk_pwritev(qk_image *img, const struct iovec *iov, int iovcnt, uint64_t off);
+/*
+ * Write one guest cluster compressed (with the image's compression type):
+ * `off` is cluster aligned and `len` the cluster size, or, in the last
+ * cluster of an image whose size is not a multiple of it, the rest of the
+ * image. Data that does not shrink is stored uncompressed, as QEMU does.
+ * Several threads may call this at once; they compress in parallel. Returns
+ * as qk_pwrite, and -EINVAL for another range, -ENOTSUP for raw images and
+ * images with an external data file.
+ */
+int qk_write_compressed(qk_image *img, const void *buf, size_t len, uint64_t off);
 #define QK_ZERO_MAY_UNMAP   (1u << 0) /* the range may be deallocated */
 #define QK_ZERO_NO_FALLBACK (1u << 1) /* fail with -ENOTSUP rather than
                                        * write zeros (a "fast zero") */

@@ -309,6 +309,20 @@ QK_EXPORT int qk_pwrite(qk_image *img, const void *buf, size_t len, uint64_t off
 	return img->drv->pwrite(img, buf, len, off);
 }
 
+QK_EXPORT int qk_write_compressed(qk_image *img, const void *buf, size_t len, uint64_t off)
+{
+	qk__api_enter("qk_write_compressed");
+	if (!img || (!buf && len))
+		return qk__err(EINVAL, "image and buffer are required");
+	int ret = check_writable(img, off, len);
+	if (ret < 0)
+		return ret;
+	if (!img->drv->write_compressed)
+		return qk__err(ENOTSUP, "'%s' is a %s image: it cannot hold compressed data",
+			       img->filename, img->drv->name);
+	return img->drv->write_compressed(img, buf, len, off);
+}
+
 QK_EXPORT int qk_pwritev(qk_image *img, const struct iovec *iov, int iovcnt, uint64_t off)
 {
 	qk__api_enter("qk_pwritev");

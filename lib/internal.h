@@ -128,6 +128,9 @@ struct qk__driver {
 	int (*pread)(qk_image *img, void *buf, size_t len, uint64_t off);
 	/* Write [off, off+len), inside the image, opened read-write. */
 	int (*pwrite)(qk_image *img, const void *buf, size_t len, uint64_t off);
+	/* Write one cluster compressed (see qk_write_compressed); NULL when
+	 * the format has no compression. */
+	int (*write_compressed)(qk_image *img, const void *buf, size_t len, uint64_t off);
 	/* Make every completed write durable. */
 	int (*flush)(qk_image *img);
 	/* Change the virtual size; the new area reads as zeros. */
@@ -199,5 +202,9 @@ int qk__chain_read(qk_image *img, void *buf, size_t len, uint64_t off);
  * (recorded). */
 int qk__decompress(uint32_t type, const void *src, size_t src_len,
 		   void *dst, size_t dst_len, char *why, size_t why_len);
+/* Compress `len` bytes into at most `cap` bytes of dst (QEMU's formats).
+ * Returns the compressed length, -ENOSPC (not recorded) when it does not
+ * fit, or another negative errno (recorded). Thread-safe. */
+ssize_t qk__compress(uint32_t type, const void *src, size_t len, void *dst, size_t cap);
 
 #endif /* QK_INTERNAL_H */

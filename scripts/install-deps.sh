@@ -3,7 +3,7 @@
 # Runs as root (as `make test` does on a fresh machine); otherwise prints
 # what is missing and carries on, so a prepared machine still works.
 set -eu
-pkgs="build-essential cmake pkg-config zlib1g-dev libzstd-dev qemu-utils libnbd-bin python3"
+pkgs="build-essential cmake pkg-config zlib1g-dev libzstd-dev qemu-utils libnbd-bin python3 fio"
 missing=""
 for p in $pkgs; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" ||

@@ -8,7 +8,11 @@
 #include "internal.h"
 
 #include <errno.h>
+#include <pthread.h>
+#include <stdbool.h>
 #include <stdio.h>
+#include <stdlib.h>
+#include <sys/types.h>
 #include <zlib.h>
 #include <zstd.h>
 
@@ -68,6 +72,100 @@ int qk__decompress(uint32_t type, const void *src, size_t src_len, void *dst, si
 		return inflate_cluster(src, src_len, dst, dst_len, why, why_len);
 	case QK_COMPRESSION_ZSTD:
 		return zstd_cluster(src, src_len, dst, dst_len, why, why_len);
+	default:
+		return qk__err(ENOTSUP, "unknown compression type %u", type);
+	}
+}
+
+/*
+ * Compression contexts are kept per thread (a zlib stream and a zstd
+ * context cost far more to set up than to reset), freed when the thread
+ * ends.
+ */
+struct codec_ctx {
+	z_stream z;
+	bool z_ready;
+	ZSTD_CCtx *zc;
+};
+
+static pthread_key_t codec_key;
+static pthread_once_t codec_once = PTHREAD_ONCE_INIT;
+static bool codec_key_ok;
+
+static void codec_free(void *p)
+{
+	struct codec_ctx *c = p;
+	if (c->z_ready)
+		deflateEnd(&c->z);
+	ZSTD_freeCCtx(c->zc);
+	free(c);
+}
+
+static void codec_key_init(void)
+{
+	codec_key_ok = pthread_key_create(&codec_key, codec_free) == 0;
+}
+
+static struct codec_ctx *codec_get(void)
+{
+	pthread_once(&codec_once, codec_key_init);
+	if (!codec_key_ok)
+		return NULL;
+	struct codec_ctx *c = pthread_getspecific(codec_key);
+	if (!c) {
+		c = calloc(1, sizeof(*c));
+		if (c && pthread_setspecific(codec_key, c) != 0) {
+			free(c);
+			c = NULL;
+		}
+	}
+	return c;
+}
+
+/* Raw deflate with a 4 KiB window and memLevel 9, as QEMU writes it (its
+ * reader inflates with that window). */
+static ssize_t deflate_cluster(struct codec_ctx *c, const void *src, size_t len, void *dst,
+			       size_t cap)
+{
+	if (!c->z_ready) {
+		if (deflateInit2(&c->z, Z_DEFAULT_COMPRESSION, Z_DEFLATED, -12, 9,
+				 Z_DEFAULT_STRATEGY) != Z_OK)
+			return qk__err(ENOMEM, "cannot set up zlib");
+		c->z_ready = true;
+	} else if (deflateReset(&c->z) != Z_OK) {
+		return qk__err(EIO, "cannot reset zlib");
+	}
+	c->z.next_in = (Bytef *)src;
+	c->z.avail_in = (uInt)len;
+	c->z.next_out = dst;
+	c->z.avail_out = (uInt)cap;
+	int zr = deflate(&c->z, Z_FINISH);
+	if (zr != Z_STREAM_END)
+		return -ENOSPC;         /* does not fit: store it plain */
+	return (ssize_t)(cap - c->z.avail_out);
+}
+
+static ssize_t zstd_compress_cluster(struct codec_ctx *c, const void *src, size_t len,
+				     void *dst, size_t cap)
+{
+	if (!c->zc && !(c->zc = ZSTD_createCCtx()))
+		return qk__err(ENOMEM, "cannot set up zstd");
+	size_t r = ZSTD_compressCCtx(c->zc, dst, cap, src, len, ZSTD_CLEVEL_DEFAULT);
+	if (ZSTD_isError(r))
+		return -ENOSPC;         /* dstSize_tooSmall: store it plain */
+	return (ssize_t)r;
+}
+
+ssize_t qk__compress(uint32_t type, const void *src, size_t len, void *dst, size_t cap)
+{
+	struct codec_ctx *c = codec_get();
+	if (!c)
+		return qk__err(ENOMEM, "out of memory");
+	switch (type) {
+	case QK_COMPRESSION_ZLIB:
+		return deflate_cluster(c, src, len, dst, cap);
+	case QK_COMPRESSION_ZSTD:
+		return zstd_compress_cluster(c, src, len, dst, cap);
 	default:
 		return qk__err(ENOTSUP, "unknown compression type %u", type);
 	}

@@ -580,6 +580,7 @@ const struct qk__driver qk__qcow2_driver = {
 	.close = qcow2_close,
 	.pread = qk__qcow2_pread,
 	.pwrite = qk__qcow2_pwrite,
+	.write_compressed = qk__qcow2_write_compressed,
 	.flush = qk__qcow2_flush,
 	.mark_clean = qk__qcow2_mark_clean,
 	.resize = qk__qcow2_resize,

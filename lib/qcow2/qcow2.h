@@ -135,6 +135,8 @@ struct qcow2 {
 	uint64_t rt_entries;
 	struct qk__cache rb_cache;
 	uint64_t free_hint;         /* no free cluster below this index */
+	uint64_t free_byte;         /* end of the last compressed data when it
+	                             * ends inside a cluster, else 0 */
 
 	/* QEMU's guess that the image was preallocated with metadata, which
 	 * makes block status ask the file system where data clusters hold
@@ -187,6 +189,10 @@ int qk__qcow2_get_refcount(qk_image *img, uint64_t cluster, uint64_t *rc);
 int qk__qcow2_update_refcount(qk_image *img, uint64_t offset, uint64_t length, int delta);
 /* Allocate n contiguous free clusters (refcount raised to 1). */
 int qk__qcow2_alloc_clusters(qk_image *img, uint64_t n, uint64_t *offset);
+/* Allocate `len` bytes (at most a cluster) for compressed data, packed
+ * after the previous ones; every cluster the bytes touch gains one
+ * reference. */
+int qk__qcow2_alloc_bytes(qk_image *img, uint64_t len, uint64_t *offset);
 void qk__qcow2_free_refcounts(struct qcow2 *q);
 
 /* ---- check.c ------------------------------------------------------------------ */
@@ -198,6 +204,7 @@ int qk__qcow2_rebuild_refcounts(qk_image *img);
 /* ---- write.c ------------------------------------------------------------------ */
 int qk__qcow2_pwrite(qk_image *img, const void *buf, size_t len, uint64_t off);
 int qk__qcow2_flush(qk_image *img);
+int qk__qcow2_write_compressed(qk_image *img, const void *buf, size_t len, uint64_t off);
 /* After a final flush: clear the dirty bit that lazy refcounts set. */
 int qk__qcow2_mark_clean(qk_image *img);
 /* Sync-write the incompatible feature bits. */

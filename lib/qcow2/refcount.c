@@ -327,6 +327,8 @@ int qk__qcow2_update_refcount(qk_image *img, uint64_t offset, uint64_t length, i
 		qk__cache_put(&q->rb_cache, boff);
 		if (v == 0 && c < q->free_hint)
 			q->free_hint = c;
+		if (v == 0 && q->free_byte >> q->cluster_bits == c)
+			q->free_byte = 0;       /* nothing more may be packed there */
 	}
 	return 0;
 }
@@ -464,6 +466,46 @@ int qk__qcow2_alloc_clusters(qk_image *img, uint64_t n, uint64_t *offset)
 		*offset = (start + m) << q->cluster_bits;
 		return 0;
 	}
+}
+
+/*
+ * As QEMU does: compressed data goes right after the previous compressed
+ * data while the rest of that cluster holds it, or spills into the next
+ * cluster when that one is the next free one; otherwise it starts a new
+ * cluster. A cluster whose refcount is at its maximum takes no more.
+ */
+int qk__qcow2_alloc_bytes(qk_image *img, uint64_t len, uint64_t *offset)
+{
+	struct qcow2 *q = qcow2_of(img);
+	uint64_t cs = q->cluster_size, off = q->free_byte, rc = 0;
+	if (len == 0 || len > cs)
+		return qk__err(EINVAL, "compressed allocation of %llu bytes", (unsigned long long)len);
+	if (off) {
+		int ret = qk__qcow2_get_refcount(img, off >> q->cluster_bits, &rc);
+		if (ret < 0)
+			return ret;
+		if (rc == 0 || rc >= rc_max(q))
+			off = 0;
+	}
+	uint64_t room = off ? cs - (off & (cs - 1)) : 0;
+	int ret;
+	if (off && room >= len) {
+		ret = qk__qcow2_update_refcount(img, off, 1, +1);
+	} else {
+		uint64_t nc;
+		ret = qk__qcow2_alloc_clusters(img, 1, &nc);
+		if (ret < 0)
+			return ret;
+		if (off && nc == off + room)
+			ret = qk__qcow2_update_refcount(img, off, 1, +1);  /* spills over */
+		else
+			off = nc;
+	}
+	if (ret < 0)
+		return ret;
+	*offset = off;
+	q->free_byte = (off + len) & (cs - 1) ? off + len : 0;
+	return 0;
 }
 
 void qk__qcow2_free_refcounts(struct qcow2 *q)

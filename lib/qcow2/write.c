@@ -468,6 +468,76 @@ int qk__qcow2_pwrite(qk_image *img, const void *buf, size_t len, uint64_t off)
 	return ret;
 }
 
+/*
+ * Write guest cluster `off` (aligned; `len` the cluster size, or the rest
+ * of the image in its last cluster, padded with zeros) compressed. The
+ * compression runs in the caller's thread with no lock held, so several
+ * threads compress at once. Data that does not shrink is written plain, as
+ * QEMU does. Order: data, then its refcounts, then the L2 entry.
+ */
+int qk__qcow2_write_compressed(qk_image *img, const void *buf, size_t len, uint64_t off)
+{
+	struct qcow2 *q = qcow2_of(img);
+	uint64_t cs = q->cluster_size;
+	if ((off & (cs - 1)) || len == 0 || len > cs || (len < cs && off + len != img->size))
+		return qk__err(EINVAL, "a compressed write covers one whole cluster (offset %llu, "
+			       "length %zu, cluster size %llu)", (unsigned long long)off, len,
+			       (unsigned long long)cs);
+	if (q->data_file)
+		return qk__err(ENOTSUP, "compressed writes to '%s' are not possible: its data is "
+			       "in an external data file", img->filename);
+	pthread_mutex_lock(&q->lock);
+	int ret = prepare_write(img);
+	pthread_mutex_unlock(&q->lock);
+	if (ret < 0)
+		return ret;
+	uint8_t *in = NULL, *out = malloc(cs);
+	if (!out)
+		return qk__err(ENOMEM, "out of memory");
+	const uint8_t *src = buf;
+	if (len < cs) {
+		if (!(in = calloc(1, cs))) {
+			free(out);
+			return qk__err(ENOMEM, "out of memory");
+		}
+		memcpy(in, buf, len);
+		src = in;
+	}
+	ssize_t clen = qk__compress(q->compression_type, src, cs, out, cs - 1);
+	if (clen == -ENOSPC) {
+		free(in);
+		free(out);
+		return qk__qcow2_pwrite(img, buf, len, off);
+	}
+	ret = clen < 0 ? (int)clen : 0;
+	uint64_t gc = off >> q->cluster_bits, coff = 0;
+	if (ret == 0) {
+		pthread_mutex_lock(&q->alloc_lock);
+		pthread_mutex_lock(&q->lock);
+		ret = qk__qcow2_alloc_bytes(img, (uint64_t)clen, &coff);
+		pthread_mutex_unlock(&q->lock);
+		if (ret == 0)
+			ret = img->file->ops->pwrite(img->file, out, (size_t)clen, coff);
+		pthread_mutex_lock(&q->lock);
+		if (ret < 0 && coff) {
+			qk__qcow2_update_refcount(img, coff, (uint64_t)clen, -1); /* else a leak */
+		} else if (ret == 0) {
+			if (coff + (uint64_t)clen > q->file_size)
+				q->file_size = coff + (uint64_t)clen;
+			unsigned shift = 62 - (q->cluster_bits - 8);
+			uint64_t nsec = ((coff + (uint64_t)clen - 1) >> 9) - (coff >> 9);
+			uint64_t ne = QCOW_OFLAG_COMPRESSED | (nsec << shift) | coff;
+			q->cbuf_valid = false;  /* an old entry may name these bytes */
+			ret = set_entry(img, gc, ne, 0, true, img->file);
+		}
+		pthread_mutex_unlock(&q->lock);
+		pthread_mutex_unlock(&q->alloc_lock);
+	}
+	free(in);
+	free(out);
+	return ret;
+}
+
 /* Queue host range [off, off+len) to be punched out of the file once the
  * metadata that stopped using it is on disk. Metadata lock held. */
 static int queue_punch(qk_image *img, uint64_t off, uint64_t len)
