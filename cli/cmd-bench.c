@@ -9,7 +9,11 @@
  * --random: a SIZE-aligned offset drawn from a seeded hash of i - so the
  * set of requests does not depend on thread scheduling. Workers take
  * request numbers from one atomic counter; each has its own 4 KiB-aligned
- * buffer so -t none (O_DIRECT) works.
+ * buffer so -t none (O_DIRECT) works. With -w the buffers hold the
+ * --pattern byte and requests are qk_pwrite() calls on an image opened
+ * read-write; --flush-interval N makes the worker that completes every
+ * Nth request call qk_flush(). As with qemu-img, the time does not include
+ * closing the image (which flushes what is left).
  *
  * SPDX-License-Identifier: MIT
  */
@@ -33,6 +37,9 @@ struct bench {
 	uint64_t count;
 	bool random;
 	uint64_t seed;
+	bool write;
+	int pattern;
+	uint64_t flush_interval;
 
 	atomic_ullong next;       /* next request number */
 	atomic_bool failed;
@@ -79,15 +86,23 @@ static void *bench_worker(void *arg)
 		pthread_mutex_unlock(&b->lock);
 		return NULL;
 	}
-	memset(buf, 0, b->bufsize);
+	memset(buf, b->write ? b->pattern : 0, b->bufsize);
 	while (!atomic_load_explicit(&b->failed, memory_order_relaxed)) {
 		uint64_t i = atomic_fetch_add(&b->next, 1);
 		int r;
 
 		if (i >= b->count)
 			break;
-		r = qk_pread(b->img, buf, (size_t)b->bufsize,
-			     request_offset(b, i));
+		if (b->write) {
+			r = qk_pwrite(b->img, buf, (size_t)b->bufsize,
+				      request_offset(b, i));
+			if (r == 0 && b->flush_interval &&
+			    (i + 1) % b->flush_interval == 0)
+				r = qk_flush(b->img);
+		} else {
+			r = qk_pread(b->img, buf, (size_t)b->bufsize,
+				     request_offset(b, i));
+		}
 		if (r < 0) {
 			pthread_mutex_lock(&b->lock);
 			if (!atomic_exchange(&b->failed, true))
@@ -227,15 +242,15 @@ int cmd_bench(int argc, char **argv)
 	if (optind != argc - 1)
 		return cli_usage_error("bench", CLI_EXIT_FAILURE,
 				       "Expecting one image file name");
-	if (is_write) {
-		cli_error("bench: write tests (-w) are not supported yet");
-		return CLI_EXIT_FAILURE;
-	}
-	if (flush_interval) {
+	if (flush_interval && !is_write) {
 		cli_error("--flush-interval is only available in write tests");
 		return CLI_EXIT_FAILURE;
 	}
-	(void)pattern;  /* fills write buffers only */
+	if (is_write)
+		flags |= QK_OPEN_RDWR;
+	b.write = is_write;
+	b.pattern = (int)pattern;
+	b.flush_interval = flush_interval;
 	if (cli_parse_format(fmtname, &fmt) < 0)
 		return CLI_EXIT_FAILURE;
 	if (direct)
@@ -259,7 +274,7 @@ int cmd_bench(int argc, char **argv)
 
 	printf("Sending %d %s requests, %d bytes each, %d in parallel "
 	       "(starting at offset %lld, step size %d)\n", (int)count,
-	       "read", (int)bufsize, (int)depth, (long long)offset,
+	       is_write ? "write" : "read", (int)bufsize, (int)depth, (long long)offset,
 	       (int)b.step);
 	if (b.random)
 		printf("Using random %d-byte aligned offsets (seed %llu)\n",

@@ -401,7 +401,10 @@ static int write_compressed(qk_image *img, const unsigned char *buf,
 	if (r < 0)
 		return r;
 	cs = info.cluster_size;
-	if (cs == 0)
+	/* A bad range fails before anything is written (the library names
+	 * the problem). */
+	if (cs == 0 || offset % cs != 0 ||
+	    (count % cs != 0 && offset + count != qk_get_size(img)))
 		return qk_write_compressed(img, buf, (size_t)count, offset);
 	for (done = 0; done < count; done += cs) {
 		uint64_t n = count - done < cs ? count - done : cs;

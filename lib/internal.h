@@ -17,6 +17,7 @@
 #include "qcowkit.h"
 #include "util/checked.h"
 #include "util/endian.h"
+#include "util/buf.h"
 
 #define QK_EXPORT __attribute__((visibility("default")))
 #define QK_UNUSED __attribute__((unused))

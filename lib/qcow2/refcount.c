@@ -425,7 +425,7 @@ int qk__qcow2_alloc_clusters(qk_image *img, uint64_t n, uint64_t *offset)
 	if (q->free_hint == 0)
 		q->free_hint = 1;       /* cluster 0 is the header */
 	for (;;) {
-		uint64_t start = q->free_hint, run = 0, need = n, m = 0;
+		uint64_t start = q->free_hint, run = 0, need = n, m = 0, first_free = UINT64_MAX;
 		bool past_table = false;
 		for (uint64_t c = start; run < need; c++) {
 			uint64_t rc;
@@ -434,6 +434,8 @@ int qk__qcow2_alloc_clusters(qk_image *img, uint64_t n, uint64_t *offset)
 			int ret = qk__qcow2_get_refcount(img, c, &rc);
 			if (ret < 0)
 				return ret;
+			if (!rc && first_free == UINT64_MAX)
+				first_free = c;
 			if (rc) {
 				run = 0;
 				start = c + 1;
@@ -461,8 +463,8 @@ int qk__qcow2_alloc_clusters(qk_image *img, uint64_t n, uint64_t *offset)
 						    n << q->cluster_bits, +1);
 		if (ret < 0)
 			return ret;
-		if (start == q->free_hint)
-			q->free_hint = start + m + n;
+		/* Everything below the first free cluster seen is in use. */
+		q->free_hint = first_free == start ? start + m + n : first_free;
 		*offset = (start + m) << q->cluster_bits;
 		return 0;
 	}

@@ -388,20 +388,38 @@ static int write_slow(qk_image *img, uint64_t gc, uint64_t in, const uint8_t *da
 	memset(buf + valid_hi, 0, span_hi - valid_hi);
 	memcpy(buf + in, data, n);
 
+	bool fresh = false;        /* the new host cluster reads as zeros */
 	if (!owned) {
 		/* A new host cluster: identity in a data file, else allocated. */
 		host = start;
 		if (!q->data_file) {
 			pthread_mutex_lock(&q->lock);
+			uint64_t end = q->file_size;
 			ret = qk__qcow2_alloc_clusters(img, 1, &host);
 			pthread_mutex_unlock(&q->lock);
 			if (ret < 0)
 				return ret;
+			fresh = host >= end;    /* past the end of the file */
 		}
 	}
 	/* A data file ends with the image; the image file gets whole clusters. */
-	uint64_t wend = q->data_file ? valid_hi : span_hi;
-	ret = df->ops->pwrite(df, buf + span_lo, wend - span_lo, host + span_lo);
+	uint64_t wlo = span_lo, wend = q->data_file ? valid_hi : span_hi;
+	if (!owned && !q->data_file && qk_is_zero(buf + span_lo, in - span_lo) &&
+	    qk_is_zero(buf + in + n, span_hi - in - n)) {
+		/* Only zeros to copy (no backing data): as QEMU, have the file
+		 * system zero the new cluster (allocated, so the file does not
+		 * fragment, and no zeros go through the page cache), or past
+		 * the end of the file rely on it reading as zeros, and write
+		 * just the data, in whole 4 KiB blocks. */
+		if (img->file->ops->zero_range &&
+		    img->file->ops->zero_range(img->file, host + span_lo, span_hi - span_lo) == 0)
+			fresh = true;
+		if (fresh) {
+			wlo = qk_max_u64(span_lo, in & ~(uint64_t)4095);
+			wend = qk_min_u64(span_hi, (in + n + 4095) & ~(uint64_t)4095);
+		}
+	}
+	ret = df->ops->pwrite(df, buf + wlo, wend - wlo, host + wlo);
 	pthread_mutex_lock(&q->lock);
 	if (ret < 0) {
 		if (!owned && !q->data_file)

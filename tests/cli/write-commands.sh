@@ -9,7 +9,8 @@
 # cluster), 512-byte clusters (many L2 tables), a 1 GiB image (writes across
 # its two L2 tables), extended L2, v3 and v2 overlays over a base with data
 # and compressed clusters, and a raw file. Then the failures: writing to an
-# image opened with -r, writing past the end, write -c, a persistent bitmap,
+# image opened with -r, writing past the end, write -c off cluster bounds or
+# to raw, a persistent bitmap,
 # and qemu-io's argument errors, word for word.
 # shellcheck source=../lib.sh
 . "$(dirname "$0")/../lib.sh"
@@ -117,6 +118,8 @@ cases64() {
   wcase "$t: discard past a partial last cluster's start only" "$t" "discard $end 512"
   wcase "$t: write, discard, rewrite" "$t" 'discard 0 192k' 'write -P 0xf1 64k 1000' 'write -z -u 128k 64k' 'write -P 0xf2 130k 10'
   wcase "$t: flush between" "$t" 'write -P 0xd1 0 64k' 'flush' 'write -z 64k 64k' 'aio_flush' 'discard 128k 64k' 'flush' 'write -P 0xd2 3M 100k' 'f'
+  wcase "$t: write -c, unallocated clusters" "$t" 'write -c -P 0xc3 2M 128k' 'write -c 3M 64k' 'write -c -P 0xc4 3200k 64k'
+  wcase "$t: write -c, then partial overwrite" "$t" 'write -c -P 0xc5 2M 64k' 'write -P 0xc6 2100000 1000' 'write -c -P 0xc7 3M 64k' 'discard 3M 64k'
   wcase "$t: zero-length requests, -q" "$t" 'write 0 0' 'discard 0 0' 'write -z 0 0' 'write -q -P 9 0 512' 'discard -q 2M 64k' 'w -f 1M 512' 'd 512k 64k'
 }
 for t in v3.qcow2 v2.qcow2 el2.qcow2 top3.qcow2 top2.qcow2; do cases64 "$t"; done
@@ -214,9 +217,10 @@ for c in "write $SIZE64 512" "write $((SIZE64 - 1000)) 1024" "write -z $SIZE64 5
 done
 wfail "past the end, raw" a.raw 'past the end|end of the image' -f raw qk.raw -c "write $((4 * M)) 512"
 
-# write -c is not there yet
-wfail "write -c" v3.qcow2 'not supported' qk.qcow2 -c 'write -c 2M 64k'
-wfail "write -c -P" v3.qcow2 'not supported' qk.qcow2 -c 'write -c -P 1 2M 128k'
+# write -c: cluster aligned, or ending at the end of the image
+wfail "write -c, unaligned offset" v3.qcow2 'whole cluster' qk.qcow2 -c 'write -c 512 64k'
+wfail "write -c, partial cluster" v3.qcow2 'whole cluster' qk.qcow2 -c 'write -c -P 1 2M 100k'
+wfail "write -c, raw" a.raw 'compressed' -f raw qk.raw -c 'write -c 0 64k'
 wfail "write -b" v3.qcow2 'not supported' qk.qcow2 -c 'write -b 0 512'
 # a persistent bitmap: writing it is not supported yet
 setup qemu-img create -q -f qcow2 bm.qcow2 4M

@@ -11,7 +11,8 @@
 # shared, refcount 2).
 #
 # Per image: python3 generates a few hundred random operations (write -P,
-# write -z, write -z -u, discard at random offsets and lengths, some at
+# write -c -P (whole clusters), write -z, write -z -u, discard at random
+# offsets and lengths, some at
 # cluster and L2-table boundaries and at the end of the image) and keeps the
 # expected bytes; they run through `qcowkit io IMG -c ... -c ...` in batches,
 # one process each, some with flush between operations. Afterwards
@@ -116,7 +117,14 @@ def work(seed, size, cs, discard_noop, init, outdir, nbatch, nops):
             off = pick_off()
             ln = pick_len(off)
             x = r.random()
-            if x < 0.45:
+            if r.random() < 0.1:
+                # compressed: whole clusters (the last one may be partial)
+                off = off // cs * cs
+                ln = min(r.randint(1, 4) * cs, size - off)
+                pat = r.randint(0, 255)
+                lines.append("write -c -P %d %d %d" % (pat, off, ln))
+                model[off:off + ln] = bytes([pat]) * ln
+            elif x < 0.45:
                 pat = r.randint(0, 255)
                 lines.append("write -P %d %d %d" % (pat, off, ln))
                 model[off:off + ln] = bytes([pat]) * ln
