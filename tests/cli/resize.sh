@@ -1,6 +1,15 @@
 #!/bin/bash
-# resize: qcowkit and qemu-img resize copies of the same image; the results
-# must agree (exit code, content, qemu-img info) and ours must check clean.
+# resize: qcowkit and qemu-img resize copies of the same image (data,
+# compressed clusters, with and without a backing file, v2 and v3, 512 B
+# and 64 KiB clusters) with the same arguments: grow, grow by, shrink,
+# shrink by, odd sizes, to zero, a shrink without --shrink, and growth
+# large enough to need a bigger L1 table and new refcount blocks. The
+# results must agree (exit status, content by qemu-img compare, qemu-img
+# info less actual-size), ours must check clean, and a refusal is one line.
+# (4G and 100G are asked only of 64 KiB clusters: with 512 B ones qemu-img
+# itself spends minutes, on a 25 MiB L1 table for 100G, and over a backing
+# file on zeroing every new cluster for 4G; qcowkit zeroes only the part
+# the backing file covers.)
 . "$(dirname "$0")/../lib.sh"
 need qemu-img qemu-io
 cd "$T" || exit 1
@@ -19,10 +28,11 @@ make_image() { # make_image COMPAT BACKING(0|1) CLUSTER
 }
 
 n=0
-for spec in "2M" "+3M" "--shrink 512k" "--shrink -300k" "1000001" "100G" "--shrink 0" "512k" "--shrink 999936"; do
+for spec in "2M" "+3M" "--shrink 512k" "--shrink -300k" "1000001" "64M" "4G" "100G" "--shrink 0" "512k" "--shrink 999936"; do
 	for compat in 1.1 0.10; do
 		for back in 0 1; do
 			for cs in 512 65536; do
+				[ "$cs" = 512 ] && { [ "$spec" = 4G ] || [ "$spec" = 100G ]; } && continue
 				make_image "$compat" "$back" "$cs"
 				name="resize $spec compat=$compat backing=$back cluster=$cs"
 				# shellcheck disable=SC2086
@@ -35,20 +45,13 @@ for spec in "2M" "+3M" "--shrink 512k" "--shrink -300k" "1000001" "100G" "--shri
 					bad "$name" "qemu-img check: $(qemu-img check b.qcow2 2>&1 | head -2 | tr '\n' ' ')"
 					continue
 				fi
-				# qemu-img cannot zero a grown v2 image over a backing file
-				# (it fails); qcowkit writes the zeros and succeeds.
-				if [ $ra -ne 0 ] && [ $rb -eq 0 ] && [ "$compat" = 0.10 ] && [ $back = 1 ]; then
-					qemu-io -r -c "read -P 0 1M $(( $(qemu-img info --output=json b.qcow2 | python3 -c 'import json,sys; print(json.load(sys.stdin)["virtual-size"])') - 1048576 ))" b.qcow2 >/dev/null &&
-						ok "$name" || bad "$name" "grown area does not read as zeros"
-					continue
-				fi
 				if [ $ra -ne 0 ]; then
 					[ $rb -ne 0 ] && [ "$(wc -l <err)" -eq 1 ] && ok "$name" ||
 						bad "$name" "qemu-img failed, qcowkit rc $rb: $(cat err)"
 					continue
 				fi
 				[ $rb -eq 0 ] || { bad "$name" "qcowkit failed: $(cat err)"; continue; }
-				grep -q "^Image resized.$" out || bad "$name" "no 'Image resized.' line"
+				grep -q "^Image resized.$" out || { bad "$name" "no 'Image resized.' line"; continue; }
 				qemu-img compare -q a.qcow2 b.qcow2 || { bad "$name" "content differs from qemu-img's"; continue; }
 				ia=$(qemu-img info --output=json a.qcow2 | grep -v -e actual-size -e filename)
 				ib=$(qemu-img info --output=json b.qcow2 | grep -v -e actual-size -e filename)
