@@ -214,8 +214,12 @@ int qk_preadv(qk_image *img, const struct iovec *iov, int iovcnt,
  * durable after qk_flush() (or qk_close()). Returns 0, or:
  *   -EPERM   the image is read-only;
  *   -EINVAL  the range extends past the end;
- *   -ENOTSUP a feature whose writing is not supported yet (the message
- *            names it: extended L2, external data file, persistent bitmaps);
+ *   -ENOTSUP an image this version cannot keep consistent while writing
+ *            (the message says why: e.g. a persistent bitmap of an unknown
+ *            type, or too large to hold in memory).
+ * Enabled persistent bitmaps are kept true, as QEMU keeps them: marked in
+ * use on disk from the first write, their bits set by every write, zero
+ * write and discard, and written back (in-use cleared) by qk_close().
  *   -EIO     an I/O error, or corrupt metadata found (the message names the
  *            structure and offset);
  *   -ENOSPC, -EFBIG  no room left in the file or its host offsets.

@@ -154,6 +154,12 @@ struct qcow2 {
 	struct qk_bitmap *bitmaps;
 	uint32_t n_bitmaps;
 	uint64_t bitmap_dir_offset, bitmap_dir_size;
+	struct {
+		uint64_t entry_off;     /* file offset of its directory entry */
+		uint32_t extra_flags;   /* flag bits other than in-use and auto */
+	} *bitmap_priv;             /* n_bitmaps */
+	struct qk__tracked_bitmap *tracked; /* enabled bitmaps kept true (bitmap.c) */
+	uint32_t n_tracked;
 	bool lazy;                  /* refcount writes deferred: image marked dirty */
 };
 
@@ -178,6 +184,13 @@ void qk__qcow2_free_snapshots(struct qcow2 *q);
 int qk__qcow2_read_bitmaps(qk_image *img, uint64_t dir_offset, uint64_t dir_size,
 			   uint32_t nb_bitmaps);
 void qk__qcow2_free_bitmaps(struct qcow2 *q);
+/* On the first write: load the enabled, consistent bitmaps and mark them
+ * in use on disk. */
+int qk__qcow2_bitmaps_start(qk_image *img);
+/* Guest range [off, off+len) changed: set its bits. Image lock held. */
+void qk__qcow2_bitmaps_mark(qk_image *img, uint64_t off, uint64_t len);
+/* Write the changed bitmaps back and clear their in-use flags. */
+int qk__qcow2_bitmaps_store(qk_image *img);
 
 /* ---- refcount.c --------------------------------------------------------------- */
 /* The refcount of host cluster `cluster`; 0 past the table. Image lock held. */

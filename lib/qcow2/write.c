@@ -71,14 +71,17 @@ static int prepare_write(qk_image *img)
 			       img->filename);
 	if (q->write_ready)
 		return 0;
-	if (q->n_bitmaps)
-		return qk__err(ENOTSUP, "writing to '%s' is not supported yet: its persistent bitmaps "
-			       "would need updating", img->filename);
-	/* Autoclear bits this writer does not keep true (unknown ones, and
-	 * bitmaps, which it does not update) must be cleared before the image
-	 * changes. The raw data file bit stays: writes keep the data file a
-	 * valid raw image. */
-	uint64_t keep = q->autoclear & AUTOCLEAR_DATA_RAW;
+	/* Enabled bitmaps are kept true (bitmap.c). */
+	if (q->n_bitmaps) {
+		int ret = qk__qcow2_bitmaps_start(img);
+		if (ret < 0)
+			return ret;
+	}
+	/* Autoclear bits this writer does not keep true (unknown ones) must
+	 * be cleared before the image changes. The raw data file bit stays:
+	 * writes keep the data file a valid raw image; so does the bitmaps
+	 * bit, as the bitmaps are kept. */
+	uint64_t keep = q->autoclear & (AUTOCLEAR_DATA_RAW | AUTOCLEAR_BITMAPS);
 	if (q->version >= 3 && q->autoclear != keep) {
 		uint8_t be[8];
 		qk_put_be64(be, keep);
@@ -118,9 +121,10 @@ int qk__qcow2_write_incompat(qk_image *img, uint64_t incompat)
 int qk__qcow2_mark_clean(qk_image *img)
 {
 	struct qcow2 *q = qcow2_of(img);
-	if (!q->lazy)
-		return 0;
-	int ret = qk__qcow2_flush(img);
+	int ret = qk__qcow2_bitmaps_store(img);
+	if (ret < 0 || !q->lazy)
+		return ret;
+	ret = qk__qcow2_flush(img);
 	if (ret == 0)
 		ret = qk__qcow2_write_incompat(img, q->incompat & ~INCOMPAT_DIRTY);
 	if (ret == 0)
@@ -448,6 +452,8 @@ int qk__qcow2_pwrite(qk_image *img, const void *buf, size_t len, uint64_t off)
 	int ret = 0;
 	pthread_mutex_lock(&q->lock);
 	ret = prepare_write(img);
+	if (ret == 0)
+		qk__qcow2_bitmaps_mark(img, off, len);
 	pthread_mutex_unlock(&q->lock);
 	while (ret == 0 && len > 0) {
 		uint64_t gc = off >> q->cluster_bits;
@@ -506,6 +512,8 @@ int qk__qcow2_write_compressed(qk_image *img, const void *buf, size_t len, uint6
 			       "in an external data file", img->filename);
 	pthread_mutex_lock(&q->lock);
 	int ret = prepare_write(img);
+	if (ret == 0)
+		qk__qcow2_bitmaps_mark(img, off, len);
 	pthread_mutex_unlock(&q->lock);
 	if (ret < 0)
 		return ret;
@@ -653,6 +661,8 @@ int qk__qcow2_discard(qk_image *img, uint64_t off, uint64_t len)
 	pthread_mutex_lock(&q->alloc_lock);
 	pthread_mutex_lock(&q->lock);
 	int ret = prepare_write(img);
+	if (ret == 0)
+		qk__qcow2_bitmaps_mark(img, off, len);
 	for (uint64_t gc = first; ret == 0 && gc < end; gc++) {
 		struct entry en;
 		ret = get_entry(img, gc, &en);
@@ -755,6 +765,8 @@ int qk__qcow2_write_zeroes(qk_image *img, uint64_t off, uint64_t len, uint32_t f
 	pthread_mutex_lock(&q->alloc_lock);
 	pthread_mutex_lock(&q->lock);
 	int ret = prepare_write(img);
+	if (ret == 0)
+		qk__qcow2_bitmaps_mark(img, off, len);
 	for (uint64_t gc = first; ret == 0 && gc < end; gc++) {
 		struct entry en;
 		ret = get_entry(img, gc, &en);

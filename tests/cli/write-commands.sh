@@ -10,7 +10,7 @@
 # its two L2 tables), extended L2, v3 and v2 overlays over a base with data
 # and compressed clusters, and a raw file. Then the failures: writing to an
 # image opened with -r, writing past the end, write -c off cluster bounds or
-# to raw, a persistent bitmap,
+# to raw,
 # and qemu-io's argument errors, word for word.
 # shellcheck source=../lib.sh
 . "$(dirname "$0")/../lib.sh"
@@ -222,13 +222,6 @@ wfail "write -c, unaligned offset" v3.qcow2 'whole cluster' qk.qcow2 -c 'write -
 wfail "write -c, partial cluster" v3.qcow2 'whole cluster' qk.qcow2 -c 'write -c -P 1 2M 100k'
 wfail "write -c, raw" a.raw 'compressed' -f raw qk.raw -c 'write -c 0 64k'
 wfail "write -b" v3.qcow2 'not supported' qk.qcow2 -c 'write -b 0 512'
-# a persistent bitmap: writing it is not supported yet
-setup qemu-img create -q -f qcow2 bm.qcow2 4M
-setup qemu-img bitmap --add bm.qcow2 b0
-for c in 'write 0 512' 'write -z 0 64k' 'discard 0 64k'; do
-  wfail "persistent bitmap: $c" bm.qcow2 'not supported|bitmap' qk.qcow2 -c "$c"
-done
-
 # several commands, one failing in the middle: the others take effect
 cp v3.qcow2 ref.qcow2; cp v3.qcow2 qk.qcow2
 qemu-io -d unmap -f qcow2 ref.qcow2 -c 'write -P 0x61 0 512' -c "write 8M 512" -c 'write -P 0x62 4k 512' >ref.out 2>&1
