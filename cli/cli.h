@@ -89,6 +89,7 @@ struct convert_qcow2 {
 	bool quiet;
 	uint64_t sparse;          /* -S bytes, 0 = allocate everything */
 	unsigned workers;         /* -m */
+	uint32_t open_flags;      /* -t: QK_OPEN_UNSAFE (default), _DIRECT */
 };
 int convert_qcow2(const struct convert_qcow2 *a);
 

@@ -458,7 +458,7 @@ int cmd_convert(int argc, char **argv)
 	const char *fmtname = NULL, *out_fmt = "raw", *src_path, *dst_path;
 	const char *backing = NULL, *backing_fmt = NULL;
 	char *olist = NULL;
-	bool compress = false;
+	bool compress = false, target_unsafe = true;
 	bool progress = false, quiet = false, skip_create = false;
 	bool target_is_zero = false, direct = false, target_direct = false;
 	uint64_t sparse = 4096, nworkers = DEFAULT_WORKERS;
@@ -518,6 +518,7 @@ int cmd_convert(int argc, char **argv)
 			/* Target cache mode. By default the target is
 			 * written through the page cache and never flushed,
 			 * as with qemu-img's default "unsafe". */
+			target_unsafe = strcmp(optarg, "unsafe") == 0;
 			if (cli_parse_cache(optarg, &target_direct) < 0) {
 				cli_error("Invalid cache option: %s", optarg);
 				goto out_early;
@@ -632,6 +633,8 @@ int cmd_convert(int argc, char **argv)
 			.target_is_zero = target_is_zero, .progress = progress,
 			.quiet = quiet, .sparse = sparse,
 			.workers = (unsigned)nworkers,
+			.open_flags = (target_direct ? QK_OPEN_DIRECT : 0) |
+				      (target_unsafe ? QK_OPEN_UNSAFE : 0),
 		};
 
 		if (stat(src_path, &st_src) == 0 &&

@@ -22,7 +22,9 @@
  * -S 0 turns the comparison off (every cluster is written as data) except
  * over a backing file. Pieces finish in any order, as with qemu-img -W;
  * the result is the same. The library orders its own metadata writes, and
- * qk_close() flushes.
+ * qk_close() flushes. As with qemu-img, the target's default cache mode is
+ * "unsafe": nothing is synced (syncs would make the copy wait for the disk
+ * several times over); -t writeback or none make the flushes real.
  *
  * SPDX-License-Identifier: MIT
  */
@@ -46,6 +48,7 @@ struct job {
 
 	pthread_mutex_t lock;     /* guards everything below */
 	uint64_t cursor;
+	uint64_t data_end;        /* the source holds data up to here */
 	bool failed;
 	char errmsg[1024];
 	struct cli_progress prog;
@@ -89,7 +92,14 @@ static bool next_piece(struct job *j, uint64_t *off, uint64_t *len)
 {
 	while (!j->failed && j->cursor < j->size) {
 		uint64_t at = j->cursor, run = 0, brun = 0;
-		int z = j->compare || j->baseline_zero ? reads_zero(j->a->src, at, j->size - at, &run) : 0;
+		int z = 0;
+
+		/* One block status call per source extent, not per piece. */
+		if (at >= j->data_end && (j->compare || j->baseline_zero)) {
+			z = reads_zero(j->a->src, at, j->size - at, &run);
+			if (z == 0)
+				j->data_end = at + run;
+		}
 
 		if (z > 0 && !j->baseline_zero) {
 			/* Over a backing file or old content: skip only where
@@ -264,7 +274,7 @@ int convert_qcow2(const struct convert_qcow2 *a)
 	pthread_mutex_init(&j.lock, NULL);
 	if (!a->skip_create && create_target(a, j.size) < 0)
 		goto out;
-	if (cli_open(a->dst_path, QK_FORMAT_QCOW2, QK_OPEN_RDWR, &j.dst) < 0)
+	if (cli_open(a->dst_path, QK_FORMAT_QCOW2, QK_OPEN_RDWR | a->open_flags, &j.dst) < 0)
 		goto out;
 	if ((r = qk_get_info(j.dst, &info)) < 0) {
 		cli_lib_error(r);

@@ -59,6 +59,10 @@ typedef enum qk_format {
                                        * of unallocated ranges return zeros */
 #define QK_OPEN_DIRECT      (1u << 2) /* bypass the host page cache (O_DIRECT) */
 #define QK_OPEN_FORCE_SHARE (1u << 3) /* read an image another process holds */
+#define QK_OPEN_UNSAFE      (1u << 4) /* never sync (qemu's cache=unsafe): writes
+                                       * are ordered but not durable, and a
+                                       * crash may leave the image corrupt; for
+                                       * scratch targets such as convert's */
 
 struct qk_open_options {
 	/* sizeof(struct qk_open_options), set by qk_open_options_init(); lets

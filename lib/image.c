@@ -180,8 +180,7 @@ QK_EXPORT int qk_open(const char *path, const struct qk_open_options *opts,
 		opts = &defaults;
 	}
 	struct qk__file *f;
-	int ret = qk__file_open_posix(path, opts->flags & QK_OPEN_RDWR,
-				      opts->flags & QK_OPEN_DIRECT, &f);
+	int ret = qk__file_open_posix(path, opts->flags & QK_OPEN_RDWR, opts->flags, &f);
 	if (ret < 0)
 		return ret;
 	ret = qk__file_lock(f, opts->flags & QK_OPEN_RDWR, opts->flags & QK_OPEN_FORCE_SHARE);

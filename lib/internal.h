@@ -97,9 +97,10 @@ static inline int qk__file_get_size(struct qk__file *f, uint64_t *size)
 }
 void qk__file_close(struct qk__file *f);
 
-/* io/file.c: POSIX files. `direct` asks for O_DIRECT (falling back to the
- * page cache where the file system refuses it). */
-int qk__file_open_posix(const char *path, bool writable, bool direct,
+/* io/file.c: POSIX files. QK_OPEN_DIRECT in open_flags asks for O_DIRECT
+ * (falling back to the page cache where the file system refuses it);
+ * QK_OPEN_UNSAFE makes syncs no-ops. */
+int qk__file_open_posix(const char *path, bool writable, uint32_t open_flags,
 			struct qk__file **out);
 
 /* io/mem.c: a growable buffer, for unit tests and fuzzers. The data is

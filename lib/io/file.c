@@ -17,9 +17,12 @@
 
 struct posix_file {
 	int fd;
+	int bfd;                /* with O_DIRECT: the file again, buffered, for
+	                         * writes that are not block aligned; or -1 */
 	bool direct;
 	bool no_punch;          /* PUNCH_HOLE refused once */
 	bool no_zero_range;     /* ZERO_RANGE refused once */
+	bool no_sync;           /* QK_OPEN_UNSAFE: syncs are no-ops */
 };
 
 static int fd_of(struct qk__file *f)
@@ -85,11 +88,38 @@ static int file_pread(struct qk__file *f, void *buf, size_t len, uint64_t off)
 	return ret;
 }
 
+/*
+ * Under O_DIRECT, block-aligned ranges go straight out (through an aligned
+ * bounce buffer when only the memory is misaligned); other ranges go
+ * through a second, buffered descriptor: the kernel writes cached pages of
+ * a range back before O_DIRECT reads or writes it, so both paths see the
+ * same bytes, and no read-modify-write of a shared block is needed.
+ */
 static int file_pwrite(struct qk__file *f, const void *buf, size_t len, uint64_t off)
 {
+	struct posix_file *pf = f->priv;
 	const uint8_t *p = buf;
+	int fd = pf->fd;
+	if (pf->direct && (off % DIRECT_ALIGN || len % DIRECT_ALIGN) && pf->bfd >= 0) {
+		fd = pf->bfd;
+	} else if (pf->direct && (uintptr_t)buf % DIRECT_ALIGN) {
+		size_t chunk = qk_min_u64(len, 1u << 20);
+		void *bounce;
+		if (posix_memalign(&bounce, DIRECT_ALIGN, chunk))
+			return qk__err(ENOMEM, "out of memory");
+		int ret = 0;
+		for (size_t done = 0; ret == 0 && done < len; done += chunk) {
+			size_t n = qk_min_u64(chunk, len - done);
+			memcpy(bounce, p + done, n);
+			pf->direct = false;     /* aligned now: no recursion */
+			ret = file_pwrite(f, bounce, n, off + done);
+			pf->direct = true;
+		}
+		free(bounce);
+		return ret;
+	}
 	while (len > 0) {
-		ssize_t n = pwrite(fd_of(f), p, len, (off_t)off);
+		ssize_t n = pwrite(fd, p, len, (off_t)off);
 		if (n < 0) {
 			if (errno == EINTR)
 				continue;
@@ -105,6 +135,8 @@ static int file_pwrite(struct qk__file *f, const void *buf, size_t len, uint64_t
 
 static int file_sync(struct qk__file *f)
 {
+	if (((struct posix_file *)f->priv)->no_sync)
+		return 0;
 	if (fdatasync(fd_of(f)) < 0)
 		return qk__err(errno, "sync of %s failed: %s", f->path, strerror(errno));
 	return 0;
@@ -275,6 +307,8 @@ static void file_close(struct qk__file *f)
 {
 	struct posix_file *pf = f->priv;
 	close(pf->fd);
+	if (pf->bfd >= 0)
+		close(pf->bfd);
 	free(pf);
 }
 
@@ -294,9 +328,10 @@ static const struct qk__io_ops posix_ops = {
 	.close = file_close,
 };
 
-int qk__file_open_posix(const char *path, bool writable, bool direct,
+int qk__file_open_posix(const char *path, bool writable, uint32_t open_flags,
 			struct qk__file **out)
 {
+	bool direct = open_flags & QK_OPEN_DIRECT;
 	int flags = (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC;
 	int fd = open(path, flags | (direct ? O_DIRECT : 0));
 	if (fd < 0 && direct && errno == EINVAL) {
@@ -322,7 +357,9 @@ int qk__file_open_posix(const char *path, bool writable, bool direct,
 		return qk__err(ENOMEM, "out of memory");
 	}
 	pf->fd = fd;
+	pf->bfd = direct && writable ? open(path, flags) : -1;
 	pf->direct = direct;
+	pf->no_sync = open_flags & QK_OPEN_UNSAFE;
 	f->ops = &posix_ops;
 	f->priv = pf;
 	f->path = p;

@@ -210,8 +210,7 @@ static int open_data_file(qk_image *img, struct qcow2 *q, const struct qk_open_o
 	char *path = qk__backing_path(img->filename, q->data_file_name);
 	if (!path)
 		return qk__err(ENOMEM, "out of memory");
-	int ret = qk__file_open_posix(path, opts->flags & QK_OPEN_RDWR,
-				      opts->flags & QK_OPEN_DIRECT, &q->data_file);
+	int ret = qk__file_open_posix(path, opts->flags & QK_OPEN_RDWR, opts->flags, &q->data_file);
 	free(path);
 	if (ret == 0)
 		ret = qk__file_lock(q->data_file, opts->flags & QK_OPEN_RDWR,

@@ -408,7 +408,8 @@ static int write_slow(qk_image *img, uint64_t gc, uint64_t in, const uint8_t *da
 	}
 	/* A data file ends with the image; the image file gets whole clusters. */
 	uint64_t wlo = span_lo, wend = q->data_file ? valid_hi : span_hi;
-	if (!owned && !q->data_file && qk_is_zero(buf + span_lo, in - span_lo) &&
+	if (!owned && !q->data_file && (in - span_lo) + (span_hi - in - n) >= 4096 &&
+	    qk_is_zero(buf + span_lo, in - span_lo) &&
 	    qk_is_zero(buf + in + n, span_hi - in - n)) {
 		/* Only zeros to copy (no backing data): as QEMU, have the file
 		 * system zero the new cluster (allocated, so the file does not
@@ -444,6 +445,57 @@ out:
 	return ret;
 }
 
+/*
+ * Write whole guest clusters from gc on that need new host clusters (no
+ * copy-on-write: every byte is overwritten), up to `len` bytes: one run of
+ * contiguous host clusters is allocated for as many as qualify (at most
+ * MAX_RUN, and only clusters wholly inside the image), the data goes out
+ * in one write, then the entries are set (the data synced first, through
+ * the cache's ordering). Sets *done to the bytes written (0 when fewer
+ * than two clusters qualify: the caller goes cluster by cluster).
+ */
+#define MAX_RUN 512
+static int write_whole(qk_image *img, uint64_t gc, const uint8_t *data, size_t len, size_t *done)
+{
+	struct qcow2 *q = qcow2_of(img);
+	uint64_t cs = q->cluster_size, k = 0, host = 0;
+	*done = 0;
+	pthread_mutex_lock(&q->alloc_lock);
+	pthread_mutex_lock(&q->lock);
+	int ret = 0;
+	while (k < MAX_RUN && (k + 1) * cs <= len && ((gc + k + 1) << q->cluster_bits) <= img->size) {
+		uint64_t h;
+		bool owned;
+		ret = owned_host(img, gc + k, 0, cs, &h, &owned);
+		if (ret < 0 || owned)
+			break;
+		k++;
+	}
+	if (ret == 0 && k >= 2)
+		ret = qk__qcow2_alloc_clusters(img, k, &host);
+	pthread_mutex_unlock(&q->lock);
+	if (ret < 0 || k < 2)
+		goto out;
+	ret = img->file->ops->pwrite(img->file, data, k * cs, host);
+	pthread_mutex_lock(&q->lock);
+	if (ret < 0) {
+		qk__qcow2_update_refcount(img, host, k * cs, -1);      /* best effort: else a leak */
+	} else {
+		if (host + k * cs > q->file_size)
+			q->file_size = host + k * cs;
+		uint64_t nbm = q->extl2 ? 0xffffffffull : 0;
+		for (uint64_t i = 0; ret == 0 && i < k; i++)
+			ret = set_entry(img, gc + i, (host + i * cs) | QCOW_OFLAG_COPIED, nbm, false,
+					img->file);
+		if (ret == 0)
+			*done = (size_t)(k * cs);
+	}
+	pthread_mutex_unlock(&q->lock);
+out:
+	pthread_mutex_unlock(&q->alloc_lock);
+	return ret;
+}
+
 int qk__qcow2_pwrite(qk_image *img, const void *buf, size_t len, uint64_t off)
 {
 	struct qcow2 *q = qcow2_of(img);
@@ -466,6 +518,19 @@ int qk__qcow2_pwrite(qk_image *img, const void *buf, size_t len, uint64_t off)
 		pthread_mutex_unlock(&q->lock);
 		if (ret < 0)
 			break;
+		if (!owned && in == 0 && !q->data_file && len >= 2 * q->cluster_size) {
+			/* Whole clusters to allocate: as many as follow, at once. */
+			size_t done = 0;
+			ret = write_whole(img, gc, p, len, &done);
+			if (ret < 0)
+				break;
+			if (done) {
+				p += done;
+				off += done;
+				len -= done;
+				continue;
+			}
+		}
 		if (!owned) {
 			pthread_mutex_lock(&q->alloc_lock);
 			/* Another writer may have allocated it meanwhile. */

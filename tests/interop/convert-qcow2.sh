@@ -16,7 +16,8 @@
 # size; a qcow2 chain (flattened); a qcow2 with compressed and zero clusters.
 # Targets: defaults, -c with zlib and zstd, cluster sizes 512 to 2M, compat
 # 0.10, refcount widths 1 and 64, extended L2, lazy refcounts,
-# preallocation=metadata, -S 0, -m 1 / -m 4 -W, -B with -F (only what
+# preallocation=metadata, -S 0, -m 1 / -m 4 -W, -t none / writeback (the
+# default is unsafe, as qemu-img's), -B with -F (only what
 # differs from the new backing file is written), -n into an existing image.
 # Then the errors qemu-img also gives: -B without -F, -c or -B with -O raw.
 # shellcheck source=../lib.sh
@@ -184,6 +185,9 @@ case_ raw-lazy src.raw raw -o lazy_refcounts=on
 case_ raw-prealloc src.raw raw -o preallocation=metadata
 case_ raw-S0 src.raw raw -S 0
 case_ raw-m1 src.raw raw -m 1
+case_ raw-t-none src.raw raw -t none
+case_ raw-t-writeback-512 src.raw raw -t writeback -o cluster_size=512
+case_ raw-t-none-zlib src.raw raw -t none -c
 case_ raw-m4W src.raw raw -m 4 -W
 case_ raw-zlib-m4W src.raw raw -c -m 4 -W
 case_ chain-flatten top.qcow2 qcow2
