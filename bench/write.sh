@@ -318,6 +318,20 @@ convert_cmd() {
   esac
 }
 
+# check_compressed IMAGE TYPE: IMAGE has compressed clusters, of TYPE.
+check_compressed() {
+  python3 - "$1" "$2" <<'EOF'
+import json, subprocess, sys
+img, want = sys.argv[1], sys.argv[2]
+c = json.loads(subprocess.check_output(["qemu-img", "check", "--output=json", "-f", "qcow2", img]))
+i = json.loads(subprocess.check_output(["qemu-img", "info", "--output=json", "-f", "qcow2", img]))
+got = i.get("format-specific", {}).get("data", {}).get("compression-type", "zlib")
+n = c.get("compressed-clusters", 0)
+print("compressed clusters: %d, compression type: %s" % (n, got))
+sys.exit(0 if n > 0 and got == want else 1)
+EOF
+}
+
 # check_convert ROW: the checks of a qcowkit convert output; 0 if it passed.
 check_convert() {
   local row=$1 ok=0
@@ -327,15 +341,7 @@ check_convert() {
   # -c must really compress, and zstd must really be zstd.
   if [ "$row" != convert-qcow2 ]; then
     local want=zlib; [ "$row" = convert-zstd ] && want=zstd
-    check "$row: output has compressed clusters of type $want" python3 -c '
-import json, subprocess, sys
-out, want = sys.argv[1], sys.argv[2]
-c = json.loads(subprocess.check_output(["qemu-img", "check", "--output=json", "-f", "qcow2", out]))
-i = json.loads(subprocess.check_output(["qemu-img", "info", "--output=json", "-f", "qcow2", out]))
-got = i.get("format-specific", {}).get("data", {}).get("compression-type", "zlib")
-n = c.get("compressed-clusters", 0)
-print("compressed clusters: %d, compression type: %s" % (n, got))
-sys.exit(0 if n > 0 and got == want else 1)' "$OUT" "$want" || ok=1
+    check "$row: output has compressed clusters of type $want" check_compressed "$OUT" "$want" || ok=1
   fi
   return $ok
 }
@@ -591,7 +597,9 @@ if sizes:
 
 if os.path.exists(codec) and os.path.getsize(codec):
     print()
-    print("one-core codec rate (python zlib, wbits -12), non-zero 64 KiB clusters of the first part of the source:")
+    first = open(codec).readline().split("\t")
+    print("one-core codec rate (python zlib, wbits -12), non-zero 64 KiB clusters of the first %d MiB of the source:"
+          % (int(first[1]) >> 20))
     for l in open(codec):
         name, sample, nzb, secs, out = (l.rstrip("\n").split("\t") + [""] * 5)[:5]
         if not secs:

@@ -26,7 +26,7 @@ static const struct cli_command commands[] = {
 	  "[-S STEP] [-t CACHE] [-w] [--pattern=N] [--flush-interval=N] "
 	  "[--random] [-U] FILE",
 	  "measure read throughput of an image" },
-	{ "check", cmd_not_implemented,
+	{ "check", cmd_check,
 	  "check [-f FMT] [-r leaks|all] [--output=human|json] FILE",
 	  "check (and repair) the consistency of an image" },
 	{ "commit", cmd_not_implemented,

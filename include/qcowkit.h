@@ -59,6 +59,9 @@ typedef enum qk_format {
                                        * of unallocated ranges return zeros */
 #define QK_OPEN_DIRECT      (1u << 2) /* bypass the host page cache (O_DIRECT) */
 #define QK_OPEN_FORCE_SHARE (1u << 3) /* read an image another process holds */
+#define QK_OPEN_CHECK       (1u << 5) /* open for qk_check: a dirty image is not
+                                       * rebuilt on a read-write open, and one
+                                       * marked corrupt opens read-write */
 #define QK_OPEN_UNSAFE      (1u << 4) /* never sync (qemu's cache=unsafe): writes
                                        * are ordered but not durable, and a
                                        * crash may leave the image corrupt; for
@@ -276,6 +279,39 @@ int qk_resize(qk_image *img, uint64_t size, uint32_t flags);
 /* Write cached metadata in a crash-safe order and sync the file(s).
  * A no-op for read-only images. */
 int qk_flush(qk_image *img);
+
+/* ---- checking and repair ----------------------------------------------- */
+
+struct qk_check_result {
+	uint64_t corruptions;        /* refcount below references, invalid entries,
+	                              * wrong COPIED flags, refcounts past EOF */
+	uint64_t leaks;              /* clusters with refcount above references */
+	uint64_t check_errors;       /* parts that could not be checked */
+	uint64_t corruptions_fixed, leaks_fixed;
+	uint64_t image_end_offset;   /* end of the last cluster in use */
+	uint64_t total_clusters;     /* guest clusters */
+	uint64_t allocated_clusters, fragmented_clusters, compressed_clusters;
+	uint64_t copied_errors;      /* of the corruptions: wrong COPIED flags */
+	uint64_t refcounts_past_eof; /* of the corruptions: refcounts of clusters
+	                              * past the end of the file */
+};
+
+#define QK_CHECK_FIX_LEAKS  (1u << 0) /* free leaked clusters */
+#define QK_CHECK_FIX_ERRORS (1u << 1) /* also rebuild wrong refcounts and COPIED flags */
+
+/*
+ * Check the image's metadata, as qemu-img check does: the references to
+ * every host cluster (header, L1/L2 tables and data of the active image and
+ * of every snapshot, refcount structure, snapshot table, bitmaps) against
+ * the stored refcounts. `report` (may be NULL) gets one line per problem,
+ * in qemu-img's words ("Leaked cluster N refcount=A reference=B", "ERROR
+ * ..."). With fix flags the image (opened read-write, best with
+ * QK_OPEN_CHECK) is repaired and checked again: *res then describes what
+ * is left, and the *_fixed fields what was repaired. Returns 0 when the
+ * check ran (whatever it found), -ENOTSUP for raw images, or an errno.
+ */
+int qk_check(qk_image *img, uint32_t flags, struct qk_check_result *res,
+	     void (*report)(void *opaque, const char *line), void *opaque);
 
 /* ---- block status ------------------------------------------------------ */
 

@@ -322,6 +322,22 @@ QK_EXPORT int qk_write_compressed(qk_image *img, const void *buf, size_t len, ui
 	return img->drv->write_compressed(img, buf, len, off);
 }
 
+QK_EXPORT int qk_check(qk_image *img, uint32_t flags, struct qk_check_result *res,
+		       void (*report)(void *opaque, const char *line), void *opaque)
+{
+	qk__api_enter("qk_check");
+	if (!img || !res)
+		return qk__err(EINVAL, "image and result are required");
+	if (flags & ~(uint32_t)(QK_CHECK_FIX_LEAKS | QK_CHECK_FIX_ERRORS))
+		return qk__err(EINVAL, "unknown flags 0x%x", flags);
+	if (flags && !(img->flags & QK_OPEN_RDWR))
+		return qk__err(EPERM, "'%s' was opened read-only: it cannot be repaired", img->filename);
+	memset(res, 0, sizeof *res);
+	if (!img->drv->check)
+		return qk__err(ENOTSUP, "This image format does not support checks");
+	return img->drv->check(img, flags, res, report, opaque);
+}
+
 QK_EXPORT int qk_pwritev(qk_image *img, const struct iovec *iov, int iovcnt, uint64_t off)
 {
 	qk__api_enter("qk_pwritev");

@@ -133,6 +133,9 @@ struct qk__driver {
 	/* Write one cluster compressed (see qk_write_compressed); NULL when
 	 * the format has no compression. */
 	int (*write_compressed)(qk_image *img, const void *buf, size_t len, uint64_t off);
+	/* Check (and with flags repair) the image; NULL: no checks. */
+	int (*check)(qk_image *img, uint32_t flags, struct qk_check_result *res,
+		     void (*report)(void *, const char *), void *opaque);
 	/* Make every completed write durable. */
 	int (*flush)(qk_image *img);
 	/* Change the virtual size; the new area reads as zeros. */

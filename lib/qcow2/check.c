@@ -16,13 +16,43 @@
 #include "qcow2/qcow2.h"
 
 #include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 struct refs {
 	uint32_t *count;
 	uint64_t n;             /* clusters covered */
+	/* Check mode (qk_check): problems are counted and reported, and the
+	 * walk goes on; otherwise the first one fails it. */
+	struct qk_check_result *res;
+	void (*report)(void *opaque, const char *line);
+	void *opaque;
+	uint64_t prev_host;     /* statistics: the last allocated data cluster */
 };
+
+/* A problem found while counting: in check mode one corruption (reported,
+ * and 0 returned: skip the item); otherwise the failure. */
+static int problem(qk_image *img, struct refs *r, const char *fmt, ...)
+	__attribute__((format(printf, 3, 4)));
+static int problem(qk_image *img, struct refs *r, const char *fmt, ...)
+{
+	char line[512];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(line, sizeof line, fmt, ap);
+	va_end(ap);
+	if (!r->res)
+		return qk__qcow2_corrupt(img, "%s", line);
+	r->res->corruptions++;
+	if (r->report) {
+		char out[540];
+		snprintf(out, sizeof out, "ERROR %s", line);
+		r->report(r->opaque, out);
+	}
+	return 0;
+}
 
 /* Count one reference to every cluster meeting [off, off+len). */
 static int add_ref(qk_image *img, struct refs *r, uint64_t off, uint64_t len, const char *what)
@@ -32,8 +62,8 @@ static int add_ref(qk_image *img, struct refs *r, uint64_t off, uint64_t len, co
 		return 0;
 	uint64_t first = off >> q->cluster_bits, last = (off + len - 1) >> q->cluster_bits;
 	if (off > MAX_HOST_OFFSET || last >= r->n)
-		return qk__qcow2_corrupt(img, "%s at offset 0x%llx lies past the end of the file",
-					 what, (unsigned long long)off);
+		return problem(img, r, "%s at offset 0x%llx lies past the end of the file",
+			       what, (unsigned long long)off);
 	for (uint64_t c = first; c <= last; c++)
 		if (r->count[c] < UINT32_MAX)
 			r->count[c]++;
@@ -69,14 +99,24 @@ static int count_l1(qk_image *img, struct refs *r, uint64_t l1_off, uint32_t l1_
 	}
 	unsigned shift = 62 - (q->cluster_bits - 8);
 	uint64_t entries = 1ull << q->l2_bits;
+	bool active = l1_mem != NULL;
+	struct qk_check_result *res = r->res;
 	for (uint32_t i = 0; i < l1_size && ret == 0; i++) {
 		uint64_t l2_off = l1[i] & L1E_OFFSET_MASK;
-		if (!l2_off)
+		if (res && (l1[i] & L1E_RESERVED_MASK))
+			ret = problem(img, r, "L1 entry %u (0x%016llx) has reserved bits set", i,
+				      (unsigned long long)l1[i]);
+		if (!l2_off || ret < 0)
 			continue;
 		if (l2_off & (cs - 1)) {
-			ret = qk__qcow2_corrupt(img, "L2 table offset 0x%llx unaligned (L1 index %u)",
-						(unsigned long long)l2_off, i);
-			break;
+			ret = problem(img, r, "L2 table offset 0x%llx unaligned (L1 index %u)",
+				      (unsigned long long)l2_off, i);
+			continue;
+		}
+		if (res && (l2_off >> q->cluster_bits) >= r->n) {
+			ret = problem(img, r, "L2 table at offset 0x%llx lies past the end of the file",
+				      (unsigned long long)l2_off);
+			continue;
 		}
 		ret = add_ref(img, r, l2_off, cs, "L2 table");
 		if (ret == 0)
@@ -86,19 +126,44 @@ static int count_l1(qk_image *img, struct refs *r, uint64_t l1_off, uint32_t l1_
 		qk_be64_table_to_host(l2, cs / 8);
 		for (uint64_t j = 0; j < entries && ret == 0; j++) {
 			uint64_t e = q->extl2 ? l2[2 * j] : l2[j];
+			uint64_t guest = (((uint64_t)i << q->l2_bits) + j) << q->cluster_bits;
+			if (guest >= img->size && active)
+				break;
 			if (e & QCOW_OFLAG_COMPRESSED) {
 				uint64_t coff = e & ((1ull << shift) - 1);
 				uint64_t sectors = ((e >> shift) & ((1ull << (q->cluster_bits - 8)) - 1)) + 1;
-				ret = add_ref(img, r, coff, sectors * 512 - (coff & 511), "compressed cluster");
+				if (res && (e & QCOW_OFLAG_COPIED))
+					ret = problem(img, r, "compressed cluster at guest offset 0x%llx has "
+						      "the COPIED flag", (unsigned long long)guest);
+				if (ret == 0)
+					ret = add_ref(img, r, coff, sectors * 512 - (coff & 511),
+						      "compressed cluster");
+				if (res && active) {
+					res->allocated_clusters++;
+					res->compressed_clusters++;
+					res->fragmented_clusters++;
+				}
 				continue;
 			}
 			uint64_t host = e & L2E_OFFSET_MASK;
+			if (res && (e & L2E_RESERVED_MASK)) {
+				ret = problem(img, r, "L2 entry of guest offset 0x%llx (0x%016llx) has reserved "
+					      "bits set", (unsigned long long)guest, (unsigned long long)e);
+				continue;
+			}
 			if (host && !q->data_file) {
-				if (host & (cs - 1))
-					ret = qk__qcow2_corrupt(img, "data cluster offset 0x%llx unaligned",
-								(unsigned long long)host);
-				else
-					ret = add_ref(img, r, host, cs, "data cluster");
+				if (host & (cs - 1)) {
+					ret = problem(img, r, "data cluster offset 0x%llx unaligned (guest offset 0x%llx)",
+						      (unsigned long long)host, (unsigned long long)guest);
+					continue;
+				}
+				ret = add_ref(img, r, host, cs, "data cluster");
+				if (res && active) {
+					res->allocated_clusters++;
+					if (r->prev_host && host != r->prev_host + cs)
+						res->fragmented_clusters++;
+					r->prev_host = host;
+				}
 			}
 		}
 	}
@@ -299,5 +364,199 @@ out:
 	free(r.count);
 	free(blk);
 	free(table);
+	return ret;
+}
+
+/* ---- qk_check ------------------------------------------------------------------ */
+
+static void say(struct refs *r, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void say(struct refs *r, const char *fmt, ...)
+{
+	if (!r->report)
+		return;
+	char line[512];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(line, sizeof line, fmt, ap);
+	va_end(ap);
+	r->report(r->opaque, line);
+}
+
+/* The refcount structure's own clusters; sets *ok false when a block
+ * cannot be used (its refcounts are then taken as 0). */
+static int count_refcount_structure(qk_image *img, struct refs *r, bool *blocks_ok)
+{
+	struct qcow2 *q = qcow2_of(img);
+	int ret = add_ref(img, r, q->rt_offset, (uint64_t)q->rt_clusters * q->cluster_size,
+			  "refcount table");
+	*blocks_ok = true;
+	for (uint64_t i = 0; ret == 0 && i < q->rt_entries; i++) {
+		uint64_t b = q->rt[i] & ~RT_RESERVED_MASK;
+		if (!q->rt[i])
+			continue;
+		if ((q->rt[i] & RT_RESERVED_MASK) || (b & (q->cluster_size - 1)) ||
+		    (b >> q->cluster_bits) >= r->n) {
+			*blocks_ok = false;
+			ret = problem(img, r, "refcount block %llu at offset 0x%llx is %s",
+				      (unsigned long long)i, (unsigned long long)b,
+				      (b >> q->cluster_bits) >= r->n ? "outside the file" : "invalid");
+			q->rt[i] = 0;    /* not read again */
+			continue;
+		}
+		ret = add_ref(img, r, b, q->cluster_size, "refcount block");
+	}
+	return ret;
+}
+
+/* COPIED must be set exactly on the active entries whose cluster has one
+ * reference. */
+static int check_copied(qk_image *img, struct refs *r)
+{
+	struct qcow2 *q = qcow2_of(img);
+	uint64_t entries = 1ull << q->l2_bits;
+	int ret = 0;
+	for (uint32_t i = 0; ret == 0 && i < q->l1_size; i++) {
+		uint64_t l2_off = q->l1[i] & L1E_OFFSET_MASK;
+		if (!l2_off || (l2_off & (q->cluster_size - 1)) || (l2_off >> q->cluster_bits) >= r->n)
+			continue;
+		uint32_t refs = r->count[l2_off >> q->cluster_bits];
+		if ((refs == 1) != !!(q->l1[i] & QCOW_OFLAG_COPIED)) {
+			r->res->copied_errors++;
+			ret = problem(img, r, "OFLAG_COPIED L2 cluster: l1_index=%u l1_entry=%llx refcount=%u",
+				      i, (unsigned long long)q->l1[i], refs);
+		}
+		uint64_t *t;
+		if (ret < 0 || (ret = qk__cache_get(&q->l2_cache, l2_off, (void **)&t)) < 0)
+			break;
+		for (uint64_t j = 0; ret == 0 && j < entries; j++) {
+			uint64_t e = t[q->extl2 ? 2 * j : j], host = e & L2E_OFFSET_MASK;
+			if ((e & QCOW_OFLAG_COMPRESSED) || !host || q->data_file ||
+			    (host & (q->cluster_size - 1)) || (host >> q->cluster_bits) >= r->n)
+				continue;
+			uint32_t c = r->count[host >> q->cluster_bits];
+			if ((c == 1) != !!(e & QCOW_OFLAG_COPIED)) {
+				r->res->copied_errors++;
+				ret = problem(img, r, "OFLAG_COPIED data cluster: l2_entry=%llx refcount=%u",
+					      (unsigned long long)e, c);
+			}
+		}
+		qk__cache_put(&q->l2_cache, l2_off);
+	}
+	return ret;
+}
+
+#define PAST_EOF_SCAN_MAX (1ull << 26)  /* refcount entries examined past EOF */
+
+/* One check pass; no repairs. */
+static int check_pass(qk_image *img, struct qk_check_result *res,
+		      void (*report)(void *, const char *), void *opaque, struct refs *r)
+{
+	struct qcow2 *q = qcow2_of(img);
+	uint64_t cs = q->cluster_size;
+	memset(r, 0, sizeof *r);
+	r->res = res;
+	r->report = report;
+	r->opaque = opaque;
+	res->total_clusters = (img->size + cs - 1) >> q->cluster_bits;
+	int ret = q->rt ? 0 : qk__qcow2_get_refcount(img, 0, &(uint64_t){ 0 });
+	if (ret < 0)
+		return ret;
+	ret = count_references(img, r);
+	bool blocks_ok = true;
+	if (ret == 0)
+		ret = count_refcount_structure(img, r, &blocks_ok);
+	if (ret == 0)
+		ret = check_copied(img, r);
+	if (ret < 0)
+		return ret;
+	uint64_t last_used = 0;
+	for (uint64_t c = 0; c < r->n; c++) {
+		uint64_t stored;
+		if ((ret = qk__qcow2_get_refcount(img, c, &stored)) < 0)
+			return ret;
+		uint64_t refs = r->count[c];
+		if (stored || refs)
+			last_used = c + 1;
+		if (stored > refs) {
+			res->leaks++;
+			say(r, "Leaked cluster %llu refcount=%llu reference=%llu", (unsigned long long)c,
+			    (unsigned long long)stored, (unsigned long long)refs);
+		} else if (stored < refs) {
+			res->corruptions++;
+			say(r, "ERROR cluster %llu refcount=%llu reference=%llu", (unsigned long long)c,
+			    (unsigned long long)stored, (unsigned long long)refs);
+		}
+	}
+	/* Refcounts of clusters past the end of the file (QEMU does not look):
+	 * nothing can be there, so a count is a corruption. Bounded. */
+	uint32_t eb = q->cluster_bits + 3 - q->refcount_order;
+	uint64_t scanned = 0;
+	for (uint64_t i = r->n >> eb; i < q->rt_entries && scanned < PAST_EOF_SCAN_MAX; i++) {
+		if (!q->rt[i])
+			continue;
+		for (uint64_t c = qk_max_u64(i << eb, r->n); c < (i + 1) << eb && scanned < PAST_EOF_SCAN_MAX;
+		     c++, scanned++) {
+			uint64_t stored;
+			if ((ret = qk__qcow2_get_refcount(img, c, &stored)) < 0)
+				return ret;
+			if (stored) {
+				res->corruptions++;
+				res->refcounts_past_eof++;
+				say(r, "ERROR cluster %llu refcount=%llu reference=0 (past the end of the file)",
+				    (unsigned long long)c, (unsigned long long)stored);
+			}
+		}
+	}
+	if (scanned >= PAST_EOF_SCAN_MAX)
+		res->check_errors++;
+	res->image_end_offset = last_used * cs;
+	(void)blocks_ok;
+	return 0;
+}
+
+int qk__qcow2_check(qk_image *img, uint32_t flags, struct qk_check_result *res,
+		    void (*report)(void *, const char *), void *opaque)
+{
+	struct qcow2 *q = qcow2_of(img);
+	struct refs r;
+	pthread_mutex_lock(&q->lock);
+	int ret = check_pass(img, res, report, opaque, &r);
+	if (ret < 0 || !(flags & (QK_CHECK_FIX_LEAKS | QK_CHECK_FIX_ERRORS)) ||
+	    (res->leaks == 0 && res->corruptions == 0))
+		goto out;
+	struct qk_check_result before = *res;
+	if ((flags & QK_CHECK_FIX_ERRORS) && res->corruptions) {
+		/* Counts and COPIED flags from the references: a new refcount
+		 * structure, which also drops every leak. */
+		ret = qk__qcow2_rebuild_refcounts(img);
+	} else if (res->leaks) {
+		for (uint64_t c = 0; ret == 0 && c < r.n; c++) {
+			uint64_t stored;
+			ret = qk__qcow2_get_refcount(img, c, &stored);
+			while (ret == 0 && stored > r.count[c]) {
+				ret = qk__qcow2_update_refcount(img, c << q->cluster_bits, 1, -1);
+				stored--;
+			}
+		}
+		if (ret == 0)
+			ret = qk__cache_flush(&q->rb_cache);
+	}
+	free(r.count);
+	r.count = NULL;
+	if (ret < 0)
+		goto out;
+	/* Check again: the result is what is left. */
+	memset(res, 0, sizeof *res);
+	ret = check_pass(img, res, NULL, NULL, &r);
+	if (ret == 0) {
+		res->leaks_fixed = before.leaks > res->leaks ? before.leaks - res->leaks : 0;
+		res->corruptions_fixed = before.corruptions > res->corruptions ?
+					 before.corruptions - res->corruptions : 0;
+		if (res->corruptions == 0 && (q->incompat & (INCOMPAT_DIRTY | INCOMPAT_CORRUPT)))
+			ret = qk__qcow2_write_incompat(img, q->incompat & ~(INCOMPAT_DIRTY | INCOMPAT_CORRUPT));
+	}
+out:
+	free(r.count);
+	pthread_mutex_unlock(&q->lock);
 	return ret;
 }

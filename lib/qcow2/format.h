@@ -80,6 +80,7 @@
 /* L1 entries. */
 #define L1E_OFFSET_MASK   0x00fffffffffffe00ull
 #define L1E_RESERVED_MASK 0x7f000000000001ffull
+#define RT_RESERVED_MASK  0x1ffull            /* refcount table entry */
 #define QCOW_OFLAG_COPIED     (1ull << 63)
 #define QCOW_OFLAG_COMPRESSED (1ull << 62)
 #define QCOW_OFLAG_ZERO       (1ull << 0)

@@ -31,7 +31,8 @@ int qk__qcow2_corrupt(qk_image *img, const char *fmt, ...)
 	vsnprintf(msg, sizeof msg, fmt, ap);
 	va_end(ap);
 	const char *marked = "";
-	if ((img->flags & QK_OPEN_RDWR) && q->version >= 3 && !(q->incompat & INCOMPAT_CORRUPT)) {
+	if ((img->flags & QK_OPEN_RDWR) && !(img->flags & QK_OPEN_CHECK) && q->version >= 3 &&
+	    !(q->incompat & INCOMPAT_CORRUPT)) {
 		uint8_t be[8];
 		qk_put_be64(be, q->incompat | INCOMPAT_CORRUPT);
 		if (img->file->ops->pwrite(img->file, be, 8, HDR_INCOMPAT) == 0 &&
@@ -462,7 +463,8 @@ static int qcow2_open(qk_image *img, const struct qk_open_options *opts)
 			      q->crypt_method == CRYPT_LUKS ? "LUKS" : "unknown method");
 		goto fail;
 	}
-	if ((q->incompat & INCOMPAT_CORRUPT) && (opts->flags & QK_OPEN_RDWR)) {
+	if ((q->incompat & INCOMPAT_CORRUPT) && (opts->flags & QK_OPEN_RDWR) &&
+	    !(opts->flags & QK_OPEN_CHECK)) {
 		ret = qk__err(EACCES, "'%s' is marked corrupt and cannot be opened read-write "
 			      "(repair it with check -r all)", img->filename);
 		goto fail;
@@ -498,7 +500,8 @@ static int qcow2_open(qk_image *img, const struct qk_open_options *opts)
 	ret = setup_l2_cache(img, q, opts);
 	if (ret < 0)
 		goto fail;
-	if ((q->incompat & INCOMPAT_DIRTY) && (opts->flags & QK_OPEN_RDWR)) {
+	if ((q->incompat & INCOMPAT_DIRTY) && (opts->flags & QK_OPEN_RDWR) &&
+	    !(opts->flags & QK_OPEN_CHECK)) {
 		/* Refcounts may be stale (lazy refcounts and no clean close):
 		 * rebuild them before any write, as QEMU does. */
 		ret = qk__qcow2_rebuild_refcounts(img);
@@ -580,6 +583,7 @@ const struct qk__driver qk__qcow2_driver = {
 	.pread = qk__qcow2_pread,
 	.pwrite = qk__qcow2_pwrite,
 	.write_compressed = qk__qcow2_write_compressed,
+	.check = qk__qcow2_check,
 	.flush = qk__qcow2_flush,
 	.mark_clean = qk__qcow2_mark_clean,
 	.resize = qk__qcow2_resize,

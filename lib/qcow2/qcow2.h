@@ -213,6 +213,9 @@ void qk__qcow2_free_refcounts(struct qcow2 *q);
  * refcount structure that matches (crash-safe switch). Metadata lock held
  * or the image not shared yet. */
 int qk__qcow2_rebuild_refcounts(qk_image *img);
+/* qk_check for qcow2. */
+int qk__qcow2_check(qk_image *img, uint32_t flags, struct qk_check_result *res,
+		    void (*report)(void *, const char *), void *opaque);
 
 /* ---- write.c ------------------------------------------------------------------ */
 int qk__qcow2_pwrite(qk_image *img, const void *buf, size_t len, uint64_t off);

@@ -25,7 +25,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define RT_RESERVED_MASK 0x1ffull
 
 static int load_reftable(qk_image *img, struct qcow2 *q)
 {

@@ -1,0 +1,190 @@
+/*
+ * cmd-check.c - "qcowkit check": check (and with -r repair) an image, as
+ * qemu-img check: the same per-problem lines on stderr, the same summary
+ * and JSON keys on stdout, the same exit codes (0 clean, 1 the check could
+ * not be completed, 2 corruptions, 3 only leaks, 63 no checks for the
+ * format). Extra detail (wrong COPIED flags, refcounts past the end of the
+ * file) goes under extra JSON keys.
+ *
+ * SPDX-License-Identifier: MIT
+ */
+#include <errno.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "cli.h"
+
+#define EXIT_CORRUPT 2
+#define EXIT_LEAKS 3
+#define EXIT_NO_CHECKS 63
+
+static void report_line(void *opaque, const char *line)
+{
+	(void)opaque;
+	fprintf(stderr, "%s\n", line);
+}
+
+static void print_human(const struct qk_check_result *r)
+{
+	if (r->corruptions_fixed || r->leaks_fixed)
+		printf("The following inconsistencies were found and repaired:\n\n"
+		       "    %" PRIu64 " leaked clusters\n"
+		       "    %" PRIu64 " corruptions\n\n"
+		       "Double checking the fixed image now...\n",
+		       r->leaks_fixed, r->corruptions_fixed);
+	if (r->corruptions == 0 && r->leaks == 0 && r->check_errors == 0) {
+		printf("No errors were found on the image.\n");
+	} else {
+		if (r->corruptions)
+			printf("\n%" PRIu64 " errors were found on the image.\n"
+			       "Data may be corrupted, or further writes to the "
+			       "image may corrupt it.\n", r->corruptions);
+		if (r->leaks)
+			printf("\n%" PRIu64 " leaked clusters were found on the "
+			       "image.\nThis means waste of disk space, but no "
+			       "harm to data.\n", r->leaks);
+		if (r->check_errors)
+			printf("\n%" PRIu64 " internal errors have occurred "
+			       "during the check.\n", r->check_errors);
+	}
+	if (r->total_clusters && r->allocated_clusters)
+		printf("%" PRIu64 "/%" PRIu64 " = %0.2f%% allocated, %0.2f%% "
+		       "fragmented, %0.2f%% compressed clusters\n",
+		       r->allocated_clusters, r->total_clusters,
+		       (double)r->allocated_clusters * 100.0 /
+		       (double)r->total_clusters,
+		       (double)r->fragmented_clusters * 100.0 /
+		       (double)r->allocated_clusters,
+		       (double)r->compressed_clusters * 100.0 /
+		       (double)r->allocated_clusters);
+	if (r->image_end_offset)
+		printf("Image end offset: %" PRIu64 "\n", r->image_end_offset);
+}
+
+static void add_nonzero(struct qj *d, const char *key, uint64_t v)
+{
+	if (v)
+		qj_add_uint(d, key, v);
+}
+
+static void print_json(const struct qk_check_result *r, const char *file,
+		       const char *fmt)
+{
+	struct qj *d = qj_dict();
+
+	qj_add_str(d, "filename", file);
+	qj_add_str(d, "format", fmt);
+	qj_add_uint(d, "check-errors", r->check_errors);
+	add_nonzero(d, "image-end-offset", r->image_end_offset);
+	add_nonzero(d, "corruptions", r->corruptions);
+	add_nonzero(d, "leaks", r->leaks);
+	add_nonzero(d, "corruptions-fixed", r->corruptions_fixed);
+	add_nonzero(d, "leaks-fixed", r->leaks_fixed);
+	add_nonzero(d, "total-clusters", r->total_clusters);
+	add_nonzero(d, "allocated-clusters", r->allocated_clusters);
+	add_nonzero(d, "fragmented-clusters", r->fragmented_clusters);
+	add_nonzero(d, "compressed-clusters", r->compressed_clusters);
+	add_nonzero(d, "qcowkit-copied-errors", r->copied_errors);
+	add_nonzero(d, "qcowkit-refcounts-past-eof", r->refcounts_past_eof);
+	qj_print_json(stdout, d);
+	printf("\n");
+	qj_free(d);
+}
+
+int cmd_check(int argc, char **argv)
+{
+	static const struct option longopts[] = {
+		{ "help", no_argument, NULL, 'h' },
+		{ "output", required_argument, NULL, 'O' },
+		{ "repair", required_argument, NULL, 'r' },
+		{ "force-share", no_argument, NULL, 'U' },
+		{ NULL, 0, NULL, 0 },
+	};
+	const char *fmtname = NULL, *file;
+	bool json = false, quiet = false;
+	uint32_t fix = 0, oflags = QK_OPEN_CHECK;
+	struct qk_check_result r;
+	struct qk_info info;
+	qk_format fmt;
+	qk_image *img;
+	int c, ret;
+
+	while ((c = getopt_long(argc, argv, ":hf:r:T:qU", longopts,
+				NULL)) != -1) {
+		switch (c) {
+		case 'f':
+			fmtname = optarg;
+			break;
+		case 'r':
+			if (strcmp(optarg, "leaks") == 0) {
+				fix = QK_CHECK_FIX_LEAKS;
+			} else if (strcmp(optarg, "all") == 0) {
+				fix = QK_CHECK_FIX_LEAKS | QK_CHECK_FIX_ERRORS;
+			} else {
+				return cli_usage_error("check", CLI_EXIT_FAILURE,
+						       "Unknown option value for -r (expecting 'leaks' or 'all'): %s",
+						       optarg);
+			}
+			break;
+		case 'O':
+			if (cli_parse_output(optarg, &json) < 0)
+				return CLI_EXIT_FAILURE;
+			break;
+		case 'T':
+			break;  /* cache mode of the checked image: page cache */
+		case 'q':
+			quiet = true;
+			break;
+		case 'U':
+			oflags |= QK_OPEN_FORCE_SHARE;
+			break;
+		case 'h':
+			cli_print_usage(stdout, cli_find_command("check"));
+			return CLI_EXIT_OK;
+		default:
+			return cli_bad_option("check", c, argv, CLI_EXIT_FAILURE);
+		}
+	}
+	if (optind != argc - 1)
+		return cli_usage_error("check", CLI_EXIT_FAILURE,
+				       "Expecting one image file name");
+	file = argv[optind];
+	if (cli_parse_format(fmtname, &fmt) < 0)
+		return CLI_EXIT_FAILURE;
+	if (fix)
+		oflags |= QK_OPEN_RDWR;
+	if (cli_open(file, fmt, oflags, &img) < 0)
+		return CLI_EXIT_FAILURE;
+	ret = qk_check(img, fix, &r, report_line, NULL);
+	if (ret == -ENOTSUP) {
+		cli_error("This image format does not support checks");
+		qk_close(img);
+		return EXIT_NO_CHECKS;
+	}
+	if (ret < 0) {
+		cli_lib_error(ret);
+		qk_close(img);
+		return CLI_EXIT_FAILURE;
+	}
+	qk_get_info(img, &info);
+	if (!quiet) {
+		if (json)
+			print_json(&r, file, qk_format_name(info.format));
+		else
+			print_human(&r);
+	}
+	ret = qk_close(img);
+	if (ret < 0) {
+		cli_lib_error(ret);
+		return CLI_EXIT_FAILURE;
+	}
+	if (r.check_errors)
+		return CLI_EXIT_FAILURE;
+	if (r.corruptions)
+		return EXIT_CORRUPT;
+	if (r.leaks)
+		return EXIT_LEAKS;
+	return CLI_EXIT_OK;
+}
