@@ -30,6 +30,7 @@ struct refs {
 	void (*report)(void *opaque, const char *line);
 	void *opaque;
 	uint64_t prev_host;     /* statistics: the last allocated data cluster */
+	bool needs_rebuild;     /* a referenced cluster has refcount 0 */
 };
 
 /* A problem found while counting: in check mode one corruption (reported,
@@ -124,6 +125,7 @@ static int count_l1(qk_image *img, struct refs *r, uint64_t l1_off, uint32_t l1_
 		if (ret < 0)
 			break;
 		qk_be64_table_to_host(l2, cs / 8);
+		r->prev_host = 0;       /* contiguity is counted per L2 table, as QEMU */
 		for (uint64_t j = 0; j < entries && ret == 0; j++) {
 			uint64_t e = q->extl2 ? l2[2 * j] : l2[j];
 			uint64_t guest = (((uint64_t)i << q->l2_bits) + j) << q->cluster_bits;
@@ -408,8 +410,8 @@ static int count_refcount_structure(qk_image *img, struct refs *r, bool *blocks_
 	return ret;
 }
 
-/* COPIED must be set exactly on the active entries whose cluster has one
- * reference. */
+/* COPIED must be set exactly on the active entries whose cluster's stored
+ * refcount is 1 (as QEMU checks it: a wrong count shows up twice). */
 static int check_copied(qk_image *img, struct refs *r)
 {
 	struct qcow2 *q = qcow2_of(img);
@@ -419,11 +421,13 @@ static int check_copied(qk_image *img, struct refs *r)
 		uint64_t l2_off = q->l1[i] & L1E_OFFSET_MASK;
 		if (!l2_off || (l2_off & (q->cluster_size - 1)) || (l2_off >> q->cluster_bits) >= r->n)
 			continue;
-		uint32_t refs = r->count[l2_off >> q->cluster_bits];
+		uint64_t refs;
+		if ((ret = qk__qcow2_get_refcount(img, l2_off >> q->cluster_bits, &refs)) < 0)
+			break;
 		if ((refs == 1) != !!(q->l1[i] & QCOW_OFLAG_COPIED)) {
 			r->res->copied_errors++;
-			ret = problem(img, r, "OFLAG_COPIED L2 cluster: l1_index=%u l1_entry=%llx refcount=%u",
-				      i, (unsigned long long)q->l1[i], refs);
+			ret = problem(img, r, "OFLAG_COPIED L2 cluster: l1_index=%u l1_entry=%llx refcount=%llu",
+				      i, (unsigned long long)q->l1[i], (unsigned long long)refs);
 		}
 		uint64_t *t;
 		if (ret < 0 || (ret = qk__cache_get(&q->l2_cache, l2_off, (void **)&t)) < 0)
@@ -433,11 +437,13 @@ static int check_copied(qk_image *img, struct refs *r)
 			if ((e & QCOW_OFLAG_COMPRESSED) || !host || q->data_file ||
 			    (host & (q->cluster_size - 1)) || (host >> q->cluster_bits) >= r->n)
 				continue;
-			uint32_t c = r->count[host >> q->cluster_bits];
+			uint64_t c;
+			if ((ret = qk__qcow2_get_refcount(img, host >> q->cluster_bits, &c)) < 0)
+				break;
 			if ((c == 1) != !!(e & QCOW_OFLAG_COPIED)) {
 				r->res->copied_errors++;
-				ret = problem(img, r, "OFLAG_COPIED data cluster: l2_entry=%llx refcount=%u",
-					      (unsigned long long)e, c);
+				ret = problem(img, r, "OFLAG_COPIED data cluster: l2_entry=%llx refcount=%llu",
+					      (unsigned long long)e, (unsigned long long)c);
 			}
 		}
 		qk__cache_put(&q->l2_cache, l2_off);
@@ -482,6 +488,8 @@ static int check_pass(qk_image *img, struct qk_check_result *res,
 			say(r, "Leaked cluster %llu refcount=%llu reference=%llu", (unsigned long long)c,
 			    (unsigned long long)stored, (unsigned long long)refs);
 		} else if (stored < refs) {
+			if (stored == 0)
+				r->needs_rebuild = true;
 			res->corruptions++;
 			say(r, "ERROR cluster %llu refcount=%llu reference=%llu", (unsigned long long)c,
 			    (unsigned long long)stored, (unsigned long long)refs);
@@ -525,6 +533,13 @@ int qk__qcow2_check(qk_image *img, uint32_t flags, struct qk_check_result *res,
 	    (res->leaks == 0 && res->corruptions == 0))
 		goto out;
 	struct qk_check_result before = *res;
+	if (!(flags & QK_CHECK_FIX_ERRORS) && r.needs_rebuild) {
+		/* Only a new refcount structure fixes this: -r all. */
+		if (report)
+			report(opaque, "ERROR need to rebuild refcount structures");
+		res->check_errors++;
+		goto out;
+	}
 	if ((flags & QK_CHECK_FIX_ERRORS) && res->corruptions) {
 		/* Counts and COPIED flags from the references: a new refcount
 		 * structure, which also drops every leak. */

@@ -1,0 +1,163 @@
+#!/usr/bin/env bash
+# check and repair, judged by qemu-img check. Images are damaged on purpose
+# the ways qemu-iotests damage them, then:
+#   - qcowkit check --output=json gives the same corruptions, leaks,
+#     allocated/fragmented/compressed clusters and image end offset as
+#     qemu-img check --output=json, and the same exit code; the human output
+#     is identical too (stdout);
+#   - qcowkit check -r all on a copy: exit 0, then qemu-img check finds it
+#     clean, and its guest content equals the content of a copy qemu-img
+#     check -r all repaired (where qemu-img's repair is sound);
+#   - qcowkit check -r leaks: leaks gone, corruptions (if any) left, exit
+#     code as qemu-img's.
+# Damage: a zeroed L2 entry (leak), a data cluster's refcount set to 0,
+# a refcount raised (leak), a cluster referenced twice, an L2 entry pointing
+# at the refcount table, clean images with snapshots, compressed clusters
+# and 512 B clusters with 64-bit refcounts, and a crash under lazy
+# refcounts (qemu-io killed before closing the image).
+# shellcheck source=../lib.sh
+. "$(dirname "$0")/../lib.sh"
+# shellcheck source=readcmp.bash
+. "$(dirname "$0")/readcmp.bash"
+need qemu-img qemu-io python3
+
+cd "$T" || exit 1
+
+# poke.py IMG ACTION ARGS: damage an image (v3, 16-bit refcounts unless
+# said). Actions:
+#   l2 GUEST_CLUSTER VALUE|copy:OTHER   set the L2 entry of a guest cluster
+#   rc HOST_CLUSTER VALUE               set a refcount
+#   l2-at-rt GUEST_CLUSTER              point an entry at the refcount table
+cat >poke.py <<'PYEOF'
+import struct, sys
+img, action = sys.argv[1], sys.argv[2]
+f = open(img, "r+b")
+h = f.read(104)
+cb = struct.unpack(">I", h[20:24])[0]
+cs = 1 << cb
+l1_off = struct.unpack(">Q", h[40:48])[0]
+rt_off = struct.unpack(">Q", h[48:56])[0]
+order = struct.unpack(">I", h[96:100])[0]
+bits = 1 << order
+def rd(o, n):
+    f.seek(o); return f.read(n)
+def l2_slot(gc):
+    per = cs // 8
+    l1e = struct.unpack(">Q", rd(l1_off + 8 * (gc // per), 8))[0]
+    l2 = l1e & 0x00fffffffffffe00
+    assert l2, "no L2 table"
+    return l2 + 8 * (gc % per)
+def rc_slot(c):
+    per = cs * 8 // bits
+    rte = struct.unpack(">Q", rd(rt_off + 8 * (c // per), 8))[0]
+    assert rte, "no refcount block"
+    return rte + (c % per) * bits // 8
+if action == "l2":
+    gc, val = int(sys.argv[3]), sys.argv[4]
+    if val.startswith("copy:"):
+        v = struct.unpack(">Q", rd(l2_slot(int(val[5:])), 8))[0]
+    else:
+        v = int(val, 0)
+    f.seek(l2_slot(gc)); f.write(struct.pack(">Q", v))
+elif action == "rc":
+    c, v = int(sys.argv[3]), int(sys.argv[4])
+    assert bits == 16
+    f.seek(rc_slot(c)); f.write(struct.pack(">H", v))
+elif action == "l2-at-rt":
+    gc = int(sys.argv[3])
+    f.seek(l2_slot(gc)); f.write(struct.pack(">Q", rt_off | (1 << 63)))
+elif action == "host":        # print the host cluster of a guest cluster
+    v = struct.unpack(">Q", rd(l2_slot(int(sys.argv[3])), 8))[0]
+    print((v & 0x00fffffffffffe00) >> cb)
+PYEOF
+
+# jkeys FILE: the check JSON keys that must agree, one line.
+jkeys() {
+  python3 -c '
+import json, sys
+try:
+    d = json.load(open(sys.argv[1]))
+except Exception as e:
+    print("unparsable: %s" % e); sys.exit(0)
+print(" ".join("%s=%s" % (k, d.get(k, 0)) for k in ("corruptions", "leaks", "check-errors",
+      "allocated-clusters", "fragmented-clusters", "compressed-clusters", "image-end-offset",
+      "total-clusters")))' "$1"
+}
+
+# ccase NAME IMG [repair-sound]: compare check, then repair a copy.
+ccase() {
+  local n=$1 img=$2 sound=${3:-1} rr=0 out
+  qemu-img check --output=json "$img" >ref.json 2>ref.err || rr=$?
+  run_qk qk.json qk.err check --output=json "$img"
+  if [ "$qk_rc" -eq "$rr" ] && [ "$(jkeys ref.json)" = "$(jkeys qk.json)" ]; then ok
+  else bad "$n/json" "qemu-img (exit $rr): $(jkeys ref.json) | qcowkit (exit $qk_rc): $(jkeys qk.json) $(head -c 200 qk.err)"; fi
+  qemu-img check "$img" >ref.txt 2>/dev/null
+  run_qk qk.txt qk.err check "$img"
+  if cmp -s ref.txt qk.txt; then ok
+  else bad "$n/human" "$(diff ref.txt qk.txt | head -8 | tr '\n' '|')"; fi
+  # -r leaks
+  cp "$img" qkl.qcow2 && cp "$img" refl.qcow2
+  rr=0; qemu-img check -r leaks refl.qcow2 >/dev/null 2>&1 || rr=$?
+  run_qk qk.out qk.err check -r leaks qkl.qcow2
+  if [ "$qk_rc" -eq "$rr" ]; then ok
+  else bad "$n/-r leaks" "exit $qk_rc, qemu-img's $rr: $(head -c 200 qk.err)"; fi
+  # -r all
+  cp "$img" qka.qcow2 && cp "$img" refa.qcow2
+  qemu-img check -r all refa.qcow2 >/dev/null 2>&1
+  run_qk qk.out qk.err check -r all qka.qcow2
+  if [ "$qk_rc" -ne 0 ]; then bad "$n/-r all" "$(qk_why qk.err)"; return; fi
+  if out=$(qemu-img check qka.qcow2 2>&1); then ok
+  else bad "$n/-r all: check" "$(echo "$out" | head -4 | tr '\n' '|')"; fi
+  if [ "$sound" = 1 ]; then
+    if out=$(qemu-img compare refa.qcow2 qka.qcow2 2>&1); then ok
+    else bad "$n/-r all: content" "$out"; fi
+  fi
+}
+
+mk() { # mk NAME [create options]: 64k clusters, data, compressed, a snapshot
+  local n=$1; shift
+  setup qemu-img create -q -f qcow2 "$@" "$n" 8M &&
+  setup qemu-io -f qcow2 -c 'write -P 1 0 1M' -c 'write -c -P 2 2M 256k' -c 'write -P 3 5M 64k' -c 'write -z 6M 64k' "$n"
+}
+mk clean.qcow2
+ccase clean clean.qcow2
+mk snap.qcow2 && setup qemu-img snapshot -c s1 snap.qcow2 &&
+  setup qemu-io -f qcow2 -c 'write -P 4 0 128k' -c 'write -P 5 7M 64k' snap.qcow2
+ccase snapshot snap.qcow2
+mk small.qcow2 -o cluster_size=512,refcount_bits=64
+ccase "512 B clusters, 64-bit refcounts" small.qcow2
+mk v2.qcow2 -o compat=0.10
+ccase v2 v2.qcow2
+
+# a zeroed L2 entry: its cluster leaks
+mk leak.qcow2 && python3 poke.py leak.qcow2 l2 3 0
+ccase "zeroed L2 entry" leak.qcow2
+# a refcount raised: a leak
+mk leak2.qcow2 && h=$(python3 poke.py leak2.qcow2 host 1) && python3 poke.py leak2.qcow2 rc "$h" 2
+ccase "refcount raised" leak2.qcow2
+# a data cluster's refcount dropped to 0
+mk rc0.qcow2 && h=$(python3 poke.py rc0.qcow2 host 2) && python3 poke.py rc0.qcow2 rc "$h" 0
+ccase "refcount 0" rc0.qcow2
+# a cluster referenced twice (guest 4 now maps guest 0's cluster)
+mk dbl.qcow2 && python3 poke.py dbl.qcow2 l2 4 copy:0
+ccase "referenced twice" dbl.qcow2
+# an L2 entry pointing at the refcount table (qemu-img "repairs" this by
+# raising the refcount; the content comparison is skipped)
+mk intoRT.qcow2 && python3 poke.py intoRT.qcow2 l2-at-rt 7
+ccase "L2 entry into the refcount table" intoRT.qcow2 0
+
+# a crash under lazy refcounts: qemu-io killed with the image open
+setup qemu-img create -q -f qcow2 -o lazy_refcounts=on lazy.qcow2 8M
+( qemu-io -f qcow2 -c 'write -P 1 0 1M' -c 'write -P 2 3M 512k' -c 'sigraise 9' lazy.qcow2 ) >/dev/null 2>&1
+if qemu-img info lazy.qcow2 | grep -q 'corrupt: false' && qemu-img info --output=json lazy.qcow2 | grep -q '"dirty-flag": true'; then
+  ccase "lazy refcounts crash" lazy.qcow2
+else
+  bad setup "qemu-io did not leave a dirty image"
+fi
+
+# raw: no checks, exit 63
+head -c 1M /dev/zero >a.raw
+run_qk qk.out qk.err check -f raw a.raw
+if [ "$qk_rc" -eq 63 ] && grep -q 'does not support checks' qk.err; then ok
+else bad "raw" "exit $qk_rc: $(head -c 200 qk.err)"; fi
+finish
