@@ -19,7 +19,7 @@
 #                       matches
 #   BENCH_CSIZE         convert source size, e.g. 512M (default), 1G; multiple
 #                       of 1 MiB. The default is 512M, not 1G, to keep a
-#                       default run near 6 minutes: `qemu-img convert -c`
+#                       default run at 5-6 minutes: `qemu-img convert -c`
 #                       (zlib) runs at about 20 MiB/s here, so 1G adds about
 #                       4 minutes
 #   BENCH_WCOUNT        requests per `bench -w` run (default 50000; each one
@@ -134,9 +134,9 @@ have_src=0
 if [ -f "$STAMP" ] && [ -f "$SRC" ] && [ "$(cat "$STAMP")" = "$CSIZE $GEN" ]; then
   have_src=1
 fi
-# Needed at once: the source unless reusable, plus the larger of the two
+# Needed at once: the source unless reusable, plus the larger of (a) the two
 # bench -w images of one row (one 64 KiB cluster per request, at most the
-# whole 4 GiB, plus metadata) and one convert output (at most the source
+# whole 4 GiB, plus metadata) and (b) one convert output (at most the source
 # size, plus metadata); 5% + 64 MiB of slack.
 wclusters=$WCOUNT; [ "$wclusters" -le $((WSIZE / 65536)) ] || wclusters=$((WSIZE / 65536))
 wimg=$((wclusters * 65536 + (8 << 20)))
