@@ -6,13 +6,22 @@
  * format). Extra detail (wrong COPIED flags, refcounts past the end of the
  * file) goes under extra JSON keys.
  *
+ * --forensic reports instead, read-only: clusters the image maps whose
+ * refcount is 0, leaked clusters (and whether they hold data; --extract DIR
+ * saves their bytes, one file per cluster), and data clusters only
+ * snapshots reference. Exit 0 when nothing was found, 3 otherwise.
+ *
  * SPDX-License-Identifier: MIT
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <getopt.h>
 #include <inttypes.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "cli.h"
 
@@ -93,6 +102,124 @@ static void print_json(const struct qk_check_result *r, const char *file,
 	qj_free(d);
 }
 
+struct forensic {
+	const char *extract;      /* directory, or NULL */
+	struct qj *unref, *leaked, *snap;
+	uint64_t n_unref, n_leaked, n_leaked_data, n_snap;
+	int err;                  /* errno of a failed extraction */
+};
+
+static int on_found(void *opaque, const struct qk_forensic_item *it)
+{
+	struct forensic *f = opaque;
+	struct qj *e = qj_dict();
+
+	qj_add_uint(e, "host-offset", it->host);
+	switch (it->kind) {
+	case QK_FORENSIC_UNREFERENCED:
+		qj_add_uint(e, "guest-offset", it->guest);
+		qj_add(f->unref, NULL, e);
+		f->n_unref++;
+		break;
+	case QK_FORENSIC_LEAKED:
+		qj_add_uint(e, "refcount", it->refcount);
+		qj_add_bool(e, "data", it->nonzero);
+		f->n_leaked++;
+		f->n_leaked_data += it->nonzero ? 1 : 0;
+		if (f->extract != NULL) {
+			char path[4096];
+			int fd;
+
+			snprintf(path, sizeof path, "%s/cluster-%016" PRIx64 ".bin",
+				 f->extract, it->host);
+			fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+			if (fd < 0 || write(fd, it->data, it->length) != (ssize_t)it->length) {
+				f->err = errno ? errno : EIO;
+				if (fd >= 0)
+					close(fd);
+				qj_free(e);
+				return -f->err;
+			}
+			close(fd);
+			qj_add_str(e, "file", path);
+		}
+		qj_add(f->leaked, NULL, e);
+		break;
+	default:
+		qj_add(f->snap, NULL, e);
+		f->n_snap++;
+		break;
+	}
+	return 0;
+}
+
+/* Human lines of a findings list: "    host 0x..., guest 0x..." */
+static void print_entries(const char *title, const struct qj *list, uint64_t n)
+{
+	if (title != NULL)
+		printf("%s: %" PRIu64 "\n", title, n);
+	qj_print_human(stdout, 1, list);
+}
+
+static int run_forensic(qk_image *img, const char *file, bool json,
+			const char *extract)
+{
+	struct forensic f;
+	int r;
+
+	memset(&f, 0, sizeof f);
+	f.extract = extract;
+	f.unref = qj_list();
+	f.leaked = qj_list();
+	f.snap = qj_list();
+	if (extract != NULL && mkdir(extract, 0755) < 0 && errno != EEXIST) {
+		cli_error("Could not create '%s': %s", extract, strerror(errno));
+		r = -1;
+		goto out;
+	}
+	r = qk_forensic(img, on_found, &f);
+	if (r < 0) {
+		if (f.err)
+			cli_error("Could not write to '%s': %s", extract, strerror(f.err));
+		else if (r == -ENOTSUP)
+			cli_error("This image format does not support checks");
+		else
+			cli_lib_error(r);
+		goto out;
+	}
+	if (json) {
+		struct qj *d = qj_dict();
+
+		qj_add_str(d, "filename", file);
+		qj_add_uint(d, "unreferenced-clusters", f.n_unref);
+		qj_add_uint(d, "leaked-clusters", f.n_leaked);
+		qj_add_uint(d, "leaked-clusters-with-data", f.n_leaked_data);
+		qj_add_uint(d, "snapshot-only-clusters", f.n_snap);
+		qj_add(d, "unreferenced", f.unref);
+		qj_add(d, "leaked", f.leaked);
+		qj_add(d, "snapshot-only", f.snap);
+		f.unref = f.leaked = f.snap = NULL;
+		qj_print_json(stdout, d);
+		printf("\n");
+		qj_free(d);
+	} else {
+		printf("Forensic report of '%s' (the image was not changed)\n", file);
+		print_entries("Mapped but unreferenced clusters (refcount 0)",
+			      f.unref, f.n_unref);
+		printf("Leaked clusters: %" PRIu64 " (%" PRIu64 " hold non-zero data)\n",
+		       f.n_leaked, f.n_leaked_data);
+		print_entries(NULL, f.leaked, f.n_leaked);
+		print_entries("Data clusters only snapshots reference",
+			      f.snap, f.n_snap);
+	}
+	r = f.n_unref || f.n_leaked ? EXIT_LEAKS : 0;
+out:
+	qj_free(f.unref);
+	qj_free(f.leaked);
+	qj_free(f.snap);
+	return r;
+}
+
 int cmd_check(int argc, char **argv)
 {
 	static const struct option longopts[] = {
@@ -100,9 +227,12 @@ int cmd_check(int argc, char **argv)
 		{ "output", required_argument, NULL, 'O' },
 		{ "repair", required_argument, NULL, 'r' },
 		{ "force-share", no_argument, NULL, 'U' },
+		{ "forensic", no_argument, NULL, 'F' },
+		{ "extract", required_argument, NULL, 'X' },
 		{ NULL, 0, NULL, 0 },
 	};
-	const char *fmtname = NULL, *file;
+	const char *fmtname = NULL, *file, *extract = NULL;
+	bool forensic = false;
 	bool json = false, quiet = false;
 	uint32_t fix = 0, oflags = QK_OPEN_CHECK;
 	struct qk_check_result r;
@@ -140,6 +270,12 @@ int cmd_check(int argc, char **argv)
 		case 'U':
 			oflags |= QK_OPEN_FORCE_SHARE;
 			break;
+		case 'F':
+			forensic = true;
+			break;
+		case 'X':
+			extract = optarg;
+			break;
 		case 'h':
 			cli_print_usage(stdout, cli_find_command("check"));
 			return CLI_EXIT_OK;
@@ -153,10 +289,20 @@ int cmd_check(int argc, char **argv)
 	file = argv[optind];
 	if (cli_parse_format(fmtname, &fmt) < 0)
 		return CLI_EXIT_FAILURE;
+	if (extract != NULL && !forensic)
+		return cli_usage_error("check", CLI_EXIT_FAILURE, "--extract needs --forensic");
+	if (forensic && fix)
+		return cli_usage_error("check", CLI_EXIT_FAILURE,
+				       "--forensic does not repair: leave out -r");
 	if (fix)
 		oflags |= QK_OPEN_RDWR;
 	if (cli_open(file, fmt, oflags, &img) < 0)
 		return CLI_EXIT_FAILURE;
+	if (forensic) {
+		ret = run_forensic(img, file, json, extract);
+		qk_close(img);
+		return ret < 0 ? CLI_EXIT_FAILURE : ret;
+	}
 	ret = qk_check(img, fix, &r, report_line, NULL);
 	if (ret == -ENOTSUP) {
 		cli_error("This image format does not support checks");

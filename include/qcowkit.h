@@ -313,6 +313,34 @@ struct qk_check_result {
 int qk_check(qk_image *img, uint32_t flags, struct qk_check_result *res,
 	     void (*report)(void *opaque, const char *line), void *opaque);
 
+#define QK_FORENSIC_UNREFERENCED  1 /* mapped by the active image, refcount 0 */
+#define QK_FORENSIC_LEAKED        2 /* refcount above 0, referenced by nothing */
+#define QK_FORENSIC_SNAPSHOT_ONLY 3 /* data only snapshots reference */
+
+struct qk_forensic_item {
+	uint32_t kind;           /* QK_FORENSIC_* */
+	int nonzero;             /* LEAKED: the cluster holds non-zero bytes */
+	uint64_t host;           /* host offset of the cluster */
+	uint64_t guest;          /* UNREFERENCED: guest offset; else UINT64_MAX */
+	uint64_t refcount;       /* the stored refcount */
+	uint64_t length;         /* cluster size */
+	const void *data;        /* LEAKED: the cluster's bytes, valid during the
+	                          * call only; else NULL */
+};
+
+/*
+ * A read-only forensic walk: calls `found` for every cluster the active
+ * image maps but whose refcount is 0, every leaked cluster (with its
+ * bytes, to tell remnants of deleted data), and every data cluster only
+ * snapshots reference, in host order (unreferenced ones during the walk of
+ * the active tables). Never writes. Memory: one u32 and one byte per
+ * cluster of the file, plus one cluster. A non-zero return from `found`
+ * stops the walk and is returned. Returns 0, -ENOTSUP for raw images, or
+ * an errno.
+ */
+int qk_forensic(qk_image *img, int (*found)(void *opaque, const struct qk_forensic_item *it),
+		void *opaque);
+
 /* ---- block status ------------------------------------------------------ */
 
 #define QK_EXTENT_PRESENT    (1u << 0) /* allocated in the layer at `depth` */

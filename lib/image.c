@@ -338,6 +338,17 @@ QK_EXPORT int qk_check(qk_image *img, uint32_t flags, struct qk_check_result *re
 	return img->drv->check(img, flags, res, report, opaque);
 }
 
+QK_EXPORT int qk_forensic(qk_image *img,
+			  int (*found)(void *opaque, const struct qk_forensic_item *it), void *opaque)
+{
+	qk__api_enter("qk_forensic");
+	if (!img || !found)
+		return qk__err(EINVAL, "image and callback are required");
+	if (!img->drv->forensic)
+		return qk__err(ENOTSUP, "This image format does not support checks");
+	return img->drv->forensic(img, found, opaque);
+}
+
 QK_EXPORT int qk_pwritev(qk_image *img, const struct iovec *iov, int iovcnt, uint64_t off)
 {
 	qk__api_enter("qk_pwritev");

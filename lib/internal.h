@@ -136,6 +136,9 @@ struct qk__driver {
 	/* Check (and with flags repair) the image; NULL: no checks. */
 	int (*check)(qk_image *img, uint32_t flags, struct qk_check_result *res,
 		     void (*report)(void *, const char *), void *opaque);
+	/* Forensic report (see qk_forensic); NULL: not for this format. */
+	int (*forensic)(qk_image *img, int (*found)(void *, const struct qk_forensic_item *),
+			void *opaque);
 	/* Make every completed write durable. */
 	int (*flush)(qk_image *img);
 	/* Change the virtual size; the new area reads as zeros. */

@@ -31,7 +31,34 @@ struct refs {
 	void *opaque;
 	uint64_t prev_host;     /* statistics: the last allocated data cluster */
 	bool needs_rebuild;     /* a referenced cluster has refcount 0 */
+	/* Forensic mode: per cluster, who references it (K_*), and where
+	 * findings go. */
+	uint8_t *kind;
+	int (*found)(void *opaque, const struct qk_forensic_item *it);
+	void *found_opaque;
 };
+
+#define K_ACTIVE    1u      /* data of the active image */
+#define K_SNAP_DATA 2u      /* data of a snapshot */
+
+/* Forensic mode: note who references data cluster `host` at guest offset
+ * `guest`, and report an active mapping whose refcount is 0. */
+static int note_data(qk_image *img, struct refs *r, uint64_t host, uint64_t guest, bool active)
+{
+	struct qcow2 *q = qcow2_of(img);
+	uint64_t c = host >> q->cluster_bits, rc;
+	if (!r->kind || c >= r->n)
+		return 0;
+	r->kind[c] |= active ? K_ACTIVE : K_SNAP_DATA;
+	if (!active)
+		return 0;
+	int ret = qk__qcow2_get_refcount(img, c, &rc);
+	if (ret < 0 || rc)
+		return ret;
+	struct qk_forensic_item it = { .kind = QK_FORENSIC_UNREFERENCED, .host = host,
+				       .guest = guest, .refcount = 0, .length = q->cluster_size };
+	return r->found(r->found_opaque, &it);
+}
 
 /* A problem found while counting: in check mode one corruption (reported,
  * and 0 returned: skip the item); otherwise the failure. */
@@ -140,6 +167,8 @@ static int count_l1(qk_image *img, struct refs *r, uint64_t l1_off, uint32_t l1_
 				if (ret == 0)
 					ret = add_ref(img, r, coff, sectors * 512 - (coff & 511),
 						      "compressed cluster");
+				if (ret == 0)
+					ret = note_data(img, r, coff & ~(cs - 1), guest, active);
 				if (res && active) {
 					res->allocated_clusters++;
 					res->compressed_clusters++;
@@ -160,6 +189,8 @@ static int count_l1(qk_image *img, struct refs *r, uint64_t l1_off, uint32_t l1_
 					continue;
 				}
 				ret = add_ref(img, r, host, cs, "data cluster");
+				if (ret == 0)
+					ret = note_data(img, r, host, guest, active);
 				if (res && active) {
 					res->allocated_clusters++;
 					if (r->prev_host && host != r->prev_host + cs)
@@ -573,5 +604,65 @@ int qk__qcow2_check(qk_image *img, uint32_t flags, struct qk_check_result *res,
 out:
 	free(r.count);
 	pthread_mutex_unlock(&q->lock);
+	return ret;
+}
+
+/* ---- qk_forensic ----------------------------------------------------------------- */
+
+int qk__qcow2_forensic(qk_image *img, int (*found)(void *opaque, const struct qk_forensic_item *it),
+		       void *opaque)
+{
+	struct qcow2 *q = qcow2_of(img);
+	struct qk_check_result res;
+	struct refs r;
+	uint64_t cs = q->cluster_size;
+	memset(&res, 0, sizeof res);
+	memset(&r, 0, sizeof r);
+	r.res = &res;           /* problems are counted, not fatal */
+	r.found = found;
+	r.found_opaque = opaque;
+	uint8_t *buf = malloc(cs);
+	if (!buf)
+		return qk__err(ENOMEM, "out of memory");
+	pthread_mutex_lock(&q->lock);
+	uint64_t fsize;
+	int ret = qk__file_get_size(img->file, &fsize);
+	if (ret == 0) {
+		uint64_t n = (fsize + cs - 1) >> q->cluster_bits;
+		if (n > (1ull << 32))
+			ret = qk__err(EFBIG, "'%s' is too large to examine", img->filename);
+		else if (!(r.kind = calloc(n ? n : 1, 1)))
+			ret = qk__err(ENOMEM, "out of memory for %llu clusters", (unsigned long long)n);
+	}
+	if (ret == 0 && !q->rt)
+		ret = qk__qcow2_get_refcount(img, 0, &(uint64_t){ 0 });
+	if (ret == 0)
+		ret = count_references(img, &r);
+	bool blocks_ok;
+	if (ret == 0)
+		ret = count_refcount_structure(img, &r, &blocks_ok);
+	for (uint64_t c = 0; ret == 0 && c < r.n; c++) {
+		uint64_t stored;
+		if ((ret = qk__qcow2_get_refcount(img, c, &stored)) < 0)
+			break;
+		struct qk_forensic_item it = { .host = c * cs, .guest = UINT64_MAX, .refcount = stored,
+					       .length = cs };
+		if (stored && !r.count[c]) {
+			ret = qk__file_pread(img->file, buf, cs, c * cs);
+			if (ret < 0)
+				break;
+			it.kind = QK_FORENSIC_LEAKED;
+			it.nonzero = !qk_is_zero(buf, cs);
+			it.data = buf;
+			ret = found(opaque, &it);
+		} else if ((r.kind[c] & K_SNAP_DATA) && !(r.kind[c] & K_ACTIVE)) {
+			it.kind = QK_FORENSIC_SNAPSHOT_ONLY;
+			ret = found(opaque, &it);
+		}
+	}
+	pthread_mutex_unlock(&q->lock);
+	free(r.count);
+	free(r.kind);
+	free(buf);
 	return ret;
 }

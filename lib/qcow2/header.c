@@ -584,6 +584,7 @@ const struct qk__driver qk__qcow2_driver = {
 	.pwrite = qk__qcow2_pwrite,
 	.write_compressed = qk__qcow2_write_compressed,
 	.check = qk__qcow2_check,
+	.forensic = qk__qcow2_forensic,
 	.flush = qk__qcow2_flush,
 	.mark_clean = qk__qcow2_mark_clean,
 	.resize = qk__qcow2_resize,

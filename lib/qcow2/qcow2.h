@@ -213,6 +213,9 @@ void qk__qcow2_free_refcounts(struct qcow2 *q);
  * refcount structure that matches (crash-safe switch). Metadata lock held
  * or the image not shared yet. */
 int qk__qcow2_rebuild_refcounts(qk_image *img);
+/* qk_forensic for qcow2. */
+int qk__qcow2_forensic(qk_image *img, int (*found)(void *opaque, const struct qk_forensic_item *it),
+		       void *opaque);
 /* qk_check for qcow2. */
 int qk__qcow2_check(qk_image *img, uint32_t flags, struct qk_check_result *res,
 		    void (*report)(void *, const char *), void *opaque);

@@ -14,7 +14,10 @@
 # a refcount raised (leak), a cluster referenced twice, an L2 entry pointing
 # at the refcount table, clean images with snapshots, compressed clusters
 # and 512 B clusters with 64-bit refcounts, and a crash under lazy
-# refcounts (qemu-io killed before closing the image).
+# refcounts (qemu-io killed before closing the image). Then --forensic on
+# the same images, with known answers: what is mapped but unreferenced,
+# leaked (with --extract of the bytes), and held only by a snapshot; the
+# image unchanged.
 # shellcheck source=../lib.sh
 . "$(dirname "$0")/../lib.sh"
 # shellcheck source=readcmp.bash
@@ -154,6 +157,36 @@ if qemu-img info lazy.qcow2 | grep -q 'corrupt: false' && qemu-img info --output
 else
   bad setup "qemu-io did not leave a dirty image"
 fi
+
+# --forensic, read-only, with known answers: NAME IMG EXPECTED (a Python
+# expression over the JSON report d) [extra args]
+fcase() {
+  local n=$1 img=$2 want=$3; shift 3
+  local before out
+  before=$(sha256sum <"$img")
+  run_qk qk.json qk.err check --forensic --output=json "$@" "$img"
+  if crashed "$qk_rc" || [ "$qk_rc" -eq 1 ]; then bad "forensic $n" "$(qk_why qk.err)"; return; fi
+  if out=$(python3 -c '
+import json, sys
+d = json.load(open(sys.argv[1]))
+if not eval(sys.argv[2]):
+    print("report does not satisfy %s: %s" % (sys.argv[2], json.dumps(d)[:400])); sys.exit(1)' qk.json "$want" 2>&1)
+  then ok; else bad "forensic $n" "$out"; fi
+  if [ "$(sha256sum <"$img")" = "$before" ]; then ok; else bad "forensic $n" "the image changed"; fi
+}
+fcase clean clean.qcow2 'd["unreferenced-clusters"] == 0 and d["leaked-clusters"] == 0 and d["snapshot-only-clusters"] == 0'
+# the two clusters at [0, 128k) were overwritten after the snapshot
+fcase snapshot snap.qcow2 'd["snapshot-only-clusters"] == 2 and d["leaked-clusters"] == 0'
+fcase "zeroed L2 entry" leak.qcow2 'd["leaked-clusters"] == 1 and d["leaked-clusters-with-data"] == 1 and d["leaked"][0]["refcount"] == 1' --extract "$T/x"
+f=$(ls "$T"/x/cluster-*.bin 2>/dev/null | head -1)
+if [ -n "$f" ] && [ "$(stat -c %s "$f")" -eq 65536 ] && cmp -s "$f" <(head -c 65536 /dev/zero | tr '\0' '\1'); then ok
+else bad "forensic --extract" "no 64 KiB file of 0x01 bytes in $T/x: $(ls -la "$T/x" 2>&1 | tr '\n' ' ')"; fi
+fcase "refcount 0" rc0.qcow2 'd["unreferenced-clusters"] == 1 and d["unreferenced"][0]["guest-offset"] == 131072'
+fcase "refcount raised" leak2.qcow2 'd["leaked-clusters"] == 0 and d["unreferenced-clusters"] == 0'
+fcase "lazy refcounts crash" lazy.qcow2 'd["unreferenced-clusters"] == 24'
+run_qk qk.out qk.err check --forensic clean.qcow2
+if [ "$qk_rc" -eq 0 ] && grep -q "Leaked clusters: 0" qk.out; then ok
+else bad "forensic human" "exit $qk_rc: $(head -c 300 qk.out qk.err | tr '\n' '|')"; fi
 
 # raw: no checks, exit 63
 head -c 1M /dev/zero >a.raw
