@@ -294,6 +294,8 @@ struct qk_check_result {
 	uint64_t copied_errors;      /* of the corruptions: wrong COPIED flags */
 	uint64_t refcounts_past_eof; /* of the corruptions: refcounts of clusters
 	                              * past the end of the file */
+	uint64_t overlaps;           /* active data clusters mapped over metadata
+	                              * (-r all moves them out) */
 };
 
 #define QK_CHECK_FIX_LEAKS  (1u << 0) /* free leaked clusters */

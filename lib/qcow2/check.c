@@ -31,6 +31,12 @@ struct refs {
 	void *opaque;
 	uint64_t prev_host;     /* statistics: the last allocated data cluster */
 	bool needs_rebuild;     /* a referenced cluster has refcount 0 */
+	/* Check mode: clusters metadata structures use (1), to find data
+	 * clusters mapped over them; the active entries that do, to move. */
+	bool want_meta;
+	uint8_t *meta;
+	struct { uint64_t l2_off, slot; } *movers;
+	size_t n_movers;
 	/* Forensic mode: per cluster, who references it (K_*), and where
 	 * findings go. */
 	uint8_t *kind;
@@ -92,9 +98,13 @@ static int add_ref(qk_image *img, struct refs *r, uint64_t off, uint64_t len, co
 	if (off > MAX_HOST_OFFSET || last >= r->n)
 		return problem(img, r, "%s at offset 0x%llx lies past the end of the file",
 			       what, (unsigned long long)off);
-	for (uint64_t c = first; c <= last; c++)
+	bool data = strcmp(what, "data cluster") == 0 || strcmp(what, "compressed cluster") == 0;
+	for (uint64_t c = first; c <= last; c++) {
 		if (r->count[c] < UINT32_MAX)
 			r->count[c]++;
+		if (r->meta && !data)
+			r->meta[c] = 1;
+	}
 	return 0;
 }
 
@@ -246,7 +256,9 @@ static int count_references(qk_image *img, struct refs *r)
 	if (r->n > (1ull << 32))
 		return qk__err(EFBIG, "'%s' is too large to count its references", img->filename);
 	r->count = calloc(r->n ? r->n : 1, sizeof *r->count);
-	if (!r->count)
+	if (r->want_meta && r->count)
+		r->meta = calloc(r->n ? r->n : 1, 1);
+	if (!r->count || (r->want_meta && !r->meta))
 		return qk__err(ENOMEM, "out of memory for %llu cluster counts", (unsigned long long)r->n);
 	ret = add_ref(img, r, 0, q->cluster_size, "header");
 	if (ret == 0)
@@ -471,6 +483,28 @@ static int check_copied(qk_image *img, struct refs *r)
 			uint64_t c;
 			if ((ret = qk__qcow2_get_refcount(img, host >> q->cluster_bits, &c)) < 0)
 				break;
+			if (r->meta && r->meta[host >> q->cluster_bits]) {
+				/* Data mapped over metadata: QEMU cannot see this one.
+				 * A corruption of its own unless the refcount already
+				 * disagrees (then it is counted there). */
+				r->res->overlaps++;
+				if (c >= r->count[host >> q->cluster_bits])
+					r->res->corruptions++;
+				say(r, "ERROR data cluster at guest offset 0x%llx overlaps metadata at host "
+				    "offset 0x%llx", (unsigned long long)((((uint64_t)i << q->l2_bits) + j)
+									 << q->cluster_bits),
+				    (unsigned long long)host);
+				void *grown = realloc(r->movers, (r->n_movers + 1) * sizeof *r->movers);
+				if (!grown) {
+					ret = qk__err(ENOMEM, "out of memory");
+					break;
+				}
+				r->movers = grown;
+				r->movers[r->n_movers].l2_off = l2_off;
+				r->movers[r->n_movers].slot = q->extl2 ? 2 * j : j;
+				r->n_movers++;
+				continue;       /* its COPIED flag follows the move */
+			}
 			if ((c == 1) != !!(e & QCOW_OFLAG_COPIED)) {
 				r->res->copied_errors++;
 				ret = problem(img, r, "OFLAG_COPIED data cluster: l2_entry=%llx refcount=%llu",
@@ -498,6 +532,7 @@ static int check_pass(qk_image *img, struct qk_check_result *res,
 	int ret = q->rt ? 0 : qk__qcow2_get_refcount(img, 0, &(uint64_t){ 0 });
 	if (ret < 0)
 		return ret;
+	r->want_meta = true;
 	ret = count_references(img, r);
 	bool blocks_ok = true;
 	if (ret == 0)
@@ -553,6 +588,55 @@ static int check_pass(qk_image *img, struct qk_check_result *res,
 	return 0;
 }
 
+static void free_refs(struct refs *r)
+{
+	free(r->count);
+	free(r->meta);
+	free(r->movers);
+	r->count = NULL;
+	r->meta = NULL;
+	r->movers = NULL;
+	r->n_movers = 0;
+}
+
+/* Give every active data cluster mapped over metadata its own copy, past
+ * the end of the file: data first (synced), then the L2 entries. */
+static int move_intruders(qk_image *img, struct refs *r)
+{
+	struct qcow2 *q = qcow2_of(img);
+	uint64_t cs = q->cluster_size, fsize;
+	if (!r->n_movers)
+		return 0;
+	int ret = qk__file_get_size(img->file, &fsize);
+	uint8_t *buf = malloc(cs);
+	if (ret == 0 && !buf)
+		ret = qk__err(ENOMEM, "out of memory");
+	uint64_t next = (fsize + cs - 1) & ~(cs - 1);
+	for (size_t i = 0; ret == 0 && i < r->n_movers; i++) {
+		uint64_t *t;
+		if ((ret = qk__cache_get(&q->l2_cache, r->movers[i].l2_off, (void **)&t)) < 0)
+			break;
+		uint64_t e = t[r->movers[i].slot], host = e & L2E_OFFSET_MASK;
+		ret = qk__file_pread(img->file, buf, cs, host);
+		if (ret == 0)
+			ret = img->file->ops->pwrite(img->file, buf, cs, next);
+		if (ret == 0)
+			ret = img->file->ops->sync(img->file);
+		if (ret == 0) {
+			t[r->movers[i].slot] = (e & ~L2E_OFFSET_MASK) | next;
+			qk__cache_mark_dirty(&q->l2_cache, r->movers[i].l2_off);
+			next += cs;
+		}
+		qk__cache_put(&q->l2_cache, r->movers[i].l2_off);
+	}
+	free(buf);
+	if (ret == 0)
+		ret = qk__cache_flush(&q->l2_cache);
+	if (ret == 0)
+		q->file_size = next;
+	return ret;
+}
+
 int qk__qcow2_check(qk_image *img, uint32_t flags, struct qk_check_result *res,
 		    void (*report)(void *, const char *), void *opaque)
 {
@@ -572,9 +656,14 @@ int qk__qcow2_check(qk_image *img, uint32_t flags, struct qk_check_result *res,
 		goto out;
 	}
 	if ((flags & QK_CHECK_FIX_ERRORS) && res->corruptions) {
-		/* Counts and COPIED flags from the references: a new refcount
-		 * structure, which also drops every leak. */
-		ret = qk__qcow2_rebuild_refcounts(img);
+		/* Data mapped over metadata moves out (its bytes copied past
+		 * the end of the file, so the guest reads what it read), never
+		 * a raised refcount; then counts and COPIED flags from the
+		 * references: a new refcount structure, which also drops every
+		 * leak. */
+		ret = move_intruders(img, &r);
+		if (ret == 0)
+			ret = qk__qcow2_rebuild_refcounts(img);
 	} else if (res->leaks) {
 		for (uint64_t c = 0; ret == 0 && c < r.n; c++) {
 			uint64_t stored;
@@ -587,8 +676,7 @@ int qk__qcow2_check(qk_image *img, uint32_t flags, struct qk_check_result *res,
 		if (ret == 0)
 			ret = qk__cache_flush(&q->rb_cache);
 	}
-	free(r.count);
-	r.count = NULL;
+	free_refs(&r);
 	if (ret < 0)
 		goto out;
 	/* Check again: the result is what is left. */
@@ -602,7 +690,7 @@ int qk__qcow2_check(qk_image *img, uint32_t flags, struct qk_check_result *res,
 			ret = qk__qcow2_write_incompat(img, q->incompat & ~(INCOMPAT_DIRTY | INCOMPAT_CORRUPT));
 	}
 out:
-	free(r.count);
+	free_refs(&r);
 	pthread_mutex_unlock(&q->lock);
 	return ret;
 }
