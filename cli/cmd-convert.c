@@ -435,6 +435,17 @@ static int count_work(struct convert_job *j, uint64_t *total)
 	return 0;
 }
 
+/* Default workers for a qcow2 target: one more than the CPUs, so that
+ * every core keeps compressing while one worker reads or writes. */
+static unsigned qcow2_workers(void)
+{
+	long n = sysconf(_SC_NPROCESSORS_ONLN);
+
+	if (n < 1)
+		n = 1;
+	return n + 1 > MAX_WORKERS ? MAX_WORKERS : (unsigned)n + 1;
+}
+
 static int unsupported(const char *what)
 {
 	cli_error("convert: %s is not supported yet", what);
@@ -458,7 +469,7 @@ int cmd_convert(int argc, char **argv)
 	const char *fmtname = NULL, *out_fmt = "raw", *src_path, *dst_path;
 	const char *backing = NULL, *backing_fmt = NULL;
 	char *olist = NULL;
-	bool compress = false, target_unsafe = true;
+	bool compress = false, target_unsafe = true, workers_given = false;
 	bool progress = false, quiet = false, skip_create = false;
 	bool target_is_zero = false, direct = false, target_direct = false;
 	uint64_t sparse = 4096, nworkers = DEFAULT_WORKERS;
@@ -506,6 +517,7 @@ int cmd_convert(int argc, char **argv)
 			}
 			break;
 		case 'm':
+			workers_given = true;
 			if (cli_parse_uint(optarg, &nworkers) < 0 ||
 			    nworkers < 1 || nworkers > MAX_WORKERS) {
 				cli_error("Invalid number of coroutines. Allowed "
@@ -632,7 +644,7 @@ int cmd_convert(int argc, char **argv)
 			.compress = compress, .skip_create = skip_create,
 			.target_is_zero = target_is_zero, .progress = progress,
 			.quiet = quiet, .sparse = sparse,
-			.workers = (unsigned)nworkers,
+			.workers = workers_given ? (unsigned)nworkers : qcow2_workers(),
 			.open_flags = (target_direct ? QK_OPEN_DIRECT : 0) |
 				      (target_unsafe ? QK_OPEN_UNSAFE : 0),
 		};
