@@ -21,9 +21,18 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* Bound on the in-memory counts (u32 each, plus a byte of marks): 1 GiB
+ * for a file of 16 TiB with 64 KiB clusters. A larger (sparse) file is
+ * refused rather than allowed to take the machine's memory. */
+#define MAX_COUNTED_CLUSTERS (1ull << 28)
+#define MAX_PAST_NOTED 65536     /* past-the-end clusters remembered */
+
 struct refs {
 	uint32_t *count;
 	uint64_t n;             /* clusters covered */
+	uint64_t fsize;         /* bytes in the file */
+	uint64_t *past;         /* clusters past the end that references name */
+	size_t n_past;
 	/* Check mode (qk_check): problems are counted and reported, and the
 	 * walk goes on; otherwise the first one fails it. */
 	struct qk_check_result *res;
@@ -53,7 +62,7 @@ static int note_data(qk_image *img, struct refs *r, uint64_t host, uint64_t gues
 {
 	struct qcow2 *q = qcow2_of(img);
 	uint64_t c = host >> q->cluster_bits, rc;
-	if (!r->kind || c >= r->n)
+	if (!r->kind || c > r->n)
 		return 0;
 	r->kind[c] |= active ? K_ACTIVE : K_SNAP_DATA;
 	if (!active)
@@ -95,9 +104,16 @@ static int add_ref(qk_image *img, struct refs *r, uint64_t off, uint64_t len, co
 	if (len == 0)
 		return 0;
 	uint64_t first = off >> q->cluster_bits, last = (off + len - 1) >> q->cluster_bits;
-	if (off > MAX_HOST_OFFSET || last >= r->n)
-		return problem(img, r, "%s at offset 0x%llx lies past the end of the file",
-			       what, (unsigned long long)off);
+	if (off > MAX_HOST_OFFSET || off + len > MAX_HOST_OFFSET ||
+	    (off + len > r->fsize && off + len - r->fsize >= q->cluster_size) || last > r->n) {
+		/* Its refcounts past the end are not reported again. */
+		for (uint64_t c = qk_max_u64(first, r->n + 1); r->res && c <= last &&
+		     r->n_past < MAX_PAST_NOTED && off <= MAX_HOST_OFFSET; c++)
+			r->past[r->n_past++] = c;
+		return problem(img, r, "counting reference for region exceeding the end of the file "
+			       "by one cluster or more: %s at offset 0x%llx size 0x%llx",
+			       what, (unsigned long long)off, (unsigned long long)len);
+	}
 	bool data = strcmp(what, "data cluster") == 0 || strcmp(what, "compressed cluster") == 0;
 	for (uint64_t c = first; c <= last; c++) {
 		if (r->count[c] < UINT32_MAX)
@@ -253,11 +269,17 @@ static int count_references(qk_image *img, struct refs *r)
 	if (ret < 0)
 		return ret;
 	r->n = (fsize + q->cluster_size - 1) >> q->cluster_bits;
-	if (r->n > (1ull << 32))
+	if (r->n > MAX_COUNTED_CLUSTERS)
 		return qk__err(EFBIG, "'%s' is too large to count its references", img->filename);
-	r->count = calloc(r->n ? r->n : 1, sizeof *r->count);
+	/* One slot more: a reference may run less than a cluster past the
+	 * end of the file (QEMU counts it there; a cluster or more past the
+	 * end is a corruption instead, see add_ref). */
+	r->fsize = fsize;
+	if (r->res && !(r->past = malloc(MAX_PAST_NOTED * sizeof *r->past)))
+		return qk__err(ENOMEM, "out of memory");
+	r->count = calloc(r->n + 1, sizeof *r->count);
 	if (r->want_meta && r->count)
-		r->meta = calloc(r->n ? r->n : 1, 1);
+		r->meta = calloc(r->n + 1, 1);
 	if (!r->count || (r->want_meta && !r->meta))
 		return qk__err(ENOMEM, "out of memory for %llu cluster counts", (unsigned long long)r->n);
 	ret = add_ref(img, r, 0, q->cluster_size, "header");
@@ -270,6 +292,13 @@ static int count_references(qk_image *img, struct refs *r)
 	if (ret == 0 && q->n_bitmaps)
 		ret = count_bitmaps(img, r);
 	return ret;
+}
+
+/* After counting: the slot past the end of the file joins when used. */
+static void take_tail(struct refs *r)
+{
+	if (r->count[r->n])
+		r->n++;
 }
 
 /* Set the COPIED flags of the active L1 and L2 tables from the counts. */
@@ -329,8 +358,10 @@ int qk__qcow2_rebuild_refcounts(qk_image *img)
 	uint8_t *blk = NULL;
 	uint64_t *table = NULL;
 	int ret = count_references(img, &r);
-	if (ret == 0)
+	if (ret == 0) {
+		take_tail(&r);
 		ret = fix_copied(img, &r);
+	}
 	if (ret < 0)
 		goto out;
 	for (uint64_t c = 0; c < r.n; c++)
@@ -453,6 +484,19 @@ static int count_refcount_structure(qk_image *img, struct refs *r, bool *blocks_
 	return ret;
 }
 
+/* Remember an active L2 entry that -r all must give a cluster of its own. */
+static int add_mover(struct refs *r, uint64_t l2_off, uint64_t slot)
+{
+	void *grown = realloc(r->movers, (r->n_movers + 1) * sizeof *r->movers);
+	if (!grown)
+		return qk__err(ENOMEM, "out of memory");
+	r->movers = grown;
+	r->movers[r->n_movers].l2_off = l2_off;
+	r->movers[r->n_movers].slot = slot;
+	r->n_movers++;
+	return 0;
+}
+
 /* COPIED must be set exactly on the active entries whose cluster's stored
  * refcount is 1 (as QEMU checks it: a wrong count shows up twice). */
 static int check_copied(qk_image *img, struct refs *r)
@@ -478,7 +522,16 @@ static int check_copied(qk_image *img, struct refs *r)
 		for (uint64_t j = 0; ret == 0 && j < entries; j++) {
 			uint64_t e = t[q->extl2 ? 2 * j : j], host = e & L2E_OFFSET_MASK;
 			if ((e & QCOW_OFLAG_COMPRESSED) || !host || q->data_file ||
-			    (host & (q->cluster_size - 1)) || (host >> q->cluster_bits) >= r->n)
+			    (host & (q->cluster_size - 1)))
+				continue;
+			if (host >= r->fsize) {
+				/* Past the end of the file (counted as a corruption
+				 * already): it reads as zeros; -r all gives it a
+				 * cluster of its own that does too. */
+				ret = add_mover(r, l2_off, q->extl2 ? 2 * j : j);
+				continue;
+			}
+			if ((host >> q->cluster_bits) >= r->n)
 				continue;
 			uint64_t c;
 			if ((ret = qk__qcow2_get_refcount(img, host >> q->cluster_bits, &c)) < 0)
@@ -494,15 +547,7 @@ static int check_copied(qk_image *img, struct refs *r)
 				    "offset 0x%llx", (unsigned long long)((((uint64_t)i << q->l2_bits) + j)
 									 << q->cluster_bits),
 				    (unsigned long long)host);
-				void *grown = realloc(r->movers, (r->n_movers + 1) * sizeof *r->movers);
-				if (!grown) {
-					ret = qk__err(ENOMEM, "out of memory");
-					break;
-				}
-				r->movers = grown;
-				r->movers[r->n_movers].l2_off = l2_off;
-				r->movers[r->n_movers].slot = q->extl2 ? 2 * j : j;
-				r->n_movers++;
+				ret = add_mover(r, l2_off, q->extl2 ? 2 * j : j);
 				continue;       /* its COPIED flag follows the move */
 			}
 			if ((c == 1) != !!(e & QCOW_OFLAG_COPIED)) {
@@ -514,6 +559,12 @@ static int check_copied(qk_image *img, struct refs *r)
 		qk__cache_put(&q->l2_cache, l2_off);
 	}
 	return ret;
+}
+
+static int cmp_u64(const void *a, const void *b)
+{
+	uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+	return x < y ? -1 : x > y;
 }
 
 #define PAST_EOF_SCAN_MAX (1ull << 26)  /* refcount entries examined past EOF */
@@ -537,6 +588,8 @@ static int check_pass(qk_image *img, struct qk_check_result *res,
 	bool blocks_ok = true;
 	if (ret == 0)
 		ret = count_refcount_structure(img, r, &blocks_ok);
+	if (ret == 0)
+		take_tail(r);
 	if (ret == 0)
 		ret = check_copied(img, r);
 	if (ret < 0)
@@ -565,6 +618,8 @@ static int check_pass(qk_image *img, struct qk_check_result *res,
 	 * nothing can be there, so a count is a corruption. Bounded. */
 	uint32_t eb = q->cluster_bits + 3 - q->refcount_order;
 	uint64_t scanned = 0;
+	if (r->n_past)
+		qsort(r->past, r->n_past, sizeof *r->past, cmp_u64);
 	for (uint64_t i = r->n >> eb; i < q->rt_entries && scanned < PAST_EOF_SCAN_MAX; i++) {
 		if (!q->rt[i])
 			continue;
@@ -573,7 +628,7 @@ static int check_pass(qk_image *img, struct qk_check_result *res,
 			uint64_t stored;
 			if ((ret = qk__qcow2_get_refcount(img, c, &stored)) < 0)
 				return ret;
-			if (stored) {
+			if (stored && !bsearch(&c, r->past, r->n_past, sizeof *r->past, cmp_u64)) {
 				res->corruptions++;
 				res->refcounts_past_eof++;
 				say(r, "ERROR cluster %llu refcount=%llu reference=0 (past the end of the file)",
@@ -590,6 +645,9 @@ static int check_pass(qk_image *img, struct qk_check_result *res,
 
 static void free_refs(struct refs *r)
 {
+	free(r->past);
+	r->past = NULL;
+	r->n_past = 0;
 	free(r->count);
 	free(r->meta);
 	free(r->movers);
@@ -717,9 +775,9 @@ int qk__qcow2_forensic(qk_image *img, int (*found)(void *opaque, const struct qk
 	int ret = qk__file_get_size(img->file, &fsize);
 	if (ret == 0) {
 		uint64_t n = (fsize + cs - 1) >> q->cluster_bits;
-		if (n > (1ull << 32))
+		if (n > MAX_COUNTED_CLUSTERS)
 			ret = qk__err(EFBIG, "'%s' is too large to examine", img->filename);
-		else if (!(r.kind = calloc(n ? n : 1, 1)))
+		else if (!(r.kind = calloc(n + 1, 1)))
 			ret = qk__err(ENOMEM, "out of memory for %llu clusters", (unsigned long long)n);
 	}
 	if (ret == 0 && !q->rt)
@@ -729,6 +787,8 @@ int qk__qcow2_forensic(qk_image *img, int (*found)(void *opaque, const struct qk
 	bool blocks_ok;
 	if (ret == 0)
 		ret = count_refcount_structure(img, &r, &blocks_ok);
+	if (ret == 0)
+		take_tail(&r);
 	for (uint64_t c = 0; ret == 0 && c < r.n; c++) {
 		uint64_t stored;
 		if ((ret = qk__qcow2_get_refcount(img, c, &stored)) < 0)
@@ -749,6 +809,7 @@ int qk__qcow2_forensic(qk_image *img, int (*found)(void *opaque, const struct qk
 		}
 	}
 	pthread_mutex_unlock(&q->lock);
+	free(r.past);
 	free(r.count);
 	free(r.kind);
 	free(buf);

@@ -12,7 +12,8 @@
 #     code as qemu-img's.
 # Damage: a zeroed L2 entry (leak), a data cluster's refcount set to 0,
 # a refcount raised (leak), a cluster referenced twice, an L2 entry pointing
-# at the refcount table, clean images with snapshots, compressed clusters
+# at the refcount table, the file truncated, clean images with snapshots,
+# compressed clusters
 # and 512 B clusters with 64-bit refcounts, and a crash under lazy
 # refcounts (qemu-io killed before closing the image). Then --forensic on
 # the same images, with known answers: what is mapped but unreferenced,
@@ -178,6 +179,10 @@ f.seek(l2); ents = [struct.unpack(">Q", f.read(8))[0] & 0x00fffffffffffe00 for _
 sys.exit(1 if (int(sys.argv[2]) << cb) in ents else 0)
 PYEOF
 then ok; else bad "overlap repair" "an L2 entry still maps the old refcount table cluster"; fi
+
+# the file truncated: the last data clusters lie past its end
+mk trunc.qcow2 && truncate -s $(( $(stat -c %s trunc.qcow2) - 2 * 65536 )) trunc.qcow2
+ccase "truncated file" trunc.qcow2 0
 
 # a crash under lazy refcounts: qemu-io killed with the image open
 setup qemu-img create -q -f qcow2 -o lazy_refcounts=on lazy.qcow2 8M
