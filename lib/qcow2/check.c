@@ -26,11 +26,14 @@
  * refused rather than allowed to take the machine's memory. */
 #define MAX_COUNTED_CLUSTERS (1ull << 28)
 #define MAX_PAST_NOTED 65536     /* past-the-end clusters remembered */
+#define STORED_CHUNK 65536       /* stored refcounts read at once */
 
 struct refs {
 	uint32_t *count;
 	uint64_t n;             /* clusters covered */
 	uint64_t fsize;         /* bytes in the file */
+	uint8_t *one;           /* bit per cluster: stored refcount is 1 */
+	bool past_data;         /* an active data entry lies past the end */
 	uint64_t *past;         /* clusters past the end that references name */
 	size_t n_past;
 	/* Check mode (qk_check): problems are counted and reported, and the
@@ -97,6 +100,12 @@ static int problem(qk_image *img, struct refs *r, const char *fmt, ...)
 	return 0;
 }
 
+/* The names of data references (compared by address: the hot path). */
+#define META_USED 1u           /* refs->meta: a metadata structure uses it */
+#define DATA_USED 2u           /* refs->meta: guest data uses it */
+static const char DATA_CLUSTER[] = "data cluster";
+static const char COMPRESSED_CLUSTER[] = "compressed cluster";
+
 /* Count one reference to every cluster meeting [off, off+len). */
 static int add_ref(qk_image *img, struct refs *r, uint64_t off, uint64_t len, const char *what)
 {
@@ -114,12 +123,12 @@ static int add_ref(qk_image *img, struct refs *r, uint64_t off, uint64_t len, co
 			       "by one cluster or more: %s at offset 0x%llx size 0x%llx",
 			       what, (unsigned long long)off, (unsigned long long)len);
 	}
-	bool data = strcmp(what, "data cluster") == 0 || strcmp(what, "compressed cluster") == 0;
+	uint8_t mark = what == DATA_CLUSTER || what == COMPRESSED_CLUSTER ? DATA_USED : META_USED;
 	for (uint64_t c = first; c <= last; c++) {
 		if (r->count[c] < UINT32_MAX)
 			r->count[c]++;
-		if (r->meta && !data)
-			r->meta[c] = 1;
+		if (r->meta)
+			r->meta[c] |= mark;
 	}
 	return 0;
 }
@@ -192,8 +201,8 @@ static int count_l1(qk_image *img, struct refs *r, uint64_t l1_off, uint32_t l1_
 						      "the COPIED flag", (unsigned long long)guest);
 				if (ret == 0)
 					ret = add_ref(img, r, coff, sectors * 512 - (coff & 511),
-						      "compressed cluster");
-				if (ret == 0)
+						      COMPRESSED_CLUSTER);
+				if (ret == 0 && r->kind)
 					ret = note_data(img, r, coff & ~(cs - 1), guest, active);
 				if (res && active) {
 					res->allocated_clusters++;
@@ -214,8 +223,31 @@ static int count_l1(qk_image *img, struct refs *r, uint64_t l1_off, uint32_t l1_
 						      (unsigned long long)host, (unsigned long long)guest);
 					continue;
 				}
-				ret = add_ref(img, r, host, cs, "data cluster");
-				if (ret == 0)
+				if (active && host >= r->fsize)
+					r->past_data = true;
+				uint64_t hc0 = host >> q->cluster_bits;
+				if (host + cs <= r->fsize && hc0 < r->n) {
+					/* add_ref's common case, inline: the hot loop */
+					if (r->count[hc0] < UINT32_MAX)
+						r->count[hc0]++;
+					if (r->meta)
+						r->meta[hc0] |= DATA_USED;
+				} else {
+					ret = add_ref(img, r, host, cs, DATA_CLUSTER);
+				}
+				if (ret == 0 && active && r->one && (host >> q->cluster_bits) < r->n) {
+					/* COPIED, judged by the stored refcount */
+					uint64_t hc = host >> q->cluster_bits, c = 1;
+					if (!((r->one[hc / 8] >> (hc % 8)) & 1))
+						ret = qk__qcow2_get_refcount(img, hc, &c);
+					if (ret == 0 && (c == 1) != !!(e & QCOW_OFLAG_COPIED)) {
+						res->copied_errors++;
+						ret = problem(img, r, "OFLAG_COPIED data cluster: l2_entry=%llx "
+							      "refcount=%llu", (unsigned long long)e,
+							      (unsigned long long)c);
+					}
+				}
+				if (ret == 0 && r->kind)
 					ret = note_data(img, r, host, guest, active);
 				if (res && active) {
 					res->allocated_clusters++;
@@ -504,6 +536,12 @@ static int check_copied(qk_image *img, struct refs *r)
 	struct qcow2 *q = qcow2_of(img);
 	uint64_t entries = 1ull << q->l2_bits;
 	int ret = 0;
+	/* Data over metadata, or past the end of the file: found per entry
+	 * only when the counts say some exist (rare), for the report and for
+	 * -r all, which moves them. */
+	bool walk = r->past_data;
+	for (uint64_t c = 0; !walk && r->meta && c < r->n; c++)
+		walk = r->meta[c] == (META_USED | DATA_USED);
 	for (uint32_t i = 0; ret == 0 && i < q->l1_size; i++) {
 		uint64_t l2_off = q->l1[i] & L1E_OFFSET_MASK;
 		if (!l2_off || (l2_off & (q->cluster_size - 1)) || (l2_off >> q->cluster_bits) >= r->n)
@@ -517,7 +555,9 @@ static int check_copied(qk_image *img, struct refs *r)
 				      i, (unsigned long long)q->l1[i], (unsigned long long)refs);
 		}
 		uint64_t *t;
-		if (ret < 0 || (ret = qk__cache_get(&q->l2_cache, l2_off, (void **)&t)) < 0)
+		if (ret < 0 || !walk)
+			continue;
+		if ((ret = qk__cache_get(&q->l2_cache, l2_off, (void **)&t)) < 0)
 			break;
 		for (uint64_t j = 0; ret == 0 && j < entries; j++) {
 			uint64_t e = t[q->extl2 ? 2 * j : j], host = e & L2E_OFFSET_MASK;
@@ -531,30 +571,23 @@ static int check_copied(qk_image *img, struct refs *r)
 				ret = add_mover(r, l2_off, q->extl2 ? 2 * j : j);
 				continue;
 			}
-			if ((host >> q->cluster_bits) >= r->n)
+			uint64_t hc = host >> q->cluster_bits;
+			if (hc >= r->n || !(r->meta[hc] & META_USED))
 				continue;
+			/* Data mapped over metadata: QEMU cannot see this one. A
+			 * corruption of its own unless the refcount already
+			 * disagrees (then it is counted there). */
 			uint64_t c;
-			if ((ret = qk__qcow2_get_refcount(img, host >> q->cluster_bits, &c)) < 0)
+			if ((ret = qk__qcow2_get_refcount(img, hc, &c)) < 0)
 				break;
-			if (r->meta && r->meta[host >> q->cluster_bits]) {
-				/* Data mapped over metadata: QEMU cannot see this one.
-				 * A corruption of its own unless the refcount already
-				 * disagrees (then it is counted there). */
-				r->res->overlaps++;
-				if (c >= r->count[host >> q->cluster_bits])
-					r->res->corruptions++;
-				say(r, "ERROR data cluster at guest offset 0x%llx overlaps metadata at host "
-				    "offset 0x%llx", (unsigned long long)((((uint64_t)i << q->l2_bits) + j)
-									 << q->cluster_bits),
-				    (unsigned long long)host);
-				ret = add_mover(r, l2_off, q->extl2 ? 2 * j : j);
-				continue;       /* its COPIED flag follows the move */
-			}
-			if ((c == 1) != !!(e & QCOW_OFLAG_COPIED)) {
-				r->res->copied_errors++;
-				ret = problem(img, r, "OFLAG_COPIED data cluster: l2_entry=%llx refcount=%llu",
-					      (unsigned long long)e, (unsigned long long)c);
-			}
+			r->res->overlaps++;
+			if (c >= r->count[hc])
+				r->res->corruptions++;
+			say(r, "ERROR data cluster at guest offset 0x%llx overlaps metadata at host "
+			    "offset 0x%llx", (unsigned long long)((((uint64_t)i << q->l2_bits) + j)
+								 << q->cluster_bits),
+			    (unsigned long long)host);
+			ret = add_mover(r, l2_off, q->extl2 ? 2 * j : j);
 		}
 		qk__cache_put(&q->l2_cache, l2_off);
 	}
@@ -584,21 +617,47 @@ static int check_pass(qk_image *img, struct qk_check_result *res,
 	if (ret < 0)
 		return ret;
 	r->want_meta = true;
+	{
+		/* Which clusters have refcount 1, for the COPIED checks made
+		 * while counting. */
+		uint64_t fsize, n;
+		uint64_t *st = malloc(STORED_CHUNK * sizeof *st);
+		ret = qk__file_get_size(img->file, &fsize);
+		n = (fsize + cs - 1) >> q->cluster_bits;
+		if (ret == 0 && n > MAX_COUNTED_CLUSTERS)
+			ret = qk__err(EFBIG, "'%s' is too large to count its references", img->filename);
+		if (ret == 0 && (!st || !(r->one = calloc(n / 8 + 1, 1))))
+			ret = qk__err(ENOMEM, "out of memory");
+		for (uint64_t c = 0; ret == 0 && c < n; c += STORED_CHUNK) {
+			uint64_t k = qk_min_u64(STORED_CHUNK, n - c);
+			ret = qk__qcow2_get_refcounts(img, c, k, st);
+			for (uint64_t i = 0; ret == 0 && i < k; i++)
+				if (st[i] == 1)
+					r->one[(c + i) / 8] |= (uint8_t)(1u << ((c + i) % 8));
+		}
+		free(st);
+		if (ret < 0)
+			return ret;
+	}
 	ret = count_references(img, r);
 	bool blocks_ok = true;
 	if (ret == 0)
 		ret = count_refcount_structure(img, r, &blocks_ok);
 	if (ret == 0)
 		take_tail(r);
-	if (ret == 0)
-		ret = check_copied(img, r);
 	if (ret < 0)
 		return ret;
 	uint64_t last_used = 0;
+	uint64_t *st = malloc(STORED_CHUNK * sizeof *st);
+	if (!st)
+		return qk__err(ENOMEM, "out of memory");
 	for (uint64_t c = 0; c < r->n; c++) {
-		uint64_t stored;
-		if ((ret = qk__qcow2_get_refcount(img, c, &stored)) < 0)
+		if (c % STORED_CHUNK == 0 &&
+		    (ret = qk__qcow2_get_refcounts(img, c, qk_min_u64(STORED_CHUNK, r->n - c), st)) < 0) {
+			free(st);
 			return ret;
+		}
+		uint64_t stored = st[c % STORED_CHUNK];
 		uint64_t refs = r->count[c];
 		if (stored || refs)
 			last_used = c + 1;
@@ -614,6 +673,10 @@ static int check_pass(qk_image *img, struct qk_check_result *res,
 			    (unsigned long long)stored, (unsigned long long)refs);
 		}
 	}
+	free(st);
+	/* COPIED flags, judged by the stored refcounts just read. */
+	if ((ret = check_copied(img, r)) < 0)
+		return ret;
 	/* Refcounts of clusters past the end of the file (QEMU does not look):
 	 * nothing can be there, so a count is a corruption. Bounded. */
 	uint32_t eb = q->cluster_bits + 3 - q->refcount_order;
@@ -645,6 +708,8 @@ static int check_pass(qk_image *img, struct qk_check_result *res,
 
 static void free_refs(struct refs *r)
 {
+	free(r->one);
+	r->one = NULL;
 	free(r->past);
 	r->past = NULL;
 	r->n_past = 0;

@@ -195,6 +195,8 @@ int qk__qcow2_bitmaps_store(qk_image *img);
 /* ---- refcount.c --------------------------------------------------------------- */
 /* The refcount of host cluster `cluster`; 0 past the table. Image lock held. */
 int qk__qcow2_get_refcount(qk_image *img, uint64_t cluster, uint64_t *rc);
+/* The refcounts of clusters [first, first+n) into out[], block by block. */
+int qk__qcow2_get_refcounts(qk_image *img, uint64_t first, uint64_t n, uint64_t *out);
 /* Add delta (+1 or -1) to the refcount of every cluster overlapping
  * [offset, offset+length), creating refcount blocks as needed. Changes
  * stay in the refcount cache until it is flushed. -EIO (corruption) on an

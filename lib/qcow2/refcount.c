@@ -107,6 +107,43 @@ int qk__qcow2_get_refcount(qk_image *img, uint64_t cluster, uint64_t *rc)
 	return 0;
 }
 
+int qk__qcow2_get_refcounts(qk_image *img, uint64_t first, uint64_t n, uint64_t *out)
+{
+	struct qcow2 *q = qcow2_of(img);
+	uint32_t eb = q->cluster_bits + 3 - q->refcount_order;
+	uint64_t per = 1ull << eb;
+	while (n > 0) {
+		uint64_t rt_index = first >> eb, in = first & (per - 1);
+		uint64_t k = qk_min_u64(n, per - in);
+		uint64_t rb_off = rt_index < q->rt_entries ? q->rt[rt_index] & ~RT_RESERVED_MASK : 0;
+		if (!rb_off) {
+			memset(out, 0, k * sizeof *out);
+		} else {
+			/* One lookup per block; a bad offset is reported there. */
+			uint64_t rc;
+			int ret = qk__qcow2_get_refcount(img, first, &rc);
+			if (ret < 0)
+				return ret;
+			void *rb;
+			if ((ret = qk__cache_get(&q->rb_cache, rb_off, &rb)) < 0)
+				return ret;
+			if (q->refcount_order == 4) {     /* the default width: tight loop */
+				const uint8_t *p = (const uint8_t *)rb + 2 * in;
+				for (uint64_t i = 0; i < k; i++)
+					out[i] = (uint64_t)p[2 * i] << 8 | p[2 * i + 1];
+			} else {
+				for (uint64_t i = 0; i < k; i++)
+					out[i] = rb_entry(rb, in + i, q->refcount_order);
+			}
+			qk__cache_put(&q->rb_cache, rb_off);
+		}
+		out += k;
+		first += k;
+		n -= k;
+	}
+	return 0;
+}
+
 /* Set entry i of a refcount block to v (v fits the width). */
 static void rb_set(uint8_t *rb, uint64_t i, uint32_t order, uint64_t v)
 {
