@@ -133,6 +133,35 @@ static int add_ref(qk_image *img, struct refs *r, uint64_t off, uint64_t len, co
 	return 0;
 }
 
+/* The checks of one L2 entry that do not depend on references (check
+ * mode): compressed clusters with a subcluster bitmap or an external data
+ * file; subclusters both allocated and zero; an unallocated entry with
+ * allocated subclusters. Each is a corruption, as QEMU counts them. */
+static int check_entry_bits(qk_image *img, struct refs *r, uint64_t e, uint64_t bm,
+			    uint64_t guest)
+{
+	struct qcow2 *q = qcow2_of(img);
+	unsigned long long g = (unsigned long long)guest;
+	if (e & QCOW_OFLAG_COMPRESSED) {
+		if (q->data_file)
+			return problem(img, r, "compressed cluster at guest offset 0x%llx in an image "
+				       "with an external data file", g);
+		if (bm)
+			return problem(img, r, "compressed cluster at guest offset 0x%llx has a non-zero "
+				       "subcluster bitmap (0x%016llx)", g, (unsigned long long)bm);
+		return 0;
+	}
+	if (!q->extl2)
+		return 0;
+	if ((bm >> 32) & bm & 0xffffffffull)
+		return problem(img, r, "subclusters of guest offset 0x%llx are both allocated and "
+			       "zero (bitmap 0x%016llx)", g, (unsigned long long)bm);
+	if (!(e & L2E_OFFSET_MASK) && !q->data_file && (bm & 0xffffffffull))
+		return problem(img, r, "unallocated cluster at guest offset 0x%llx has allocated "
+			       "subclusters (bitmap 0x%016llx)", g, (unsigned long long)bm);
+	return 0;
+}
+
 /* Count an L1 table, its L2 tables and their data clusters. */
 static int count_l1(qk_image *img, struct refs *r, uint64_t l1_off, uint32_t l1_size,
 		    const uint64_t *l1_mem)
@@ -192,6 +221,9 @@ static int count_l1(qk_image *img, struct refs *r, uint64_t l1_off, uint32_t l1_
 			uint64_t e = q->extl2 ? l2[2 * j] : l2[j];
 			uint64_t guest = (((uint64_t)i << q->l2_bits) + j) << q->cluster_bits;
 			if (guest >= img->size && active)
+				break;
+			if (res && (ret = check_entry_bits(img, r, e, q->extl2 ? l2[2 * j + 1] : 0,
+							   guest)) < 0)
 				break;
 			if (e & QCOW_OFLAG_COMPRESSED) {
 				uint64_t coff = e & ((1ull << shift) - 1);
@@ -315,6 +347,9 @@ static int count_references(qk_image *img, struct refs *r)
 	if (!r->count || (r->want_meta && !r->meta))
 		return qk__err(ENOMEM, "out of memory for %llu cluster counts", (unsigned long long)r->n);
 	ret = add_ref(img, r, 0, q->cluster_size, "header");
+	if (ret == 0 && r->res && q->data_file && q->nb_snapshots)
+		ret = problem(img, r, "%u internal snapshots in an image with an external data file",
+			      q->nb_snapshots);
 	if (ret == 0)
 		ret = count_l1(img, r, q->l1_offset, q->l1_size, q->l1);
 	if (ret == 0 && q->nb_snapshots)
@@ -760,6 +795,43 @@ static int move_intruders(qk_image *img, struct refs *r)
 	return ret;
 }
 
+/* Extended L2: subclusters both allocated and zero keep their data (the
+ * zero bits go); an unallocated cluster loses its allocated bits; a
+ * compressed one its bitmap. None could be read before, so nothing
+ * readable changes. */
+static int fix_bitmaps(qk_image *img)
+{
+	struct qcow2 *q = qcow2_of(img);
+	uint64_t entries = 1ull << q->l2_bits;
+	int ret = 0;
+	if (!q->extl2)
+		return 0;
+	for (uint32_t i = 0; ret == 0 && i < q->l1_size; i++) {
+		uint64_t l2_off = q->l1[i] & L1E_OFFSET_MASK, *t;
+		if (!l2_off || (l2_off & (q->cluster_size - 1)) || l2_off >= q->file_size)
+			continue;
+		if ((ret = qk__cache_get(&q->l2_cache, l2_off, (void **)&t)) < 0)
+			break;
+		bool dirty = false;
+		for (uint64_t j = 0; j < entries; j++) {
+			uint64_t e = t[2 * j], *bm = &t[2 * j + 1], nb = *bm;
+			nb &= ~((nb & 0xffffffffull) << 32);
+			if (!(e & L2E_OFFSET_MASK) && !q->data_file)
+				nb &= ~0xffffffffull;
+			if (e & QCOW_OFLAG_COMPRESSED)
+				nb = 0;         /* compressed clusters have no bitmap */
+			if (nb != *bm) {
+				*bm = nb;
+				dirty = true;
+			}
+		}
+		if (dirty)
+			qk__cache_mark_dirty(&q->l2_cache, l2_off);
+		qk__cache_put(&q->l2_cache, l2_off);
+	}
+	return ret ? ret : qk__cache_flush(&q->l2_cache);
+}
+
 int qk__qcow2_check(qk_image *img, uint32_t flags, struct qk_check_result *res,
 		    void (*report)(void *, const char *), void *opaque)
 {
@@ -785,6 +857,8 @@ int qk__qcow2_check(qk_image *img, uint32_t flags, struct qk_check_result *res,
 		 * references: a new refcount structure, which also drops every
 		 * leak. */
 		ret = move_intruders(img, &r);
+		if (ret == 0)
+			ret = fix_bitmaps(img);
 		if (ret == 0)
 			ret = qk__qcow2_rebuild_refcounts(img);
 	} else if (res->leaks) {

@@ -12,7 +12,9 @@
 #     code as qemu-img's.
 # Damage: a zeroed L2 entry (leak), a data cluster's refcount set to 0,
 # a refcount raised (leak), a cluster referenced twice, an L2 entry pointing
-# at the refcount table, the file truncated, clean images with snapshots,
+# at the refcount table, the file truncated, extended L2 bitmaps with
+# subclusters both allocated and zero or allocated in an unallocated
+# cluster (qemu-img cannot repair the last three; we must), clean images with snapshots,
 # compressed clusters
 # and 512 B clusters with 64-bit refcounts, and a crash under lazy
 # refcounts (qemu-io killed before closing the image). Then --forensic on
@@ -70,6 +72,11 @@ elif action == "rc":
 elif action == "l2-at-rt":
     gc = int(sys.argv[3])
     f.seek(l2_slot(gc)); f.write(struct.pack(">Q", rt_off | (1 << 63)))
+elif action == "bm":          # extended L2: set a cluster's subcluster bitmap
+    gc, v = int(sys.argv[3]), int(sys.argv[4], 0)
+    per = cs // 16
+    l1e = struct.unpack(">Q", rd(l1_off + 8 * (gc // per), 8))[0]
+    f.seek((l1e & 0x00fffffffffffe00) + 16 * (gc % per) + 8); f.write(struct.pack(">Q", v))
 elif action == "host":        # print the host cluster of a guest cluster
     v = struct.unpack(">Q", rd(l2_slot(int(sys.argv[3])), 8))[0]
     print((v & 0x00fffffffffffe00) >> cb)
@@ -179,6 +186,12 @@ f.seek(l2); ents = [struct.unpack(">Q", f.read(8))[0] & 0x00fffffffffffe00 for _
 sys.exit(1 if (int(sys.argv[2]) << cb) in ents else 0)
 PYEOF
 then ok; else bad "overlap repair" "an L2 entry still maps the old refcount table cluster"; fi
+
+# extended L2: subclusters both allocated and zero; an unallocated cluster
+# with allocated subclusters
+mk el2.qcow2 -o extended_l2=on && python3 poke.py el2.qcow2 bm 0 0x00000001ffffffff &&
+  python3 poke.py el2.qcow2 bm 50 0x0000000000000003
+ccase "extended L2 bitmaps" el2.qcow2 0
 
 # the file truncated: the last data clusters lie past its end
 mk trunc.qcow2 && truncate -s $(( $(stat -c %s trunc.qcow2) - 2 * 65536 )) trunc.qcow2
