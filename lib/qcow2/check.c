@@ -222,8 +222,8 @@ static int count_l1(qk_image *img, struct refs *r, uint64_t l1_off, uint32_t l1_
 			uint64_t guest = (((uint64_t)i << q->l2_bits) + j) << q->cluster_bits;
 			if (guest >= img->size && active)
 				break;
-			if (res && (ret = check_entry_bits(img, r, e, q->extl2 ? l2[2 * j + 1] : 0,
-							   guest)) < 0)
+			if (res && (q->extl2 || (e & QCOW_OFLAG_COMPRESSED)) &&
+			    (ret = check_entry_bits(img, r, e, q->extl2 ? l2[2 * j + 1] : 0, guest)) < 0)
 				break;
 			if (e & QCOW_OFLAG_COMPRESSED) {
 				uint64_t coff = e & ((1ull << shift) - 1);
