@@ -232,6 +232,8 @@ void qk__qcow2_bitmaps_mark(qk_image *img, uint64_t off, uint64_t len)
 	uint64_t bpc = q->cluster_size * 8;     /* bits per data cluster */
 	for (uint32_t k = 0; k < q->n_tracked; k++) {
 		struct qk__tracked_bitmap *t = &q->tracked[k];
+		if (t->nbits == 0)
+			continue;       /* an empty image has no bits */
 		uint64_t a = off >> t->gran_bits, z = (off + len - 1) >> t->gran_bits;
 		if (z >= t->nbits)
 			z = t->nbits - 1;
