@@ -148,6 +148,12 @@ void cli_free_kv(struct cli_kv *kv, int n);
 int cli_open(const char *path, qk_format fmt, uint32_t flags,
 	     qk_image **out);
 
+/* Run fn(arg) on n threads (at most CLI_MAX_THREADS) and wait for them
+ * all. Fewer threads are fine when some cannot start; returns -1 after a
+ * message when none can. */
+#define CLI_MAX_THREADS 64
+int cli_run_threads(unsigned n, void *(*fn)(void *), void *arg);
+
 /* Allocation that cannot fail (prints an error and exits instead). */
 void *cli_xmalloc(size_t n);
 void *cli_xcalloc(size_t n, size_t size);

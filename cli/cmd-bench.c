@@ -26,7 +26,7 @@
 
 #include "cli.h"
 
-#define MAX_THREADS 64
+#define MAX_THREADS CLI_MAX_THREADS
 
 struct bench {
 	qk_image *img;
@@ -142,8 +142,7 @@ int cmd_bench(int argc, char **argv)
 	bool direct = false, is_write = false;
 	uint32_t flags = 0;
 	struct bench b;
-	pthread_t tids[MAX_THREADS];
-	unsigned nthreads, started = 0;
+	unsigned nthreads;
 	qk_format fmt;
 	double t0, secs;
 	int c, ret = CLI_EXIT_FAILURE;
@@ -285,17 +284,8 @@ int cmd_bench(int argc, char **argv)
 	if (count < nthreads)
 		nthreads = count ? (unsigned)count : 1;
 	t0 = cli_now();
-	for (; started < nthreads; started++) {
-		if (pthread_create(&tids[started], NULL, bench_worker,
-				   &b) != 0) {
-			if (started > 0)
-				break;
-			cli_error("bench: could not start a thread");
-			goto out;
-		}
-	}
-	for (unsigned i = 0; i < started; i++)
-		pthread_join(tids[i], NULL);
+	if (cli_run_threads(nthreads, bench_worker, &b) < 0)
+		goto out;
 	secs = cli_now() - t0;
 
 	if (atomic_load(&b.failed)) {

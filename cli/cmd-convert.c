@@ -475,8 +475,6 @@ int cmd_convert(int argc, char **argv)
 	uint64_t sparse = 4096, nworkers = DEFAULT_WORKERS;
 	uint32_t flags = 0;
 	struct convert_job j;
-	pthread_t tids[MAX_WORKERS];
-	unsigned started = 0;
 	struct stat st_src, st_dst;
 	qk_format fmt;
 	int c, ret = CLI_EXIT_FAILURE, oflags;
@@ -748,18 +746,10 @@ int cmd_convert(int argc, char **argv)
 		}
 	}
 
-	for (; started < nworkers; started++) {
-		int r = pthread_create(&tids[started], NULL, worker, &j);
-
-		if (r != 0) {
-			if (started > 0)
-				break;   /* fewer workers still do the job */
-			cli_error("Could not start a thread: %s", strerror(r));
-			goto out;
-		}
+	if (cli_run_threads((unsigned)nworkers, worker, &j) < 0) {
+		progress_end(&j.prog);
+		goto out;
 	}
-	for (unsigned i = 0; i < started; i++)
-		pthread_join(tids[i], NULL);
 
 	if (!j.failed)
 		progress_print(&j.prog, 100, 0);

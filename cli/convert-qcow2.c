@@ -264,8 +264,6 @@ int convert_qcow2(const struct convert_qcow2 *a)
 {
 	struct job j;
 	struct qk_info info;
-	pthread_t tids[16];
-	unsigned started = 0;
 	int r, ret = CLI_EXIT_FAILURE;
 
 	memset(&j, 0, sizeof j);
@@ -294,16 +292,10 @@ int convert_qcow2(const struct convert_qcow2 *a)
 	j.unit = a->compress || a->sparse == 0 ? j.cs : a->sparse;
 	progress_init(&j.prog, a->progress && !a->quiet, 1.0f);
 	progress_print(&j.prog, 0, 100);
-	for (; started < a->workers && started < 16; started++) {
-		if ((r = pthread_create(&tids[started], NULL, worker, &j)) != 0) {
-			if (started > 0)
-				break;
-			cli_error("Could not start a thread: %s", strerror(r));
-			goto out;
-		}
+	if (cli_run_threads(a->workers, worker, &j) < 0) {
+		progress_end(&j.prog);
+		goto out;
 	}
-	for (unsigned i = 0; i < started; i++)
-		pthread_join(tids[i], NULL);
 	if (!j.failed)
 		progress_print(&j.prog, 100, 0);
 	progress_end(&j.prog);

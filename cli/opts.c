@@ -9,6 +9,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <pthread.h>
+
 #include "cli.h"
 
 void *cli_xmalloc(size_t n)
@@ -292,4 +294,26 @@ int cli_open(const char *path, qk_format fmt, uint32_t flags,
 		*out = NULL;
 	}
 	return ret;
+}
+
+int cli_run_threads(unsigned n, void *(*fn)(void *), void *arg)
+{
+	pthread_t tids[CLI_MAX_THREADS];
+	unsigned started = 0;
+
+	if (n > CLI_MAX_THREADS)
+		n = CLI_MAX_THREADS;
+	for (; started < n; started++) {
+		int r = pthread_create(&tids[started], NULL, fn, arg);
+
+		if (r != 0) {
+			if (started > 0)
+				break;   /* fewer threads still do the job */
+			cli_error("Could not start a thread: %s", strerror(r));
+			return -1;
+		}
+	}
+	for (unsigned i = 0; i < started; i++)
+		pthread_join(tids[i], NULL);
+	return 0;
 }
