@@ -154,6 +154,10 @@ int cli_open(const char *path, qk_format fmt, uint32_t flags,
 #define CLI_MAX_THREADS 64
 int cli_run_threads(unsigned n, void *(*fn)(void *), void *arg);
 
+/* Several -o options add up, as in qemu-img: append `add` to the
+ * malloc'd comma-separated *list (NULL at first). */
+void cli_append_opts(char **list, const char *add);
+
 /* Allocation that cannot fail (prints an error and exits instead). */
 void *cli_xmalloc(size_t n);
 void *cli_xcalloc(size_t n, size_t size);

@@ -553,17 +553,9 @@ int cmd_convert(int argc, char **argv)
 		case 'F':
 			backing_fmt = optarg;
 			break;
-		case 'o': {
-			/* Several -o add up, as in qemu-img. */
-			size_t old = olist ? strlen(olist) : 0;
-			size_t add = strlen(optarg);
-
-			olist = cli_xrealloc(olist, old + add + 2);
-			if (old)
-				olist[old++] = ',';
-			memcpy(olist + old, optarg, add + 1);
+		case 'o':
+			cli_append_opts(&olist, optarg);
 			break;
-		}
 		case 'l':
 			unsupported("converting a snapshot (-l)");
 			goto out_early;

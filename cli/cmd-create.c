@@ -440,15 +440,9 @@ int cmd_create(int argc, char **argv)
 		case 'q':
 			quiet = true;
 			break;
-		case 'o': {
-			/* Several -o add up, as in qemu-img. */
-			size_t old = olist ? strlen(olist) : 0, add = strlen(optarg);
-			olist = cli_xrealloc(olist, old + add + 2);
-			if (old)
-				olist[old++] = ',';
-			memcpy(olist + old, optarg, add + 1);
+		case 'o':
+			cli_append_opts(&olist, optarg);
 			break;
-		}
 		case 'h':
 			cli_print_usage(stdout, cli_find_command("create"));
 			free(olist);

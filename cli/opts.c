@@ -317,3 +317,13 @@ int cli_run_threads(unsigned n, void *(*fn)(void *), void *arg)
 		pthread_join(tids[i], NULL);
 	return 0;
 }
+
+void cli_append_opts(char **list, const char *add)
+{
+	size_t old = *list ? strlen(*list) : 0, n = strlen(add);
+
+	*list = cli_xrealloc(*list, old + n + 2);
+	if (old)
+		(*list)[old++] = ',';
+	memcpy(*list + old, add, n + 1);
+}

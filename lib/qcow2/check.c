@@ -525,21 +525,19 @@ static void say(struct refs *r, const char *fmt, ...)
 	r->report(r->opaque, line);
 }
 
-/* The refcount structure's own clusters; sets *ok false when a block
- * cannot be used (its refcounts are then taken as 0). */
-static int count_refcount_structure(qk_image *img, struct refs *r, bool *blocks_ok)
+/* The refcount structure's own clusters. A block that cannot be used is a
+ * corruption, and its refcounts are taken as 0 from then on. */
+static int count_refcount_structure(qk_image *img, struct refs *r)
 {
 	struct qcow2 *q = qcow2_of(img);
 	int ret = add_ref(img, r, q->rt_offset, (uint64_t)q->rt_clusters * q->cluster_size,
 			  "refcount table");
-	*blocks_ok = true;
 	for (uint64_t i = 0; ret == 0 && i < q->rt_entries; i++) {
 		uint64_t b = q->rt[i] & ~RT_RESERVED_MASK;
 		if (!q->rt[i])
 			continue;
 		if ((q->rt[i] & RT_RESERVED_MASK) || (b & (q->cluster_size - 1)) ||
 		    (b >> q->cluster_bits) >= r->n) {
-			*blocks_ok = false;
 			ret = problem(img, r, "refcount block %llu at offset 0x%llx is %s",
 				      (unsigned long long)i, (unsigned long long)b,
 				      (b >> q->cluster_bits) >= r->n ? "outside the file" : "invalid");
@@ -675,9 +673,8 @@ static int check_pass(qk_image *img, struct qk_check_result *res,
 			return ret;
 	}
 	ret = count_references(img, r);
-	bool blocks_ok = true;
 	if (ret == 0)
-		ret = count_refcount_structure(img, r, &blocks_ok);
+		ret = count_refcount_structure(img, r);
 	if (ret == 0)
 		take_tail(r);
 	if (ret < 0)
@@ -737,7 +734,6 @@ static int check_pass(qk_image *img, struct qk_check_result *res,
 	if (scanned >= PAST_EOF_SCAN_MAX)
 		res->check_errors++;
 	res->image_end_offset = last_used * cs;
-	(void)blocks_ok;
 	return 0;
 }
 
@@ -923,9 +919,8 @@ int qk__qcow2_forensic(qk_image *img, int (*found)(void *opaque, const struct qk
 		ret = qk__qcow2_get_refcount(img, 0, &(uint64_t){ 0 });
 	if (ret == 0)
 		ret = count_references(img, &r);
-	bool blocks_ok;
 	if (ret == 0)
-		ret = count_refcount_structure(img, &r, &blocks_ok);
+		ret = count_refcount_structure(img, &r);
 	if (ret == 0)
 		take_tail(&r);
 	for (uint64_t c = 0; ret == 0 && c < r.n; c++) {

@@ -10,8 +10,8 @@
 # its two L2 tables), extended L2, v3 and v2 overlays over a base with data
 # and compressed clusters, and a raw file. Then the failures: writing to an
 # image opened with -r, writing past the end, write -c off cluster bounds or
-# to raw,
-# and qemu-io's argument errors, word for word.
+# to raw, and qemu-io's argument errors, word for word. Last, bench -w
+# against qemu-img bench -w with the same flags (same content, clean image).
 # shellcheck source=../lib.sh
 . "$(dirname "$0")/../lib.sh"
 # shellcheck source=../interop/readcmp.bash
@@ -252,6 +252,22 @@ for c in 'write' 'write 0' 'w' 'write -x 0 512' 'write 0 512 1' 'write -u 0 512'
          'discard' 'discard -x 0 1' 'discard 0 3G' 'discard 0 abc' 'discard 0 1 2' 'flush x' 'aio_flush x' 'f 1 2' \
          'writev' 'writev 0' 'writev -x 0 512' 'writev 0 3G' 'writev 0 1G 1.5G' 'writev -P 300 0 1' 'writev 0 abc'; do
   acase "$c"
+done
+
+# bench -w: the same requests as qemu-img bench -w (pattern, step, depth,
+# flush interval) leave the same content, and a clean image.
+for args in "-c 300 -d 1 -s 4k -S 70000 --pattern=7" "-c 500 -d 8 -s 64k -S 200704 --flush-interval=50" \
+            "-c 200 -d 4 -s 512 -S 1000448 -o 4096"; do
+  rm -f bref.qcow2 bqk.qcow2
+  setup qemu-img create -q -f qcow2 -o cluster_size=4k bref.qcow2 64M && cp bref.qcow2 bqk.qcow2
+  # shellcheck disable=SC2086
+  setup qemu-img bench -q -w $args bref.qcow2
+  # shellcheck disable=SC2086
+  run_qk qk.out qk.err bench -w $args bqk.qcow2
+  if [ "$qk_rc" -ne 0 ]; then bad "bench -w $args" "$(qk_why qk.err)"
+  elif ! out=$(qemu-img compare bref.qcow2 bqk.qcow2 2>&1); then bad "bench -w $args" "$out"
+  elif ! qemu-img check bqk.qcow2 >/dev/null 2>&1; then bad "bench -w $args" "qemu-img check failed"
+  else ok; fi
 done
 
 finish
