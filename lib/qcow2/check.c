@@ -5,7 +5,7 @@
  * (header, active L1 and its L2 tables and data, snapshot table and every
  * snapshot's L1/L2/data, bitmap directory, tables and data) counts the
  * references per host cluster in an in-memory table sized by the file
- * (bounded: one u32 per cluster of the file). A rebuild then writes a new
+ * (bounded: one byte per cluster of the file, see "Counts" below). A rebuild then writes a new
  * refcount structure (blocks first, then the table, all counting
  * themselves) past the end of the file, syncs it, and only then points the
  * header at it, so a crash at any moment leaves either the old structure
@@ -21,15 +21,35 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* Bound on the in-memory counts (u32 each, plus a byte of marks): 1 GiB
- * for a file of 16 TiB with 64 KiB clusters. A larger (sparse) file is
- * refused rather than allowed to take the machine's memory. */
+/* Bound on the in-memory counts (a byte each, plus up to a u32 for
+ * clusters with many references): 256 MiB (at most 1 GiB) for a file of
+ * 16 TiB with 64 KiB clusters. A larger (sparse) file is refused rather
+ * than allowed to take the machine's memory. */
 #define MAX_COUNTED_CLUSTERS (1ull << 28)
 #define MAX_PAST_NOTED 65536     /* past-the-end clusters remembered */
 #define STORED_CHUNK 65536       /* stored refcounts read at once */
 
+/*
+ * Counts: one byte per host cluster, `cell`. Its low six bits count the
+ * references up to CNT_BIG - 1; at CNT_BIG the count lives in `big`, a
+ * u32 per cluster allocated in chunks of BIG_CHUNK clusters only where
+ * some cluster needs it (snapshots sharing clusters many times over).
+ * The two high bits mark who uses the cluster (META_USED, DATA_USED), to
+ * find data mapped over metadata. A byte instead of a u32 per cluster is
+ * what makes the count of a 1 TiB image fast: the table is touched once
+ * per reference and fits in far fewer pages.
+ */
+#define CNT_MASK    0x3fu
+#define CNT_BIG     0x3fu
+#define META_USED   0x40u      /* a metadata structure uses it */
+#define DATA_USED   0x80u      /* guest data uses it */
+#define BIG_SHIFT   16
+#define BIG_CHUNK   (1ull << BIG_SHIFT)
+
 struct refs {
-	uint32_t *count;
+	uint8_t *cell;          /* per cluster: count and marks */
+	uint32_t **big;         /* per BIG_CHUNK clusters: counts >= CNT_BIG */
+	uint64_t n_big;         /* entries of big */
 	uint64_t n;             /* clusters covered */
 	uint64_t fsize;         /* bytes in the file */
 	uint8_t *one;           /* bit per cluster: stored refcount is 1 */
@@ -41,12 +61,9 @@ struct refs {
 	struct qk_check_result *res;
 	void (*report)(void *opaque, const char *line);
 	void *opaque;
-	uint64_t prev_host;     /* statistics: the last allocated data cluster */
 	bool needs_rebuild;     /* a referenced cluster has refcount 0 */
-	/* Check mode: clusters metadata structures use (1), to find data
-	 * clusters mapped over them; the active entries that do, to move. */
-	bool want_meta;
-	uint8_t *meta;
+	/* Check mode: the active entries of data mapped over metadata or
+	 * past the end of the file, to move. */
 	struct { uint64_t l2_off, slot; } *movers;
 	size_t n_movers;
 	/* Forensic mode: per cluster, who references it (K_*), and where
@@ -58,6 +75,50 @@ struct refs {
 
 #define K_ACTIVE    1u      /* data of the active image */
 #define K_SNAP_DATA 2u      /* data of a snapshot */
+
+/* The references counted for cluster c (c <= r->n). */
+static inline uint64_t cnt_get(const struct refs *r, uint64_t c)
+{
+	uint32_t v = r->cell[c] & CNT_MASK;
+	return v < CNT_BIG ? v : r->big[c >> BIG_SHIFT][c & (BIG_CHUNK - 1)];
+}
+
+/* Count one more reference to cluster c, used as `mark`: 0 or -ENOMEM. */
+static int cnt_inc_slow(struct refs *r, uint64_t c, uint8_t mark)
+{
+	uint8_t v = r->cell[c];
+	uint32_t **chunk = &r->big[c >> BIG_SHIFT];
+	if (!*chunk && !(*chunk = calloc(BIG_CHUNK, sizeof **chunk)))
+		return qk__err(ENOMEM, "out of memory for reference counts");
+	uint32_t *b = &(*chunk)[c & (BIG_CHUNK - 1)];
+	if ((v & CNT_MASK) < CNT_BIG)
+		*b = (v & CNT_MASK);
+	if (*b < UINT32_MAX)
+		(*b)++;
+	r->cell[c] = (uint8_t)(v | CNT_BIG | mark);
+	return 0;
+}
+
+static inline int cnt_inc(struct refs *r, uint64_t c, uint8_t mark)
+{
+	uint8_t v = r->cell[c];
+	if ((v & CNT_MASK) < CNT_BIG - 1) {
+		r->cell[c] = (uint8_t)((v + 1) | mark);
+		return 0;
+	}
+	return cnt_inc_slow(r, c, mark);
+}
+
+static void free_counts(struct refs *r)
+{
+	for (uint64_t i = 0; r->big && i < r->n_big; i++)
+		free(r->big[i]);
+	free(r->big);
+	free(r->cell);
+	r->big = NULL;
+	r->cell = NULL;
+	r->n_big = 0;
+}
 
 /* Forensic mode: note who references data cluster `host` at guest offset
  * `guest`, and report an active mapping whose refcount is 0. */
@@ -101,8 +162,6 @@ static int problem(qk_image *img, struct refs *r, const char *fmt, ...)
 }
 
 /* The names of data references (compared by address: the hot path). */
-#define META_USED 1u           /* refs->meta: a metadata structure uses it */
-#define DATA_USED 2u           /* refs->meta: guest data uses it */
 static const char DATA_CLUSTER[] = "data cluster";
 static const char COMPRESSED_CLUSTER[] = "compressed cluster";
 
@@ -124,13 +183,10 @@ static int add_ref(qk_image *img, struct refs *r, uint64_t off, uint64_t len, co
 			       what, (unsigned long long)off, (unsigned long long)len);
 	}
 	uint8_t mark = what == DATA_CLUSTER || what == COMPRESSED_CLUSTER ? DATA_USED : META_USED;
-	for (uint64_t c = first; c <= last; c++) {
-		if (r->count[c] < UINT32_MAX)
-			r->count[c]++;
-		if (r->meta)
-			r->meta[c] |= mark;
-	}
-	return 0;
+	int ret = 0;
+	for (uint64_t c = first; c <= last && ret == 0; c++)
+		ret = cnt_inc(r, c, mark);
+	return ret;
 }
 
 /* The checks of one L2 entry that do not depend on references (check
@@ -160,6 +216,23 @@ static int check_entry_bits(qk_image *img, struct refs *r, uint64_t e, uint64_t 
 		return problem(img, r, "unallocated cluster at guest offset 0x%llx has allocated "
 			       "subclusters (bitmap 0x%016llx)", g, (unsigned long long)bm);
 	return 0;
+}
+
+/* COPIED of an active data entry, judged by the stored refcount of its
+ * cluster hc (< r->n) when the pre-pass did not find it to be 1 or the
+ * flag is clear: a mismatch is one COPIED error. */
+static int check_copied_entry(qk_image *img, struct refs *r, uint64_t e, uint64_t hc)
+{
+	uint64_t c = 1;
+	int ret = 0;
+	if (!((r->one[hc / 8] >> (hc % 8)) & 1))
+		ret = qk__qcow2_get_refcount(img, hc, &c);
+	if (ret == 0 && (c == 1) != !!(e & QCOW_OFLAG_COPIED)) {
+		r->res->copied_errors++;
+		ret = problem(img, r, "OFLAG_COPIED data cluster: l2_entry=%llx refcount=%llu",
+			      (unsigned long long)e, (unsigned long long)c);
+	}
+	return ret;
 }
 
 /* Count an L1 table, its L2 tables and their data clusters. */
@@ -193,6 +266,15 @@ static int count_l1(qk_image *img, struct refs *r, uint64_t l1_off, uint32_t l1_
 	uint64_t entries = 1ull << q->l2_bits;
 	bool active = l1_mem != NULL;
 	struct qk_check_result *res = r->res;
+	uint8_t *const cell = r->cell;
+	const uint8_t *const one = r->one;
+	const uint64_t fsize = r->fsize;
+	const unsigned cb = q->cluster_bits;
+	const bool ext = q->extl2;
+	/* The fast path takes entries with none of these bits, in images
+	 * where an entry needs nothing more than a count (and COPIED). */
+	const uint64_t fast_bad = QCOW_OFLAG_COMPRESSED | L2E_RESERVED_MASK | ((cs - 1) & L2E_OFFSET_MASK);
+	const bool fast_ok = !q->data_file && !r->kind && !(res && ext);
 	for (uint32_t i = 0; i < l1_size && ret == 0; i++) {
 		uint64_t l2_off = l1[i] & L1E_OFFSET_MASK;
 		if (res && (l1[i] & L1E_RESERVED_MASK))
@@ -216,18 +298,46 @@ static int count_l1(qk_image *img, struct refs *r, uint64_t l1_off, uint32_t l1_
 		if (ret < 0)
 			break;
 		qk_be64_table_to_host(l2, cs / 8);
-		r->prev_host = 0;       /* contiguity is counted per L2 table, as QEMU */
-		for (uint64_t j = 0; j < entries && ret == 0; j++) {
-			uint64_t e = q->extl2 ? l2[2 * j] : l2[j];
-			uint64_t guest = (((uint64_t)i << q->l2_bits) + j) << q->cluster_bits;
-			if (guest >= img->size && active)
-				break;
-			if (res && (q->extl2 || (e & QCOW_OFLAG_COMPRESSED)) &&
-			    (ret = check_entry_bits(img, r, e, q->extl2 ? l2[2 * j + 1] : 0, guest)) < 0)
+		/* The hot loop keeps its state in locals: stores through the
+		 * byte table would otherwise make the compiler reload every
+		 * field of *r and *q after each one. */
+		uint64_t prev = 0;      /* contiguity is counted per L2 table, as QEMU */
+		uint64_t alloc = 0, frag = 0, comp = 0;
+		uint64_t jmax = entries;
+		uint64_t first_guest = ((uint64_t)i << q->l2_bits) << cb;
+		if (active)
+			jmax = first_guest >= img->size ? 0 :
+			       qk_min_u64(entries, ((img->size - first_guest) + cs - 1) >> cb);
+		for (uint64_t j = 0; j < jmax && ret == 0; j++) {
+			uint64_t e = ext ? l2[2 * j] : l2[j];
+			uint64_t host = e & L2E_OFFSET_MASK;
+			if (!(e & fast_bad) && host && host + cs <= fsize && fast_ok) {
+				/* The common case: a standard data cluster inside the
+				 * file, nothing to note per entry. */
+				uint64_t hc = host >> cb;
+				uint8_t v = cell[hc];
+				if ((v & CNT_MASK) < CNT_BIG - 1)
+					cell[hc] = (uint8_t)((v + 1) | DATA_USED);
+				else if ((ret = cnt_inc_slow(r, hc, DATA_USED)) < 0)
+					break;
+				if (active && one && !(((one[hc / 8] >> (hc % 8)) & 1) && (e & QCOW_OFLAG_COPIED)) &&
+				    (ret = check_copied_entry(img, r, e, hc)) < 0)
+					break;
+				if (active && res) {
+					alloc++;
+					if (prev && host != prev + cs)
+						frag++;
+					prev = host;
+				}
+				continue;
+			}
+			uint64_t guest = first_guest + (j << cb);
+			if (res && (ext || (e & QCOW_OFLAG_COMPRESSED)) &&
+			    (ret = check_entry_bits(img, r, e, ext ? l2[2 * j + 1] : 0, guest)) < 0)
 				break;
 			if (e & QCOW_OFLAG_COMPRESSED) {
 				uint64_t coff = e & ((1ull << shift) - 1);
-				uint64_t sectors = ((e >> shift) & ((1ull << (q->cluster_bits - 8)) - 1)) + 1;
+				uint64_t sectors = ((e >> shift) & ((1ull << (cb - 8)) - 1)) + 1;
 				if (res && (e & QCOW_OFLAG_COPIED))
 					ret = problem(img, r, "compressed cluster at guest offset 0x%llx has "
 						      "the COPIED flag", (unsigned long long)guest);
@@ -237,13 +347,12 @@ static int count_l1(qk_image *img, struct refs *r, uint64_t l1_off, uint32_t l1_
 				if (ret == 0 && r->kind)
 					ret = note_data(img, r, coff & ~(cs - 1), guest, active);
 				if (res && active) {
-					res->allocated_clusters++;
-					res->compressed_clusters++;
-					res->fragmented_clusters++;
+					alloc++;
+					comp++;
+					frag++;
 				}
 				continue;
 			}
-			uint64_t host = e & L2E_OFFSET_MASK;
 			if (res && (e & L2E_RESERVED_MASK)) {
 				ret = problem(img, r, "L2 entry of guest offset 0x%llx (0x%016llx) has reserved "
 					      "bits set", (unsigned long long)guest, (unsigned long long)e);
@@ -255,39 +364,30 @@ static int count_l1(qk_image *img, struct refs *r, uint64_t l1_off, uint32_t l1_
 						      (unsigned long long)host, (unsigned long long)guest);
 					continue;
 				}
-				if (active && host >= r->fsize)
+				if (active && host >= fsize)
 					r->past_data = true;
-				uint64_t hc0 = host >> q->cluster_bits;
-				if (host + cs <= r->fsize && hc0 < r->n) {
-					/* add_ref's common case, inline: the hot loop */
-					if (r->count[hc0] < UINT32_MAX)
-						r->count[hc0]++;
-					if (r->meta)
-						r->meta[hc0] |= DATA_USED;
-				} else {
+				uint64_t hc = host >> cb;
+				if (host + cs <= fsize && hc < r->n)
+					ret = cnt_inc(r, hc, DATA_USED);
+				else
 					ret = add_ref(img, r, host, cs, DATA_CLUSTER);
-				}
-				if (ret == 0 && active && r->one && (host >> q->cluster_bits) < r->n) {
-					/* COPIED, judged by the stored refcount */
-					uint64_t hc = host >> q->cluster_bits, c = 1;
-					if (!((r->one[hc / 8] >> (hc % 8)) & 1))
-						ret = qk__qcow2_get_refcount(img, hc, &c);
-					if (ret == 0 && (c == 1) != !!(e & QCOW_OFLAG_COPIED)) {
-						res->copied_errors++;
-						ret = problem(img, r, "OFLAG_COPIED data cluster: l2_entry=%llx "
-							      "refcount=%llu", (unsigned long long)e,
-							      (unsigned long long)c);
-					}
-				}
+				if (ret == 0 && active && one && hc < r->n &&
+				    !(((one[hc / 8] >> (hc % 8)) & 1) && (e & QCOW_OFLAG_COPIED)))
+					ret = check_copied_entry(img, r, e, hc);
 				if (ret == 0 && r->kind)
 					ret = note_data(img, r, host, guest, active);
 				if (res && active) {
-					res->allocated_clusters++;
-					if (r->prev_host && host != r->prev_host + cs)
-						res->fragmented_clusters++;
-					r->prev_host = host;
+					alloc++;
+					if (prev && host != prev + cs)
+						frag++;
+					prev = host;
 				}
 			}
+		}
+		if (res) {
+			res->allocated_clusters += alloc;
+			res->fragmented_clusters += frag;
+			res->compressed_clusters += comp;
 		}
 	}
 	free(l2);
@@ -341,10 +441,11 @@ static int count_references(qk_image *img, struct refs *r)
 	r->fsize = fsize;
 	if (r->res && !(r->past = malloc(MAX_PAST_NOTED * sizeof *r->past)))
 		return qk__err(ENOMEM, "out of memory");
-	r->count = calloc(r->n + 1, sizeof *r->count);
-	if (r->want_meta && r->count)
-		r->meta = calloc(r->n + 1, 1);
-	if (!r->count || (r->want_meta && !r->meta))
+	r->cell = calloc(r->n + 1, 1);
+	r->n_big = ((r->n + 1) >> BIG_SHIFT) + 1;
+	if (r->cell)
+		r->big = calloc(r->n_big, sizeof *r->big);
+	if (!r->cell || !r->big)
 		return qk__err(ENOMEM, "out of memory for %llu cluster counts", (unsigned long long)r->n);
 	ret = add_ref(img, r, 0, q->cluster_size, "header");
 	if (ret == 0 && r->res && q->data_file && q->nb_snapshots)
@@ -364,7 +465,7 @@ static int count_references(qk_image *img, struct refs *r)
 /* After counting: the slot past the end of the file joins when used. */
 static void take_tail(struct refs *r)
 {
-	if (r->count[r->n])
+	if (cnt_get(r, r->n))
 		r->n++;
 }
 
@@ -377,7 +478,7 @@ static int fix_copied(qk_image *img, const struct refs *r)
 		uint64_t l2_off = q->l1[i] & L1E_OFFSET_MASK;
 		if (!l2_off)
 			continue;
-		bool l1_copied = r->count[l2_off >> q->cluster_bits] == 1;
+		bool l1_copied = cnt_get(r, l2_off >> q->cluster_bits) == 1;
 		uint64_t *t;
 		int ret = qk__cache_get(&q->l2_cache, l2_off, (void **)&t);
 		if (ret < 0)
@@ -392,7 +493,7 @@ static int fix_copied(qk_image *img, const struct refs *r)
 			if (q->data_file)
 				want = host || (*e & QCOW_OFLAG_COPIED);
 			else
-				want = host && r->count[host >> q->cluster_bits] == 1;
+				want = host && cnt_get(r, host >> q->cluster_bits) == 1;
 			if (want != !!(*e & QCOW_OFLAG_COPIED)) {
 				*e ^= QCOW_OFLAG_COPIED;
 				dirty = true;
@@ -432,9 +533,10 @@ int qk__qcow2_rebuild_refcounts(qk_image *img)
 	if (ret < 0)
 		goto out;
 	for (uint64_t c = 0; c < r.n; c++)
-		if (r.count[c] > max) {
-			ret = qk__qcow2_corrupt(img, "cluster at 0x%llx has %u references, more than %u-bit refcounts hold",
-						(unsigned long long)(c * cs), r.count[c], 1u << order);
+		if (cnt_get(&r, c) > max) {
+			ret = qk__qcow2_corrupt(img, "cluster at 0x%llx has %llu references, more than %u-bit refcounts hold",
+						(unsigned long long)(c * cs), (unsigned long long)cnt_get(&r, c),
+						1u << order);
 			goto out;
 		}
 	/* New blocks and table past everything in use, counting themselves. */
@@ -464,7 +566,7 @@ int qk__qcow2_rebuild_refcounts(qk_image *img)
 			uint64_t c = b * epb + i, v;
 			if (c >= total)
 				break;
-			v = c < area ? r.count[c] : 1;    /* the new structure itself */
+			v = c < area ? cnt_get(&r, c) : 1;    /* the new structure itself */
 			if (!v)
 				continue;
 			switch (order) {
@@ -504,7 +606,7 @@ int qk__qcow2_rebuild_refcounts(qk_image *img)
 	q->file_size = total * cs;
 	q->free_hint = 1;
 out:
-	free(r.count);
+	free_counts(&r);
 	free(blk);
 	free(table);
 	return ret;
@@ -525,26 +627,42 @@ static void say(struct refs *r, const char *fmt, ...)
 	r->report(r->opaque, line);
 }
 
-/* The refcount structure's own clusters. A block that cannot be used is a
- * corruption, and its refcounts are taken as 0 from then on. */
+/* The refcount structure's own clusters, judged as QEMU judges them: an
+ * entry with reserved bits set is a corruption and does not count as a
+ * reference (its block is still read, the bits masked off, as QEMU reads
+ * it); a block that is unaligned or outside the file is a corruption and
+ * its refcounts are taken as 0 from then on; a block whose cluster is
+ * used by anything else is one too. Each needs a rebuild. */
 static int count_refcount_structure(qk_image *img, struct refs *r)
 {
 	struct qcow2 *q = qcow2_of(img);
 	int ret = add_ref(img, r, q->rt_offset, (uint64_t)q->rt_clusters * q->cluster_size,
 			  "refcount table");
 	for (uint64_t i = 0; ret == 0 && i < q->rt_entries; i++) {
-		uint64_t b = q->rt[i] & ~RT_RESERVED_MASK;
+		uint64_t b = q->rt[i] & ~RT_RESERVED_MASK, c = b >> q->cluster_bits;
+		unsigned long long ii = (unsigned long long)i;
 		if (!q->rt[i])
 			continue;
-		if ((q->rt[i] & RT_RESERVED_MASK) || (b & (q->cluster_size - 1)) ||
-		    (b >> q->cluster_bits) >= r->n) {
-			ret = problem(img, r, "refcount block %llu at offset 0x%llx is %s",
-				      (unsigned long long)i, (unsigned long long)b,
-				      (b >> q->cluster_bits) >= r->n ? "outside the file" : "invalid");
-			q->rt[i] = 0;    /* not read again */
+		bool usable = !(b & (q->cluster_size - 1)) && c < r->n;
+		if (q->rt[i] & RT_RESERVED_MASK) {
+			ret = problem(img, r, "refcount table entry %llu has reserved bits set", ii);
+		} else if (b & (q->cluster_size - 1)) {
+			ret = problem(img, r, "refcount block %llu is not cluster aligned; refcount table "
+				      "entry corrupted", ii);
+		} else if (c >= r->n) {
+			ret = problem(img, r, "refcount block %llu is outside image", ii);
+		} else {
+			ret = add_ref(img, r, b, q->cluster_size, "refcount block");
+			if (ret == 0 && cnt_get(r, c) != 1) {
+				r->needs_rebuild = true;
+				ret = problem(img, r, "refcount block %llu refcount=%llu", ii,
+					      (unsigned long long)cnt_get(r, c));
+			}
 			continue;
 		}
-		ret = add_ref(img, r, b, q->cluster_size, "refcount block");
+		r->needs_rebuild = true;
+		if (!usable)
+			q->rt[i] = 0;    /* not read again */
 	}
 	return ret;
 }
@@ -573,8 +691,8 @@ static int check_copied(qk_image *img, struct refs *r)
 	 * only when the counts say some exist (rare), for the report and for
 	 * -r all, which moves them. */
 	bool walk = r->past_data;
-	for (uint64_t c = 0; !walk && r->meta && c < r->n; c++)
-		walk = r->meta[c] == (META_USED | DATA_USED);
+	for (uint64_t c = 0; !walk && c < r->n; c++)
+		walk = (r->cell[c] & (META_USED | DATA_USED)) == (META_USED | DATA_USED);
 	for (uint32_t i = 0; ret == 0 && i < q->l1_size; i++) {
 		uint64_t l2_off = q->l1[i] & L1E_OFFSET_MASK;
 		if (!l2_off || (l2_off & (q->cluster_size - 1)) || (l2_off >> q->cluster_bits) >= r->n)
@@ -605,7 +723,7 @@ static int check_copied(qk_image *img, struct refs *r)
 				continue;
 			}
 			uint64_t hc = host >> q->cluster_bits;
-			if (hc >= r->n || !(r->meta[hc] & META_USED))
+			if (hc >= r->n || !(r->cell[hc] & META_USED))
 				continue;
 			/* Data mapped over metadata: QEMU cannot see this one. A
 			 * corruption of its own unless the refcount already
@@ -614,7 +732,7 @@ static int check_copied(qk_image *img, struct refs *r)
 			if ((ret = qk__qcow2_get_refcount(img, hc, &c)) < 0)
 				break;
 			r->res->overlaps++;
-			if (c >= r->count[hc])
+			if (c >= cnt_get(r, hc))
 				r->res->corruptions++;
 			say(r, "ERROR data cluster at guest offset 0x%llx overlaps metadata at host "
 			    "offset 0x%llx", (unsigned long long)((((uint64_t)i << q->l2_bits) + j)
@@ -649,7 +767,6 @@ static int check_pass(qk_image *img, struct qk_check_result *res,
 	int ret = q->rt ? 0 : qk__qcow2_get_refcount(img, 0, &(uint64_t){ 0 });
 	if (ret < 0)
 		return ret;
-	r->want_meta = true;
 	{
 		/* Which clusters have refcount 1, for the COPIED checks made
 		 * while counting. */
@@ -690,7 +807,7 @@ static int check_pass(qk_image *img, struct qk_check_result *res,
 			return ret;
 		}
 		uint64_t stored = st[c % STORED_CHUNK];
-		uint64_t refs = r->count[c];
+		uint64_t refs = cnt_get(r, c);
 		if (stored || refs)
 			last_used = c + 1;
 		if (stored > refs) {
@@ -744,11 +861,8 @@ static void free_refs(struct refs *r)
 	free(r->past);
 	r->past = NULL;
 	r->n_past = 0;
-	free(r->count);
-	free(r->meta);
+	free_counts(r);
 	free(r->movers);
-	r->count = NULL;
-	r->meta = NULL;
 	r->movers = NULL;
 	r->n_movers = 0;
 }
@@ -861,7 +975,7 @@ int qk__qcow2_check(qk_image *img, uint32_t flags, struct qk_check_result *res,
 		for (uint64_t c = 0; ret == 0 && c < r.n; c++) {
 			uint64_t stored;
 			ret = qk__qcow2_get_refcount(img, c, &stored);
-			while (ret == 0 && stored > r.count[c]) {
+			while (ret == 0 && stored > cnt_get(&r, c)) {
 				ret = qk__qcow2_update_refcount(img, c << q->cluster_bits, 1, -1);
 				stored--;
 			}
@@ -929,7 +1043,7 @@ int qk__qcow2_forensic(qk_image *img, int (*found)(void *opaque, const struct qk
 			break;
 		struct qk_forensic_item it = { .host = c * cs, .guest = UINT64_MAX, .refcount = stored,
 					       .length = cs };
-		if (stored && !r.count[c]) {
+		if (stored && !cnt_get(&r, c)) {
 			ret = qk__file_pread(img->file, buf, cs, c * cs);
 			if (ret < 0)
 				break;
@@ -944,7 +1058,7 @@ int qk__qcow2_forensic(qk_image *img, int (*found)(void *opaque, const struct qk
 	}
 	pthread_mutex_unlock(&q->lock);
 	free(r.past);
-	free(r.count);
+	free_counts(&r);
 	free(r.kind);
 	free(buf);
 	return ret;

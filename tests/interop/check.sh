@@ -34,6 +34,7 @@ cd "$T" || exit 1
 #   l2 GUEST_CLUSTER VALUE|copy:OTHER   set the L2 entry of a guest cluster
 #   rc HOST_CLUSTER VALUE               set a refcount
 #   l2-at-rt GUEST_CLUSTER              point an entry at the refcount table
+#   rt INDEX VALUE                      set a refcount table entry
 cat >poke.py <<'PYEOF'
 import struct, sys
 img, action = sys.argv[1], sys.argv[2]
@@ -77,6 +78,13 @@ elif action == "bm":          # extended L2: set a cluster's subcluster bitmap
     per = cs // 16
     l1e = struct.unpack(">Q", rd(l1_off + 8 * (gc // per), 8))[0]
     f.seek((l1e & 0x00fffffffffffe00) + 16 * (gc % per) + 8); f.write(struct.pack(">Q", v))
+elif action == "rt":          # set a refcount table entry
+    i, v = int(sys.argv[3]), int(sys.argv[4], 0)
+    f.seek(rt_off + 8 * i); f.write(struct.pack(">Q", v))
+elif action == "l1e":         # print the L2 table offset of an L1 entry
+    print(struct.unpack(">Q", rd(l1_off + 8 * int(sys.argv[3]), 8))[0] & 0x00fffffffffffe00)
+elif action == "rte":         # print a refcount table entry
+    print(struct.unpack(">Q", rd(rt_off + 8 * int(sys.argv[3]), 8))[0])
 elif action == "host":        # print the host cluster of a guest cluster
     v = struct.unpack(">Q", rd(l2_slot(int(sys.argv[3])), 8))[0]
     print((v & 0x00fffffffffffe00) >> cb)
@@ -186,6 +194,29 @@ f.seek(l2); ents = [struct.unpack(">Q", f.read(8))[0] & 0x00fffffffffffe00 for _
 sys.exit(1 if (int(sys.argv[2]) << cb) in ents else 0)
 PYEOF
 then ok; else bad "overlap repair" "an L2 entry still maps the old refcount table cluster"; fi
+
+# damaged refcount structures, with 512 B clusters so the file has several
+# refcount blocks (each covers 128 KiB): a refcount table entry pointing
+# past the end of the file, at a cluster that is also an L2 table (a
+# refcount block overlapping metadata), at a data cluster, and one with
+# reserved bits set
+mk rtbase.qcow2 -o cluster_size=512
+for dmg in "past the end:0x10000000" "over an L2 table:$(( $(python3 poke.py rtbase.qcow2 l1e 12) ))" \
+           "over data:$(( $(python3 poke.py rtbase.qcow2 host 0) * 512 ))" "reserved bits:RB3"; do
+  name=${dmg%%:*} val=${dmg#*:}
+  cp rtbase.qcow2 rtd.qcow2
+  if [ "$val" = RB3 ]; then val=$(( $(python3 poke.py rtd.qcow2 rte 3) | 1 )); fi
+  python3 poke.py rtd.qcow2 rt 3 "$val"
+  ccase "refcount block $name" rtd.qcow2
+done
+
+# a cluster shared by 70 snapshots (refcount 71: past the counts kept in a
+# byte), then with its refcount dropped to 0 so -r all rebuilds with 71
+mk manysnap.qcow2 && for i in $(seq 70); do qemu-img snapshot -c "s$i" manysnap.qcow2 || break; done
+ccase "70 snapshots" manysnap.qcow2
+cp manysnap.qcow2 manysnap0.qcow2 && h=$(python3 poke.py manysnap0.qcow2 host 1) &&
+  python3 poke.py manysnap0.qcow2 rc "$h" 0
+ccase "70 snapshots, refcount 0" manysnap0.qcow2
 
 # extended L2: subclusters both allocated and zero; an unallocated cluster
 # with allocated subclusters
