@@ -69,6 +69,7 @@ int cmd_bench(int argc, char **argv);
 int cmd_create(int argc, char **argv);
 int cmd_resize(int argc, char **argv);
 int cmd_check(int argc, char **argv);
+int cmd_serve(int argc, char **argv);
 
 /* cmd-create.c: -o lists of create, for convert's target. */
 struct cli_create_opts;

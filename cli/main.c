@@ -63,9 +63,9 @@ static const struct cli_command commands[] = {
 	{ "resize", cmd_resize,
 	  "resize [--shrink] FILE [+|-]SIZE",
 	  "change the virtual size of an image" },
-	{ "serve", cmd_not_implemented,
+	{ "serve", cmd_serve,
 	  "serve [-f FMT] [-r] [-k SOCKET | -p PORT [-b ADDR]] [-x NAME] "
-	  "[-e N] [-t] [--pid-file F] FILE",
+	  "[-D DESC] [-e N] [-t] [-A] [--cache=MODE] [--pid-file F] FILE",
 	  "export an image over NBD" },
 	{ "snapshot", cmd_not_implemented,
 	  "snapshot [-l | -c NAME | -a NAME | -d NAME] FILE",

@@ -1,0 +1,447 @@
+/*
+ * handshake.c - the NBD fixed newstyle handshake: greeting, client flags,
+ * then options until the client picks the export (EXPORT_NAME or GO) or
+ * leaves (ABORT, EOF).
+ *
+ * Design note. Every option's data is read whole into a bounded buffer
+ * (NBD_MAX_OPTION_DATA) before it is parsed, so a parse error never
+ * desynchronises the stream: the option gets an error reply and the next
+ * option is read. Data longer than the bound is skipped unread and
+ * answered with ERR_TOO_BIG. Only a wrong option magic, unknown client
+ * flags, or an unknown export name in EXPORT_NAME (which has no error
+ * reply) drop the connection. State set by earlier options (structured
+ * replies, meta contexts) stays until GO/EXPORT_NAME; STARTTLS is refused,
+ * so nothing is ever discarded.
+ *
+ * SPDX-License-Identifier: MIT
+ */
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "conn.h"
+
+/* Option data larger than this cannot be meaningful: one export name plus
+ * a few queries, each at most NBD_MAX_STRING. */
+#define NBD_MAX_OPTION_DATA (64u << 10)
+
+/* Meta context queries accepted in one option. */
+#define NBD_MAX_QUERIES 256
+
+uint16_t nbd_tflags(const struct nbd_conn *c)
+{
+	uint16_t f = NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_FLUSH |
+		     NBD_FLAG_SEND_FUA;
+
+	if (c->exp->readonly)
+		f |= NBD_FLAG_READ_ONLY;
+	else
+		f |= NBD_FLAG_SEND_TRIM | NBD_FLAG_SEND_WRITE_ZEROES |
+		     NBD_FLAG_SEND_FAST_ZERO;
+	if (c->structured)
+		f |= NBD_FLAG_SEND_DF;
+	if (c->exp->multi_conn)
+		f |= NBD_FLAG_CAN_MULTI_CONN;
+	return f;
+}
+
+/* Send one option reply: header and `len` bytes of data. */
+static int send_rep(struct nbd_conn *c, uint32_t opt, uint32_t type,
+		    const void *data, size_t len)
+{
+	uint8_t h[20];
+	struct iovec iov[2];
+
+	nbd_put64(h, NBD_REP_MAGIC);
+	nbd_put32(h + 8, opt);
+	nbd_put32(h + 12, type);
+	nbd_put32(h + 16, (uint32_t)len);
+	iov[0].iov_base = h;
+	iov[0].iov_len = sizeof(h);
+	iov[1].iov_base = (void *)data;
+	iov[1].iov_len = len;
+	return nbd_send_iov(c->fd, iov, len ? 2 : 1);
+}
+
+static int send_ack(struct nbd_conn *c, uint32_t opt)
+{
+	return send_rep(c, opt, NBD_REP_ACK, NULL, 0);
+}
+
+/* An error reply with a human-readable message. */
+static int send_err(struct nbd_conn *c, uint32_t opt, uint32_t type,
+		    const char *fmt, ...) __attribute__((format(printf, 4, 5)));
+static int send_err(struct nbd_conn *c, uint32_t opt, uint32_t type,
+		    const char *fmt, ...)
+{
+	char msg[256];
+	va_list ap;
+	int n;
+
+	va_start(ap, fmt);
+	n = vsnprintf(msg, sizeof(msg), fmt, ap);
+	va_end(ap);
+	if (n < 0)
+		n = 0;
+	if ((size_t)n >= sizeof(msg))
+		n = sizeof(msg) - 1;
+	return send_rep(c, opt, type, msg, (size_t)n);
+}
+
+/* One NBD_REP_INFO item: type, then `len` bytes. */
+static int send_info(struct nbd_conn *c, uint32_t opt, uint16_t type,
+		     const void *data, size_t len)
+{
+	uint8_t buf[2 + NBD_MAX_STRING];
+
+	if (len > NBD_MAX_STRING)
+		len = NBD_MAX_STRING;
+	nbd_put16(buf, type);
+	memcpy(buf + 2, data, len);
+	return send_rep(c, opt, NBD_REP_INFO, buf, 2 + len);
+}
+
+/* Does `name` (len bytes, not NUL-terminated) select our export? The
+ * empty name is the default export, which is ours whatever it is called. */
+static bool export_matches(const struct nbd_conn *c, const uint8_t *name,
+			   size_t len)
+{
+	return len == 0 || (strlen(c->exp->name) == len &&
+			    memcmp(c->exp->name, name, len) == 0);
+}
+
+/* A printable copy of a client string for messages (bounded, NULs and
+ * control characters replaced). */
+static void printable(char *out, size_t outlen, const uint8_t *s, size_t len)
+{
+	size_t i;
+
+	for (i = 0; i < len && i + 1 < outlen; i++)
+		out[i] = (s[i] >= 0x20 && s[i] < 0x7f) ? (char)s[i] : '?';
+	out[i] = '\0';
+}
+
+/* EXPORT_NAME: no option reply; the export's size and flags, or a dropped
+ * connection for an unknown name. */
+static int opt_export_name(struct nbd_conn *c, const uint8_t *data,
+			   uint32_t len)
+{
+	uint8_t buf[10 + NBD_EXPORT_NAME_PAD];
+
+	if (!export_matches(c, data, len))
+		return -EPROTO;
+	memset(buf, 0, sizeof(buf));
+	nbd_put64(buf, c->size);
+	nbd_put16(buf + 8, nbd_tflags(c));
+	int r = nbd_send_all(c->fd, buf,
+			     c->no_zeroes ? 10 : sizeof(buf));
+	return r < 0 ? r : 1;
+}
+
+static int opt_list(struct nbd_conn *c, uint32_t len)
+{
+	uint8_t buf[4 + 2 * NBD_MAX_STRING];
+	size_t nlen = strlen(c->exp->name), dlen = 0;
+	int r;
+
+	if (len != 0)
+		return send_err(c, NBD_OPT_LIST, NBD_REP_ERR_INVALID,
+				"OPT_LIST should not have length");
+	if (nlen > NBD_MAX_STRING)
+		nlen = NBD_MAX_STRING;
+	if (c->exp->description) {
+		dlen = strlen(c->exp->description);
+		if (dlen > NBD_MAX_STRING)
+			dlen = NBD_MAX_STRING;
+	}
+	nbd_put32(buf, (uint32_t)nlen);
+	memcpy(buf + 4, c->exp->name, nlen);
+	if (dlen)
+		memcpy(buf + 4 + nlen, c->exp->description, dlen);
+	r = send_rep(c, NBD_OPT_LIST, NBD_REP_SERVER, buf, 4 + nlen + dlen);
+	return r < 0 ? r : send_ack(c, NBD_OPT_LIST);
+}
+
+/* INFO and GO: u32 name length, name, u16 n, n x u16 info requests.
+ * Returns 1 after a successful GO, 0 to go on haggling, or < 0. */
+static int opt_info_go(struct nbd_conn *c, uint32_t opt, const uint8_t *data,
+		       uint32_t len)
+{
+	uint32_t nlen;
+	uint16_t nreq;
+	bool want_name = false, want_desc = false;
+	uint8_t buf[14];
+	char shown[80];
+	int r;
+
+	if (len < 6 || (nlen = nbd_get32(data)) > len - 6)
+		return send_err(c, opt, NBD_REP_ERR_INVALID,
+				"request data too short");
+	nreq = nbd_get16(data + 4 + nlen);
+	if (len != 6 + nlen + 2u * nreq)
+		return send_err(c, opt, NBD_REP_ERR_INVALID,
+				"request data has the wrong length");
+	if (nlen > NBD_MAX_STRING)
+		return send_err(c, opt, NBD_REP_ERR_INVALID,
+				"export name too long");
+	if (!export_matches(c, data + 4, nlen)) {
+		printable(shown, sizeof(shown), data + 4, nlen);
+		return send_err(c, opt, NBD_REP_ERR_UNKNOWN,
+				"export '%s' not present", shown);
+	}
+	for (uint16_t i = 0; i < nreq; i++) {
+		uint16_t t = nbd_get16(data + 6 + nlen + 2u * i);
+		if (t == NBD_INFO_NAME)
+			want_name = true;
+		else if (t == NBD_INFO_DESCRIPTION)
+			want_desc = true;
+		/* BLOCK_SIZE is always sent; unknown items are ignored. */
+	}
+	if (want_name) {
+		r = send_info(c, opt, NBD_INFO_NAME, c->exp->name,
+			      strlen(c->exp->name));
+		if (r < 0)
+			return r;
+	}
+	if (want_desc && c->exp->description) {
+		r = send_info(c, opt, NBD_INFO_DESCRIPTION,
+			      c->exp->description, strlen(c->exp->description));
+		if (r < 0)
+			return r;
+	}
+	/* Any alignment works (the library completes partial clusters);
+	 * 4 KiB is what is cheap; payloads up to 32 MiB. */
+	nbd_put32(buf, 1);
+	nbd_put32(buf + 4, 4096);
+	nbd_put32(buf + 8, NBD_MAX_PAYLOAD);
+	if ((r = send_info(c, opt, NBD_INFO_BLOCK_SIZE, buf, 12)) < 0)
+		return r;
+	nbd_put64(buf, c->size);
+	nbd_put16(buf + 8, nbd_tflags(c));
+	if ((r = send_info(c, opt, NBD_INFO_EXPORT, buf, 10)) < 0)
+		return r;
+	if ((r = send_ack(c, opt)) < 0)
+		return r;
+	return opt == NBD_OPT_GO ? 1 : 0;
+}
+
+/* Which of our contexts a query names. In LIST a namespace alone ("base:",
+ * "qemu:") names all of its contexts. */
+static void match_query(const struct nbd_conn *c, const uint8_t *q,
+			uint32_t qlen, bool list, bool *alloc, bool *depth)
+{
+	static const char base_ns[] = "base:", qemu_ns[] = "qemu:";
+	static const char alloc_name[] = NBD_CONTEXT_BASE_ALLOCATION;
+	static const char depth_name[] = NBD_CONTEXT_QEMU_ALLOCATION_DEPTH;
+
+	if ((qlen == sizeof(alloc_name) - 1 &&
+	     memcmp(q, alloc_name, qlen) == 0) ||
+	    (list && qlen == sizeof(base_ns) - 1 &&
+	     memcmp(q, base_ns, qlen) == 0))
+		*alloc = true;
+	if (!c->exp->allocation_depth)
+		return;
+	if ((qlen == sizeof(depth_name) - 1 &&
+	     memcmp(q, depth_name, qlen) == 0) ||
+	    (list && qlen == sizeof(qemu_ns) - 1 &&
+	     memcmp(q, qemu_ns, qlen) == 0))
+		*depth = true;
+}
+
+static int send_context(struct nbd_conn *c, uint32_t opt, uint32_t id,
+			const char *name)
+{
+	uint8_t buf[4 + 64];
+	size_t n = strlen(name);
+
+	nbd_put32(buf, id);
+	memcpy(buf + 4, name, n);
+	return send_rep(c, opt, NBD_REP_META_CONTEXT, buf, 4 + n);
+}
+
+/* LIST_META_CONTEXT and SET_META_CONTEXT: u32 name length, name, u32 n,
+ * n x (u32 length, query). */
+static int opt_meta_context(struct nbd_conn *c, uint32_t opt,
+			    const uint8_t *data, uint32_t len)
+{
+	bool list = opt == NBD_OPT_LIST_META_CONTEXT;
+	bool alloc = false, depth = false;
+	uint32_t nlen, nq, pos;
+	char shown[80];
+	int r;
+
+	if (!list && !c->structured)
+		return send_err(c, opt, NBD_REP_ERR_INVALID,
+				"request option '%s' when structured reply "
+				"is not negotiated", "SET_META_CONTEXT");
+	if (len < 8 || (nlen = nbd_get32(data)) > len - 8)
+		return send_err(c, opt, NBD_REP_ERR_INVALID,
+				"request data too short");
+	if (nlen > NBD_MAX_STRING)
+		return send_err(c, opt, NBD_REP_ERR_INVALID,
+				"export name too long");
+	nq = nbd_get32(data + 4 + nlen);
+	if (nq > NBD_MAX_QUERIES)
+		return send_err(c, opt, NBD_REP_ERR_TOO_BIG,
+				"too many queries (%u)", nq);
+	pos = 8 + nlen;
+	/* Validate the whole list before answering anything. */
+	for (uint32_t i = 0; i < nq; i++) {
+		uint32_t qlen;
+		if (len - pos < 4 || (qlen = nbd_get32(data + pos)) > len - pos - 4)
+			return send_err(c, opt, NBD_REP_ERR_INVALID,
+					"query %u runs past the option data", i);
+		if (qlen > NBD_MAX_STRING)
+			return send_err(c, opt, NBD_REP_ERR_INVALID,
+					"query %u too long", i);
+		pos += 4 + qlen;
+	}
+	if (pos != len)
+		return send_err(c, opt, NBD_REP_ERR_INVALID,
+				"unexpected data after the queries");
+	if (!export_matches(c, data + 4, nlen)) {
+		printable(shown, sizeof(shown), data + 4, nlen);
+		return send_err(c, opt, NBD_REP_ERR_UNKNOWN,
+				"export '%s' not present", shown);
+	}
+	if (list && nq == 0) {
+		alloc = true;
+		depth = c->exp->allocation_depth;
+	}
+	pos = 8 + nlen;
+	for (uint32_t i = 0; i < nq; i++) {
+		uint32_t qlen = nbd_get32(data + pos);
+		match_query(c, data + pos + 4, qlen, list, &alloc, &depth);
+		pos += 4 + qlen;
+	}
+	if (!list) {
+		c->ctx_allocation = alloc;
+		c->ctx_depth = depth;
+	}
+	/* LIST answers with id 0, which the specification suggests. */
+	if (alloc && (r = send_context(c, opt, list ? 0 : NBD_CTX_ID_ALLOCATION,
+				       NBD_CONTEXT_BASE_ALLOCATION)) < 0)
+		return r;
+	if (depth && (r = send_context(c, opt, list ? 0 : NBD_CTX_ID_DEPTH,
+				       NBD_CONTEXT_QEMU_ALLOCATION_DEPTH)) < 0)
+		return r;
+	return send_ack(c, opt);
+}
+
+static const char *opt_name(uint32_t opt)
+{
+	switch (opt) {
+	case NBD_OPT_PEEK_EXPORT: return "PEEK_EXPORT";
+	case NBD_OPT_EXTENDED_HEADERS: return "EXTENDED_HEADERS";
+	default: return "<unknown>";
+	}
+}
+
+int nbd_negotiate(struct nbd_conn *c)
+{
+	uint8_t greet[18], hdr[16];
+	uint8_t *data = NULL;
+	uint32_t cflags;
+	int r;
+
+	nbd_put64(greet, NBD_MAGIC);
+	nbd_put64(greet + 8, NBD_OPTS_MAGIC);
+	nbd_put16(greet + 16, NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES);
+	if ((r = nbd_send_all(c->fd, greet, sizeof(greet))) < 0)
+		return r;
+	if ((r = nbd_recv_all(c->fd, hdr, 4)) < 0)
+		return r == -EPIPE ? 0 : r;
+	cflags = nbd_get32(hdr);
+	if (cflags & ~(uint32_t)(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES))
+		return -EPROTO;
+	c->no_zeroes = cflags & NBD_FLAG_C_NO_ZEROES;
+
+	data = malloc(NBD_MAX_OPTION_DATA);
+	if (data == NULL)
+		return -ENOMEM;
+	for (;;) {
+		uint32_t opt, len;
+
+		r = nbd_recv_all(c->fd, hdr, sizeof(hdr));
+		if (r < 0) {
+			/* Leaving between options is allowed (if rude). */
+			r = r == -EPIPE ? 0 : r;
+			break;
+		}
+		if (nbd_get64(hdr) != NBD_OPTS_MAGIC) {
+			r = -EPROTO;
+			break;
+		}
+		opt = nbd_get32(hdr + 8);
+		len = nbd_get32(hdr + 12);
+		if (len > NBD_MAX_OPTION_DATA) {
+			if ((r = nbd_recv_skip(c->fd, len)) < 0)
+				break;
+			if (opt == NBD_OPT_EXPORT_NAME) {
+				r = -EPROTO;    /* cannot be answered */
+				break;
+			}
+			r = send_err(c, opt, NBD_REP_ERR_TOO_BIG,
+				     "option data too long (%u bytes)", len);
+			if (r < 0)
+				break;
+			continue;
+		}
+		if (len && (r = nbd_recv_all(c->fd, data, len)) < 0)
+			break;
+
+		switch (opt) {
+		case NBD_OPT_EXPORT_NAME:
+			r = opt_export_name(c, data, len);
+			break;
+		case NBD_OPT_ABORT:
+			/* The client may already have closed: ignore errors. */
+			(void)send_ack(c, opt);
+			r = 0;
+			goto out;
+		case NBD_OPT_LIST:
+			r = opt_list(c, len);
+			break;
+		case NBD_OPT_STARTTLS:
+			r = len ? send_err(c, opt, NBD_REP_ERR_INVALID,
+					   "OPT_STARTTLS should not have length")
+				: send_err(c, opt, NBD_REP_ERR_UNSUP,
+					   "TLS is not supported");
+			break;
+		case NBD_OPT_INFO:
+		case NBD_OPT_GO:
+			r = opt_info_go(c, opt, data, len);
+			break;
+		case NBD_OPT_STRUCTURED_REPLY:
+			if (len)
+				r = send_err(c, opt, NBD_REP_ERR_INVALID,
+					     "OPT_STRUCTURED_REPLY should not "
+					     "have length");
+			else if (c->structured)
+				r = send_err(c, opt, NBD_REP_ERR_INVALID,
+					     "structured reply already "
+					     "negotiated");
+			else {
+				c->structured = true;
+				r = send_ack(c, opt);
+			}
+			break;
+		case NBD_OPT_LIST_META_CONTEXT:
+		case NBD_OPT_SET_META_CONTEXT:
+			r = opt_meta_context(c, opt, data, len);
+			break;
+		default:
+			r = send_err(c, opt, NBD_REP_ERR_UNSUP,
+				     "Unsupported option %u (%s)", opt,
+				     opt_name(opt));
+			break;
+		}
+		if (r != 0)
+			break;
+	}
+out:
+	free(data);
+	return r;
+}

@@ -1,0 +1,460 @@
+/*
+ * server.c - socket helpers, one connection (nbd_serve_conn), and the
+ * listening server (nbd_server_run).
+ *
+ * Design note. The listening thread owns everything but the connections:
+ * it polls the listening sockets, a signalfd for SIGINT/SIGTERM, and an
+ * eventfd that connection threads write when they end. Each accepted
+ * client gets a thread running nbd_serve_conn(). Invariants:
+ * - At most max_clients connection threads exist; while the limit is
+ *   reached the listening sockets are not polled, so further clients wait
+ *   in the backlog (as with qemu-nbd -e).
+ * - Only the listening thread joins connection threads and closes their
+ *   sockets, after they have said they are done.
+ * - Stopping (a signal) shuts down the read side of every socket: readers
+ *   see end of stream, requests in flight finish and are answered, the
+ *   image is flushed. Clients that will not take their replies within
+ *   NBD_STOP_GRACE seconds have the whole socket shut down.
+ *
+ * SPDX-License-Identifier: MIT
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "conn.h"
+
+#define NBD_DEFAULT_PORT "10809"
+#define NBD_DEFAULT_ADDR "127.0.0.1"
+#define NBD_MAX_LISTEN   8     /* listening sockets (addresses of -b) */
+#define NBD_STOP_GRACE   10    /* seconds */
+
+/* ---- socket helpers ------------------------------------------------------------ */
+
+int nbd_recv_all(int fd, void *buf, size_t len)
+{
+	uint8_t *p = buf;
+
+	while (len > 0) {
+		ssize_t n = recv(fd, p, len, 0);
+		if (n == 0)
+			return -EPIPE;
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			return errno == ECONNRESET ? -EPIPE : -errno;
+		}
+		p += n;
+		len -= (size_t)n;
+	}
+	return 0;
+}
+
+int nbd_recv_skip(int fd, uint64_t len)
+{
+	uint8_t buf[4096];
+
+	while (len > 0) {
+		size_t n = len < sizeof(buf) ? (size_t)len : sizeof(buf);
+		int r = nbd_recv_all(fd, buf, n);
+		if (r < 0)
+			return r;
+		len -= n;
+	}
+	return 0;
+}
+
+int nbd_send_iov(int fd, struct iovec *iov, int n)
+{
+	while (n > 0) {
+		struct msghdr m;
+		ssize_t w;
+
+		memset(&m, 0, sizeof(m));
+		m.msg_iov = iov;
+		m.msg_iovlen = n < IOV_MAX ? (size_t)n : IOV_MAX;
+		w = sendmsg(fd, &m, MSG_NOSIGNAL);
+		if (w < 0) {
+			if (errno == EINTR)
+				continue;
+			return -errno;
+		}
+		/* Skip what was written. */
+		while (n > 0 && (size_t)w >= iov->iov_len) {
+			w -= (ssize_t)iov->iov_len;
+			iov++;
+			n--;
+		}
+		if (n > 0) {
+			iov->iov_base = (uint8_t *)iov->iov_base + w;
+			iov->iov_len -= (size_t)w;
+		}
+	}
+	return 0;
+}
+
+int nbd_send_all(int fd, const void *buf, size_t len)
+{
+	struct iovec iov = { (void *)buf, len };
+
+	return nbd_send_iov(fd, &iov, 1);
+}
+
+/* ---- one connection ------------------------------------------------------------- */
+
+int nbd_serve_conn(int fd, qk_image *img, const struct nbd_export *exp)
+{
+	struct nbd_conn c;
+	int r;
+
+	memset(&c, 0, sizeof(c));
+	c.fd = fd;
+	c.img = img;
+	c.exp = exp;
+	c.size = qk_get_size(img);
+	r = nbd_negotiate(&c);
+	if (r == 1)
+		r = nbd_transmission(&c);
+	return r;
+}
+
+/* ---- the listening server --------------------------------------------------------- */
+
+struct server;
+
+struct client {
+	struct client *next;
+	struct server *s;
+	pthread_t tid;
+	int fd;
+	bool done;              /* under s->lock */
+};
+
+struct server {
+	qk_image *img;
+	const struct nbd_export *exp;
+	pthread_mutex_t lock;
+	struct client *clients;
+	unsigned nclients;
+	int wake_fd;            /* eventfd: a client thread has ended */
+};
+
+static void *client_main(void *arg)
+{
+	struct client *cl = arg;
+	struct server *s = cl->s;
+	uint64_t one = 1;
+
+	(void)nbd_serve_conn(cl->fd, s->img, s->exp);
+	pthread_mutex_lock(&s->lock);
+	cl->done = true;
+	pthread_mutex_unlock(&s->lock);
+	if (write(s->wake_fd, &one, sizeof(one)) < 0) {
+		/* An eventfd write fails only on counter overflow. */
+	}
+	return NULL;
+}
+
+/* Join and free the clients that have ended. */
+static void reap(struct server *s)
+{
+	struct client **pp = &s->clients;
+
+	pthread_mutex_lock(&s->lock);
+	while (*pp) {
+		struct client *cl = *pp;
+		if (!cl->done) {
+			pp = &cl->next;
+			continue;
+		}
+		*pp = cl->next;
+		pthread_mutex_unlock(&s->lock);
+		pthread_join(cl->tid, NULL);
+		close(cl->fd);
+		free(cl);
+		s->nclients--;
+		pthread_mutex_lock(&s->lock);
+	}
+	pthread_mutex_unlock(&s->lock);
+}
+
+static void shutdown_all(struct server *s, int how)
+{
+	pthread_mutex_lock(&s->lock);
+	for (struct client *cl = s->clients; cl; cl = cl->next)
+		if (!cl->done)
+			shutdown(cl->fd, how);
+	pthread_mutex_unlock(&s->lock);
+}
+
+static int listen_unix(const char *path, int *fds, char *err, size_t errlen)
+{
+	struct sockaddr_un sa;
+	struct stat st;
+	int fd;
+
+	memset(&sa, 0, sizeof(sa));
+	sa.sun_family = AF_UNIX;
+	if (strlen(path) >= sizeof(sa.sun_path)) {
+		snprintf(err, errlen, "Socket path '%s' is too long", path);
+		return -ENAMETOOLONG;
+	}
+	strcpy(sa.sun_path, path);
+	/* A stale socket from an earlier run is replaced, as qemu-nbd does;
+	 * anything else at the path is not touched. */
+	if (lstat(path, &st) == 0 && S_ISSOCK(st.st_mode))
+		unlink(path);
+	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (fd < 0 || bind(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0 ||
+	    listen(fd, 128) < 0) {
+		int e = errno;
+		snprintf(err, errlen, "Failed to listen on socket '%s': %s",
+			 path, strerror(e));
+		if (fd >= 0)
+			close(fd);
+		return -e;
+	}
+	fds[0] = fd;
+	return 1;
+}
+
+static int listen_tcp(const char *addr, const char *port, int *fds,
+		      char *err, size_t errlen)
+{
+	struct addrinfo hints, *res, *ai;
+	int n = 0, e = 0, one = 1, r;
+
+	memset(&hints, 0, sizeof(hints));
+	hints.ai_family = AF_UNSPEC;
+	hints.ai_socktype = SOCK_STREAM;
+	hints.ai_flags = AI_PASSIVE;
+	r = getaddrinfo(addr, port, &hints, &res);
+	if (r != 0) {
+		snprintf(err, errlen, "address resolution failed for %s:%s: %s",
+			 addr, port, gai_strerror(r));
+		return -EINVAL;
+	}
+	for (ai = res; ai && n < NBD_MAX_LISTEN; ai = ai->ai_next) {
+		int fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC,
+				ai->ai_protocol);
+		if (fd < 0) {
+			e = errno;
+			continue;
+		}
+		setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+		if (ai->ai_family == AF_INET6)
+			setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
+		if (bind(fd, ai->ai_addr, ai->ai_addrlen) < 0 ||
+		    listen(fd, 128) < 0) {
+			e = errno;
+			close(fd);
+			continue;
+		}
+		fds[n++] = fd;
+	}
+	freeaddrinfo(res);
+	if (n == 0) {
+		snprintf(err, errlen, "Failed to listen on %s:%s: %s", addr,
+			 port, strerror(e ? e : EADDRNOTAVAIL));
+		return -(e ? e : EADDRNOTAVAIL);
+	}
+	return n;
+}
+
+static int write_pid_file(const char *path, char *err, size_t errlen)
+{
+	char buf[32];
+	int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+	int n = snprintf(buf, sizeof(buf), "%d\n", (int)getpid());
+
+	if (fd < 0 || write(fd, buf, (size_t)n) != n) {
+		int e = errno;
+		snprintf(err, errlen, "Failed to write pid file '%s': %s", path,
+			 strerror(e));
+		if (fd >= 0)
+			close(fd);
+		return -e;
+	}
+	close(fd);
+	return 0;
+}
+
+static double now_sec(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+int nbd_server_run(const struct nbd_server_config *cfg, qk_image *img,
+		   const struct nbd_export *exp, char *err, size_t errlen)
+{
+	struct server s;
+	int lfds[NBD_MAX_LISTEN], nl, sfd = -1, r = 0;
+	bool stopping = false, served = false, hard = false, pid_written = false;
+	double deadline = 0;
+	sigset_t mask;
+
+	memset(&s, 0, sizeof(s));
+	s.img = img;
+	s.exp = exp;
+	s.wake_fd = -1;
+	pthread_mutex_init(&s.lock, NULL);
+
+	/* Signals arrive through the signalfd only: every thread started
+	 * from here on inherits the blocked mask. */
+	sigemptyset(&mask);
+	sigaddset(&mask, SIGINT);
+	sigaddset(&mask, SIGTERM);
+	pthread_sigmask(SIG_BLOCK, &mask, NULL);
+	signal(SIGPIPE, SIG_IGN);
+
+	if (cfg->socket_path)
+		nl = listen_unix(cfg->socket_path, lfds, err, errlen);
+	else
+		nl = listen_tcp(cfg->bind_addr ? cfg->bind_addr : NBD_DEFAULT_ADDR,
+				cfg->port ? cfg->port : NBD_DEFAULT_PORT, lfds,
+				err, errlen);
+	if (nl < 0) {
+		pthread_mutex_destroy(&s.lock);
+		return nl;
+	}
+	sfd = signalfd(-1, &mask, SFD_CLOEXEC);
+	s.wake_fd = eventfd(0, EFD_CLOEXEC);
+	if (sfd < 0 || s.wake_fd < 0) {
+		r = -errno;
+		snprintf(err, errlen, "Could not set up the server: %s",
+			 strerror(-r));
+		goto out;
+	}
+	if (cfg->pid_file) {
+		if ((r = write_pid_file(cfg->pid_file, err, errlen)) < 0)
+			goto out;
+		pid_written = true;
+	}
+
+	for (;;) {
+		struct pollfd pfd[2 + NBD_MAX_LISTEN];
+		bool room = cfg->max_clients == 0 || s.nclients < cfg->max_clients;
+		int np = 0, timeout = -1;
+
+		pfd[np].fd = sfd;
+		pfd[np++].events = POLLIN;
+		pfd[np].fd = s.wake_fd;
+		pfd[np++].events = POLLIN;
+		if (!stopping && room)
+			for (int i = 0; i < nl; i++) {
+				pfd[np].fd = lfds[i];
+				pfd[np++].events = POLLIN;
+			}
+		if (stopping)
+			timeout = 1000;
+		if (poll(pfd, (nfds_t)np, timeout) < 0 && errno != EINTR) {
+			r = -errno;
+			snprintf(err, errlen, "poll: %s", strerror(-r));
+			break;
+		}
+		if (pfd[0].revents & POLLIN) {
+			struct signalfd_siginfo si;
+			if (read(sfd, &si, sizeof(si)) > 0 && !stopping) {
+				stopping = true;
+				deadline = now_sec() + NBD_STOP_GRACE;
+				shutdown_all(&s, SHUT_RD);
+			}
+		}
+		if (pfd[1].revents & POLLIN) {
+			uint64_t v;
+			if (read(s.wake_fd, &v, sizeof(v)) < 0) {
+				/* Nothing to do: reap looks at the flags. */
+			}
+			reap(&s);
+		}
+		if (s.nclients == 0 && (stopping || (served && !cfg->persistent)))
+			break;
+		if (stopping && !hard && now_sec() > deadline) {
+			hard = true;
+			shutdown_all(&s, SHUT_RDWR);
+		}
+		for (int i = 2; i < np; i++) {
+			struct client *cl;
+			int fd, one = 1;
+
+			if (!(pfd[i].revents & POLLIN))
+				continue;
+			if (cfg->max_clients && s.nclients >= cfg->max_clients)
+				break;
+			fd = accept4(pfd[i].fd, NULL, NULL, SOCK_CLOEXEC);
+			if (fd < 0)
+				continue;   /* the client went away already */
+			if (!cfg->socket_path)
+				setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one,
+					   sizeof(one));
+			cl = calloc(1, sizeof(*cl));
+			if (cl == NULL) {
+				close(fd);
+				continue;
+			}
+			cl->s = &s;
+			cl->fd = fd;
+			pthread_mutex_lock(&s.lock);
+			if (pthread_create(&cl->tid, NULL, client_main, cl) != 0) {
+				pthread_mutex_unlock(&s.lock);
+				close(fd);
+				free(cl);
+				continue;
+			}
+			cl->next = s.clients;
+			s.clients = cl;
+			s.nclients++;
+			served = true;
+			pthread_mutex_unlock(&s.lock);
+		}
+	}
+	/* Only on a poll failure can clients remain: stop them first. */
+	if (s.nclients) {
+		shutdown_all(&s, SHUT_RDWR);
+		while (s.nclients) {
+			uint64_t v;
+			if (read(s.wake_fd, &v, sizeof(v)) < 0 && errno != EINTR)
+				break;
+			reap(&s);
+		}
+	}
+	if (!exp->readonly) {
+		int fr = qk_flush(img);
+		if (fr < 0 && r == 0) {
+			snprintf(err, errlen, "%s", qk_last_error());
+			r = fr;
+		}
+	}
+out:
+	for (int i = 0; i < nl; i++)
+		close(lfds[i]);
+	if (cfg->socket_path)
+		unlink(cfg->socket_path);
+	if (pid_written)
+		unlink(cfg->pid_file);
+	if (sfd >= 0)
+		close(sfd);
+	if (s.wake_fd >= 0)
+		close(s.wake_fd);
+	pthread_mutex_destroy(&s.lock);
+	return r;
+}
