@@ -2,10 +2,11 @@
 # is missing, builds, and runs every test (plain and sanitized builds).
 BUILD     ?= build
 SAN_BUILD ?= build-san
+TSAN_BUILD ?= build-tsan
 JOBS      ?= $(shell nproc 2>/dev/null || echo 2)
 CMAKE_FLAGS ?=
 
-.PHONY: all deps test test-plain test-san run install clean bench fuzz
+.PHONY: all deps test test-plain test-san test-tsan run install clean bench fuzz
 
 all: $(BUILD)/Makefile
 	cmake --build $(BUILD) -j $(JOBS)
@@ -20,10 +21,12 @@ deps:
 	scripts/install-deps.sh
 
 # Every test, through ctest: first the release build, then the whole suite
-# again under AddressSanitizer + UndefinedBehaviorSanitizer.
+# again under AddressSanitizer + UndefinedBehaviorSanitizer, then the
+# multi-threaded tests (ctest label `threads`) under ThreadSanitizer.
 test: deps
 	$(MAKE) test-plain
 	$(MAKE) test-san
+	$(MAKE) test-tsan
 
 test-plain: all
 	cd $(BUILD) && ctest --output-on-failure -j $(JOBS)
@@ -31,6 +34,13 @@ test-plain: all
 test-san: $(SAN_BUILD)/Makefile
 	cmake --build $(SAN_BUILD) -j $(JOBS)
 	cd $(SAN_BUILD) && ctest --output-on-failure -j $(JOBS)
+
+$(TSAN_BUILD)/Makefile: CMakeLists.txt
+	cmake -S . -B $(TSAN_BUILD) -DCMAKE_BUILD_TYPE=RelWithDebInfo -DQK_TSAN=ON $(CMAKE_FLAGS)
+
+test-tsan: $(TSAN_BUILD)/Makefile
+	cmake --build $(TSAN_BUILD) -j $(JOBS)
+	cd $(TSAN_BUILD) && ctest --output-on-failure -j $(JOBS) -L threads
 
 run: deps all
 	scripts/demo.sh $(BUILD)/qcowkit
@@ -46,4 +56,4 @@ bench: all
 	bench/read.sh $(BUILD)/qcowkit
 
 clean:
-	rm -rf $(BUILD) $(SAN_BUILD)
+	rm -rf $(BUILD) $(SAN_BUILD) $(TSAN_BUILD)

@@ -263,13 +263,14 @@ static int read_compressed(qk_image *img, uint64_t e, uint64_t in, void *buf, si
 		pthread_mutex_unlock(&q->lock);
 		return 0;
 	}
+	uint64_t file_size = q->file_size;   /* writers grow it under the lock */
 	pthread_mutex_unlock(&q->lock);
 
 	unsigned shift = 62 - (q->cluster_bits - 8);
 	uint64_t coffset = e & ((1ull << shift) - 1);
 	uint64_t sectors = ((e >> shift) & ((1ull << (q->cluster_bits - 8)) - 1)) + 1;
 	uint64_t csize = sectors * 512 - (coffset & 511);
-	if (coffset > MAX_HOST_OFFSET || coffset >= q->file_size)
+	if (coffset > MAX_HOST_OFFSET || coffset >= file_size)
 		return qk__qcow2_corrupt(img, "compressed cluster data at host offset 0x%llx lies past the end of the file",
 					 (unsigned long long)coffset);
 	uint8_t *src = malloc(csize);
