@@ -83,6 +83,13 @@ static inline uint64_t cnt_get(const struct refs *r, uint64_t c)
 	return v < CNT_BIG ? v : r->big[c >> BIG_SHIFT][c & (BIG_CHUNK - 1)];
 }
 
+/* As cnt_get, for any cluster: none are counted past r->n (references
+ * past the end of the file). */
+static inline uint64_t cnt_at(const struct refs *r, uint64_t c)
+{
+	return c <= r->n ? cnt_get(r, c) : 0;
+}
+
 /* Count one more reference to cluster c, used as `mark`: 0 or -ENOMEM. */
 static int cnt_inc_slow(struct refs *r, uint64_t c, uint8_t mark)
 {
@@ -478,7 +485,7 @@ static int fix_copied(qk_image *img, const struct refs *r)
 		uint64_t l2_off = q->l1[i] & L1E_OFFSET_MASK;
 		if (!l2_off)
 			continue;
-		bool l1_copied = cnt_get(r, l2_off >> q->cluster_bits) == 1;
+		bool l1_copied = cnt_at(r, l2_off >> q->cluster_bits) == 1;
 		uint64_t *t;
 		int ret = qk__cache_get(&q->l2_cache, l2_off, (void **)&t);
 		if (ret < 0)
@@ -493,7 +500,7 @@ static int fix_copied(qk_image *img, const struct refs *r)
 			if (q->data_file)
 				want = host || (*e & QCOW_OFLAG_COPIED);
 			else
-				want = host && cnt_get(r, host >> q->cluster_bits) == 1;
+				want = host && cnt_at(r, host >> q->cluster_bits) == 1;
 			if (want != !!(*e & QCOW_OFLAG_COPIED)) {
 				*e ^= QCOW_OFLAG_COPIED;
 				dirty = true;
