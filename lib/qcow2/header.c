@@ -208,6 +208,16 @@ static int open_data_file(qk_image *img, struct qcow2 *q, const struct qk_open_o
 	if (!q->data_file_name)
 		return qk__err(EINVAL, "'%s' needs an external data file but its header names none",
 			       img->filename);
+	/* An image in memory (tests, fuzzing) has no directory: its data
+	 * file is an empty memory file, never a file the name points at, and
+	 * goes through the image's ops (a harness may wrap the memory ops,
+	 * to bound the size, and the data file is bound alike). */
+	if (strcmp(img->file->ops->name, "mem") == 0) {
+		int ret = qk__file_open_mem(NULL, 0, q->data_file_name, &q->data_file);
+		if (ret == 0)
+			q->data_file->ops = img->file->ops;
+		return ret;
+	}
 	char *path = qk__backing_path(img->filename, q->data_file_name);
 	if (!path)
 		return qk__err(ENOMEM, "out of memory");
