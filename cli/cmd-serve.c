@@ -152,7 +152,9 @@ int cmd_serve(int argc, char **argv)
 		cli_error("-p and -b are not allowed with -k");
 		return CLI_EXIT_FAILURE;
 	}
-	exp.multi_conn = cfg.max_clients != 1;
+	/* Every connection shares the one image handle, so a flush on any
+	 * covers writes done on all; a read-only export is safe anyway. */
+	exp.multi_conn = cfg.max_clients != 1 || exp.readonly;
 	if (cli_parse_format(fmtname, &fmt) < 0)
 		return CLI_EXIT_FAILURE;
 

@@ -34,6 +34,7 @@
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/time.h>
 #include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
@@ -44,6 +45,7 @@
 #define NBD_DEFAULT_ADDR "127.0.0.1"
 #define NBD_MAX_LISTEN   8     /* listening sockets (addresses of -b) */
 #define NBD_STOP_GRACE   10    /* seconds */
+#define NBD_HANDSHAKE_LIMIT 10 /* seconds a handshake read may wait */
 
 /* ---- socket helpers ------------------------------------------------------------ */
 
@@ -118,6 +120,14 @@ int nbd_send_all(int fd, const void *buf, size_t len)
 
 /* ---- one connection ------------------------------------------------------------- */
 
+/* 0 seconds: no timeout. Best effort: a socket that refuses keeps none. */
+static void set_recv_timeout(int fd, int sec)
+{
+	struct timeval tv = { sec, 0 };
+
+	(void)setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+}
+
 int nbd_serve_conn(int fd, qk_image *img, const struct nbd_export *exp)
 {
 	struct nbd_conn c;
@@ -128,7 +138,11 @@ int nbd_serve_conn(int fd, qk_image *img, const struct nbd_export *exp)
 	c.img = img;
 	c.exp = exp;
 	c.size = qk_get_size(img);
+	/* A client that stalls in the handshake is dropped (as qemu-nbd's
+	 * handshake limit), so it cannot hold one of the -e places. */
+	set_recv_timeout(fd, NBD_HANDSHAKE_LIMIT);
 	r = nbd_negotiate(&c);
+	set_recv_timeout(fd, 0);
 	if (r == 1)
 		r = nbd_transmission(&c);
 	return r;
