@@ -3,7 +3,12 @@
 # Runs as root (as `make test` does on a fresh machine); otherwise prints
 # what is missing and carries on, so a prepared machine still works.
 set -eu
-pkgs="build-essential cmake pkg-config zlib1g-dev libzstd-dev qemu-utils libnbd-bin python3 fio"
+pkgs="build-essential cmake pkg-config zlib1g-dev libzstd-dev qemu-utils libnbd-bin python3 fio nbd-client fuse3"
+# `make fuzz` (QK_FUZZ_DEPS=1) also needs clang and its libFuzzer runtime,
+# which clang only recommends.
+if [ "${QK_FUZZ_DEPS:-0}" = 1 ]; then
+	pkgs="$pkgs clang libclang-rt-14-dev"
+fi
 missing=""
 for p in $pkgs; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" ||
