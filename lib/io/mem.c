@@ -12,6 +12,7 @@ struct mem_file {
 	pthread_mutex_t lock;
 	uint8_t *data;
 	size_t len;
+	size_t cap;             /* bytes allocated at data, >= len */
 };
 
 static int mem_pread(struct qk__file *f, void *buf, size_t len, uint64_t off)
@@ -34,11 +35,17 @@ static int grow(struct mem_file *m, uint64_t size)
 		return 0;
 	if (size > SIZE_MAX / 2)
 		return qk__err(EFBIG, "memory file too large");
-	uint8_t *p = realloc(m->data, size);
-	if (!p)
-		return qk__err(ENOMEM, "out of memory");
-	memset(p + m->len, 0, size - m->len);
-	m->data = p;
+	if (size > m->cap) {
+		/* Double at least: a file written cluster by cluster past its
+		 * end is not copied once per cluster. */
+		size_t cap = qk_max_u64(size, (uint64_t)m->cap * 2);
+		uint8_t *p = realloc(m->data, cap);
+		if (!p)
+			return qk__err(ENOMEM, "out of memory");
+		m->data = p;
+		m->cap = cap;
+	}
+	memset(m->data + m->len, 0, size - m->len);
 	m->len = size;
 	return 0;
 }
@@ -138,7 +145,7 @@ int qk__file_open_mem(const void *data, size_t len, const char *name,
 		memcpy(copy, data, len);
 	pthread_mutex_init(&m->lock, NULL);
 	m->data = copy;
-	m->len = len;
+	m->len = m->cap = len;
 	f->ops = &mem_ops;
 	f->priv = m;
 	f->path = p;
