@@ -55,5 +55,16 @@ install: $(BUILD)/Makefile
 bench: all
 	bench/read.sh $(BUILD)/qcowkit
 
+# libFuzzer targets (tests/fuzz) with ASan+UBSan, FUZZ_TIME seconds each,
+# in build-fuzz/ (clang and its libFuzzer runtime are installed if missing).
+FUZZ_BUILD ?= build-fuzz
+FUZZ_TIME  ?= 60
+fuzz:
+	QK_FUZZ_DEPS=1 scripts/install-deps.sh
+	CC=clang cmake -S . -B $(FUZZ_BUILD) -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+		-DQK_SANITIZE=ON -DQK_FUZZ=ON $(CMAKE_FLAGS)
+	cmake --build $(FUZZ_BUILD) -j $(JOBS) --target fuzzers fuzz-seeds
+	tests/fuzz/run.sh $(FUZZ_BUILD) $(FUZZ_TIME)
+
 clean:
 	rm -rf $(BUILD) $(SAN_BUILD) $(TSAN_BUILD)
