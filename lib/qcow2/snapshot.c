@@ -37,6 +37,10 @@ static char *dup_str(const uint8_t *p, size_t len)
 int qk__qcow2_read_snapshots(qk_image *img)
 {
 	struct qcow2 *q = qcow2_of(img);
+	/* As QEMU: the offset must be aligned even when there is no table. */
+	if (q->nb_snapshots == 0 && q->snapshots_offset % q->cluster_size)
+		return qk__err(EINVAL, "snapshot table offset 0x%llx of '%s' is invalid",
+			       (unsigned long long)q->snapshots_offset, img->filename);
 	if (q->nb_snapshots == 0)
 		return 0;
 	if (q->nb_snapshots > MAX_SNAPSHOTS)
