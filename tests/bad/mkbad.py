@@ -6,7 +6,7 @@ manifest OUTDIR/cases.txt. Python 3 standard library only; small valid images
 are made with qemu-img / qemu-io and then patched (all QCOW2 integers are
 big-endian).
 
-Manifest: '#' lines are comments; every other line has six TAB-separated
+Manifest: '#' lines are comments; every other line has nine TAB-separated
 fields (an empty field is written as '-'):
 
   file    image name inside OUTDIR
@@ -25,11 +25,21 @@ fields (an empty field is written as '-'):
                   layer is intact)
           In the "may" positions a failure must still be one clean line that
           matches regex (except for "either", where any clean line will do).
+  check   the exit statuses `qcowkit check` may give, as digits: 0 clean,
+          1 refused (one line), 2 corruptions, 3 leaks only
   regex   case-insensitive extended regex for the error line
+  good    regions that must read right where the image opens, as
+          PATTERN@OFFSET+LENGTH[,...] (io -r ... read -P PATTERN OFFSET
+          LENGTH), '-' for none
   rawsha  sha256 of the raw guest content (qemu-img convert -O raw) for open
           cases, '-' otherwise
-  reason  why (spec rule / QEMU 7.2 behaviour / CVE); "qemu:" quotes what
-          qemu-img 7.2 says about the same file
+  source  where the case comes from, "KIND: reference" with KIND one of
+          cve (a CVE, with the fix or advisory that names it), iotest (a
+          qemu-iotests test and its section), spec (a rule of
+          docs/interop/qcow2.txt, by section) or peer (a bug report against
+          another implementation)
+  reason  what the image is and what QEMU 7.2 does with it; "qemu:" quotes
+          what qemu-img 7.2 says about the same file
 
 --qemu-report additionally runs qemu-img/qemu-io 7.x on every case and prints
 what QEMU does (used to write the reason column; not needed by the test).
@@ -40,6 +50,7 @@ import hashlib
 import lzma
 import os
 import random
+import re
 import shutil
 import struct
 import subprocess
@@ -231,17 +242,144 @@ class Img:
             f.write(self.b)
 
 
+# Where each case comes from and what `check` and reads of its intact parts
+# must give. source: "KIND: reference" with KIND one of cve (a QEMU or
+# OpenStack CVE, with the fix that names it), iotest (a qemu-iotests test
+# and its section), spec (a rule of docs/interop/qcow2.txt, by section) or
+# peer (a bug report against another implementation). check: the exit
+# statuses `qcowkit check` may give (0 clean, 2 corruptions, 3 leaks only,
+# 1 refused with one line). good: regions that must read their pattern
+# (PATTERN@OFFSET+LENGTH, comma separated) in images that open.
+STD_GOOD = "0x22@64k+64k,0x33@1M+64k,0x44@4032k+64k"
+V144 = ("ELSA-2014-0420 / RHSA-2014:0420 qemu-kvm changelog, bz#1079452")
+META = {
+    "ok-std.qcow2": ("spec: positive control (valid v3 image)", "0", None),
+    "ok-comp.qcow2": ("spec: positive control (Compressed Clusters Descriptor, deflate)", "0", None),
+    "ok-zstd.qcow2": ("spec: positive control (compression type 1, zstd)", "0", None),
+    "ok-v2.qcow2": ("spec: positive control (version 2)", "0", None),
+    "ok-extl2.qcow2": ("spec: positive control (Extended L2 Entries)", "0", None),
+    "ok-snap.qcow2": ("spec: positive control (Snapshots)", "0", None),
+    "ok-bitmap.qcow2": ("spec: positive control (Bitmaps extension)", "0", None),
+    "empty.qcow2": ("spec: Header (bytes 0-103 must exist)", "1", None),
+    "trunc-header.qcow2": ("spec: Header (a v3 header is at least 104 bytes)", "1", None),
+    "trunc-header-probe.qcow2": ("spec: Header (a v3 header is at least 104 bytes)", "01", None),
+    "bad-magic.qcow2": ("spec: Header, magic QFI\\xfb", "1", None),
+    "version1.qcow2": ("spec: Header, version (valid values are 2 and 3)", "1", None),
+    "version4.qcow2": ("spec: Header, version (valid values are 2 and 3)", "1", None),
+    "cluster-bits-8.qcow2": ("spec: Header, cluster_bits (must not be less than 9)", "1", None),
+    "cluster-bits-22.qcow2": ("spec: Header, cluster_bits (QEMU supports at most 2 MiB)", "1", None),
+    "cluster-bits-31.qcow2": ("peer: ublk-org/qcow2-rs PR #8 (cluster_bits checked against 9..30 after a crafted value overflowed the cluster-size shift)", "1", None),
+    "cluster-bits-63.qcow2": ("peer: ublk-org/qcow2-rs PR #8, a crafted cluster_bits overflowed the shift that makes the cluster size (panic)", "1", None),
+    "cluster-bits-40.qcow2": ("peer: ublk-org/qcow2-rs PR #8, a crafted cluster_bits overflowed the shift that makes the cluster size (panic)", "1", None),
+    "l1-size-huge.qcow2": ("cve: CVE-2014-0144, qcow2: Validate active L1 table offset and size (" + V144 + "); qemu-iotests 080 '== Invalid L1 table =='", "1", None),
+    "l1-size-over-limit.qcow2": ("cve: CVE-2014-0144, qcow2: Validate active L1 table offset and size (" + V144 + ")", "1", None),
+    "l1-too-small.qcow2": ("iotest: 080 '== Invalid L1 table (with internal snapshot in the image) ==' (L1 table is too small)", "1", None),
+    "l1-unaligned.qcow2": ("cve: CVE-2014-0144, qcow2: Validate active L1 table offset and size (" + V144 + ")", "1", None),
+    "l1-past-eof.qcow2": ("spec: Header, l1_table_offset (the active L1 table lies in the file)", "1", None),
+    "l1-at-header.qcow2": ("spec: Host cluster management (cluster 0 is the header, not an L1 table)", "12", None),
+    "hdrlen-short.qcow2": ("spec: Header, header_length (at least 104 bytes for version 3)", "1", None),
+    "hdrlen-unaligned.qcow2": ("spec: Header, header_length (a multiple of 8)", "1", None),
+    "hdrlen-over-cluster.qcow2": ("iotest: 080 '== Huge header size ==' (qcow2 header exceeds cluster size)", "1", None),
+    "ext-len-over-cluster.qcow2": ("iotest: 080 '== Huge unknown header extension ==' (Header extension too large)", "1", None),
+    "ext-len-wrap.qcow2": ("iotest: 080 '== Huge unknown header extension ==' (length rounding wraps)", "1", None),
+    "vsize-2e63.qcow2": ("spec: Header, size (virtual disk size in bytes)", "1", None),
+    "vsize-max.qcow2": ("spec: Header, size (virtual disk size in bytes)", "1", None),
+    "incompat-bit20.qcow2": ("iotest: 036 '=== Image with unknown incompatible feature bit ==='", "1", None),
+    "encrypt-aes.qcow2": ("spec: Header, crypt_method 1 (AES)", "1", None),
+    "encrypt-luks.qcow2": ("spec: Header, crypt_method 2 (LUKS) and the Full disk encryption header pointer", "1", None),
+    "encrypt-method3.qcow2": ("spec: Header, crypt_method (0, 1 or 2)", "1", None),
+    "corrupt-bit.qcow2": ("iotest: 060 '=== Testing L2 reference into L1 ===' (a corrupt image still opens read-only)", "0", None),
+    "dirty-lazy.qcow2": ("spec: Header, incompatible bit 0 (dirty) with compatible bit 0 (lazy refcounts)", "023", None),
+    "dirty-nolazy.qcow2": ("spec: Header, incompatible bit 0 (dirty)", "023", None),
+    "unknown-compat.qcow2": ("iotest: 036 '=== Create image with unknown autoclear feature bit ===' (unknown compatible/autoclear bits are ignored)", "0", None),
+    "datafile-no-ext.qcow2": ("spec: Header, incompatible bit 2 (external data file) and the External data file name extension", "1", None),
+    "datafile-missing.qcow2": ("iotest: 061 (an image whose data file cannot be opened; see the CVE-2024-4467 fix, QEMU commit bd385a52)", "1", None),
+    "ok-datafile.qcow2": ("spec: positive control (External data file name extension)", "0", None),
+    "comptype1-nobit.qcow2": ("spec: Header, compression_type (incompatible bit 3 must be set for a type other than 0)", "1", None),
+    "compbit-type0.qcow2": ("spec: Header, compression_type (incompatible bit 3 set with type 0)", "1", None),
+    "comptype2.qcow2": ("spec: Header, compression_type (0 zlib, 1 zstd)", "1", None),
+    "refcount-order-7.qcow2": ("iotest: 112 '=== refcount_bits limits ===' (may not exceed 64)", "1", None),
+    "refcount-table-unaligned.qcow2": ("iotest: 080 '== Misaligned refcount table =='", "1", None),
+    "refcount-table-past-eof.qcow2": ("spec: Header, refcount_table_offset (the table lies in the file)", "12", None),
+    "refcount-table-none.qcow2": ("iotest: 060 '=== Testing zero refcount table size ===' (QEMU commit 951053a9, LP#1728615)", "1", None),
+    "refcount-table-huge.qcow2": ("cve: CVE-2014-0144, qcow2: Check refcount table size (" + V144 + ")", "1", None),
+    "l2-unaligned.qcow2": ("iotest: 060 '=== Testing unaligned L1 entry ==='", "2", None),
+    "l2-past-eof.qcow2": ("spec: Cluster mapping, L1 table entry (offset of an L2 table in the file)", "2", None),
+    "l1-reserved.qcow2": ("spec: Cluster mapping, L1 table entry bits 1-8 and 56-62 reserved", "2", None),
+    "l2-reserved.qcow2": ("spec: Cluster mapping, Standard Cluster Descriptor bits 1-8 and 56-61 reserved", "2", STD_GOOD),
+    "data-unaligned.qcow2": ("iotest: 060 '=== Testing unaligned L2 entry ==='", "2", STD_GOOD),
+    "data-past-eof.qcow2": ("iotest: 080 '== Invalid L2 entry (huge physical offset) =='", "2", STD_GOOD),
+    "data-shared.qcow2": ("spec: Cluster mapping, L2 entry bit 63 (COPIED means a refcount of exactly one)", "2", "0x11@64k+64k,0x33@1M+64k,0x44@4032k+64k"),
+    "v2-zero-flag.qcow2": ("spec: Cluster mapping, Standard Cluster Descriptor bit 0 (zero flag, version 3 only)", "0", STD_GOOD),
+    "extl2-alloc-zero.qcow2": ("spec: Extended L2 Entries (a subcluster both allocated and zero is invalid)", "2", STD_GOOD),
+    "extl2-unalloc-bits.qcow2": ("spec: Extended L2 Entries (allocated subclusters of an unallocated cluster are invalid)", "2", STD_GOOD),
+    "extl2-cluster-bits-12.qcow2": ("spec: Extended L2 Entries (32 subclusters; QEMU needs 16 KiB clusters)", "1", None),
+    "comp-past-eof.qcow2": ("spec: Compressed Clusters Descriptor (host offset in the file)", "2", STD_GOOD),
+    "comp-garbage-deflate.qcow2": ("spec: Compressed Clusters Descriptor (deflate stream)", "0", STD_GOOD),
+    "comp-short-deflate.qcow2": ("spec: Compressed Clusters Descriptor (a stream decompresses to a whole cluster)", "0", STD_GOOD),
+    "comp-overlong-deflate.qcow2": ("spec: Compressed Clusters Descriptor (a stream decompresses to a whole cluster)", "0", STD_GOOD),
+    "comp-max-sectors.qcow2": ("spec: Compressed Clusters Descriptor (additional sectors field)", "2", STD_GOOD),
+    "comp-garbage-zstd.qcow2": ("spec: Compressed Clusters Descriptor with compression type 1 (zstd frame)", "0", STD_GOOD),
+    "comp-overlong-zstd.qcow2": ("spec: Compressed Clusters Descriptor with compression type 1 (a frame decompresses to a whole cluster)", "0", STD_GOOD),
+    "ok-zstd-rle.qcow2": ("spec: positive control (zstd frame with an RLE block)", "0", None),
+    "snap-nb-huge.qcow2": ("cve: CVE-2014-0144, qcow2: Validate snapshot table offset/size (" + V144 + "); qemu-iotests 080 '== Invalid snapshot table =='", "1", None),
+    "snap-past-eof.qcow2": ("spec: Snapshots (the snapshot table lies in the file)", "1", None),
+    "snap-unaligned.qcow2": ("cve: CVE-2014-0144, qcow2: Validate snapshot table offset/size (" + V144 + ")", "1", None),
+    "snap-extra-huge.qcow2": ("iotest: 261 '=== Reject too much unknown extra data ==='", "1", None),
+    "snap-name-past-eof.qcow2": ("spec: Snapshots (id and name lie within the table)", "1", None),
+    "bitmap-nb-huge.qcow2": ("spec: Bitmaps extension, nb_bitmaps (QEMU supports at most 65535)", "1", None),
+    "bitmap-dir-past-eof.qcow2": ("spec: Bitmaps extension, bitmap_directory_offset", "1", None),
+    "bitmap-dir-size-huge.qcow2": ("spec: Bitmaps extension, bitmap_directory_size", "1", None),
+    "backing-fmt-twice.qcow2": ("spec: Header extensions (each type appears at most once)", "1", None),
+    "backing-fmt-long.qcow2": ("spec: Header extensions, Backing file format name (QEMU holds at most 15 bytes)", "1", None),
+    "backing-off-past-cluster.qcow2": ("cve: CVE-2014-0144, qcow2: Check backing_file_offset (" + V144 + ")", "1", None),
+    "backing-size-past-cluster.qcow2": ("iotest: 080 '== Invalid backing file size ==' (Backing file name too long)", "1", None),
+    "ok-backing-name-1020.qcow2": ("spec: Header, backing_file_size (must not be longer than 1023 bytes)", "0", None),
+    "backing-name-1024.qcow2": ("spec: Header, backing_file_size (must not be longer than 1023 bytes)", "1", None),
+    "backing-self.qcow2": ("spec: Header, backing_file_offset (a chain that names itself has no end)", "1", None),
+    "backing-loop-a.qcow2": ("spec: Header, backing_file_offset (a chain that loops has no end)", "1", None),
+    "chain70.qcow2": ("spec: Header, backing_file_offset (qcowkit caps chains at 64 images)", "1", None),
+    "backing-missing.qcow2": ("spec: Header, backing_file_offset", "1", None),
+    "ok-backing.qcow2": ("spec: positive control (backing file)", "0", None),
+    "backing-probe-vmdk.qcow2": ("cve: CVE-2008-2004 (format probing of a backing file; QEMU block.c: 'This is not a good idea when your image is raw')", "1", None),
+    "backing-fmt-vmdk.qcow2": ("cve: CVE-2022-47951 (a VMDK backing file can name host files as extents: OpenStack nova/glance/cinder, Debian DSA-5338-1)", "1", None),
+    "foreign-qcow1.img": ("cve: CVE-2014-0222 (qcow version 1 L2 table size overflow; qcowkit has no qcow1 driver and must say so)", "1", None),
+    "foreign-vmdk.img": ("spec: Header, magic (not QFI\\xfb: another format, named)", "1", None),
+    "foreign-vmdk-desc.img": ("cve: CVE-2022-47951 (VMDK descriptor naming host files as extents: OpenStack nova/glance/cinder, Debian DSA-5338-1)", "1", None),
+    "foreign-vdi.img": ("spec: Header, magic (not QFI\\xfb: another format, named)", "1", None),
+    "foreign-vdi-sig.img": ("spec: Header, magic (not QFI\\xfb: another format, named)", "1", None),
+    "foreign-vdi-text.img": ("spec: Header, magic (not QFI\\xfb: another format, named)", "1", None),
+    "foreign-vhd.img": ("spec: Header, magic (not QFI\\xfb: another format, named)", "1", None),
+    "foreign-vhdx.img": ("spec: Header, magic (not QFI\\xfb: another format, named)", "1", None),
+    "foreign-qed.img": ("spec: Header, magic (not QFI\\xfb: another format, named)", "1", None),
+    "foreign-luks.img": ("spec: Header, magic (not QFI\\xfb: a LUKS volume must not be read as raw)", "1", None),
+    "foreign-android-sparse.img": ("spec: Header, magic (not QFI\\xfb: another format, named)", "1", None),
+    "foreign-zstd.img": ("spec: Header, magic (not QFI\\xfb: a compressed file, named)", "1", None),
+    "foreign-gzip.img": ("spec: Header, magic (not QFI\\xfb: a compressed file, named)", "1", None),
+    "foreign-xz.img": ("spec: Header, magic (not QFI\\xfb: a compressed file, named)", "1", None),
+}
+
+
 def tpl(name):
     return Img(os.path.join(TPL, name))
 
 
-def case(name, args, expect, regex, reason):
+def case(name, args, expect, regex, reason, source=None, check=None, good=None):
+    """Record a case; source, check and good come from META when not given."""
     assert expect in ("refuse", "open", "either", "data", "read", "chain",
                       "meta"), expect
-    assert "\t" not in reason and "\n" not in reason
+    if source is None:
+        if name not in META:
+            die("case %s has no entry in META" % name)
+        source, check, good = META[name]
+    assert re.match(r"(cve|iotest|spec|peer): ", source), source
+    assert check and set(check) <= set("0123"), check
+    for f in (reason, source, good or ""):
+        assert "\t" not in f and "\n" not in f
     if not os.path.exists(os.path.join(OUT, name)):
         die("case %s: file was not written" % name)
-    CASES.append((name, args or "-", expect, regex or "-", reason))
+    CASES.append((name, args or "-", expect, check, regex or "-", good or "-",
+                  source, reason))
 
 
 def write_file(name, data):
@@ -251,6 +389,20 @@ def write_file(name, data):
 
 def support(name):
     SUPPORT.append(name)
+
+
+def sparse_copy(src, dst):
+    """Copy src to dst leaving holes where src has zero clusters."""
+    with open(src, "rb") as fi, open(dst, "wb") as fo:
+        while True:
+            blk = fi.read(65536)
+            if not blk:
+                break
+            if blk.count(0) == len(blk):
+                fo.seek(len(blk), 1)
+            else:
+                fo.write(blk)
+        fo.truncate()
 
 
 # --------------------------------------------------------------------------
@@ -375,7 +527,9 @@ def header_cases():
 
     for bits, why in ((8, "below the spec minimum 9"),
                       (22, "4 MiB, above QEMU's 2 MiB maximum"),
-                      (40, "absurd: 1 TiB clusters, shifts overflow 32-bit maths")):
+                      (31, "2 GiB: 1 << 31 overflows a 32-bit int"),
+                      (40, "absurd: 1 TiB clusters, shifts overflow 32-bit maths"),
+                      (63, "2^63-byte clusters: every shift by it overflows")):
         i = tpl("std.qcow2")
         i.u32(20, bits)
         i.save("cluster-bits-%d.qcow2" % bits)
@@ -1074,6 +1228,325 @@ def foreign_cases():
          "an xz file (fd 37 7a 58 5a 00); QEMU probes it as raw")
 
 
+def t64(name, opts=None, writes=(), snapshot=None, after=()):
+    """A 64 MiB image as qemu-iotests 080/060/112 make them (qemu-img create,
+    then qemu-io writes), so their offsets hold: header 0, refcount table
+    0x10000, refcount block 0x20000, L1 0x30000, first L2 0x40000."""
+    p = qimg_create(name, size=64 * MIB, opts=opts)
+    if writes:
+        qio(p, *writes)
+    if snapshot:
+        run("qemu-img", "snapshot", "-c", snapshot, p)
+    if after:
+        qio(p, *after)
+    return Img(p)
+
+
+IT080 = "iotest: 080 '%s'"
+IT060 = "iotest: 060 '%s'"
+# std-like content of the iotest images: cluster 0 and one at 1 MiB
+T64_WRITES = ("write -P 0x11 0 64k", "write -P 0x33 1M 64k")
+T64_GOOD = "0x33@1M+64k"
+
+
+def iotest080_cases():
+    for v in (0xFFFFFFFF, 0x7FFFFFFF):
+        i = t64("t.qcow2")
+        i.u32(100, v)
+        n = "i080-hdrlen-%x.qcow2" % v
+        i.save(n)
+        case(n, "-", "refuse", r"header", "header_length %#x. qemu: qcow2 header "
+             "exceeds cluster size" % v, IT080 % "== Huge header size ==", "1")
+
+    # (080 pokes the first extension at 104, the v3 header length of its
+    # time; images now have 112-byte headers, so at header_length)
+    for bfo, n, why in ((0xFFFFFFFFFFFFFFFF, "max", "backing_file_offset 2^64-1. qemu: Invalid backing file offset"),
+                        (None, "in-ext", "backing_file_offset pointing inside the extension. qemu: Header extension too large"),
+                        (0, "0", "no backing file. qemu: Header extension too large")):
+        i = t64("t.qcow2")
+        h = i.hdr_len
+        i.u64(8, h + 4 if bfo is None else bfo)
+        i.u32(h, 0x12345678)
+        i.u32(h + 4, 0x7FFFFFFF)
+        n = "i080-ext-huge-bfo-%s.qcow2" % n
+        i.save(n)
+        case(n, "-", "refuse", r"extension|header|backing",
+             "unknown header extension 0x12345678 of length 0x7fffffff; " + why,
+             IT080 % "== Huge unknown header extension ==", "1")
+
+    for v in (0xFFFFFFFF, 0x00020001):
+        i = t64("t.qcow2")
+        i.u32(56, v)
+        n = "i080-reftable-clusters-%x.qcow2" % v
+        i.save(n)
+        case(n, "-", "refuse", r"refcount|reference count",
+             "refcount_table_clusters %#x. qemu: Reference count table too large" % v,
+             IT080 % "== Huge refcount table size ==" +
+             "; cloud-hypervisor PR #8679 (refcount_table_clusters not bounded: OOM)", "1")
+
+    i = t64("t.qcow2")
+    i.u64(48, 0x1234567890ABCDEF)
+    i.save("i080-reftable-misaligned.qcow2")
+    case("i080-reftable-misaligned.qcow2", "-", "refuse", r"refcount|reference count",
+         "refcount_table_offset 0x1234567890abcdef. qemu: Invalid reference count table offset",
+         IT080 % "== Misaligned refcount table ==", "1")
+
+    i = t64("t.qcow2")
+    i.u64(48, 0xFFFFFFFFFFFF0000)
+    i.u32(56, 0x7F)
+    i.save("i080-reftable-offset-huge.qcow2")
+    case("i080-reftable-offset-huge.qcow2", "-", "refuse", r"refcount|reference count",
+         "refcount_table_offset 0xffffffffffff0000 with 127 clusters: offset + size "
+         "overflows. qemu: Invalid reference count table offset",
+         IT080 % "== Huge refcount offset ==", "1")
+
+    for off, nb, why in ((None, 0xFFFFFFFF, "nb_snapshots 0xffffffff. qemu: Too many snapshots"),
+                         (None, 0x7FFFFFFF, "nb_snapshots 0x7fffffff. qemu: Too many snapshots"),
+                         (0xFFFFFFFFFFFF0000, 0xFFFF, "snapshots_offset 0xffffffffffff0000, 65535 "
+                          "snapshots. qemu: Invalid snapshot table offset"),
+                         (0x1234567890ABCDEF, 0, "snapshots_offset 0x1234567890abcdef, no "
+                          "snapshots. qemu: Invalid snapshot table offset")):
+        i = t64("t.qcow2")
+        if off is not None:
+            i.u64(64, off)
+        i.u32(60, nb)
+        n = "i080-snaptable-%x-%x.qcow2" % ((off or 0) & 0xFFFF, nb)
+        i.save(n)
+        case(n, "-", "meta", r"snapshot", why, IT080 % "== Invalid snapshot table ==", "1")
+
+    i = t64("t.qcow2")
+    i.u64(64, 0x1000000)
+    i.u32(60, 0x10000)
+    i.save("i080-snaptable-limit.qcow2")
+    case("i080-snaptable-limit.qcow2", "-", "meta", r"snapshot",
+         "65536 snapshots at 16 MiB, past the end of a 320 KiB file. QEMU "
+         "zero-fills and reads", IT080 % "== Hitting snapshot table size limit ==", "1")
+
+    for off, size, why in ((None, 0xFFFFFFFF, "l1_size 0xffffffff. qemu: Active L1 table too large"),
+                           (0x7FFFFFFFFFFF0000, 0xFFFF, "l1_table_offset 0x7fffffffffff0000, "
+                            "l1_size 65535. qemu: Invalid L1 table offset"),
+                           (0x1234567890ABCDEF, 1, "l1_table_offset 0x1234567890abcdef. "
+                            "qemu: Invalid L1 table offset")):
+        i = t64("t.qcow2")
+        if off is not None:
+            i.u64(40, off)
+        i.u32(36, size)
+        n = "i080-l1-%x-%x.qcow2" % ((off or 0) & 0xFFFF, size)
+        i.save(n)
+        case(n, "-", "refuse", r"l1", why, IT080 % "== Invalid L1 table ==", "1")
+
+    i = t64("t.qcow2", snapshot="foo")
+    i.u32(36, 0)
+    i.save("i080-l1-size0-snapshot.qcow2")
+    case("i080-l1-size0-snapshot.qcow2", "-", "refuse", r"l1",
+         "l1_size 0 in an image with an internal snapshot. qemu: L1 table is too small",
+         IT080 % "== Invalid L1 table (with internal snapshot in the image) ==", "1")
+
+    i = t64("t.qcow2")
+    i.u64(8, 0x1000)
+    i.u32(16, 0xFFFFFFFF)
+    i.save("i080-backing-size-huge.qcow2")
+    case("i080-backing-size-huge.qcow2", "-", "refuse", r"backing",
+         "backing_file_offset 0x1000, backing_file_size 0xffffffff. qemu: Backing "
+         "file name too long", IT080 % "== Invalid backing file size ==", "1")
+
+    for v, why in ((0xBFFFFFFFFFFF0000, "reserved bits 56-61 and a host offset near 2^56"),
+                   (0x800000FFFFFF0000, "a data cluster near 1 TiB, past the end of the file")):
+        i = t64("t.qcow2", writes=T64_WRITES)
+        i.l2(0, v)
+        n = "i080-l2-%x.qcow2" % (v >> 48)
+        i.save(n)
+        case(n, "-", "either", r"l2|reserved|past|end of file|eof|beyond|outside|read",
+             "L2[0] = %#x: %s. QEMU reads zeros; snapshot creation fails" % (v, why),
+             IT080 % "== Invalid L2 entry (huge physical offset) ==", "2", T64_GOOD)
+
+    for field, val, n, why in ((0, 0x400200, "i080-snap-l1-unaligned.qcow2",
+                                "snapshot L1 table offset 0x400200 (unaligned). qemu: "
+                                "Snapshot L1 table offset invalid"),
+                               (8, 0x10000000, "i080-snap-l1-huge.qcow2",
+                                "snapshot l1_size 0x10000000. qemu: Snapshot L1 table too large")):
+        i = t64("t.qcow2", writes=T64_WRITES, snapshot="test")
+        so = i.u64(64)
+        if field == 0:
+            i.u64(so, val)
+        else:
+            i.u32(so + 8, val)
+        i.save(n)
+        case(n, "-", "either", r"snapshot|l1", why + ". The active layer is intact",
+             IT080 % ("== Invalid snapshot L1 table %s ==" % ("offset" if field == 0 else "size")),
+             "12", "0x11@0+64k," + T64_GOOD)
+
+
+def iotest060_cases():
+    base = lambda: t64("t.qcow2", writes=T64_WRITES)
+
+    i = base()
+    i.l1(0, COPIED | i.l1_off)
+    i.save("i060-l2-into-l1.qcow2")
+    case("i060-l2-into-l1.qcow2", "-", "either", r"l1|l2|overlap|metadata",
+         "L1[0] names the L1 table itself as its L2 table (COPIED set). qemu-img "
+         "check reports the overlap; reading is well defined",
+         IT060 % "=== Testing L2 reference into L1 ===", "2")
+
+    i = base()
+    rb = i.u64(i.u64(48)) & OFF_MASK
+    i.l2(0, COPIED | rb)
+    i.save("i060-data-into-refblock.qcow2")
+    case("i060-data-into-refblock.qcow2", "-", "either", r"refcount|overlap|metadata",
+         "L2[0] maps guest cluster 0 onto the refcount block. qemu-img check -r all "
+         "repairs it", IT060 % "=== Testing cluster data reference into refcount block ===",
+         "2", T64_GOOD)
+
+    i = t64("t.qcow2", writes=("write -P 1 0 512",) + T64_WRITES[1:], snapshot="foo",
+            after=("write -P 2 0 512",))
+    so = i.u64(64)
+    snap_l1 = i.u64(so)
+    inactive_l2 = i.u64(snap_l1) & OFF_MASK
+    i.l2(0, COPIED | inactive_l2)
+    i.save("i060-data-into-inactive-l2.qcow2")
+    case("i060-data-into-inactive-l2.qcow2", "-", "either", r"l2|overlap|metadata|snapshot",
+         "active L2[0] maps guest cluster 0 onto the snapshot's L2 table",
+         IT060 % "=== Testing cluster data reference into inactive L2 table ===", "2", T64_GOOD)
+
+    i = base()
+    i.l1(0, COPIED | (i.l2_table() + 0x2A00))
+    i.save("i060-l1-entry-unaligned.qcow2")
+    case("i060-l1-entry-unaligned.qcow2", "-", "data", r"l2|align|boundary",
+         "L1[0] = L2 offset + 0x2a00. qemu: L2 table offset 0x42a00 unaligned -> EIO",
+         IT060 % "=== Testing unaligned L1 entry ===", "2")
+
+    i = base()
+    i.l2(0, COPIED | ((i.l2(0) & OFF_MASK) + 0x2A00))
+    i.save("i060-l2-entry-unaligned.qcow2")
+    case("i060-l2-entry-unaligned.qcow2", "-", "data", r"align|boundary|offset",
+         "L2[0] = data offset + 0x2a00. qemu: Cluster allocation offset 0x52a00 unaligned -> EIO",
+         IT060 % "=== Testing unaligned L2 entry ===", "2", T64_GOOD)
+
+    for name, off, sec in (("i060-zero-unaligned.qcow2", None,
+                            "=== Testing unaligned pre-allocated zero cluster ==="),
+                           ("i060-zero-in-header.qcow2", 0x2A00,
+                            "=== Writing to an unaligned preallocated zero cluster ===")):
+        i = base()
+        host = (i.l2(0) & OFF_MASK) + 0x2A00 if off is None else off
+        i.l2(0, COPIED | host | 1)
+        i.save(name)
+        case(name, "-", "either", r"align|boundary|offset|zero",
+             "L2[0] = zero flag with preallocated host offset %#x (unaligned). QEMU "
+             "signals a corruption when it needs the offset" % host, IT060 % sec, "2", T64_GOOD)
+
+    for name, patch, sec, why in (
+            ("i060-reftable-entry-unaligned.qcow2",
+             lambda i: i.u64(i.u64(48), i.u64(i.u64(48)) + 0x2A00),
+             "=== Testing unaligned reftable entry ===", "refcount table entry 0 = block + 0x2a00"),
+            ("i060-reftable-empty.qcow2", lambda i: i.u64(i.u64(48), 0),
+             "=== Testing empty refcount table ===", "refcount table entry 0 is 0: no refcount block"),
+            ("i060-refblock-empty.qcow2",
+             lambda i: i.put(i.u64(i.u64(48)) & OFF_MASK, bytes(8)),
+             "=== Testing empty refcount block ===", "refcounts of clusters 0-3 (header, tables) are 0"),
+            ("i060-reftable-offset-0.qcow2", lambda i: i.u64(48, 0),
+             "=== Testing incorrect refcount table offset ===", "refcount_table_offset 0: the header is read as the refcount table. qcowkit refuses to open it"),
+            ("i060-dirty-refblock-unaligned.qcow2",
+             lambda i: (i.u64(i.u64(48), 0xFFFF2A00), i.set_incompat(1)),
+             "=== Testing dirty corrupt image ===", "refcount table entry 0 = 0xffff2a00 and the dirty bit set; a read-only open must not repair"),
+            ("i060-refblock-past-eof.qcow2", lambda i: i.u64(i.u64(48) + 8, 0x00FFFFFF00000000),
+             "=== Discarding an out-of-bounds refblock ===", "refcount table entry 1 = 0xffffff00000000, far past the end of the file")):
+        i = base()
+        patch(i)
+        i.save(name)
+        case(name, "-", "either", r"refcount|reference count|align|header",
+             why + ". Reading needs no refcounts", IT060 % sec, "12",
+             None if "offset-0" in name else "0x11@0+64k," + T64_GOOD)
+
+    for name, extra, sec in (("i060-rc1-refblock-uncovered.qcow2", None,
+                              "=== Discarding a non-covered in-bounds refblock ==="),
+                             ("i060-rc1-refblock-unaligned.qcow2", 0x200,
+                              "=== Discarding a refblock covered by an unaligned refblock ===")):
+        i = t64("t.qcow2", opts="refcount_bits=1", writes=T64_WRITES)
+        rt = i.u64(48)
+        i.u64(rt + 8, 0x1000000000)
+        if extra:
+            i.u64(rt + 16, extra)
+        i.save(name)
+        case(name, "-", "either", r"refcount|reference count|align|past|end of file",
+             "refcount_bits=1; refcount table entry 1 = 64 GiB (a block no refcount "
+             "covers)%s. Reading needs no refcounts" %
+             ("; entry 2 = 0x200 (unaligned)" if extra else ""),
+             IT060 % sec, "12", "0x11@0+64k," + T64_GOOD)
+
+    i = base()
+    i.l1(0, 0x2A2A2A2A)
+    i.save("i060-inactive-l1-unaligned.qcow2")
+    case("i060-inactive-l1-unaligned.qcow2", "-", "data", r"l2|align|boundary",
+         "L1[0] = 0x2a2a2a2a (unaligned, COPIED clear). qemu: a read-only open reports "
+         "the corruption without marking the image", IT060 % "=== Testing incoming inactive corrupted image ===", "2")
+
+
+def iotest112_cases():
+    i = t64("t.qcow2", opts="refcount_bits=1", writes=T64_WRITES)
+    i.l2(1, i.l2(0))
+    i.save("i112-rc1-two-refs.qcow2")
+    case("i112-rc1-two-refs.qcow2", "-", "either", r"refcount|reference|copied",
+         "refcount_bits=1; L2[1] = L2[0]: two references to one cluster, a count 1-bit "
+         "refcounts cannot hold. qemu-img check -r all: please use amend",
+         "iotest: 112 '=== Testing too many references for check ==='", "2",
+         "0x11@0+64k,0x11@64k+64k," + T64_GOOD)
+
+    for name, val, sec in (("i112-rc64-msb.qcow2", 1 << 63, "=== MSb set in 64 bit refcount ==="),
+                           ("i112-rc64-max.qcow2", (1 << 64) - 1,
+                            "=== Snapshot on maximum 64 bit refcount value ===")):
+        i = t64("t.qcow2", opts="refcount_bits=64", writes=T64_WRITES)
+        rb = i.u64(i.u64(48)) & OFF_MASK
+        data = i.l2(0) & OFF_MASK
+        i.u64(rb + 8 * (data // i.cs), val)
+        i.l2(0, data)            # COPIED cleared, as the test does
+        i.save(name)
+        case(name, "-", "either", r"refcount|reference|copied",
+             "refcount_bits=64; the data cluster's refcount is %#x, COPIED clear" % val,
+             "iotest: 112 '%s'" % sec, "23", "0x11@0+64k," + T64_GOOD)
+
+
+def iotest261_cases():
+    # 64 KiB of unknown extra data in a snapshot table entry
+    i = tpl("snap.qcow2")
+    so = i.u64(64)
+    i.u32(so + 36, 0x10000)
+    i.save("i261-extra-64k.qcow2")
+    case("i261-extra-64k.qcow2", "-", "meta", r"snapshot|extra",
+         "snapshot entry extra_data_size 65536. qemu: Too much extra metadata in "
+         "snapshot table entry 0", "iotest: 261 '=== Reject too much unknown extra data ==='", "1")
+
+    # 131072 all-zero v2 snapshot table entries at 1 MiB
+    i = tpl("v2.qcow2")
+    i.u64(64, 0x100000)
+    i.u32(60, 0x20000)
+    i._grow(0x100000 + 40 * 0x20000)
+    i.save("i261-too-many.qcow2")
+    case("i261-too-many.qcow2", "-", "meta", r"snapshot",
+         "v2 image with 131072 (all-zero) snapshot table entries. qemu: Snapshot "
+         "table too large / too many snapshots", "iotest: 261 '=== Too many snapshots ==='", "1")
+
+
+def peer_cases():
+    i = tpl("std.qcow2")
+    i.l2(1, COPIED | i.l2_table())
+    i.save("peer-data-over-l2.qcow2")
+    case("peer-data-over-l2.qcow2", "-", "either", r"l2|overlap|metadata",
+         "L2[1] maps guest cluster 1 onto the live L2 table itself (a cluster that is "
+         "both an L2 table and data)",
+         "peer: cloud-hypervisor issue #8606 (free-cluster allocator handed out live L2 "
+         "tables; clusters referenced both as L2 table and as data)", "2",
+         "0x33@1M+64k,0x44@4032k+64k")
+
+    p = qimg_create("pb.qcow2", size=1 << 50)
+    sparse_copy(p, os.path.join(OUT, "cve-2015-5162-petabyte.qcow2"))
+    case("cve-2015-5162-petabyte.qcow2", "-", "either", r"size|large|big|space|file",
+         "a file of a few MiB claiming a 1 PiB disk (16 MiB L1 table): every command "
+         "must finish quickly in bounded memory; convert to raw may fail (the file "
+         "system cannot hold 1 PiB)",
+         "cve: CVE-2015-5162 (OpenStack: qemu-img on a crafted image not limited in "
+         "memory and time, GHSA-g2j5-7vgx-6xrx)", "0")
+
+
 def positive_controls():
     for t, why in (("std", "v3, 64k clusters, data in 4 places"),
                    ("comp", "deflate-compressed cluster 0"),
@@ -1110,7 +1583,7 @@ def qemu_report():
     def last(p):
         lines = [l for l in p.stderr.decode(errors="replace").splitlines() if l.strip()]
         return lines[-1] if lines else ""
-    for name, args, expect, regex, reason in CASES:
+    for name, args, expect, _check, regex, _good, _source, reason in CASES:
         a = [] if args == "-" else args.split()
         f = os.path.join(OUT, name)
         r1 = run("qemu-img", "info", "-U", *a, f, ok=False, timeout=10)
@@ -1155,6 +1628,11 @@ def main():
     bitmap_cases()
     backing_cases()
     foreign_cases()
+    iotest080_cases()
+    iotest060_cases()
+    iotest112_cases()
+    iotest261_cases()
+    peer_cases()
 
     names = [c[0] for c in CASES]
     if len(set(names)) != len(names):
@@ -1165,10 +1643,11 @@ def main():
             die("%s is too big" % n)
 
     lines = ["# generated by tests/bad/mkbad.py -- do not edit; see its docstring",
-             "# file\targs\texpect\tregex\trawsha\treason"]
-    for name, args, expect, regex, reason in CASES:
+             "# file\targs\texpect\tcheck\tregex\tgood\trawsha\tsource\treason"]
+    for name, args, expect, check, regex, good, source, reason in CASES:
         sha = raw_sha(name, args) if expect == "open" else "-"
-        lines.append("\t".join((name, args, expect, regex, sha, reason)))
+        lines.append("\t".join((name, args, expect, check, regex, good, sha,
+                                 source, reason)))
     with open(os.path.join(OUT, "cases.txt"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
