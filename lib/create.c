@@ -11,19 +11,17 @@
 #include "internal.h"
 
 #include <errno.h>
-#include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 /* ---- shared with qcow2/create.c --------------------------------------------
  * These belong in internal.h (a "create.c" section); until they move there
  * each file that uses them repeats the declarations.
  */
-int qk__create_open(const char *path);
-int qk__create_grow(int fd, uint64_t from, uint64_t to, int prealloc);
-int qk__create_sync(int fd, const char *path);
+int qk__create_open(const char *path, struct qk__file **out);
+int qk__create_grow(struct qk__file *f, uint64_t from, uint64_t to, int prealloc);
+int qk__create_sync(struct qk__file *f);
 int qk__qcow2_create(const char *path, const struct qk_create_options *o);
 
 QK_EXPORT void qk_create_options_init(struct qk_create_options *opts)
@@ -42,34 +40,26 @@ QK_EXPORT void qk_create_options_init(struct qk_create_options *opts)
 
 /*
  * Create `path` for writing, truncating an existing file, mode 0644 less
- * the umask. Returns the descriptor (>= 0), or a negative errno with
- * "Could not create 'PATH': <reason>" recorded (qemu-img's words).
+ * the umask, through the POSIX backend (all byte I/O of the library goes
+ * through the backend table). Returns 0, or a negative errno with "Could
+ * not create 'PATH': <reason>" recorded (qemu-img's words).
  */
-int qk__create_open(const char *path)
+int qk__create_open(const char *path, struct qk__file **out)
 {
-	int fd = open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-	if (fd < 0) {
-		int e = errno;
-		return qk__err(e, "Could not create '%s': %s", path, strerror(e));
-	}
-	return fd;
+	return qk__file_create_posix(path, out);
 }
 
-/* Write zeros over [from, to) of fd, 64 KiB at a time. */
-static int write_zeros(int fd, uint64_t from, uint64_t to)
+/* Write zeros over [from, to) of f, 64 KiB at a time. */
+static int write_zeros(struct qk__file *f, uint64_t from, uint64_t to)
 {
 	static const uint8_t zeros[65536];
 	while (from < to) {
 		size_t n = (size_t)qk_min_u64(to - from, sizeof zeros);
-		ssize_t w = pwrite(fd, zeros, n, (off_t)from);
-		if (w < 0 && errno == EINTR)
-			continue;
-		if (w <= 0) {
-			int e = w < 0 ? errno : EIO;
-			return qk__err(e, "Could not write zeros for preallocation: %s",
-				       strerror(e));
-		}
-		from += (uint64_t)w;
+		int ret = f->ops->pwrite(f, zeros, n, from);
+		if (ret < 0)
+			return qk__err(-ret, "Could not write zeros for preallocation: %s",
+				       strerror(-ret));
+		from += n;
 	}
 	return 0;
 }
@@ -80,63 +70,57 @@ static int write_zeros(int fd, uint64_t from, uint64_t to)
  * block is allocated, and `map` of a raw image reports it as data. We do
  * the same so maps agree: 512 bytes for files under 4 KiB, else 4 KiB.
  */
-static int allocate_first_block(int fd, uint64_t size)
+static int allocate_first_block(struct qk__file *f, uint64_t size)
 {
 	static const uint8_t zeros[4096];
 	size_t n = size < sizeof zeros ? 512 : sizeof zeros;
 
 	if (size < n)
 		return 0;
-	return pwrite(fd, zeros, n, 0) < 0 ? -errno : 0;
+	return f->ops->pwrite(f, zeros, n, 0);
 }
 
 /*
  * Make the file at least `to` bytes long, where [from, to) is space the
  * caller has not written: left sparse (QK_PREALLOC_OFF, QK_PREALLOC_METADATA),
- * reserved with posix_fallocate (QK_PREALLOC_FALLOC), or written with zeros
- * (QK_PREALLOC_FULL). A file already longer than `to` keeps its length.
- * With from == 0 (a new, empty file) its first block is allocated, as
- * QEMU's file driver does. Returns 0 or a
- * negative errno (recorded): -EFBIG/-EINVAL for sizes the file system
- * refuses, -ENOSPC, -EIO.
+ * reserved with the backend's allocate (posix_fallocate; QK_PREALLOC_FALLOC),
+ * or written with zeros (QK_PREALLOC_FULL). A file already longer than `to`
+ * keeps its length. With from == 0 (a new, empty file) its first block is
+ * allocated, as QEMU's file driver does. Returns 0 or a negative errno
+ * (recorded): -EFBIG/-EINVAL for sizes the file system refuses, -ENOSPC,
+ * -EIO, -ENOTSUP (no preallocation on this backend).
  */
-int qk__create_grow(int fd, uint64_t from, uint64_t to, int prealloc)
+int qk__create_grow(struct qk__file *f, uint64_t from, uint64_t to, int prealloc)
 {
-	struct stat st;
-	int e;
+	uint64_t size;
+	int ret;
 
 	if (to > (uint64_t)INT64_MAX)
 		return qk__err(EINVAL, "Could not resize file: %s", strerror(EINVAL));
-	if (fstat(fd, &st) < 0) {
-		e = errno;
-		return qk__err(e, "Could not resize file: %s", strerror(e));
-	}
+	if ((ret = qk__file_get_size(f, &size)) < 0)
+		return ret;
 	if (from < to && prealloc == QK_PREALLOC_FALLOC) {
-		e = posix_fallocate(fd, (off_t)from, (off_t)(to - from));
-		if (e != 0)
-			return qk__err(e, "Could not preallocate new data: %s", strerror(e));
-	} else if ((uint64_t)st.st_size < to && ftruncate(fd, (off_t)to) < 0) {
-		e = errno;
-		return qk__err(e, "Could not resize file: %s", strerror(e));
+		ret = f->ops->allocate ? f->ops->allocate(f, from, to - from) :
+		      qk__err(ENOTSUP, "Could not preallocate new data: %s", strerror(ENOTSUP));
+		if (ret < 0)
+			return ret;
+	} else if (size < to && (ret = f->ops->set_size(f, to)) < 0) {
+		return ret;
 	}
 	if (from < to && prealloc == QK_PREALLOC_FULL)
-		return write_zeros(fd, from, to);
+		return write_zeros(f, from, to);
 	if (from == 0 && to > 0) {
-		e = allocate_first_block(fd, to);
-		if (e < 0)
-			return qk__err(-e, "Could not write to a new file: %s", strerror(-e));
+		ret = allocate_first_block(f, to);
+		if (ret < 0)
+			return qk__err(-ret, "Could not write to a new file: %s", strerror(-ret));
 	}
 	return 0;
 }
 
-/* fsync, naming the file in the message on failure. */
-int qk__create_sync(int fd, const char *path)
+/* Make everything written durable (the backend names the file on failure). */
+int qk__create_sync(struct qk__file *f)
 {
-	if (fsync(fd) < 0) {
-		int e = errno;
-		return qk__err(e, "Could not flush '%s': %s", path, strerror(e));
-	}
-	return 0;
+	return f->ops->sync(f);
 }
 
 /*
@@ -146,8 +130,9 @@ int qk__create_sync(int fd, const char *path)
  */
 static int create_raw(const char *path, const struct qk_create_options *o)
 {
+	struct qk__file *f;
 	uint64_t size;
-	int fd, ret;
+	int ret;
 
 	if (o->backing_file)
 		return qk__err(EINVAL, "Backing file not supported for file format 'raw'");
@@ -165,13 +150,13 @@ static int create_raw(const char *path, const struct qk_create_options *o)
 	 * ftruncate does ("Invalid argument"). */
 	size = o->size > UINT64_MAX - 511 ? UINT64_MAX : (o->size + 511) & ~511ull;
 
-	fd = qk__create_open(path);
-	if (fd < 0)
-		return fd;
-	ret = qk__create_grow(fd, 0, size, o->preallocation);
+	ret = qk__create_open(path, &f);
+	if (ret < 0)
+		return ret;
+	ret = qk__create_grow(f, 0, size, o->preallocation);
 	if (ret == 0 && o->preallocation != QK_PREALLOC_OFF)
-		ret = qk__create_sync(fd, path);
-	close(fd);
+		ret = qk__create_sync(f);
+	qk__file_close(f);
 	if (ret < 0)
 		unlink(path);
 	return ret;

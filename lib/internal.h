@@ -68,6 +68,9 @@ struct qk__io_ops {
 	/* Make [off, off+len) read as zeros without writing them (space stays
 	 * allocated). May be NULL; -ENOTSUP when the file system cannot. */
 	int (*zero_range)(struct qk__file *f, uint64_t off, uint64_t len);
+	/* Reserve storage for [off, off+len), growing the file to cover it
+	 * (posix_fallocate). May be NULL. */
+	int (*allocate)(struct qk__file *f, uint64_t off, uint64_t len);
 	/* Take the image lock (QEMU-compatible): for writing or reading, and
 	 * with force_share, without keeping others from writing. -EAGAIN when
 	 * another process holds a conflicting lock. May be NULL. */
@@ -102,6 +105,9 @@ void qk__file_close(struct qk__file *f);
  * QK_OPEN_UNSAFE makes syncs no-ops. */
 int qk__file_open_posix(const char *path, bool writable, uint32_t open_flags,
 			struct qk__file **out);
+/* Create `path` for writing (truncating an existing file; mode 0644 less
+ * the umask), with "Could not create 'PATH': <reason>" on failure. */
+int qk__file_create_posix(const char *path, struct qk__file **out);
 
 /* io/mem.c: a growable buffer, for unit tests and fuzzers. The data is
  * copied; `name` is used in messages. */

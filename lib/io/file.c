@@ -231,6 +231,16 @@ static int file_zero_range(struct qk__file *f, uint64_t off, uint64_t len)
 	return falloc(f, FALLOC_FL_ZERO_RANGE, off, len, &pf->no_zero_range);
 }
 
+static int file_allocate(struct qk__file *f, uint64_t off, uint64_t len)
+{
+	if (off > (uint64_t)INT64_MAX || len > (uint64_t)INT64_MAX - off)
+		return qk__err(EINVAL, "Could not preallocate new data: %s", strerror(EINVAL));
+	int e = posix_fallocate(fd_of(f), (off_t)off, (off_t)len);
+	if (e != 0)
+		return qk__err(e, "Could not preallocate new data: %s", strerror(e));
+	return 0;
+}
+
 /*
  * Image locking, compatible with QEMU's: OFD read locks on single bytes,
  * 100 + p for each permission p held and 200 + p for each permission not
@@ -323,10 +333,33 @@ static const struct qk__io_ops posix_ops = {
 	.block_status = file_block_status,
 	.discard = file_discard,
 	.zero_range = file_zero_range,
+	.allocate = file_allocate,
 	.identity = file_identity,
 	.lock = file_lock,
 	.close = file_close,
 };
+
+/* A file for descriptor fd (closed on failure). */
+static int wrap_fd(const char *path, int fd, struct qk__file **out)
+{
+	struct qk__file *f = calloc(1, sizeof *f);
+	struct posix_file *pf = calloc(1, sizeof *pf);
+	char *p = strdup(path);
+	if (!f || !pf || !p) {
+		free(f);
+		free(pf);
+		free(p);
+		close(fd);
+		return qk__err(ENOMEM, "out of memory");
+	}
+	pf->fd = fd;
+	pf->bfd = -1;
+	f->ops = &posix_ops;
+	f->priv = pf;
+	f->path = p;
+	*out = f;
+	return 0;
+}
 
 int qk__file_open_posix(const char *path, bool writable, uint32_t open_flags,
 			struct qk__file **out)
@@ -346,25 +379,24 @@ int qk__file_open_posix(const char *path, bool writable, uint32_t open_flags,
 		close(fd);
 		return qk__err(EISDIR, "Could not open '%s': Is a directory", path);
 	}
-	struct qk__file *f = calloc(1, sizeof *f);
-	struct posix_file *pf = calloc(1, sizeof *pf);
-	char *p = strdup(path);
-	if (!f || !pf || !p) {
-		free(f);
-		free(pf);
-		free(p);
-		close(fd);
-		return qk__err(ENOMEM, "out of memory");
-	}
-	pf->fd = fd;
+	int ret = wrap_fd(path, fd, out);
+	if (ret < 0)
+		return ret;
+	struct posix_file *pf = (*out)->priv;
 	pf->bfd = direct && writable ? open(path, flags) : -1;
 	pf->direct = direct;
 	pf->no_sync = open_flags & QK_OPEN_UNSAFE;
-	f->ops = &posix_ops;
-	f->priv = pf;
-	f->path = p;
-	*out = f;
 	return 0;
+}
+
+int qk__file_create_posix(const char *path, struct qk__file **out)
+{
+	int fd = open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+	if (fd < 0) {
+		int e = errno;
+		return qk__err(e, "Could not create '%s': %s", path, strerror(e));
+	}
+	return wrap_fd(path, fd, out);
 }
 
 void qk__file_close(struct qk__file *f)

@@ -31,16 +31,15 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 /* ---- shared with lib/create.c ----------------------------------------------
  * These belong in internal.h (a "create.c" section); until they move there
  * each file that uses them repeats the declarations.
  */
-int qk__create_open(const char *path);
-int qk__create_grow(int fd, uint64_t from, uint64_t to, int prealloc);
-int qk__create_sync(int fd, const char *path);
+int qk__create_open(const char *path, struct qk__file **out);
+int qk__create_grow(struct qk__file *f, uint64_t from, uint64_t to, int prealloc);
+int qk__create_sync(struct qk__file *f);
 int qk__qcow2_create(const char *path, const struct qk_create_options *o);
 
 /* QEMU writes header_length 112: the compression type byte and padding. */
@@ -850,22 +849,18 @@ static int check_options(const struct qk_create_options *o, uint64_t *size, int 
 
 /* ---- writing ------------------------------------------------------------------- */
 
-static int write_at(int fd, const char *path, const void *buf, uint64_t len, uint64_t off)
+static int write_at(struct qk__file *f, const void *buf, uint64_t len, uint64_t off)
 {
 	const uint8_t *p = buf;
 
 	while (len > 0) {
-		ssize_t w = pwrite(fd, p, (size_t)qk_min_u64(len, 1u << 30), (off_t)off);
-		if (w < 0 && errno == EINTR)
-			continue;
-		if (w <= 0) {
-			int e = w < 0 ? errno : EIO;
-			return qk__err(e, "Could not write '%s' at offset %llu: %s", path,
-				       (unsigned long long)off, strerror(e));
-		}
-		p += w;
-		off += (uint64_t)w;
-		len -= (uint64_t)w;
+		size_t n = (size_t)qk_min_u64(len, 1u << 30);
+		int ret = f->ops->pwrite(f, p, n, off);
+		if (ret < 0)
+			return ret;
+		p += n;
+		off += n;
+		len -= n;
 	}
 	return 0;
 }
@@ -900,17 +895,17 @@ static void fill_refblock(uint8_t *b, const struct model *m, uint64_t first)
 /* Write the model: data area first (so its preallocation never covers
  * metadata written after it), header, refcount table and blocks, L1, L2
  * tables, zeros over clusters QEMU wrote and abandoned, then the length. */
-static int write_image(int fd, const char *path, struct model *m, const uint8_t *header,
+static int write_image(struct qk__file *f, struct model *m, const uint8_t *header,
 		       int prealloc)
 {
 	uint64_t i, cs = m->cs, l2_entries = 1ull << m->l2_bits;
 	size_t esize = (size_t)(cs >> m->l2_bits), r = 0;
 	uint8_t *buf = NULL, *live = NULL;
-	struct stat st;
+	uint64_t fsize;
 	int ret;
 
 	if (m->prealloc_to > m->prealloc_from) {
-		ret = qk__create_grow(fd, m->prealloc_from, m->prealloc_to, prealloc);
+		ret = qk__create_grow(f, m->prealloc_from, m->prealloc_to, prealloc);
 		if (ret < 0)
 			return ret;
 	}
@@ -920,14 +915,14 @@ static int write_image(int fd, const char *path, struct model *m, const uint8_t 
 		ret = qk__err(ENOMEM, "out of memory");
 		goto out;
 	}
-	ret = write_at(fd, path, header, cs, 0);
+	ret = write_at(f, header, cs, 0);
 	if (ret < 0)
 		goto out;
 	bit_put(live, 0, true);
 
 	for (i = 0; i < m->rt_size; i++)
 		qk_put_be64(buf + i * 8, m->rt[i] << m->cbits);
-	ret = write_at(fd, path, buf, m->rt_size * 8, m->rt_cluster << m->cbits);
+	ret = write_at(f, buf, m->rt_size * 8, m->rt_cluster << m->cbits);
 	if (ret < 0)
 		goto out;
 	for (i = 0; i < m->rt_size * 8 / cs; i++)
@@ -937,7 +932,7 @@ static int write_image(int fd, const char *path, struct model *m, const uint8_t 
 		if (m->rt[i] == 0)
 			continue;
 		fill_refblock(buf, m, i << m->rb_bits);
-		ret = write_at(fd, path, buf, cs, m->rt[i] << m->cbits);
+		ret = write_at(f, buf, cs, m->rt[i] << m->cbits);
 		if (ret < 0)
 			goto out;
 		bit_put(live, m->rt[i], true);
@@ -951,7 +946,7 @@ static int write_image(int fd, const char *path, struct model *m, const uint8_t 
 		}
 		for (i = 0; i < m->l1_size; i++)
 			qk_put_be64(l1 + i * 8, m->l1[i] ? (m->l1[i] << m->cbits) | QCOW_OFLAG_COPIED : 0);
-		ret = write_at(fd, path, l1, m->l1_size * 8, m->l1_cluster << m->cbits);
+		ret = write_at(f, l1, m->l1_size * 8, m->l1_cluster << m->cbits);
 		free(l1);
 		if (ret < 0)
 			goto out;
@@ -971,7 +966,7 @@ static int write_image(int fd, const char *path, struct model *m, const uint8_t 
 					    ((run->host + k) << m->cbits) | QCOW_OFLAG_COPIED);
 			}
 		}
-		ret = write_at(fd, path, buf, cs, m->l1[i] << m->cbits);
+		ret = write_at(f, buf, cs, m->l1[i] << m->cbits);
 		if (ret < 0)
 			goto out;
 		bit_put(live, m->l1[i], true);
@@ -989,7 +984,7 @@ static int write_image(int fd, const char *path, struct model *m, const uint8_t 
 			for (uint64_t k = 0; k < per; k++)
 				qk_put_be64(buf + k * 8, i * per + k < o->size ?
 					    o->rt[i * per + k] << m->cbits : 0);
-			ret = write_at(fd, path, buf, cs, c << m->cbits);
+			ret = write_at(f, buf, cs, c << m->cbits);
 			if (ret < 0)
 				goto out;
 			bit_put(live, c, true);
@@ -1002,26 +997,24 @@ static int write_image(int fd, const char *path, struct model *m, const uint8_t 
 		for (unsigned k = 0; stale != 0; k++, stale >>= 1) {
 			if (!(stale & 1))
 				continue;
-			ret = write_at(fd, path, buf, cs, (i + k) << m->cbits);
+			ret = write_at(f, buf, cs, (i + k) << m->cbits);
 			if (ret < 0)
 				goto out;
 		}
 	}
 
 	if (!m->data_file && m->tail_to > m->tail_from) {
-		ret = write_at(fd, path, buf, m->tail_to - m->tail_from, m->tail_from);
+		ret = write_at(f, buf, m->tail_to - m->tail_from, m->tail_from);
 		if (ret < 0)
 			goto out;
 	}
 
-	if (fstat(fd, &st) < 0) {
-		ret = qk__err(errno, "Could not resize image: %s", strerror(errno));
+	if ((ret = qk__file_get_size(f, &fsize)) < 0)
 		goto out;
-	}
-	if ((uint64_t)st.st_size < m->file_end)
-		ret = qk__create_grow(fd, m->file_end, m->file_end, QK_PREALLOC_OFF);
+	if (fsize < m->file_end)
+		ret = qk__create_grow(f, m->file_end, m->file_end, QK_PREALLOC_OFF);
 	if (ret == 0)
-		ret = qk__create_sync(fd, path);
+		ret = qk__create_sync(f);
 out:
 	free(buf);
 	free(live);
@@ -1034,7 +1027,7 @@ out:
  * zeros, then the file is grown to where the mapping ends with the mode
  * (metadata leaves it sparse).
  */
-static int write_data_file(int fd, const char *path, const struct model *m,
+static int write_data_file(struct qk__file *f, const struct model *m,
 			   uint64_t size, int prealloc)
 {
 	static const uint8_t zeros[4096];
@@ -1042,19 +1035,19 @@ static int write_data_file(int fd, const char *path, const struct model *m,
 	int ret = 0;
 
 	if (prealloc == QK_PREALLOC_OFF) {
-		ret = qk__create_grow(fd, 0, size, QK_PREALLOC_OFF);
+		ret = qk__create_grow(f, 0, size, QK_PREALLOC_OFF);
 	} else {
 		for (uint64_t off = m->tail_from; ret == 0 && off < m->tail_to; off += sizeof zeros)
-			ret = write_at(fd, path, zeros,
+			ret = write_at(f, zeros,
 				       qk_min_u64(sizeof zeros, m->tail_to - off), off);
 		len = m->tail_to;
 		if (ret == 0 && m->grow_to > len)
-			ret = qk__create_grow(fd, len, m->grow_to,
+			ret = qk__create_grow(f, len, m->grow_to,
 					      prealloc == QK_PREALLOC_METADATA ?
 					      QK_PREALLOC_OFF : prealloc);
 	}
 	if (ret == 0)
-		ret = qk__create_sync(fd, path);
+		ret = qk__create_sync(f);
 	return ret;
 }
 
@@ -1069,9 +1062,9 @@ int qk__qcow2_create(const char *path, const struct qk_create_options *o)
 	struct model m;
 	uint8_t *header = NULL;
 	char *data_path = NULL;
-	int prealloc = QK_PREALLOC_OFF, fd = -1, dfd = -1, ret;
-	uint64_t size = 0;
-	struct stat a, b;
+	int prealloc = QK_PREALLOC_OFF, ret;
+	struct qk__file *f = NULL, *df = NULL;
+	uint64_t size = 0, dev_a, ino_a, dev_b, ino_b;
 
 	memset(&m, 0, sizeof m);
 	if (o->backing_file && strcmp(o->backing_file, path) == 0)
@@ -1117,10 +1110,9 @@ int qk__qcow2_create(const char *path, const struct qk_create_options *o)
 	/* The offsets are final now. */
 	build_header(header, &m, o, size, true);
 
-	fd = qk__create_open(path);
-	if (fd < 0) {
-		ret = fd;
-		fd = -1;
+	ret = qk__create_open(path, &f);
+	if (ret < 0) {
+		f = NULL;
 		goto out;
 	}
 	if (o->data_file) {
@@ -1129,33 +1121,32 @@ int qk__qcow2_create(const char *path, const struct qk_create_options *o)
 			ret = qk__err(ENOMEM, "out of memory");
 			goto out;
 		}
-		dfd = qk__create_open(data_path);
-		if (dfd < 0) {
-			ret = dfd;
-			dfd = -1;
+		ret = qk__create_open(data_path, &df);
+		if (ret < 0) {
+			df = NULL;
 			goto out;
 		}
-		if (fstat(fd, &a) == 0 && fstat(dfd, &b) == 0 &&
-		    a.st_dev == b.st_dev && a.st_ino == b.st_ino) {
+		if (f->ops->identity && f->ops->identity(f, &dev_a, &ino_a) == 0 &&
+		    df->ops->identity(df, &dev_b, &ino_b) == 0 && dev_a == dev_b && ino_a == ino_b) {
 			ret = qk__err(EINVAL, "The data file '%s' is the image itself",
 				      o->data_file);
 			goto out;
 		}
-		ret = write_data_file(dfd, data_path, &m, size, prealloc);
+		ret = write_data_file(df, &m, size, prealloc);
 		if (ret < 0)
 			goto out;
 	}
-	ret = write_image(fd, path, &m, header, prealloc);
+	ret = write_image(f, &m, header, prealloc);
 
 out:
 	/* A failure after the files were created removes them, as QEMU does. */
-	if (dfd >= 0) {
-		close(dfd);
+	if (df) {
+		qk__file_close(df);
 		if (ret < 0)
 			unlink(data_path);
 	}
-	if (fd >= 0) {
-		close(fd);
+	if (f) {
+		qk__file_close(f);
 		if (ret < 0)
 			unlink(path);
 	}
