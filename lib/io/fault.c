@@ -21,11 +21,12 @@
  *   `keep_pending` variant (a process crash with the kernel alive), all of
  *   them land. Write N itself lands in part, torn at a sector boundary
  *   (QK__FAULT_SECTOR): only the sectors wholly inside its first
- *   `torn_bytes` bytes are kept (0 keeps nothing; a sector is atomic, so
- *   an 8-byte header update lands whole or not at all). Other writes than
- *   pwrite are never torn. From the cut on, every operation of every file
- *   of this controller fails with -EIO ("power cut"), so the library's
- *   later actions change nothing.
+ *   `torn_bytes` bytes are kept; 0 keeps nothing, `torn_bytes` of at least
+ *   its length keeps it whole (a sector is atomic: an 8-byte header update
+ *   lands whole or not at all). Writes other than pwrite (set_size,
+ *   discard, zero_range) never land at the cut. From the cut on, every
+ *   operation fails with -EIO ("power cut"), so the library's later
+ *   actions change nothing.
  * - An error injection fails the Nth read, write or sync (1-based, counted
  *   per kind) with a chosen errno, once or for every later one of that
  *   kind too (a full disk). A failed operation changes nothing.
@@ -249,13 +250,12 @@ static void power_cut(struct qk__fault *ft, const struct log_rec *r)
 		for (size_t i = 0; i < ft->nlog; i++)
 			apply(ft, &ft->log[i], UINT64_MAX);
 	clear_log(ft);
-	if (r->kind == LOG_WRITE && ft->torn_bytes) {
-		uint64_t end = qk_min_u64(r->off + r->len, r->off + ft->torn_bytes);
-		end &= ~(uint64_t)(QK__FAULT_SECTOR - 1);
+	if (r->kind == LOG_WRITE && ft->torn_bytes >= r->len) {
+		apply(ft, r, UINT64_MAX);
+	} else if (r->kind == LOG_WRITE && ft->torn_bytes) {
+		uint64_t end = (r->off + ft->torn_bytes) & ~(uint64_t)(QK__FAULT_SECTOR - 1);
 		uint64_t start = (r->off + QK__FAULT_SECTOR - 1) & ~(uint64_t)(QK__FAULT_SECTOR - 1);
-		if (end >= r->off + r->len)
-			apply(ft, r, UINT64_MAX);
-		else if (end > start) {
+		if (end > start) {
 			struct log_rec part = *r;
 			part.off = start;
 			part.data = r->data + (start - r->off);
