@@ -58,14 +58,12 @@ if [ -n "${QK_SANITIZE:-}" ]; then
   export ASAN_OPTIONS="${ASAN_OPTIONS:+$ASAN_OPTIONS:}hard_rss_limit_mb=1500:max_allocation_size_mb=1000:allocator_may_return_null=1"
 fi
 
-# run OUT ERR CMD...: run a command capped in time ($tmo s) and memory; returns its status.
+# run OUT ERR CMD...: run a command capped in time ($tmo s); returns its
+# status. The memory cap is set once per case (one_case runs in a subshell).
 run() {
   local o=$1 e=$2
   shift 2
-  (
-    if [ -z "${QK_SANITIZE:-}" ]; then ulimit -v "$MEM_KB"; fi
-    exec timeout -k 5 "$tmo" "$@"
-  ) >"$o" 2>"$e" </dev/null
+  timeout -k 5 "$tmo" "$@" >"$o" 2>"$e" </dev/null
 }
 
 # want EXPECT CMD -> R (must fail, regex), O (must succeed),
@@ -127,11 +125,13 @@ reads() {
 }
 
 # one_case N NAME ARGS EXPECT CHECK REGEX GOOD RAWSHA REASON: run every command
-# on one case; print "ok TAG" or "bad TAG<TAB>WHY" lines.
+# on one case; print "ok TAG" or "bad TAG<TAB>WHY" lines. Run it in a
+# subshell: it sets the memory cap for everything it starts.
 one_case() {
   local n=$1 name=$2 args=$3 expect=$4 cset=$5 regex=$6 good=$7 rawsha=$8 reason=$9
   local f=$IMG/$name W=$T/w/$n tmo=20 c tag o e rc why sum0
   mkdir -p "$W"
+  if [ -z "${QK_SANITIZE:-}" ]; then ulimit -v "$MEM_KB"; fi
   [ "$args" = - ] && args=
   sum0=$(sum "$f")
   for c in info json chain map convert io check checkjson repair good; do
