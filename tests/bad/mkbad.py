@@ -1508,6 +1508,20 @@ def iotest112_cases():
              "iotest: 112 '%s'" % sec, "23", "0x11@0+64k," + T64_GOOD)
 
 
+def refcount_past_eof_case():
+    # a refcount of 2^63 for a cluster past the end of the file: nothing can
+    # be there; dropping it one reference at a time would never end
+    i = t64("t.qcow2", opts="refcount_bits=64", writes=T64_WRITES)
+    rb = i.u64(i.u64(48)) & OFF_MASK
+    i.u64(rb + 8 * 100, 1 << 63)
+    i.save("rc64-past-eof-huge.qcow2")
+    case("rc64-past-eof-huge.qcow2", "-", "either", r"refcount|reference",
+         "refcount_bits=64; cluster 100, past the end of a 7-cluster file, has a "
+         "refcount of 2^63. QEMU does not look past the end of the file",
+         "spec: Host cluster management (refcounts of clusters past the end of the "
+         "file have nothing to count)", "03", "0x11@0+64k," + T64_GOOD)
+
+
 def iotest261_cases():
     # 64 KiB of unknown extra data in a snapshot table entry
     i = tpl("snap.qcow2")
@@ -1634,6 +1648,7 @@ def main():
     iotest080_cases()
     iotest060_cases()
     iotest112_cases()
+    refcount_past_eof_case()
     iotest261_cases()
     peer_cases()
 
