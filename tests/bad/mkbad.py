@@ -1319,7 +1319,7 @@ def iotest080_cases():
     i.u32(60, 0x10000)
     i.save("i080-snaptable-limit.qcow2")
     case("i080-snaptable-limit.qcow2", "-", "meta", r"snapshot",
-         "65536 snapshots at 16 MiB, past the end of a 320 KiB file. QEMU "
+         "65536 snapshots at 16 MiB, past the end of a 192 KiB file. QEMU "
          "zero-fills and reads", IT080 % "== Hitting snapshot table size limit ==", "1")
 
     for off, size, why in ((None, 0xFFFFFFFF, "l1_size 0xffffffff. qemu: Active L1 table too large"),
