@@ -1,0 +1,810 @@
+/*
+ * fault-walk: power cuts and I/O errors at every point of a seeded
+ * workload, on the fault backend (lib/io/fault.c).
+ *
+ *   fault-walk cut|errors START DIR [STRIDE [OFFSET]]
+ *
+ * START is a QCOW2 image in DIR (with its backing file there too); it is
+ * loaded into memory and opened read-write through the fault backend. The
+ * workload (fixed seed) writes, zeroes, discards, writes compressed
+ * clusters, resizes and flushes so that every metadata path runs: data
+ * cluster and L2 table allocation, L1 growth, refcount block allocation
+ * and refcount table growth, zero clusters, discards, copy-on-write from
+ * the backing file, from compressed clusters and from clusters a snapshot
+ * shares. A first run counts its writes and syncs; then:
+ *
+ *   cut     for every write N (every STRIDE-th, from OFFSET), the power is
+ *           cut at write N, in one of three ways taken in turn: writes
+ *           since the last sync lost; lost and write N torn at a sector
+ *           boundary halfway; all earlier writes kept and write N lost (a
+ *           process crash).
+ *   errors  every write N fails with EIO (once) or ENOSPC (from then on),
+ *           in turn, then every sync N and every read N of the image file
+ *           with EIO.
+ *
+ * After each run the resulting image (the durable bytes after a cut, the
+ * file as left after an error) is written to DIR/cut.qcow2 and must:
+ * open (read-write first, which repairs a dirty lazy-refcounts image);
+ * pass `qemu-img check` with no corruptions and no check errors (leaks
+ * allowed); after a leak repair (qk_check, or every 16th point the
+ * program's `check -r leaks`) check clean; and read back, for every byte,
+ * what the model says: the content at the last completed flush for bytes
+ * not written since, else that or a value written since. After an error
+ * the failing call must have returned that errno with a one-line message
+ * naming it, and the handle must still read every byte as the model says.
+ *
+ * Environment: QCOWKIT (the program, for check -r leaks), QEMU_IMG
+ * (default qemu-img). Prints one summary line per mode; exit 0 when every
+ * point passed.
+ */
+#include "tap.h"
+
+#include <fcntl.h>
+#include <spawn.h>
+#include <sys/stat.h>
+#include <time.h>
+
+extern char **environ;
+
+#define MAX_SIZE (4u << 20)     /* the guest size after the resize */
+#define MAX_OPS 512
+
+enum op_kind { OP_WRITE, OP_ZERO, OP_ZERO_UNMAP, OP_DISCARD, OP_COMPRESSED, OP_FLUSH, OP_RESIZE };
+
+struct op {
+	enum op_kind kind;
+	uint64_t off, len;      /* OP_RESIZE: the new size in off */
+};
+
+static struct op ops[MAX_OPS];
+static size_t n_ops;
+static uint64_t cs = 512;
+
+/* ---- the workload ------------------------------------------------------------ */
+
+static void add(enum op_kind k, uint64_t off, uint64_t len)
+{
+	if (n_ops == MAX_OPS)
+		qb_die("too many operations");
+	ops[n_ops++] = (struct op){ k, off, len };
+}
+
+/* The starting image (made by the shell driver) holds, with 512-byte
+ * clusters: data in [0, 64k) and compressed clusters in [64k, 96k) and
+ * zero clusters in [96k, 104k), all shared with snapshot s1; private data
+ * in [128k, 160k); the backing file shows through everywhere else. */
+static void make_workload(uint64_t seed)
+{
+	uint64_t s = seed;
+	/* A: each path once, in the first megabyte. */
+	add(OP_WRITE, 1000, 100);               /* shared cluster and L2 table: COW */
+	add(OP_WRITE, 70000, 3000);             /* COW from compressed clusters */
+	add(OP_FLUSH, 0, 0);
+	add(OP_WRITE, 200013, 700);             /* COW from backing, new L2 table */
+	add(OP_WRITE, 131072 + 512, 512);       /* in place */
+	add(OP_ZERO, 40000, 2100);              /* zero flags and real zeros */
+	add(OP_FLUSH, 0, 0);
+	add(OP_ZERO_UNMAP, 8192, 4096);         /* shared clusters unmapped */
+	add(OP_DISCARD, 16384, 4096);           /* shared clusters discarded */
+	add(OP_DISCARD, 140 * 1024, 2048);      /* private: refcount to 0, punched */
+	add(OP_FLUSH, 0, 0);
+	for (int i = 0; i < 6; i++)
+		add(OP_COMPRESSED, 300 * 1024 + (uint64_t)i * cs, cs);
+	add(OP_WRITE, 300 * 1024 + 100, 300);   /* COW from our compressed cluster */
+	add(OP_WRITE, 400 * 1024, 64 * 1024);   /* a run of clusters, L2 tables, refcount blocks */
+	add(OP_FLUSH, 0, 0);
+	add(OP_WRITE, 64 * 1024, 1024);         /* overwrite compressed, whole clusters */
+	add(OP_ZERO, 0, 512);                   /* zero over a cluster already copied */
+	add(OP_FLUSH, 0, 0);
+	/* B: L1 growth. */
+	add(OP_RESIZE, MAX_SIZE, 0);
+	add(OP_FLUSH, 0, 0);
+	/* C: fill the new area (the file passes what one refcount table
+	 * cluster covers, so the table grows), with small operations between. */
+	uint64_t off = 1u << 20;
+	while (off < (7u << 19)) {
+		uint64_t len = (64 + tap_rand(&s) % 192) * 1024;
+		add(OP_WRITE, off, len);
+		off += len;
+		uint64_t r = tap_rand(&s);
+		uint64_t at = (tap_rand(&s) % (off / cs)) * cs;
+		switch (r % 4) {
+		case 0: add(OP_WRITE, at + r % 300, 1 + r % 2000); break;
+		case 1: add(OP_ZERO, at, cs * (1 + r % 8)); break;
+		case 2: add(OP_DISCARD, at, cs * (1 + r % 8)); break;
+		default: add(OP_FLUSH, 0, 0); break;
+		}
+	}
+	add(OP_FLUSH, 0, 0);
+	/* D: a random mix over the whole disk. */
+	for (int i = 0; i < 60; i++) {
+		uint64_t r = tap_rand(&s);
+		uint64_t at = tap_rand(&s) % MAX_SIZE;
+		uint64_t c = at & ~(cs - 1);
+		switch (r % 8) {
+		case 0: case 1: case 2:
+			add(OP_WRITE, at, qk_min_u64(1 + r % 5000, MAX_SIZE - at));
+			break;
+		case 3:
+			add(OP_ZERO, at, qk_min_u64(1 + r % 3000, MAX_SIZE - at));
+			break;
+		case 4:
+			add(OP_ZERO_UNMAP, c, qk_min_u64(cs * (1 + r % 6), MAX_SIZE - c));
+			break;
+		case 5:
+			add(OP_DISCARD, c, qk_min_u64(cs * (1 + r % 6), MAX_SIZE - c));
+			break;
+		case 6:
+			add(OP_COMPRESSED, c, cs);
+			break;
+		default:
+			add(OP_FLUSH, 0, 0);
+		}
+	}
+	add(OP_FLUSH, 0, 0);
+}
+
+/* The bytes operation i writes at guest offset o. */
+static uint8_t op_byte(size_t i, uint64_t o)
+{
+	uint64_t v = (o + 1) * 0x9E3779B97F4A7C15ull ^ (i + 1) * 0xC2B2AE3D27D4EB4Full;
+	return (uint8_t)((v >> 56) | 1);
+}
+
+static void op_fill(size_t i, uint8_t *buf, uint64_t off, uint64_t len)
+{
+	for (uint64_t j = 0; j < len; j++)
+		buf[j] = op_byte(i, off + j);
+}
+
+/* ---- the model ------------------------------------------------------------------- */
+
+/* Guest content now and at the last completed flush, and the operations
+ * since it (the one that failed included). */
+struct model {
+	uint64_t size, flushed_size;
+	uint8_t *cur, *flushed;
+	size_t since[MAX_OPS];
+	size_t n_since;
+};
+
+static uint8_t *initial;        /* guest content of START */
+static uint64_t initial_size;
+
+static void model_init(struct model *m)
+{
+	if (!m->cur && (!(m->cur = malloc(MAX_SIZE)) || !(m->flushed = malloc(MAX_SIZE))))
+		qb_die("out of memory");
+	memset(m->cur, 0, MAX_SIZE);
+	memcpy(m->cur, initial, initial_size);
+	memcpy(m->flushed, m->cur, MAX_SIZE);
+	m->size = m->flushed_size = initial_size;
+	m->n_since = 0;
+}
+
+static void model_free(struct model *m)
+{
+	free(m->cur);
+	free(m->flushed);
+}
+
+/* The range an operation may have changed: [*lo, *hi). */
+static void op_range(const struct op *o, uint64_t *lo, uint64_t *hi)
+{
+	if (o->kind == OP_DISCARD) {    /* whole clusters only */
+		*lo = (o->off + cs - 1) & ~(cs - 1);
+		*hi = (o->off + o->len) & ~(cs - 1);
+		if (*hi < *lo)
+			*hi = *lo;
+	} else if (o->kind == OP_RESIZE || o->kind == OP_FLUSH) {
+		*lo = *hi = 0;
+	} else {
+		*lo = o->off;
+		*hi = o->off + o->len;
+	}
+}
+
+/* May byte b read v, given what operation i does? */
+static bool op_allows(size_t i, uint64_t b, uint8_t v)
+{
+	const struct op *o = &ops[i];
+	uint64_t lo, hi;
+	op_range(o, &lo, &hi);
+	if (b < lo || b >= hi)
+		return false;
+	if (o->kind == OP_WRITE || o->kind == OP_COMPRESSED)
+		return v == op_byte(i, b);
+	return v == 0;
+}
+
+static void model_apply(struct model *m, size_t i)
+{
+	const struct op *o = &ops[i];
+	uint64_t lo, hi;
+	if (o->kind == OP_FLUSH) {
+		/* Only what changed since the last flush differs. */
+		for (size_t k = 0; k < m->n_since; k++) {
+			op_range(&ops[m->since[k]], &lo, &hi);
+			memcpy(m->flushed + lo, m->cur + lo, hi - lo);
+		}
+		m->flushed_size = m->size;
+		m->n_since = 0;
+		return;
+	}
+	if (o->kind == OP_RESIZE) {
+		m->size = o->off;
+		return;
+	}
+	op_range(o, &lo, &hi);
+	if (o->kind == OP_WRITE || o->kind == OP_COMPRESSED)
+		op_fill(i, m->cur + lo, lo, hi - lo);
+	else
+		memset(m->cur + lo, 0, hi - lo);
+}
+
+/*
+ * Does `got` (the guest content, `size` bytes) agree with the model? With
+ * `exact`, every completed operation must show (the handle that did them
+ * reads); else the content at the last flush, or a value written since.
+ * Says where it does not, into why.
+ */
+static bool model_matches(const struct model *m, const uint8_t *got, uint64_t size, bool exact,
+			  char *why, size_t why_len)
+{
+	bool size_ok = size == m->flushed_size || size == m->size;
+	for (size_t k = 0; k < m->n_since && !size_ok; k++)
+		size_ok = ops[m->since[k]].kind == OP_RESIZE && ops[m->since[k]].off == size;
+	if (!size_ok) {
+		snprintf(why, why_len, "guest size %llu, want %llu (flushed %llu)",
+			 (unsigned long long)size, (unsigned long long)m->size,
+			 (unsigned long long)m->flushed_size);
+		return false;
+	}
+	const uint8_t *ref = exact ? m->cur : m->flushed;
+	for (uint64_t b = 0; b < size; b++) {
+		if (b % 4096 == 0 && size - b >= 4096 && memcmp(got + b, ref + b, 4096) == 0) {
+			b += 4095;
+			continue;
+		}
+		if (got[b] == ref[b])
+			continue;
+		bool ok = false;
+		/* exact: only the last, failed, operation may be half done */
+		size_t from = exact && m->n_since ? m->n_since - 1 : 0;
+		for (size_t k = from; k < m->n_since && !ok; k++)
+			ok = op_allows(m->since[k], b, got[b]);
+		if (!ok) {
+			snprintf(why, why_len, "guest byte %llu reads 0x%02x, want 0x%02x%s",
+				 (unsigned long long)b, got[b], ref[b],
+				 exact ? "" : " (as flushed) or a value written since");
+			return false;
+		}
+	}
+	return true;
+}
+
+/* ---- one run of the workload ------------------------------------------------------ */
+
+static uint8_t *start_buf;
+static size_t start_len;
+static char image_name[4096];    /* DIR/cut.qcow2: the name the backing resolves from */
+
+struct run {
+	size_t failed_op;        /* index of the failing operation, or n_ops */
+	int ret;                 /* its return */
+	int err;                 /* qk_last_errno() then */
+	char msg[512];
+	bool read_ok;            /* after the failure, the handle read as the model */
+	char read_why[256];
+};
+
+static int do_op(qk_image *img, size_t i, uint8_t *buf)
+{
+	const struct op *o = &ops[i];
+	switch (o->kind) {
+	case OP_WRITE:
+		op_fill(i, buf, o->off, o->len);
+		return qk_pwrite(img, buf, o->len, o->off);
+	case OP_COMPRESSED:
+		op_fill(i, buf, o->off, o->len);
+		return qk_write_compressed(img, buf, o->len, o->off);
+	case OP_ZERO:
+		return qk_write_zeroes(img, o->off, o->len, 0);
+	case OP_ZERO_UNMAP:
+		return qk_write_zeroes(img, o->off, o->len, QK_ZERO_MAY_UNMAP);
+	case OP_DISCARD:
+		return qk_discard(img, o->off, o->len);
+	case OP_FLUSH:
+		return qk_flush(img);
+	case OP_RESIZE:
+		return qk_resize(img, o->off, 0);
+	}
+	return -EINVAL;
+}
+
+/* Run the workload on a fresh copy of START through controller ft, until
+ * the first failure. `check_handle`: then read the whole guest through the
+ * handle and compare. The handle is closed at the end. */
+static bool trace;
+
+static int run_workload(struct qk__fault *ft, struct model *m, struct run *r, bool check_handle)
+{
+	struct qk__file *mem, *f;
+	struct qk_open_options o;
+	qk_image *img;
+	static uint8_t *buf;
+	if (!buf && !(buf = malloc(MAX_SIZE)))
+		qb_die("out of memory");
+	memset(r, 0, sizeof *r);
+	r->failed_op = n_ops;
+	r->read_ok = true;
+	model_init(m);
+	qk_open_options_init(&o);
+	o.flags = QK_OPEN_RDWR;
+	qk__api_enter("qk_open");
+	int ret = qk__file_open_mem(start_buf, start_len, image_name, &mem);
+	if (ret == 0)
+		ret = qk__file_open_fault(ft, mem, &f);
+	if (ret == 0)
+		ret = qk__image_open_file(f, image_name, &o, NULL, &img);
+	if (ret < 0) {
+		r->failed_op = 0;
+		r->ret = ret;
+		r->err = qk_last_errno();
+		snprintf(r->msg, sizeof r->msg, "%s", qk_last_error());   /* "qk_open: ..." */
+		return ret;
+	}
+	for (size_t i = 0; i < n_ops; i++) {
+		m->since[m->n_since++] = i;
+		if (trace)
+			fprintf(stderr, "op %zu (kind %d) starts after write %llu, sync %llu\n", i,
+				(int)ops[i].kind, (unsigned long long)qk__fault_count(ft, QK__FAULT_WRITE),
+				(unsigned long long)qk__fault_count(ft, QK__FAULT_SYNC));
+		ret = do_op(img, i, buf);
+		if (ret < 0) {
+			r->failed_op = i;
+			r->ret = ret;
+			r->err = qk_last_errno();
+			snprintf(r->msg, sizeof r->msg, "%s", qk_last_error());
+			break;
+		}
+		model_apply(m, i);
+	}
+	if (ret < 0 && check_handle) {
+		uint64_t size = qk_get_size(img);
+		int rr = qk_pread(img, buf, size, 0);
+		if (rr < 0) {
+			r->read_ok = false;
+			snprintf(r->read_why, sizeof r->read_why, "read failed: %s", qk_last_error());
+		} else {
+			r->read_ok = model_matches(m, buf, size, true, r->read_why, sizeof r->read_why);
+		}
+	}
+	qk_close(img);
+	return ret;
+}
+
+/* ---- checking an image ------------------------------------------------------------- */
+
+static const char *qemu_img = "qemu-img";
+static const char *qcowkit_prog;
+
+/* Run argv, its stdout into out (NUL-terminated, truncated to cap); the
+ * exit status, or -1. */
+static int run_prog(char *const argv[], char *out, size_t cap)
+{
+	int fds[2];
+	if (pipe(fds) < 0)
+		return -1;
+	posix_spawn_file_actions_t fa;
+	posix_spawn_file_actions_init(&fa);
+	posix_spawn_file_actions_adddup2(&fa, fds[1], 1);
+	posix_spawn_file_actions_addclose(&fa, fds[0]);
+	posix_spawn_file_actions_addopen(&fa, 2, "/dev/null", O_WRONLY, 0);
+	pid_t pid;
+	int e = posix_spawnp(&pid, argv[0], &fa, NULL, argv, environ);
+	posix_spawn_file_actions_destroy(&fa);
+	close(fds[1]);
+	size_t n = 0;
+	if (e == 0) {
+		ssize_t k;
+		while ((k = read(fds[0], out + n, cap - 1 - n)) > 0 && n + (size_t)k < cap - 1)
+			n += (size_t)k;
+		if (k > 0)
+			n += (size_t)k;
+	}
+	close(fds[0]);
+	out[n] = '\0';
+	if (e != 0)
+		return -1;
+	int status;
+	while (waitpid(pid, &status, 0) < 0)
+		if (errno != EINTR)
+			return -1;
+	return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+/* The number after "key": in qemu-img's JSON, 0 when absent. */
+static uint64_t json_num(const char *json, const char *key)
+{
+	char pat[64];
+	snprintf(pat, sizeof pat, "\"%s\": ", key);
+	const char *p = strstr(json, pat);
+	return p ? strtoull(p + strlen(pat), NULL, 10) : 0;
+}
+
+static bool write_file(const char *path, const void *data, size_t len)
+{
+	int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+	if (fd < 0)
+		return false;
+	const uint8_t *p = data;
+	while (len) {
+		ssize_t w = write(fd, p, len);
+		if (w <= 0) {
+			close(fd);
+			return false;
+		}
+		p += w;
+		len -= (size_t)w;
+	}
+	return close(fd) == 0;
+}
+
+/* qemu-img check of the image: no corruptions, no check errors (leaks
+ * allowed; *rc 3 says there are some). False with the reason in why. */
+static bool qemu_check(char *out, size_t cap, int *rc, char *why, size_t why_len)
+{
+	char *qargv[] = { (char *)qemu_img, "check", "--output=json", "-f", "qcow2",
+			  image_name, NULL };
+	*rc = run_prog(qargv, out, cap);
+	uint64_t corrupt = json_num(out, "corruptions"), cerr = json_num(out, "check-errors");
+	if ((*rc != 0 && *rc != 3) || corrupt || cerr || !strstr(out, "\"check-errors\"")) {
+		snprintf(why, why_len, "qemu-img check: exit %d, %llu corruptions, %llu check errors",
+			 *rc, (unsigned long long)corrupt, (unsigned long long)cerr);
+		return false;
+	}
+	return true;
+}
+
+struct stats {
+	uint64_t points, failed, leaky, dirty, torn, kept, errors_seen, no_error;
+};
+
+/*
+ * The checks of one image (bytes, len) against model m; `point` names it
+ * in messages. Returns true when all passed.
+ */
+static bool check_image(const void *bytes, size_t len, const struct model *m, const char *point,
+			struct stats *st, bool use_cli)
+{
+	char why[512] = "";
+	char out[8192];
+	qk_image *img = NULL;
+	struct qk_open_options o;
+	uint8_t *got = NULL;
+	bool ok = false;
+	if (!write_file(image_name, bytes, len)) {
+		snprintf(why, sizeof why, "cannot write the image file");
+		goto done;
+	}
+	bool dirty = len >= HDR_INCOMPAT + 8 &&
+		     (qk_be64((const uint8_t *)bytes + HDR_INCOMPAT) & INCOMPAT_DIRTY);
+	int rc = 0;
+	/* qemu-img check sees the image as the cut left it; a dirty one
+	 * (lazy refcounts) only after the read-write open that repairs it. */
+	if (!dirty && !qemu_check(out, sizeof out, &rc, why, sizeof why))
+		goto done;
+	/* The image opens read-write. */
+	qk_open_options_init(&o);
+	o.flags = QK_OPEN_RDWR;
+	if (qk_open(image_name, &o, &img) < 0) {
+		snprintf(why, sizeof why, "read-write open failed: %s", qk_last_error());
+		goto done;
+	}
+	if (qk_close(img) < 0) {
+		img = NULL;
+		snprintf(why, sizeof why, "close after the read-write open failed: %s", qk_last_error());
+		goto done;
+	}
+	img = NULL;
+	if (dirty) {
+		st->dirty++;
+		if (!qemu_check(out, sizeof out, &rc, why, sizeof why))
+			goto done;
+	}
+	if (rc == 3)
+		st->leaky++;
+	/* Leaks repaired: by the program every so often, else in process. */
+	if (use_cli && qcowkit_prog) {
+		char *cargv[] = { (char *)qcowkit_prog, "check", "-r", "leaks", image_name, NULL };
+		rc = run_prog(cargv, out, sizeof out);
+		if (rc != 0) {
+			snprintf(why, sizeof why, "qcowkit check -r leaks: exit %d", rc);
+			goto done;
+		}
+	} else {
+		struct qk_check_result res;
+		o.flags = QK_OPEN_RDWR | QK_OPEN_CHECK;
+		if (qk_open(image_name, &o, &img) < 0 ||
+		    qk_check(img, QK_CHECK_FIX_LEAKS, &res, NULL, NULL) < 0) {
+			snprintf(why, sizeof why, "check -r leaks failed: %s", qk_last_error());
+			goto done;
+		}
+		int cr = qk_close(img);
+		img = NULL;
+		if (cr < 0 || res.corruptions || res.leaks || res.check_errors) {
+			snprintf(why, sizeof why, "after check -r leaks: %llu corruptions, %llu leaks, "
+				 "%llu check errors%s", (unsigned long long)res.corruptions,
+				 (unsigned long long)res.leaks, (unsigned long long)res.check_errors,
+				 cr < 0 ? ", close failed" : "");
+			goto done;
+		}
+	}
+	/* Clean now, and the content is what was flushed. */
+	struct qk_check_result res;
+	qk_open_options_init(&o);
+	if (qk_open(image_name, &o, &img) < 0) {
+		snprintf(why, sizeof why, "read-only open failed: %s", qk_last_error());
+		goto done;
+	}
+	if (qk_check(img, 0, &res, NULL, NULL) < 0 || res.corruptions || res.leaks ||
+	    res.check_errors) {
+		snprintf(why, sizeof why, "not clean after the repair: %llu corruptions, %llu leaks",
+			 (unsigned long long)res.corruptions, (unsigned long long)res.leaks);
+		goto done;
+	}
+	uint64_t size = qk_get_size(img);
+	if (size > MAX_SIZE) {
+		snprintf(why, sizeof why, "guest size %llu", (unsigned long long)size);
+		goto done;
+	}
+	if (!(got = malloc(size ? size : 1)))
+		qb_die("out of memory");
+	if (qk_pread(img, got, size, 0) < 0) {
+		snprintf(why, sizeof why, "read failed: %s", qk_last_error());
+		goto done;
+	}
+	ok = model_matches(m, got, size, false, why, sizeof why);
+done:
+	if (img)
+		qk_close(img);
+	free(got);
+	st->points++;
+	if (!ok) {
+		st->failed++;
+		fprintf(stderr, "FAIL: %s: %s\n", point, why);
+		/* Keep the first failing image for a look. */
+		char keep[4200];
+		snprintf(keep, sizeof keep, "%s.fail", image_name);
+		if (access(keep, F_OK) != 0)
+			write_file(keep, bytes, len);
+	}
+	return ok;
+}
+
+/* ---- the walks -------------------------------------------------------------------- */
+
+static int walk_cut(uint64_t writes, uint64_t stride, uint64_t offset, struct stats *st)
+{
+	struct model m = { 0 };
+	char point[128];
+	for (uint64_t n = 1 + offset; n <= writes; n += stride) {
+		struct qk__fault *ft = qk__fault_new();
+		if (!ft)
+			qb_die("out of memory");
+		/* The variant turns with the point number divided by the stride,
+		 * so every variant comes up whatever the stride. */
+		unsigned variant = (unsigned)((n / stride) % 3);
+		bool keep = variant == 2;
+		/* Torn: the first 2 to 5.5 KiB land, in whole sectors; a shorter
+		 * write (most metadata updates) lands whole. */
+		uint64_t torn = variant == 1 ? 2048 + 512 * (n % 8) : 0;
+		struct run r;
+		qk__fault_cut(ft, n, torn, keep);
+		run_workload(ft, &m, &r, false);
+		snprintf(point, sizeof point, "power cut at write %llu/%llu (%s), during operation %zu",
+			 (unsigned long long)n, (unsigned long long)writes,
+			 keep ? "earlier writes kept" : torn ? "torn" : "unsynced writes lost",
+			 r.failed_op);
+		if (!qk__fault_was_cut(ft)) {
+			st->points++;
+			st->failed++;
+			fprintf(stderr, "FAIL: %s: the workload never reached it\n", point);
+		} else {
+			size_t len;
+			const void *d = qk__fault_durable(ft, &len);
+			if (torn)
+				st->torn++;
+			if (keep)
+				st->kept++;
+			check_image(d, len, &m, point, st, n % 16 == 1);
+		}
+		qk__fault_free(ft);
+	}
+	model_free(&m);
+	return 0;
+}
+
+static void walk_errors(enum qk__fault_kind kind, uint64_t count, uint64_t stride,
+			uint64_t offset, struct stats *st)
+{
+	struct model m = { 0 };
+	char point[160];
+	for (uint64_t n = 1 + offset; n <= count; n += stride) {
+		struct qk__fault *ft = qk__fault_new();
+		if (!ft)
+			qb_die("out of memory");
+		bool nospc = kind == QK__FAULT_WRITE && (n / stride) % 2;
+		int err = nospc ? ENOSPC : EIO;
+		qk__fault_fail(ft, kind, n, err, nospc);
+		struct run r;
+		run_workload(ft, &m, &r, true);
+		snprintf(point, sizeof point, "%s %llu/%llu fails with %s%s, during operation %zu",
+			 kind == QK__FAULT_WRITE ? "write" : kind == QK__FAULT_SYNC ? "sync" : "read",
+			 (unsigned long long)n,
+			 (unsigned long long)count, nospc ? "ENOSPC" : "EIO",
+			 nospc ? " from then on" : " once", r.failed_op);
+		bool ok = true;
+		if (r.failed_op == n_ops) {
+			/* Some writes may fail harmlessly (a hole not punched, a
+			 * zeroing that falls back): success is a fine answer too. */
+			st->no_error++;
+		} else {
+			st->errors_seen++;
+			char want[64];
+			snprintf(want, sizeof want, "%s", strerror(err));
+			if (r.ret != -err || r.err != err || !tap_one_line(r.msg) ||
+			    !tap_contains(r.msg, want) || strncmp(r.msg, "qk_", 3) != 0) {
+				fprintf(stderr, "FAIL: %s: returned %d, errno %d, message \"%s\"\n",
+					point, r.ret, r.err, r.msg);
+				ok = false;
+			}
+			if (!r.read_ok) {
+				fprintf(stderr, "FAIL: %s: the handle then reads wrong: %s\n", point,
+					r.read_why);
+				ok = false;
+			}
+		}
+		size_t len;
+		const void *v = qk__fault_volatile(ft, &len);
+		if (!v) {
+			fprintf(stderr, "FAIL: %s: no image left\n", point);
+			ok = false;
+		}
+		if (!ok) {
+			st->points++;
+			st->failed++;
+		} else {
+			check_image(v, len, &m, point, st, n % 16 == 1);
+		}
+		qk__fault_free(ft);
+	}
+	model_free(&m);
+}
+
+static bool read_whole(const char *path, uint8_t **buf, size_t *len)
+{
+	int fd = open(path, O_RDONLY);
+	struct stat sb;
+	if (fd < 0 || fstat(fd, &sb) < 0)
+		return false;
+	*len = (size_t)sb.st_size;
+	*buf = malloc(*len ? *len : 1);
+	size_t n = 0;
+	while (*buf && n < *len) {
+		ssize_t k = read(fd, *buf + n, *len - n);
+		if (k <= 0)
+			break;
+		n += (size_t)k;
+	}
+	close(fd);
+	return *buf && n == *len;
+}
+
+int main(int argc, char **argv)
+{
+	if (argc < 4 || (strcmp(argv[1], "cut") && strcmp(argv[1], "errors"))) {
+		fprintf(stderr, "usage: fault-walk cut|errors START DIR [STRIDE [OFFSET]]\n");
+		return 2;
+	}
+	uint64_t stride = argc > 4 ? strtoull(argv[4], NULL, 10) : 1;
+	uint64_t offset = argc > 5 ? strtoull(argv[5], NULL, 10) : 0;
+	if (stride == 0)
+		stride = 1;
+	if (getenv("QEMU_IMG"))
+		qemu_img = getenv("QEMU_IMG");
+	qcowkit_prog = getenv("QCOWKIT");
+	snprintf(image_name, sizeof image_name, "%s/cut.qcow2", argv[3]);
+	if (!read_whole(argv[2], &start_buf, &start_len)) {
+		fprintf(stderr, "fault-walk: cannot read %s\n", argv[2]);
+		return 2;
+	}
+	/* The starting guest content, read by the library. */
+	qk_image *img;
+	struct qk_open_options o;
+	qk_open_options_init(&o);
+	if (qk_open(argv[2], &o, &img) < 0) {
+		fprintf(stderr, "fault-walk: %s\n", qk_last_error());
+		return 2;
+	}
+	initial_size = qk_get_size(img);
+	struct qk_info info;
+	if (initial_size > MAX_SIZE || qk_get_info(img, &info) < 0 ||
+	    info.cluster_size != cs || !(initial = calloc(1, MAX_SIZE)) ||
+	    qk_pread(img, initial, initial_size, 0) < 0) {
+		fprintf(stderr, "fault-walk: %s: not the starting image expected (%s)\n", argv[2],
+			qk_last_error());
+		return 2;
+	}
+	qk_close(img);
+	make_workload(0x5eed);
+	trace = getenv("FAULT_WALK_TRACE") != NULL;
+	if (getenv("FAULT_WALK_LIST"))          /* for a look at a failing point */
+		for (size_t i = 0; i < n_ops; i++)
+			fprintf(stderr, "op %zu: kind %d off %llu len %llu\n", i, (int)ops[i].kind,
+				(unsigned long long)ops[i].off, (unsigned long long)ops[i].len);
+
+	/* The counting run: no faults; the image must end as the model. */
+	struct stats st = { 0 };
+	struct model m = { 0 };
+	struct run r;
+	struct qk__fault *ft = qk__fault_new();
+	if (!ft)
+		return 2;
+	clock_t t0 = clock();
+	run_workload(ft, &m, &r, false);
+	uint64_t writes = qk__fault_count(ft, QK__FAULT_WRITE);
+	uint64_t syncs = qk__fault_count(ft, QK__FAULT_SYNC);
+	uint64_t reads = qk__fault_count(ft, QK__FAULT_READ);
+	if (r.failed_op != n_ops) {
+		fprintf(stderr, "FAIL: the workload without faults failed at operation %zu: %s\n",
+			r.failed_op, r.msg);
+		return 1;
+	}
+	size_t len;
+	const void *d = qk__fault_durable(ft, &len);
+	check_image(d, len, &m, "the workload without faults", &st, true);
+	/* It did grow the L1 table and move the refcount table (both need
+	 * what is in use to pass a cluster of each). */
+	const uint8_t *h0 = start_buf, *h1 = d;
+	if (len < 112 || qk_be32(h1 + HDR_L1_SIZE) <= qk_be32(h0 + HDR_L1_SIZE) ||
+	    qk_be32(h1 + HDR_RT_CLUSTERS) <= qk_be32(h0 + HDR_RT_CLUSTERS)) {
+		fprintf(stderr, "FAIL: the workload grew neither the L1 table nor the refcount table\n");
+		st.failed++;
+	}
+	model_free(&m);
+	qk__fault_free(ft);
+	printf("workload: %zu operations, %llu writes, %llu syncs, %llu reads of the image file\n",
+	       n_ops, (unsigned long long)writes, (unsigned long long)syncs,
+	       (unsigned long long)reads);
+	fflush(stdout);
+	if (st.failed)
+		return 1;
+	memset(&st, 0, sizeof st);
+	if (strcmp(argv[1], "cut") == 0) {
+		walk_cut(writes, stride, offset, &st);
+		bool lazy = start_len >= 112 && (qk_be64(start_buf + HDR_COMPAT) & COMPAT_LAZY_REFCOUNTS);
+		if (lazy && !st.dirty) {
+			fprintf(stderr, "FAIL: lazy refcounts, yet no cut left a dirty image\n");
+			st.failed++;
+		}
+		printf("power cuts: %llu points (%llu torn, %llu with earlier writes kept): "
+		       "%llu passed, %llu failed; %llu left leaks, %llu opened dirty (repaired)\n",
+		       (unsigned long long)st.points, (unsigned long long)st.torn,
+		       (unsigned long long)st.kept, (unsigned long long)(st.points - st.failed),
+		       (unsigned long long)st.failed, (unsigned long long)st.leaky,
+		       (unsigned long long)st.dirty);
+	} else {
+		walk_errors(QK__FAULT_WRITE, writes, stride, offset, &st);
+		walk_errors(QK__FAULT_SYNC, syncs, stride, offset, &st);
+		walk_errors(QK__FAULT_READ, reads, stride, offset, &st);
+		printf("I/O errors: %llu points (%llu reported, %llu absorbed): %llu passed, "
+		       "%llu failed; %llu left leaks\n", (unsigned long long)st.points,
+		       (unsigned long long)st.errors_seen, (unsigned long long)st.no_error,
+		       (unsigned long long)(st.points - st.failed), (unsigned long long)st.failed,
+		       (unsigned long long)st.leaky);
+	}
+	printf("%.1f s of CPU\n", (double)(clock() - t0) / CLOCKS_PER_SEC);
+	return st.failed ? 1 : 0;
+}

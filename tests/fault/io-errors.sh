@@ -1,0 +1,13 @@
+#!/bin/bash
+# EIO (once) and ENOSPC (from then on) at every third write point of the
+# workload of tests/fault/fault-walk.c, and EIO at every third sync and read: the
+# caller gets the errno and a one-line message naming it, the handle still
+# reads what it wrote, and the image left behind checks consistent (leaks
+# at most) with every flushed byte intact. The same on a lazy_refcounts
+# image, every sixth point.
+. "$(dirname "$0")/../lib.sh"
+. "$(dirname "$0")/images.bash"
+need qemu-img qemu-io
+walk io-errors errors off 3 15
+walk io-errors-lazy errors on 6 30
+finish
