@@ -1,24 +1,35 @@
 /*
  * request.c - the NBD transmission phase: requests in, replies out.
  *
- * Design note. The thread that ran the handshake becomes the connection's
- * reader: it reads one request (header and, for WRITE, the payload), puts
- * it on the queue and reads the next, so a client's pipelined requests run
- * at once on a pool of NBD_WORKERS threads and are answered in whatever
- * order they finish. Invariants:
- * - At most NBD_MAX_INFLIGHT requests are queued or running, and their
- *   READ/WRITE payloads add up to at most NBD_INFLIGHT_BYTES (one request
- *   of any allowed size may always run alone): the reader waits for room
- *   before allocating, so a client cannot make the server hold more.
+ * Design note. A connection is served by up to NBD_WORKERS threads that
+ * take turns as its reader (leader and followers): the leader reads one
+ * request (header and, for WRITE, payload) from the socket, through an
+ * input buffer that takes in as many pipelined requests as one recv()
+ * brings, then gives up the reading role and runs the request itself,
+ * answering it in whatever order it finishes. Invariants:
+ * - Only the leader (holding tx.read_lock) touches the socket's input
+ *   side and the input buffer, so requests are read whole and in order.
+ * - Handing over: when the request may be slow (flush, FUA, trim, zeroes,
+ *   transfers from NBD_SLOW_LEN on), or more input is already waiting
+ *   (buffered, or ready on the socket) while requests take long on
+ *   average (NBD_PARALLEL_NS: they wait for the disk), the leader wakes a
+ *   follower, starting a thread if none waits and fewer than NBD_WORKERS
+ *   exist, so pipelined requests run at once. Otherwise the same thread
+ *   reads, runs, answers and reads again with no thread switch: for
+ *   requests the page cache answers, that costs half the CPU time of
+ *   handing each one over.
+ * - Each thread owns one buffer for its request's data, kept between
+ *   requests up to NBD_KEEP_BUF bytes; larger ones are allocated for the
+ *   request and count against NBD_INFLIGHT_BYTES, waited for before
+ *   allocating (one request of any allowed size may always run alone), so
+ *   a client cannot make the server hold more.
  * - A reply is built whole and written with one nbd_send_iov() call under
  *   send_lock, so replies never interleave on the wire.
- * - The reader never touches the image; workers do, concurrently, through
- *   the library's thread-safe calls.
- * - When the reader stops (DISC, EOF, a protocol violation, or shutdown()
- *   of the socket by the server), queued requests are still run and
- *   answered; then the workers exit, a writable image is flushed, and the
- *   connection ends. A failed send shuts the socket down, which ends the
- *   reader too.
+ * - When the leader meets the end (DISC, EOF, a protocol violation, or
+ *   shutdown() of the socket by the server) it marks the connection
+ *   closing; requests already read still run and are answered; then the
+ *   threads exit, a writable image is flushed, and the connection ends. A
+ *   failed send shuts the socket down, which ends the reading too.
  * Request validation follows the specification rather than qemu-nbd: EPERM
  * for writing a read-only export, ENOSPC for writes past the end, EINVAL
  * for reads, trims and block status past the end and for bad flags or
@@ -29,16 +40,26 @@
 #include <errno.h>
 #include <pthread.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <time.h>
 
 #include "conn.h"
 
-#define NBD_WORKERS        8
-#define NBD_MAX_INFLIGHT   32
-#define NBD_INFLIGHT_BYTES (64u << 20)
+#define NBD_WORKERS        16          /* threads (and requests) per client */
+#define NBD_KEEP_BUF       (4u << 20)  /* data buffer a thread keeps */
+#define NBD_INFLIGHT_BYTES (64u << 20)  /* larger buffers, all together */
+#define NBD_INBUF          (64u << 10)  /* input buffer */
+/* Transfers from this size on are handed over as possibly slow. */
+#define NBD_SLOW_LEN       (1u << 20)
+/* Pipelined requests run in parallel once requests take this long on
+ * average (they wait for the disk); quicker ones (the page cache) are run
+ * one after the other by the reading thread, which costs half the CPU
+ * time of handing each over to another thread. */
+#define NBD_PARALLEL_NS    50000
 /* Chunks of one structured READ reply (holes and data alternating); the
  * rest of a longer read goes out as one data chunk. */
 #define NBD_READ_MAX_CHUNKS 64
@@ -47,25 +68,41 @@
 #define NBD_BS_MAX_EXTENTS 65536
 
 struct request {
-	struct request *next;
 	uint16_t flags;
 	uint16_t type;
 	uint64_t cookie;
 	uint64_t offset;
 	uint32_t length;
-	size_t charge;          /* bytes counted against NBD_INFLIGHT_BYTES */
-	uint8_t *payload;       /* WRITE data */
+	uint8_t *payload;       /* WRITE data (the worker's buffer) */
+};
+
+struct tx;
+
+/* One thread of a connection and its data buffer. */
+struct worker {
+	struct tx *t;
+	uint8_t *buf;           /* kept between requests, NBD_KEEP_BUF at most */
+	size_t cap;
+	uint8_t *big;           /* a larger buffer for the current request */
+	size_t charge;          /* its size, counted in tx.big_bytes */
 };
 
 struct tx {
 	struct nbd_conn *c;
-	pthread_mutex_t lock;
-	pthread_cond_t work;    /* workers: a request is queued, or closing */
-	pthread_cond_t room;    /* reader: a request finished */
-	struct request *head, *tail;
-	unsigned inflight;      /* queued + running */
-	size_t bytes;           /* sum of their charges */
-	bool closing;
+	pthread_mutex_t read_lock; /* held by the thread reading (the leader) */
+	atomic_bool closing;    /* no more requests will be read */
+	atomic_uint waiting;    /* threads waiting for read_lock */
+	int result;             /* how the reading ended (nbd_transmission) */
+	_Atomic uint64_t avg_ns; /* running average of a request's run time */
+	pthread_mutex_t lock;   /* the fields below */
+	pthread_cond_t room;    /* a large buffer was given back */
+	unsigned nthreads;      /* threads started besides the first */
+	pthread_t tids[NBD_WORKERS];
+	struct worker workers[NBD_WORKERS];
+	size_t big_bytes;
+	/* Input: only the leader touches these. */
+	uint8_t in[NBD_INBUF];
+	size_t in_pos, in_len;
 	pthread_mutex_t send_lock;
 	bool send_failed;
 };
@@ -214,7 +251,63 @@ static int split_read(struct tx *t, uint64_t off, uint64_t len,
 	return n;
 }
 
-static void cmd_read(struct tx *t, const struct request *rq)
+/* ---- data buffers ---------------------------------------------------------------- */
+
+static void put_big(struct worker *w);
+
+/* A buffer of `len` bytes for the request `w` runs: its own, grown up to
+ * NBD_KEEP_BUF, or a larger one charged against NBD_INFLIGHT_BYTES (waiting
+ * for room while other large requests run). NULL when out of memory. */
+static uint8_t *get_buf(struct worker *w, size_t len)
+{
+	struct tx *t = w->t;
+
+	if (len <= w->cap)
+		return w->buf;
+	if (len <= NBD_KEEP_BUF) {
+		size_t cap = w->cap ? w->cap : 65536;
+		uint8_t *p;
+
+		while (cap < len)
+			cap *= 2;
+		if (cap > NBD_KEEP_BUF)
+			cap = NBD_KEEP_BUF;
+		p = realloc(w->buf, cap);
+		if (p == NULL)
+			return NULL;
+		w->buf = p;
+		w->cap = cap;
+		return p;
+	}
+	pthread_mutex_lock(&t->lock);
+	while (t->big_bytes > 0 && t->big_bytes + len > NBD_INFLIGHT_BYTES)
+		pthread_cond_wait(&t->room, &t->lock);
+	t->big_bytes += len;
+	pthread_mutex_unlock(&t->lock);
+	w->charge = len;
+	w->big = malloc(len);
+	if (w->big == NULL)
+		put_big(w);
+	return w->big;
+}
+
+/* Give back the large buffer of the request `w` ran, if any. */
+static void put_big(struct worker *w)
+{
+	struct tx *t = w->t;
+
+	if (w->charge == 0)
+		return;
+	free(w->big);
+	w->big = NULL;
+	pthread_mutex_lock(&t->lock);
+	t->big_bytes -= w->charge;
+	pthread_cond_broadcast(&t->room);
+	pthread_mutex_unlock(&t->lock);
+	w->charge = 0;
+}
+
+static void cmd_read(struct tx *t, struct worker *w, const struct request *rq)
 {
 	struct nbd_conn *c = t->c;
 	struct piece p[NBD_READ_MAX_CHUNKS];
@@ -236,7 +329,7 @@ static void cmd_read(struct tx *t, const struct request *rq)
 		send_locked(t, iov, 1);
 		return;
 	}
-	buf = malloc(rq->length);
+	buf = get_buf(w, rq->length);
 	if (buf == NULL) {
 		reply_err(t, rq, NBD_ENOMEM, "out of memory for a %u-byte read",
 			  rq->length);
@@ -257,7 +350,6 @@ static void cmd_read(struct tx *t, const struct request *rq)
 			     p[i].off);
 		if (r < 0) {
 			reply_lib_err(t, rq, r);
-			free(buf);
 			return;
 		}
 	}
@@ -268,7 +360,6 @@ static void cmd_read(struct tx *t, const struct request *rq)
 		iov[1].iov_base = buf;
 		iov[1].iov_len = rq->length;
 		send_locked(t, iov, 2);
-		free(buf);
 		return;
 	}
 	for (int i = 0; i < n; i++) {
@@ -292,7 +383,6 @@ static void cmd_read(struct tx *t, const struct request *rq)
 		}
 	}
 	send_locked(t, iov, k);
-	free(buf);
 }
 
 /* One extent of a BLOCK_STATUS chunk being built. */
@@ -441,7 +531,7 @@ static uint16_t allowed_flags(const struct nbd_conn *c, uint16_t type)
 }
 
 /* Validate and run one request, and answer it. */
-static void handle(struct tx *t, const struct request *rq)
+static void handle(struct tx *t, struct worker *w, const struct request *rq)
 {
 	struct nbd_conn *c = t->c;
 	uint64_t off = rq->offset, len = rq->length;
@@ -483,7 +573,7 @@ static void handle(struct tx *t, const struct request *rq)
 				  NBD_MAX_PAYLOAD);
 			return;
 		}
-		cmd_read(t, rq);
+		cmd_read(t, w, rq);
 		return;
 	case NBD_CMD_WRITE:
 		r = len ? qk_pwrite(c->img, rq->payload, len, off) : 0;
@@ -527,153 +617,225 @@ static void handle(struct tx *t, const struct request *rq)
 	}
 }
 
-/* ---- the worker pool and the reader ------------------------------------------------ */
+/* ---- reading requests ------------------------------------------------------------- */
 
-static void *worker(void *arg)
+/* Have at least `need` bytes (<= NBD_INBUF) in the input buffer, reading
+ * what the socket has. Returns 0, -EPIPE at end of stream, or an errno. */
+static int fill(struct tx *t, size_t need)
 {
-	struct tx *t = arg;
+	while (t->in_len - t->in_pos < need) {
+		ssize_t n;
 
-	pthread_mutex_lock(&t->lock);
-	for (;;) {
-		struct request *rq;
-
-		while (t->head == NULL && !t->closing)
-			pthread_cond_wait(&t->work, &t->lock);
-		if (t->head == NULL)
-			break;
-		rq = t->head;
-		t->head = rq->next;
-		if (t->head == NULL)
-			t->tail = NULL;
-		pthread_mutex_unlock(&t->lock);
-
-		handle(t, rq);
-
-		pthread_mutex_lock(&t->lock);
-		t->inflight--;
-		t->bytes -= rq->charge;
-		pthread_cond_signal(&t->room);
-		free(rq->payload);
-		free(rq);
+		if (t->in_pos > 0) {
+			memmove(t->in, t->in + t->in_pos, t->in_len - t->in_pos);
+			t->in_len -= t->in_pos;
+			t->in_pos = 0;
+		}
+		n = recv(t->c->fd, t->in + t->in_len, NBD_INBUF - t->in_len, 0);
+		if (n == 0)
+			return -EPIPE;
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			return errno == ECONNRESET ? -EPIPE : -errno;
+		}
+		t->in_len += (size_t)n;
 	}
-	pthread_mutex_unlock(&t->lock);
-	return NULL;
+	return 0;
 }
 
-/* Read requests and queue them until the client leaves. Returns as
- * nbd_transmission. */
-static int read_requests(struct tx *t)
+/* Is another request already waiting? Looks at the buffer, then (without
+ * blocking) at the socket. */
+static bool more_input(struct tx *t)
 {
-	struct nbd_conn *c = t->c;
-	uint8_t h[NBD_REQUEST_SIZE];
+	ssize_t n;
+
+	if (t->in_len > t->in_pos)
+		return true;
+	t->in_pos = t->in_len = 0;
+	n = recv(t->c->fd, t->in, NBD_INBUF, MSG_DONTWAIT);
+	if (n > 0) {
+		t->in_len = (size_t)n;
+		return true;
+	}
+	/* End of stream or an error shows at the next fill(). */
+	return n == 0 || (errno != EAGAIN && errno != EWOULDBLOCK);
+}
+
+/* Could the request take long? Then another thread goes on reading. */
+static bool maybe_slow(const struct request *rq)
+{
+	return (rq->type != NBD_CMD_READ && rq->type != NBD_CMD_WRITE &&
+		rq->type != NBD_CMD_BLOCK_STATUS) ||
+	       (rq->flags & NBD_CMD_FLAG_FUA) || rq->length >= NBD_SLOW_LEN;
+}
+
+/*
+ * As the leader: read the next request into *rq (a WRITE's payload into a
+ * buffer of `w`). Returns 1 for a request, 0 when the client left by the
+ * rules (DISC, or end of stream between requests), -EPROTO when it broke
+ * them, or another negative errno.
+ */
+static int read_request(struct tx *t, struct worker *w, struct request *rq)
+{
+	const uint8_t *h;
+	size_t have;
+	int r;
+
+	r = fill(t, NBD_REQUEST_SIZE);
+	if (r < 0)
+		return r == -EPIPE ? (t->in_len == t->in_pos ? 0 : -EPROTO) : r;
+	h = t->in + t->in_pos;
+	t->in_pos += NBD_REQUEST_SIZE;
+	if (nbd_get32(h) != NBD_REQUEST_MAGIC)
+		return -EPROTO;
+	rq->flags = nbd_get16(h + 4);
+	rq->type = nbd_get16(h + 6);
+	rq->cookie = nbd_get64(h + 8);
+	rq->offset = nbd_get64(h + 16);
+	rq->length = nbd_get32(h + 24);
+	rq->payload = NULL;
+	if (rq->type == NBD_CMD_DISC)
+		return 0;
+	if (rq->type != NBD_CMD_WRITE || rq->length == 0)
+		return 1;
+	if (rq->length > NBD_MAX_PAYLOAD) {
+		/* The payload cannot be taken in: answer, then drop the
+		 * connection, which is out of step now. */
+		reply_err(t, rq, NBD_EINVAL, "len (%u) is larger than max len (%u)",
+			  rq->length, NBD_MAX_PAYLOAD);
+		return -EPROTO;
+	}
+	rq->payload = get_buf(w, rq->length);
+	if (rq->payload == NULL)
+		return -ENOMEM;
+	have = t->in_len - t->in_pos;
+	if (have > rq->length)
+		have = rq->length;
+	memcpy(rq->payload, t->in + t->in_pos, have);
+	t->in_pos += have;
+	if (have < rq->length) {
+		r = nbd_recv_all(t->c->fd, rq->payload + have, rq->length - have);
+		if (r < 0)
+			/* EOF inside a request breaks the protocol. */
+			return r == -EPIPE ? -EPROTO : r;
+	}
+	return 1;
+}
+
+/* ---- the threads ------------------------------------------------------------------- */
+
+static void *worker_main(void *arg);
+
+static uint64_t now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* Holding read_lock, about to let it go: make sure a thread will take it,
+ * starting one if none waits (and fewer than NBD_WORKERS exist). */
+static void hand_over(struct tx *t)
+{
+	if (atomic_load(&t->waiting) > 0)
+		return;
+	pthread_mutex_lock(&t->lock);
+	if (t->nthreads + 1 < NBD_WORKERS) {
+		struct worker *w = &t->workers[t->nthreads + 1];
+
+		memset(w, 0, sizeof(*w));
+		w->t = t;
+		if (pthread_create(&t->tids[t->nthreads], NULL, worker_main, w) == 0)
+			t->nthreads++;
+	}
+	pthread_mutex_unlock(&t->lock);
+}
+
+static void *worker_main(void *arg)
+{
+	struct worker *w = arg;
+	struct tx *t = w->t;
+	bool leading = false;
+	struct request rq;
 
 	for (;;) {
-		struct request *rq;
-		size_t charge = 0;
 		int r;
 
-		r = nbd_recv_all(c->fd, h, sizeof(h));
-		if (r < 0)
-			return r == -EPIPE ? 0 : r;
-		if (nbd_get32(h) != NBD_REQUEST_MAGIC)
-			return -EPROTO;
-		rq = calloc(1, sizeof(*rq));
-		if (rq == NULL)
-			return -ENOMEM;
-		rq->flags = nbd_get16(h + 4);
-		rq->type = nbd_get16(h + 6);
-		rq->cookie = nbd_get64(h + 8);
-		rq->offset = nbd_get64(h + 16);
-		rq->length = nbd_get32(h + 24);
-
-		if (rq->type == NBD_CMD_DISC) {
-			free(rq);
-			return 0;
+		if (!leading) {
+			atomic_fetch_add(&t->waiting, 1);
+			pthread_mutex_lock(&t->read_lock);
+			atomic_fetch_sub(&t->waiting, 1);
+			leading = true;
 		}
-		if (rq->type == NBD_CMD_WRITE && rq->length > NBD_MAX_PAYLOAD) {
-			/* The payload cannot be taken in: answer, then drop the
-			 * connection, which is out of step now. */
-			reply_err(t, rq, NBD_EINVAL, "len (%u) is larger than "
-				  "max len (%u)", rq->length, NBD_MAX_PAYLOAD);
-			free(rq);
-			return -EPROTO;
+		if (atomic_load(&t->closing)) {
+			pthread_mutex_unlock(&t->read_lock);
+			break;
 		}
-		if ((rq->type == NBD_CMD_READ || rq->type == NBD_CMD_WRITE) &&
-		    rq->length <= NBD_MAX_PAYLOAD)
-			charge = rq->length;
-
-		pthread_mutex_lock(&t->lock);
-		while (!t->send_failed &&
-		       (t->inflight >= NBD_MAX_INFLIGHT ||
-			(t->inflight > 0 && t->bytes + charge > NBD_INFLIGHT_BYTES)))
-			pthread_cond_wait(&t->room, &t->lock);
-		t->inflight++;
-		t->bytes += charge;
-		pthread_mutex_unlock(&t->lock);
-		rq->charge = charge;
-
-		if (rq->type == NBD_CMD_WRITE && rq->length > 0) {
-			rq->payload = malloc(rq->length);
-			r = rq->payload ? nbd_recv_all(c->fd, rq->payload,
-						       rq->length) : -ENOMEM;
-			if (r < 0) {
-				pthread_mutex_lock(&t->lock);
-				t->inflight--;
-				t->bytes -= charge;
-				pthread_mutex_unlock(&t->lock);
-				free(rq->payload);
-				free(rq);
-				/* EOF inside a request breaks the protocol. */
-				return r == -EPIPE ? -EPROTO : r;
-			}
+		r = read_request(t, w, &rq);
+		if (r <= 0) {
+			put_big(w);
+			t->result = r;
+			atomic_store(&t->closing, true);
+			/* Each waiting thread takes the lock, sees closing and
+			 * passes it on. */
+			pthread_mutex_unlock(&t->read_lock);
+			break;
+		}
+		if (maybe_slow(&rq) ||
+		    ((rq.type == NBD_CMD_WRITE ||
+		      atomic_load_explicit(&t->avg_ns, memory_order_relaxed) > NBD_PARALLEL_NS) &&
+		     more_input(t))) {
+			hand_over(t);
+			pthread_mutex_unlock(&t->read_lock);
+			leading = false;
 		}
 
-		pthread_mutex_lock(&t->lock);
-		if (t->tail)
-			t->tail->next = rq;
-		else
-			t->head = rq;
-		t->tail = rq;
-		pthread_cond_signal(&t->work);
-		pthread_mutex_unlock(&t->lock);
+		uint64_t t0 = now_ns();
+		handle(t, w, &rq);
+		uint64_t dt = now_ns() - t0;
+		put_big(w);
+		/* A running average; racing updates only lose a sample. */
+		uint64_t avg = atomic_load_explicit(&t->avg_ns, memory_order_relaxed);
+		atomic_store_explicit(&t->avg_ns, (avg * 7 + dt) / 8, memory_order_relaxed);
 	}
+	free(w->buf);
+	w->buf = NULL;
+	return NULL;
 }
 
 int nbd_transmission(struct nbd_conn *c)
 {
-	struct tx t;
-	pthread_t tids[NBD_WORKERS];
-	unsigned n = 0;
+	struct tx *t = calloc(1, sizeof(*t));
+	unsigned n;
 	int r;
 
-	memset(&t, 0, sizeof(t));
-	t.c = c;
-	pthread_mutex_init(&t.lock, NULL);
-	pthread_mutex_init(&t.send_lock, NULL);
-	pthread_cond_init(&t.work, NULL);
-	pthread_cond_init(&t.room, NULL);
-	for (; n < NBD_WORKERS; n++)
-		if (pthread_create(&tids[n], NULL, worker, &t) != 0)
-			break;
-	if (n == 0) {
-		r = -EAGAIN;
-		goto out;
-	}
+	if (t == NULL)
+		return -ENOMEM;
+	t->c = c;
+	pthread_mutex_init(&t->lock, NULL);
+	pthread_mutex_init(&t->read_lock, NULL);
+	pthread_mutex_init(&t->send_lock, NULL);
+	pthread_cond_init(&t->room, NULL);
+	t->workers[0].t = t;
 
-	r = read_requests(&t);
-
-	pthread_mutex_lock(&t.lock);
-	t.closing = true;
-	pthread_cond_broadcast(&t.work);
-	pthread_mutex_unlock(&t.lock);
+	/* This thread is the first worker; the others start when needed.
+	 * It returns after closing was set by the thread that read last,
+	 * which started any thread there is before that. */
+	(void)worker_main(&t->workers[0]);
+	pthread_mutex_lock(&t->lock);
+	n = t->nthreads;
+	pthread_mutex_unlock(&t->lock);
 	for (unsigned i = 0; i < n; i++)
-		pthread_join(tids[i], NULL);
+		pthread_join(t->tids[i], NULL);
 	if (!c->exp->readonly)
 		(void)qk_flush(c->img);
-out:
-	pthread_cond_destroy(&t.room);
-	pthread_cond_destroy(&t.work);
-	pthread_mutex_destroy(&t.send_lock);
-	pthread_mutex_destroy(&t.lock);
+	r = t->result;
+	pthread_cond_destroy(&t->room);
+	pthread_mutex_destroy(&t->send_lock);
+	pthread_mutex_destroy(&t->read_lock);
+	pthread_mutex_destroy(&t->lock);
+	free(t);
 	return r;
 }
