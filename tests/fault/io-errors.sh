@@ -4,10 +4,11 @@
 # caller gets the errno and a one-line message naming it, the handle still
 # reads what it wrote, and the image left behind checks consistent (leaks
 # at most) with every flushed byte intact. The same on a lazy_refcounts
-# image, every sixth point.
+# image, every sixth point, and on one with extended L2 entries.
 . "$(dirname "$0")/../lib.sh"
 . "$(dirname "$0")/images.bash"
 need qemu-img qemu-io
 walk io-errors errors off 3 15
 walk io-errors-lazy errors on 6 30
+walk io-errors-extl2 errors off 2 6 cluster_size=16k,extended_l2=on
 finish

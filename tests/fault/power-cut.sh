@@ -2,9 +2,11 @@
 # Power cuts at every write of the seeded workload of tests/fault/fault-walk.c
 # (lazy_refcounts=off): after each, the image opens, qemu-img check finds no
 # corruption, check -r leaks leaves it clean, and every byte a completed
-# flush acknowledged reads back.
+# flush acknowledged reads back. Then the same on an image with extended L2
+# entries (16 KiB clusters: copy-on-write of subclusters).
 . "$(dirname "$0")/../lib.sh"
 . "$(dirname "$0")/images.bash"
 need qemu-img qemu-io
 walk power-cut cut off 1 6
+walk power-cut-extl2 cut off 1 3 cluster_size=16k,extended_l2=on
 finish
