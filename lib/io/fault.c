@@ -41,6 +41,7 @@
 #include "internal.h"
 
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -275,18 +276,28 @@ static void power_cut(struct qk__fault *ft, const struct log_rec *r)
 static int gate(struct qk__fault *ft, struct qk__file *f, enum qk__fault_kind kind,
 		const struct log_rec *r, const char *what)
 {
+	/* The message names the request as the POSIX backend's do. */
+	char req[160];
+	if (r && r->kind == LOG_SIZE)
+		snprintf(req, sizeof req, "%s of %s to %llu bytes", what, f->path,
+			 (unsigned long long)r->off);
+	else if (r)
+		snprintf(req, sizeof req, "%s of %llu bytes at offset %llu of %s", what,
+			 (unsigned long long)r->len, (unsigned long long)r->off, f->path);
+	else
+		snprintf(req, sizeof req, "%s of %s", what, f->path);
 	if (ft->cut)
-		return qk__err(EIO, "%s of %s failed: %s (power cut)", what, f->path, strerror(EIO));
+		return qk__err(EIO, "%s failed: %s (power cut)", req, strerror(EIO));
 	uint64_t n = ++ft->count[kind];
 	if (kind == QK__FAULT_WRITE && ft->cut_at && n == ft->cut_at) {
 		power_cut(ft, r);
-		return qk__err(EIO, "%s of %s failed: %s (power cut)", what, f->path, strerror(EIO));
+		return qk__err(EIO, "%s failed: %s (power cut)", req, strerror(EIO));
 	}
 	uint64_t nth = ft->fail[kind].nth;
 	if (nth && (n == nth || (ft->fail[kind].sticky && n > nth))) {
 		int e = ft->fail[kind].err;
 		ft->injected++;
-		return qk__err(e, "%s of %s failed: %s", what, f->path, strerror(e));
+		return qk__err(e, "%s failed: %s", req, strerror(e));
 	}
 	return 0;
 }
@@ -295,7 +306,8 @@ static int fault_pread(struct qk__file *f, void *buf, size_t len, uint64_t off)
 {
 	struct fault_file *ff = f->priv;
 	pthread_mutex_lock(&ff->ft->lock);
-	int ret = gate(ff->ft, f, QK__FAULT_READ, NULL, "read");
+	struct log_rec r = { LOG_WRITE, off, len, NULL };
+	int ret = gate(ff->ft, f, QK__FAULT_READ, &r, "read");
 	pthread_mutex_unlock(&ff->ft->lock);
 	return ret < 0 ? ret : ff->inner->ops->pread(ff->inner, buf, len, off);
 }

@@ -40,7 +40,7 @@
  * Environment: QCOWKIT (the program, for check -r leaks), QEMU_IMG
  * (default qemu-img); FAULT_WALK_LIST=1 prints the workload and
  * FAULT_WALK_TRACE=1 the write and sync count at each operation, to find
- * the operation of a failing point; FAULT_WALK_OTHER=1 takes a starting
+ * the operation of a failing point, and the message of each error; FAULT_WALK_OTHER=1 takes a starting
  * image of any cluster size up to 64 KiB (to explore other layouts). The first failing image is kept as
  * DIR/cut.qcow2.fail. Prints one summary line per mode; exit 0 when every
  * point passed.
@@ -660,6 +660,8 @@ static void walk_errors(enum qk__fault_kind kind, uint64_t count, uint64_t strid
 			st->no_error++;
 		} else {
 			st->errors_seen++;
+			if (trace)
+				fprintf(stderr, "%s: \"%s\"\n", point, r.msg);
 			char want[64];
 			snprintf(want, sizeof want, "%s", strerror(err));
 			if (r.ret != -err || r.err != err || !tap_one_line(r.msg) ||
