@@ -24,7 +24,13 @@
  *   allocating (one request of any allowed size may always run alone), so
  *   a client cannot make the server hold more.
  * - A reply is built whole and written with one nbd_send_iov() call under
- *   send_lock, so replies never interleave on the wire.
+ *   send_lock, so replies never interleave on the wire. The leader running
+ *   requests one after the other while more are already buffered holds
+ *   their replies back in tx.out (whole replies, NBD_OUTBUF at most) and
+ *   sends them in one piece before it could wait: before a blocking read,
+ *   before handing over, and at the end.
+ * - Reads up to NBD_SPLIT_MIN go out as one data chunk; longer ones are
+ *   split into data and hole chunks by block status.
  * - When the leader meets the end (DISC, EOF, a protocol violation, or
  *   shutdown() of the socket by the server) it marks the connection
  *   closing; requests already read still run and are answered; then the
@@ -53,6 +59,7 @@
 #define NBD_KEEP_BUF       (4u << 20)  /* data buffer a thread keeps */
 #define NBD_INFLIGHT_BYTES (64u << 20)  /* larger buffers, all together */
 #define NBD_INBUF          (64u << 10)  /* input buffer */
+#define NBD_OUTBUF         (256u << 10) /* replies held back */
 /* Transfers from this size on are handed over as possibly slow. */
 #define NBD_SLOW_LEN       (1u << 20)
 /* Pipelined requests run in parallel once requests take this long on
@@ -63,6 +70,8 @@
 /* Chunks of one structured READ reply (holes and data alternating); the
  * rest of a longer read goes out as one data chunk. */
 #define NBD_READ_MAX_CHUNKS 64
+/* Reads up to this size are not split into data and holes. */
+#define NBD_SPLIT_MIN (64u << 10)
 /* Library extents looked at for one BLOCK_STATUS request; the reply then
  * covers less than asked, which the protocol allows. */
 #define NBD_BS_MAX_EXTENTS 65536
@@ -100,23 +109,67 @@ struct tx {
 	pthread_t tids[NBD_WORKERS];
 	struct worker workers[NBD_WORKERS];
 	size_t big_bytes;
-	/* Input: only the leader touches these. */
+	/* Input, and replies held back: only the leader touches these. */
 	uint8_t in[NBD_INBUF];
 	size_t in_pos, in_len;
+	uint8_t out[NBD_OUTBUF];
+	size_t out_len;
 	pthread_mutex_t send_lock;
 	bool send_failed;
 };
 
 /* ---- replies ---------------------------------------------------------------- */
 
-static void send_locked(struct tx *t, struct iovec *iov, int n)
+/* The connection whose replies the calling thread is holding back in
+ * tx.out (it is the leader, running pipelined requests one by one). */
+static _Thread_local struct tx *corking;
+
+static void send_iov_locked(struct tx *t, struct iovec *iov, int n)
 {
-	pthread_mutex_lock(&t->send_lock);
 	if (!t->send_failed && nbd_send_iov(t->c->fd, iov, n) < 0) {
 		t->send_failed = true;
 		/* Wake the reader: nothing more can be answered. */
 		shutdown(t->c->fd, SHUT_RDWR);
 	}
+}
+
+/* Send the replies held back in t->out. Only the leader calls this. */
+static void flush_out(struct tx *t)
+{
+	struct iovec iov;
+
+	if (t->out_len == 0)
+		return;
+	iov.iov_base = t->out;
+	iov.iov_len = t->out_len;
+	pthread_mutex_lock(&t->send_lock);
+	send_iov_locked(t, &iov, 1);
+	pthread_mutex_unlock(&t->send_lock);
+	t->out_len = 0;
+}
+
+/* Send one whole reply, or, while corking, add it to t->out, which goes
+ * out in one piece once no more requests are waiting (one send and one
+ * wake-up of the client for a batch of small replies). */
+static void send_locked(struct tx *t, struct iovec *iov, int n)
+{
+	if (corking == t) {
+		size_t len = 0;
+
+		for (int i = 0; i < n; i++)
+			len += iov[i].iov_len;
+		if (len > NBD_OUTBUF - t->out_len)
+			flush_out(t);
+		if (len <= NBD_OUTBUF - t->out_len) {
+			for (int i = 0; i < n; i++) {
+				memcpy(t->out + t->out_len, iov[i].iov_base, iov[i].iov_len);
+				t->out_len += iov[i].iov_len;
+			}
+			return;
+		}
+	}
+	pthread_mutex_lock(&t->send_lock);
+	send_iov_locked(t, iov, n);
 	pthread_mutex_unlock(&t->send_lock);
 }
 
@@ -335,7 +388,10 @@ static void cmd_read(struct tx *t, struct worker *w, const struct request *rq)
 			  rq->length);
 		return;
 	}
-	if (!c->structured || (rq->flags & NBD_CMD_FLAG_DF)) {
+	/* Small reads go out as one data chunk: looking for holes would
+	 * cost a second walk of the metadata for little to gain. */
+	if (!c->structured || (rq->flags & NBD_CMD_FLAG_DF) ||
+	    rq->length <= NBD_SPLIT_MIN) {
 		p[0].off = rq->offset;
 		p[0].len = rq->length;
 		p[0].hole = false;
@@ -631,6 +687,8 @@ static int fill(struct tx *t, size_t need)
 			t->in_len -= t->in_pos;
 			t->in_pos = 0;
 		}
+		/* About to wait for the client: it must have its replies. */
+		flush_out(t);
 		n = recv(t->c->fd, t->in + t->in_len, NBD_INBUF - t->in_len, 0);
 		if (n == 0)
 			return -EPIPE;
@@ -775,6 +833,7 @@ static void *worker_main(void *arg)
 		}
 		r = read_request(t, w, &rq);
 		if (r <= 0) {
+			flush_out(t);
 			put_big(w);
 			t->result = r;
 			atomic_store(&t->closing, true);
@@ -787,14 +846,19 @@ static void *worker_main(void *arg)
 		    ((rq.type == NBD_CMD_WRITE ||
 		      atomic_load_explicit(&t->avg_ns, memory_order_relaxed) > NBD_PARALLEL_NS) &&
 		     more_input(t))) {
+			flush_out(t);
 			hand_over(t);
 			pthread_mutex_unlock(&t->read_lock);
 			leading = false;
 		}
+		/* Going on reading with a request already waiting: hold the
+		 * reply back until the batch ends. */
+		corking = leading && t->in_len - t->in_pos >= NBD_REQUEST_SIZE ? t : NULL;
 
 		uint64_t t0 = now_ns();
 		handle(t, w, &rq);
 		uint64_t dt = now_ns() - t0;
+		corking = NULL;
 		put_big(w);
 		/* A running average; racing updates only lose a sample. */
 		uint64_t avg = atomic_load_explicit(&t->avg_ns, memory_order_relaxed);
