@@ -8,7 +8,7 @@
 . "$(dirname "$0")/../lib.sh"
 . "$(dirname "$0")/images.bash"
 need qemu-img qemu-io
-walk io-errors errors off 3 15
-walk io-errors-lazy errors on 6 30
-walk io-errors-extl2 errors off 2 6 cluster_size=16k,extended_l2=on
+walk io-errors errors off 3 21
+walk io-errors-lazy errors on 6 42
+walk io-errors-extl2 errors off 2 9 cluster_size=16k,extended_l2=on
 finish

@@ -7,6 +7,6 @@
 . "$(dirname "$0")/../lib.sh"
 . "$(dirname "$0")/images.bash"
 need qemu-img qemu-io
-walk power-cut cut off 1 6
-walk power-cut-extl2 cut off 1 3 cluster_size=16k,extended_l2=on
+walk power-cut cut off 1 8
+walk power-cut-extl2 cut off 1 5 cluster_size=16k,extended_l2=on
 finish
