@@ -9,15 +9,13 @@
  * answering it in whatever order it finishes. Invariants:
  * - Only the leader (holding tx.read_lock) touches the socket's input
  *   side and the input buffer, so requests are read whole and in order.
- * - Handing over: when the request may be slow (flush, FUA, trim, zeroes,
- *   transfers from NBD_SLOW_LEN on), or more input is already waiting
- *   (buffered, or ready on the socket) while requests take long on
- *   average (NBD_PARALLEL_NS: they wait for the disk), the leader wakes a
- *   follower, starting a thread if none waits and fewer than NBD_WORKERS
- *   exist, so pipelined requests run at once. Otherwise the same thread
- *   reads, runs, answers and reads again with no thread switch: for
- *   requests the page cache answers, that costs half the CPU time of
- *   handing each one over.
+ * - Handing over: when more input is already waiting (buffered, or
+ *   ready on the socket), or the request may be slow (flush, FUA, trim,
+ *   zeroes, transfers from NBD_SLOW_LEN on), the leader lets the reading
+ *   role go to a waiting thread, starting one if none waits and fewer than
+ *   NBD_WORKERS exist, so pipelined requests run at once. Otherwise (a
+ *   client waiting for each reply, or every thread busy) the same thread
+ *   reads, runs, answers and reads again, with no thread switch.
  * - Each thread owns one buffer for its request's data, kept between
  *   requests up to NBD_KEEP_BUF bytes; larger ones are allocated for the
  *   request and count against NBD_INFLIGHT_BYTES, waited for before
@@ -51,7 +49,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
-#include <time.h>
 
 #include "conn.h"
 
@@ -62,11 +59,6 @@
 #define NBD_OUTBUF         (256u << 10) /* replies held back */
 /* Transfers from this size on are handed over as possibly slow. */
 #define NBD_SLOW_LEN       (1u << 20)
-/* Pipelined requests run in parallel once requests take this long on
- * average (they wait for the disk); quicker ones (the page cache) are run
- * one after the other by the reading thread, which costs half the CPU
- * time of handing each over to another thread. */
-#define NBD_PARALLEL_NS    50000
 /* Chunks of one structured READ reply (holes and data alternating); the
  * rest of a longer read goes out as one data chunk. */
 #define NBD_READ_MAX_CHUNKS 64
@@ -102,7 +94,6 @@ struct tx {
 	atomic_bool closing;    /* no more requests will be read */
 	atomic_uint waiting;    /* threads waiting for read_lock */
 	int result;             /* how the reading ended (nbd_transmission) */
-	_Atomic uint64_t avg_ns; /* running average of a request's run time */
 	pthread_mutex_t lock;   /* the fields below */
 	pthread_cond_t room;    /* a large buffer was given back */
 	unsigned nthreads;      /* threads started besides the first */
@@ -785,30 +776,27 @@ static int read_request(struct tx *t, struct worker *w, struct request *rq)
 
 static void *worker_main(void *arg);
 
-static uint64_t now_ns(void)
+/* Holding read_lock: is there a thread to take it over, waiting or
+ * started now (fewer than NBD_WORKERS exist)? */
+static bool hand_over(struct tx *t)
 {
-	struct timespec ts;
+	bool ok = false;
 
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
-/* Holding read_lock, about to let it go: make sure a thread will take it,
- * starting one if none waits (and fewer than NBD_WORKERS exist). */
-static void hand_over(struct tx *t)
-{
 	if (atomic_load(&t->waiting) > 0)
-		return;
+		return true;
 	pthread_mutex_lock(&t->lock);
 	if (t->nthreads + 1 < NBD_WORKERS) {
 		struct worker *w = &t->workers[t->nthreads + 1];
 
 		memset(w, 0, sizeof(*w));
 		w->t = t;
-		if (pthread_create(&t->tids[t->nthreads], NULL, worker_main, w) == 0)
+		if (pthread_create(&t->tids[t->nthreads], NULL, worker_main, w) == 0) {
 			t->nthreads++;
+			ok = true;
+		}
 	}
 	pthread_mutex_unlock(&t->lock);
+	return ok;
 }
 
 static void *worker_main(void *arg)
@@ -842,12 +830,8 @@ static void *worker_main(void *arg)
 			pthread_mutex_unlock(&t->read_lock);
 			break;
 		}
-		if (maybe_slow(&rq) ||
-		    ((rq.type == NBD_CMD_WRITE ||
-		      atomic_load_explicit(&t->avg_ns, memory_order_relaxed) > NBD_PARALLEL_NS) &&
-		     more_input(t))) {
+		if ((maybe_slow(&rq) || more_input(t)) && hand_over(t)) {
 			flush_out(t);
-			hand_over(t);
 			pthread_mutex_unlock(&t->read_lock);
 			leading = false;
 		}
@@ -855,14 +839,9 @@ static void *worker_main(void *arg)
 		 * reply back until the batch ends. */
 		corking = leading && t->in_len - t->in_pos >= NBD_REQUEST_SIZE ? t : NULL;
 
-		uint64_t t0 = now_ns();
 		handle(t, w, &rq);
-		uint64_t dt = now_ns() - t0;
 		corking = NULL;
 		put_big(w);
-		/* A running average; racing updates only lose a sample. */
-		uint64_t avg = atomic_load_explicit(&t->avg_ns, memory_order_relaxed);
-		atomic_store_explicit(&t->avg_ns, (avg * 7 + dt) / 8, memory_order_relaxed);
 	}
 	free(w->buf);
 	w->buf = NULL;
