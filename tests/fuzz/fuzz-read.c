@@ -1,7 +1,7 @@
 /*
- * fuzz-read.c - a fuzzed image opened read-only: info, snapshots and
- * bitmaps listed, the whole guest range mapped in pieces, and a bounded
- * amount read (the start of every extent, and unaligned reads across
+ * fuzz-read.c - a fuzzed image opened read-only, with format detection
+ * and then as QCOW2: info, snapshots and bitmaps listed, the whole guest
+ * range mapped in pieces, and a bounded amount read (the start of every extent, and unaligned reads across
  * cluster boundaries). Any crash, sanitizer report, hang or unbounded
  * allocation is a bug; errors are fine.
  */
@@ -27,6 +27,17 @@ static void read_some(qk_image *img, uint64_t off, uint64_t len, uint64_t *budge
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
 	qk_image *img;
+	/* Format detection first: it must name what it refuses, never
+	 * misread; a detected raw image reads as the bytes themselves. */
+	if (fuzz_open_as(data, size, QK_FORMAT_AUTO, 0, &img) == 0) {
+		if (qk_get_format(img) == QK_FORMAT_RAW && size >= 512) {
+			FUZZ_ASSERT(qk_get_size(img) >= 512, "raw image of %zu bytes has size %llu",
+				    size, (unsigned long long)qk_get_size(img));
+			if (qk_pread(img, buf, 512, 0) == 0)
+				FUZZ_ASSERT(memcmp(buf, data, 512) == 0, "raw image reads other bytes");
+		}
+		qk_close(img);
+	}
 	if (fuzz_open(data, size, 0, &img) < 0)
 		return 0;
 

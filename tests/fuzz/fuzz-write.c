@@ -1,7 +1,7 @@
 /*
  * fuzz-write.c - writes on a fuzzed image: opened read-write, then up to
  * MAX_OPS operations (write, unaligned write, compressed cluster write,
- * zero, zero with unmap, discard, flush) whose kinds, offsets and lengths
+ * zero, zero with unmap, discard, flush, resize) whose kinds, offsets and lengths
  * come from the last bytes of the input, then closed.
  *
  * Invariants when the image checked clean before the first write: every
@@ -91,7 +91,19 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 			ret = qk_flush(img);
 			break;
 		case 7:
-			ret = qk_pwrite(img, wbuf, qk_min_u64(len, 3), off);
+			if (op[4] & 0x80) {
+				/* Grow by a few sectors, or shrink back. */
+				uint64_t cut = qk_min_u64(len, vsize / 2) & ~511ull;
+				uint64_t to = op[4] & 0x40 ? vsize - cut : vsize + len;
+				if (to < vsize && !(op[4] & 0x40))
+					break;          /* would wrap */
+				ret = qk_resize(img, to, op[4] & 0x40 ? QK_RESIZE_SHRINK : 0);
+				vsize = qk_get_size(img);
+				FUZZ_ASSERT(ret < 0 || vsize == to, "resize to %llu left %llu",
+					    (unsigned long long)to, (unsigned long long)vsize);
+			} else {
+				ret = qk_pwrite(img, wbuf, qk_min_u64(len, 3), off);
+			}
 			break;
 		}
 		/* After an error the image may hold leaked clusters, no more:

@@ -39,8 +39,8 @@ add_custom_command(OUTPUT ${QK_FUZZ_SEEDS}/.stamp
 	COMMENT "Making fuzz seed images with qemu-img")
 add_custom_target(fuzz-seeds ALL DEPENDS ${QK_FUZZ_SEEDS}/.stamp)
 
-# The NBD server's sources, for a target that feeds it a request stream;
-# an archive, so targets that do not call it pull nothing in.
+# The NBD server's sources, for the targets that are not image targets
+# (fuzz-nbd feeds it a request stream); the image targets do not need it.
 add_library(qk_fuzz_nbd STATIC EXCLUDE_FROM_ALL ${QK_NBD_SOURCES})
 target_include_directories(qk_fuzz_nbd PUBLIC nbd)
 target_link_libraries(qk_fuzz_nbd PUBLIC qcowkit_static)
@@ -59,7 +59,10 @@ foreach(src ${QK_FUZZ_TARGETS})
 	foreach(t ${variants})
 		add_executable(${t} ${src})
 		target_include_directories(${t} PRIVATE lib tests/fuzz)
-		target_link_libraries(${t} PRIVATE qk_fuzz_nbd qcowkit_static)
+		if(NOT name IN_LIST QK_FUZZ_IMAGE_TARGETS)
+			target_link_libraries(${t} PRIVATE qk_fuzz_nbd)
+		endif()
+		target_link_libraries(${t} PRIVATE qcowkit_static)
 		if(QK_FUZZ)
 			target_compile_options(${t} PRIVATE -fsanitize=fuzzer-no-link)
 		endif()

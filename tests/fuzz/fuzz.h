@@ -55,9 +55,11 @@ static inline void fuzz_limit(struct qk__file *f)
 	f->ops = &fuzz_limited_ops;
 }
 
-/* Open `size` bytes at `data` (copied) as a QCOW2 image with open `flags`
- * (QK_OPEN_*). Returns 0 and sets *img, or a negative errno. */
-static inline int fuzz_open(const void *data, size_t size, uint32_t flags, qk_image **img)
+/* Open `size` bytes at `data` (copied) as an image of format `fmt`
+ * (QK_FORMAT_AUTO: detected) with open `flags` (QK_OPEN_*). Returns 0 and
+ * sets *img, or a negative errno. */
+static inline int fuzz_open_as(const void *data, size_t size, qk_format fmt, uint32_t flags,
+			       qk_image **img)
 {
 	struct qk__file *f;
 	struct qk_open_options o;
@@ -67,9 +69,15 @@ static inline int fuzz_open(const void *data, size_t size, uint32_t flags, qk_im
 		return ret;
 	fuzz_limit(f);
 	qk_open_options_init(&o);
-	o.format = QK_FORMAT_QCOW2;
+	o.format = fmt;
 	o.flags = flags | QK_OPEN_NO_BACKING;
 	return qk__image_open_file(f, FUZZ_NAME, &o, NULL, img);
+}
+
+/* Open as a QCOW2 image (see fuzz_open_as). */
+static inline int fuzz_open(const void *data, size_t size, uint32_t flags, qk_image **img)
+{
+	return fuzz_open_as(data, size, QK_FORMAT_QCOW2, flags, img);
 }
 
 /* A copy of the bytes of img's file as they are now (after a flush, what a
