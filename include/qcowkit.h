@@ -284,16 +284,19 @@ int qk_flush(qk_image *img);
 
 struct qk_check_result {
 	uint64_t corruptions;        /* refcount below references, invalid entries,
-	                              * wrong COPIED flags, refcounts past EOF */
-	uint64_t leaks;              /* clusters with refcount above references */
+	                              * wrong COPIED flags */
+	uint64_t leaks;              /* clusters with refcount above references
+	                              * (past the end of the file too) */
 	uint64_t check_errors;       /* parts that could not be checked */
 	uint64_t corruptions_fixed, leaks_fixed;
 	uint64_t image_end_offset;   /* end of the last cluster in use */
 	uint64_t total_clusters;     /* guest clusters */
 	uint64_t allocated_clusters, fragmented_clusters, compressed_clusters;
 	uint64_t copied_errors;      /* of the corruptions: wrong COPIED flags */
-	uint64_t refcounts_past_eof; /* of the corruptions: refcounts of clusters
-	                              * past the end of the file */
+	uint64_t refcounts_past_eof; /* of the leaks: refcounts of clusters past
+	                              * the end of the file (a crash leaves them
+	                              * when a write that was to extend the
+	                              * file was lost; qemu-img does not look) */
 	uint64_t overlaps;           /* active data clusters mapped over metadata
 	                              * (-r all moves them out) */
 };

@@ -172,13 +172,54 @@ int qk__cache_set_dependency(struct qk__cache *c, struct qk__cache *dep)
 	return ret;
 }
 
-/* A slot for a table not in the cache: CLOCK victim, written back first
- * when dirty. */
+/*
+ * One more slot, for when the only slots free to take are dirty and the
+ * disk refuses to write them back (a full or failing disk must not stop
+ * reads). Bounded: at most twice the configured slots plus 64.
+ */
+static int grow_slots(struct qk__cache *c, struct qk__cache_slot **out)
+{
+	if (!c->max_slots)
+		c->max_slots = 2 * c->nslots + 64;
+	if (c->nslots >= c->max_slots)
+		return -ENOSPC;
+	struct qk__cache_slot *slots = realloc(c->slots, (c->nslots + 1) * sizeof *slots);
+	if (!slots)
+		return -ENOMEM;
+	c->slots = slots;
+	memset(&slots[c->nslots], 0, sizeof *slots);
+	if (2 * (c->nslots + 1) > c->hash_mask + 1) {
+		/* Keep the hash at most half full: rebuild it twice as large. */
+		uint32_t buckets = 2 * (c->hash_mask + 1);
+		uint32_t *hash = calloc(buckets, sizeof *hash);
+		if (!hash)
+			return -ENOMEM;
+		free(c->hash);
+		c->hash = hash;
+		c->hash_mask = buckets - 1;
+		for (uint32_t i = 0; i < c->nslots; i++) {
+			bool found;
+			if (slots[i].offset)
+				c->hash[find_bucket(c, slots[i].offset, &found)] = i + 1;
+		}
+	}
+	*out = &slots[c->nslots++];
+	return 0;
+}
+
+/*
+ * A slot for a table not in the cache: the CLOCK victim, a clean one
+ * first. A dirty victim is written back (the whole cache, dependencies
+ * first); when that fails the cache grows by a slot (bounded) rather
+ * than fail a read, and returns the flush error when it cannot. -EBUSY
+ * when every slot is in use.
+ */
 static int take_slot(struct qk__cache *c, uint64_t offset, struct qk__cache_slot **out)
 {
-	/* The hand skips slots in use and gives recently used ones a second
-	 * chance; two turns always find one. */
-	struct qk__cache_slot *victim = NULL;
+	/* The hand skips slots in use and dirty ones, and gives recently
+	 * used ones a second chance; two turns always find a clean one if
+	 * there is one. */
+	struct qk__cache_slot *victim = NULL, *dirty = NULL;
 	for (uint32_t n = 0; n < 2 * c->nslots; n++) {
 		struct qk__cache_slot *s = &c->slots[c->hand];
 		c->hand = (c->hand + 1) % c->nslots;
@@ -188,14 +229,27 @@ static int take_slot(struct qk__cache *c, uint64_t offset, struct qk__cache_slot
 			s->recent = false;
 			continue;
 		}
+		if (s->dirty) {
+			if (!dirty)
+				dirty = s;
+			continue;
+		}
 		victim = s;
 		break;
 	}
-	if (!victim)
+	int ret = 0;
+	if (!victim && dirty) {
+		ret = qk__cache_flush(c);
+		if (ret == 0)
+			victim = dirty;
+	}
+	if (!victim && !dirty)
 		return qk__err(EBUSY, "metadata cache: every slot is in use");
-	if (victim->dirty) {
-		int ret = qk__cache_flush(c);
-		if (ret < 0)
+	if (!victim) {
+		int g = grow_slots(c, &victim);
+		if (g == -ENOMEM)
+			return qk__err(ENOMEM, "out of memory for the metadata cache");
+		if (g < 0)
 			return ret;
 	}
 	if (!victim->data) {

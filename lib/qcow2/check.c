@@ -533,12 +533,11 @@ int qk__qcow2_rebuild_refcounts(qk_image *img)
 	uint8_t *blk = NULL;
 	uint64_t *table = NULL;
 	int ret = count_references(img, &r);
-	if (ret == 0) {
-		take_tail(&r);
-		ret = fix_copied(img, &r);
-	}
 	if (ret < 0)
 		goto out;
+	take_tail(&r);
+	/* Before anything is written: a count the width cannot hold is a
+	 * refusal that leaves the image as it was. */
 	for (uint64_t c = 0; c < r.n; c++)
 		if (cnt_get(&r, c) > max) {
 			ret = qk__qcow2_corrupt(img, "cluster at 0x%llx has %llu references, more than %u-bit refcounts hold",
@@ -546,6 +545,8 @@ int qk__qcow2_rebuild_refcounts(qk_image *img)
 						1u << order);
 			goto out;
 		}
+	if ((ret = fix_copied(img, &r)) < 0)
+		goto out;
 	/* New blocks and table past everything in use, counting themselves. */
 	uint64_t area = r.n, blocks = 0, tc = 0;
 	for (int iter = 0; iter < 64; iter++) {
@@ -760,6 +761,48 @@ static int cmp_u64(const void *a, const void *b)
 
 #define PAST_EOF_SCAN_MAX (1ull << 26)  /* refcount entries examined past EOF */
 
+/*
+ * Refcounts of clusters past the end of the file that no reference names
+ * (QEMU does not look). Nothing is stored there, so such a count is a
+ * leak: what a crash leaves when a refcount reached the disk before the
+ * write that was to extend the file. Counted into res (check), or with
+ * `fix` dropped to 0. Bounded: a scan cut short is a check error. r->past
+ * is sorted.
+ */
+static int past_eof_refcounts(qk_image *img, struct refs *r, struct qk_check_result *res, bool fix)
+{
+	struct qcow2 *q = qcow2_of(img);
+	uint32_t eb = q->cluster_bits + 3 - q->refcount_order;
+	uint64_t scanned = 0;
+	int ret = 0;
+	for (uint64_t i = r->n >> eb; i < q->rt_entries && scanned < PAST_EOF_SCAN_MAX; i++) {
+		if (!q->rt[i])
+			continue;
+		for (uint64_t c = qk_max_u64(i << eb, r->n); c < (i + 1) << eb && scanned < PAST_EOF_SCAN_MAX;
+		     c++, scanned++) {
+			uint64_t stored;
+			if ((ret = qk__qcow2_get_refcount(img, c, &stored)) < 0)
+				return ret;
+			if (!stored || bsearch(&c, r->past, r->n_past, sizeof *r->past, cmp_u64))
+				continue;
+			if (fix) {
+				/* In one step: the count may be 2^63. */
+				ret = qk__qcow2_set_refcount(img, c, 0);
+				if (ret < 0)
+					return ret;
+				continue;
+			}
+			res->leaks++;
+			res->refcounts_past_eof++;
+			say(r, "Leaked cluster %llu refcount=%llu reference=0 (past the end of the file)",
+			    (unsigned long long)c, (unsigned long long)stored);
+		}
+	}
+	if (scanned >= PAST_EOF_SCAN_MAX && res)
+		res->check_errors++;
+	return 0;
+}
+
 /* One check pass; no repairs. */
 static int check_pass(qk_image *img, struct qk_check_result *res,
 		      void (*report)(void *, const char *), void *opaque, struct refs *r)
@@ -833,30 +876,10 @@ static int check_pass(qk_image *img, struct qk_check_result *res,
 	/* COPIED flags, judged by the stored refcounts just read. */
 	if ((ret = check_copied(img, r)) < 0)
 		return ret;
-	/* Refcounts of clusters past the end of the file (QEMU does not look):
-	 * nothing can be there, so a count is a corruption. Bounded. */
-	uint32_t eb = q->cluster_bits + 3 - q->refcount_order;
-	uint64_t scanned = 0;
 	if (r->n_past)
 		qsort(r->past, r->n_past, sizeof *r->past, cmp_u64);
-	for (uint64_t i = r->n >> eb; i < q->rt_entries && scanned < PAST_EOF_SCAN_MAX; i++) {
-		if (!q->rt[i])
-			continue;
-		for (uint64_t c = qk_max_u64(i << eb, r->n); c < (i + 1) << eb && scanned < PAST_EOF_SCAN_MAX;
-		     c++, scanned++) {
-			uint64_t stored;
-			if ((ret = qk__qcow2_get_refcount(img, c, &stored)) < 0)
-				return ret;
-			if (stored && !bsearch(&c, r->past, r->n_past, sizeof *r->past, cmp_u64)) {
-				res->corruptions++;
-				res->refcounts_past_eof++;
-				say(r, "ERROR cluster %llu refcount=%llu reference=0 (past the end of the file)",
-				    (unsigned long long)c, (unsigned long long)stored);
-			}
-		}
-	}
-	if (scanned >= PAST_EOF_SCAN_MAX)
-		res->check_errors++;
+	if ((ret = past_eof_refcounts(img, r, res, false)) < 0)
+		return ret;
 	res->image_end_offset = last_used * cs;
 	return 0;
 }
@@ -882,6 +905,13 @@ static int move_intruders(qk_image *img, struct refs *r)
 	uint64_t cs = q->cluster_size, fsize;
 	if (!r->n_movers)
 		return 0;
+	/* An L2 table that is itself other metadata (the L1 table, say) cannot
+	 * take the new entry: refuse before copying anything. */
+	for (size_t i = 0; i < r->n_movers; i++) {
+		int ret = qk__qcow2_pre_write_meta(img, r->movers[i].l2_off);
+		if (ret < 0)
+			return ret;
+	}
 	int ret = qk__file_get_size(img->file, &fsize);
 	uint8_t *buf = malloc(cs);
 	if (ret == 0 && !buf)
@@ -910,6 +940,51 @@ static int move_intruders(qk_image *img, struct refs *r)
 	if (ret == 0)
 		q->file_size = next;
 	return ret;
+}
+
+/* Does a cluster at host offset off lie whole in the file, aligned? */
+static bool in_file(const struct qcow2 *q, uint64_t off)
+{
+	return !(off & (q->cluster_size - 1)) && off < q->file_size &&
+	       q->file_size - off >= q->cluster_size;
+}
+
+/* Reserved bits of active L1 and L2 entries go where what is left points
+ * into the file (the rest stays a corruption: nothing is guessed). Reads
+ * refuse such entries, QEMU's ignore the bits: the repaired entry reads
+ * what QEMU read. */
+static int fix_reserved(qk_image *img)
+{
+	struct qcow2 *q = qcow2_of(img);
+	uint64_t entries = 1ull << q->l2_bits, step = q->extl2 ? 2 : 1;
+	int ret = 0;
+	for (uint32_t i = 0; ret == 0 && i < q->l1_size; i++) {
+		if ((q->l1[i] & L1E_RESERVED_MASK) && in_file(q, q->l1[i] & L1E_OFFSET_MASK)) {
+			uint8_t be[8];
+			q->l1[i] &= ~L1E_RESERVED_MASK;
+			qk_put_be64(be, q->l1[i]);
+			if ((ret = img->file->ops->pwrite(img->file, be, 8, q->l1_offset + 8 * (uint64_t)i)) < 0)
+				break;
+		}
+		uint64_t l2_off = q->l1[i] & L1E_OFFSET_MASK, *t;
+		if (!l2_off || (l2_off & (q->cluster_size - 1)) || l2_off >= q->file_size)
+			continue;
+		if ((ret = qk__cache_get(&q->l2_cache, l2_off, (void **)&t)) < 0)
+			break;
+		bool dirty = false;
+		for (uint64_t j = 0; j < entries; j++) {
+			uint64_t *e = &t[step * j], host = *e & L2E_OFFSET_MASK;
+			if (!(*e & QCOW_OFLAG_COMPRESSED) && (*e & L2E_RESERVED_MASK) &&
+			    (!host || q->data_file || in_file(q, host))) {
+				*e &= ~L2E_RESERVED_MASK;
+				dirty = true;
+			}
+		}
+		if (dirty)
+			qk__cache_mark_dirty(&q->l2_cache, l2_off);
+		qk__cache_put(&q->l2_cache, l2_off);
+	}
+	return ret ? ret : qk__cache_flush(&q->l2_cache);
 }
 
 /* Extended L2: subclusters both allocated and zero keep their data (the
@@ -975,6 +1050,8 @@ int qk__qcow2_check(qk_image *img, uint32_t flags, struct qk_check_result *res,
 		 * leak. */
 		ret = move_intruders(img, &r);
 		if (ret == 0)
+			ret = fix_reserved(img);
+		if (ret == 0)
 			ret = fix_bitmaps(img);
 		if (ret == 0)
 			ret = qk__qcow2_rebuild_refcounts(img);
@@ -982,13 +1059,18 @@ int qk__qcow2_check(qk_image *img, uint32_t flags, struct qk_check_result *res,
 		for (uint64_t c = 0; ret == 0 && c < r.n; c++) {
 			uint64_t stored;
 			ret = qk__qcow2_get_refcount(img, c, &stored);
-			while (ret == 0 && stored > cnt_get(&r, c)) {
-				ret = qk__qcow2_update_refcount(img, c << q->cluster_bits, 1, -1);
-				stored--;
-			}
+			/* In one step: a leak may be 2^63 references. */
+			if (ret == 0 && stored > cnt_get(&r, c))
+				ret = qk__qcow2_set_refcount(img, c, cnt_get(&r, c));
 		}
 		if (ret == 0)
+			ret = past_eof_refcounts(img, &r, NULL, true);
+		if (ret == 0)
 			ret = qk__cache_flush(&q->rb_cache);
+		/* A count that dropped to 1 wants its COPIED flag (-r all, as
+		 * qemu-img's). */
+		if (ret == 0 && (flags & QK_CHECK_FIX_ERRORS))
+			ret = fix_copied(img, &r);
 	}
 	free_refs(&r);
 	if (ret < 0)

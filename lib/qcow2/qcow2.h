@@ -37,6 +37,7 @@ struct qk__cache {
 	struct qk__file *file;
 	size_t entry_size;     /* bytes per table on disk */
 	uint32_t nslots;
+	uint32_t max_slots;    /* growth bound (take_slot), 0 until needed */
 	struct qk__cache_slot *slots;
 	uint32_t *hash;        /* open addressing: slot index + 1, 0 = free */
 	uint32_t hash_mask;
@@ -137,6 +138,11 @@ struct qcow2 {
 	uint64_t free_hint;         /* no free cluster below this index */
 	uint64_t free_byte;         /* end of the last compressed data when it
 	                             * ends inside a cluster, else 0 */
+	/* Clusters [freed_lo, freed_hi) hold every cluster whose refcount
+	 * dropped to 0 since the L2 tables were last flushed: the disk may
+	 * still map them, so they are handed out again only after a flush
+	 * (freed_hi 0: none). */
+	uint64_t freed_lo, freed_hi;
 
 	/* QEMU's guess that the image was preallocated with metadata, which
 	 * makes block status ask the file system where data clusters hold
@@ -202,6 +208,11 @@ int qk__qcow2_get_refcounts(qk_image *img, uint64_t first, uint64_t n, uint64_t 
  * stay in the refcount cache until it is flushed. -EIO (corruption) on an
  * underflow or overflow. Image lock held. */
 int qk__qcow2_update_refcount(qk_image *img, uint64_t offset, uint64_t length, int delta);
+/* Set the refcount of host cluster `cluster` to value in one step, whatever
+ * it was (a leak of 2^63 references is dropped at once). Creates the
+ * refcount block when needed; changes stay in the refcount cache. -ERANGE
+ * when value does not fit the refcount width. Image lock held. */
+int qk__qcow2_set_refcount(qk_image *img, uint64_t cluster, uint64_t value);
 /* Allocate n contiguous free clusters (refcount raised to 1). */
 int qk__qcow2_alloc_clusters(qk_image *img, uint64_t n, uint64_t *offset);
 /* Allocate `len` bytes (at most a cluster) for compressed data, packed

@@ -363,9 +363,49 @@ int qk__qcow2_update_refcount(qk_image *img, uint64_t offset, uint64_t length, i
 		qk__cache_put(&q->rb_cache, boff);
 		if (v == 0 && c < q->free_hint)
 			q->free_hint = c;
+		if (v == 0 && delta < 0) {
+			if (!q->freed_hi || c < q->freed_lo)
+				q->freed_lo = c;
+			if (c + 1 > q->freed_hi)
+				q->freed_hi = c + 1;
+		}
 		if (v == 0 && q->free_byte >> q->cluster_bits == c)
 			q->free_byte = 0;       /* nothing more may be packed there */
 	}
+	return 0;
+}
+
+int qk__qcow2_set_refcount(qk_image *img, uint64_t cluster, uint64_t value)
+{
+	struct qcow2 *q = qcow2_of(img);
+	if (value > rc_max(q))
+		return qk__err(ERANGE, "refcount %llu does not fit %u-bit refcounts",
+			       (unsigned long long)value, 1u << q->refcount_order);
+	if (!q->rt) {
+		int ret = load_reftable(img, q);
+		if (ret < 0)
+			return ret;
+	}
+	uint32_t eb = epb_bits(q);
+	uint64_t rt_index = cluster >> eb;
+	bool placed = false;
+	int ret = ensure_block(img, rt_index, &placed);
+	if (ret < 0)
+		return ret;
+	uint64_t boff = q->rt[rt_index] & ~RT_RESERVED_MASK;
+	if ((boff & (q->cluster_size - 1)) || boff > MAX_HOST_OFFSET)
+		return qk__qcow2_corrupt(img, "refcount block offset 0x%llx invalid (refcount table index %llu)",
+					 (unsigned long long)boff, (unsigned long long)rt_index);
+	void *rb;
+	if ((ret = qk__cache_get(&q->rb_cache, boff, &rb)) < 0)
+		return ret;
+	rb_set(rb, cluster & ((1ull << eb) - 1), q->refcount_order, value);
+	qk__cache_mark_dirty(&q->rb_cache, boff);
+	qk__cache_put(&q->rb_cache, boff);
+	if (value == 0 && cluster < q->free_hint)
+		q->free_hint = cluster;
+	if (value == 0 && q->free_byte >> q->cluster_bits == cluster)
+		q->free_byte = 0;
 	return 0;
 }
 
@@ -489,6 +529,15 @@ int qk__qcow2_alloc_clusters(qk_image *img, uint64_t n, uint64_t *offset)
 			if (ret < 0)
 				return ret;
 			continue;       /* the new table's area may have taken the run */
+		}
+		if (q->freed_hi && start < q->freed_hi && start + need > q->freed_lo) {
+			/* The run reuses clusters freed since the last flush: the
+			 * mappings that stopped using them reach the disk before
+			 * anything is written there. */
+			int ret = qk__cache_flush(&q->l2_cache);
+			if (ret < 0)
+				return ret;
+			q->freed_lo = q->freed_hi = 0;
 		}
 		if (m) {
 			int ret = place_blocks(img, start, need, m);

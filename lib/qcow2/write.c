@@ -323,8 +323,13 @@ static int set_entry(qk_image *img, uint64_t gc, uint64_t ne, uint64_t nbm, bool
 	if (old == ne && (!q->extl2 || t[slot + 1] == nbm))
 		goto out;
 	/* Refcounts of new clusters first (unless lazy), then data, then
-	 * the entry. */
-	if (!q->lazy)
+	 * the entry. An entry that references nothing new (zero, unmapped,
+	 * the same host cluster) needs no refcount first: asking anyway
+	 * would meet the refcount cache's own wait for this table (after a
+	 * release) and flush both caches per cluster. */
+	uint64_t new_ref = (ne & QCOW_OFLAG_COMPRESSED) ? ne & ~QCOW_OFLAG_COPIED : ne & L2E_OFFSET_MASK;
+	uint64_t old_ref = (old & QCOW_OFLAG_COMPRESSED) ? old & ~QCOW_OFLAG_COPIED : old & L2E_OFFSET_MASK;
+	if (!q->lazy && new_ref && new_ref != old_ref)
 		ret = qk__cache_set_dependency(&q->l2_cache, &q->rb_cache);
 	if (ret < 0)
 		goto out;
@@ -666,6 +671,7 @@ static int flush_locked(qk_image *img)
 		ret = img->file->ops->sync(img->file);
 	if (ret < 0)
 		return ret;
+	q->freed_lo = q->freed_hi = 0;
 	/* Only now is no durable entry pointing at these clusters. A cluster
 	 * may have been allocated again since it was queued: punch only those
 	 * still free. Holes are an optimisation: a refusal is not an error. */

@@ -10,9 +10,14 @@
  *     sectors of the first bytes asked for of write N (none of a write
  *     shorter than a sector that was not asked for whole), or with
  *     keep_pending every earlier write too, and fails everything after;
- *   - the volatile view is kept when the file closes.
+ *   - the volatile view is kept when the file closes;
+ *   - the metadata cache on a failing disk: when its dirty tables cannot be
+ *     written back it still reads other tables (it grows, bounded, and
+ *     then returns the write error), keeps the changes, and writes them
+ *     once the disk works again.
  */
 #include "tap.h"
+#include "qcow2/qcow2.h"
 
 static struct qk__file *open_fault(struct qk__fault *ft, size_t len, uint8_t fill)
 {
@@ -112,6 +117,58 @@ static void cut_case(uint64_t torn, bool keep, const char *what, size_t third_le
 	qk__fault_free(ft);
 }
 
+static void test_cache_on_failing_disk(void)
+{
+	struct qk__fault *ft = qk__fault_new();
+	struct qk__file *f = open_fault(ft, 128 * 512, 0x11);
+	struct qk__cache c;
+	void *t;
+	int ret;
+	CHECK_EQ(qk__cache_init(&c, f, 512, 4, NULL, NULL), 0, "cache init");
+	for (uint64_t i = 1; i <= 4; i++) {
+		CHECK_EQ(qk__cache_get(&c, i * 512, &t), 0, "get");
+		((uint8_t *)t)[0] = (uint8_t)i;
+		qk__cache_mark_dirty(&c, i * 512);
+		qk__cache_put(&c, i * 512);
+	}
+	qk__fault_fail(ft, QK__FAULT_WRITE, 1, ENOSPC, true);
+	bool reads = true;
+	for (uint64_t i = 5; i <= 40; i++) {
+		ret = qk__cache_get(&c, i * 512, &t);
+		reads = reads && ret == 0 && all_are(t, 512, 0x11);
+		if (ret == 0)
+			qk__cache_put(&c, i * 512);
+	}
+	CHECK(reads, "clean tables read while the dirty ones cannot be written back");
+	bool kept = true;
+	for (uint64_t i = 1; i <= 4; i++) {
+		kept = kept && qk__cache_get(&c, i * 512, &t) == 0 && ((uint8_t *)t)[0] == i;
+		qk__cache_put(&c, i * 512);
+	}
+	CHECK(kept, "the changed tables keep their changes");
+	/* Every slot dirty: the cache grows to its bound, then says why not. */
+	ret = 0;
+	for (uint64_t i = 41; i < 128 && ret == 0; i++) {
+		ret = qk__cache_get(&c, i * 512, &t);
+		if (ret == 0) {
+			qk__cache_mark_dirty(&c, i * 512);
+			qk__cache_put(&c, i * 512);
+		}
+	}
+	CHECK_EQ(ret, (uint64_t)-ENOSPC, "the write error once the growth bound is reached");
+	CHECK(c.nslots <= 2 * 4 + 64, "growth bounded: %u slots", c.nslots);
+	qk__fault_fail(ft, QK__FAULT_WRITE, 0, 0, false);
+	CHECK_EQ(qk__cache_flush(&c), 0, "flush once the disk works again");
+	uint8_t b = 0;
+	bool written = true;
+	for (uint64_t i = 1; i <= 4; i++)
+		written = written && f->ops->pread(f, &b, 1, i * 512) == 0 && b == i;
+	CHECK(written, "the changes reached the file");
+	qk__cache_destroy(&c);
+	qk__file_close(f);
+	qk__fault_free(ft);
+}
+
 int main(void)
 {
 	tap_watchdog(60);
@@ -122,5 +179,6 @@ int main(void)
 	cut_case(UINT64_MAX, false, "landed whole", 4096, 2048, 4096);
 	cut_case(4, false, "short write not asked for", 8, 4096, 0);
 	cut_case(8, false, "short write asked for", 8, 4096, 8);
+	test_cache_on_failing_disk();
 	return tap_done();
 }
