@@ -321,6 +321,38 @@ static int ensure_block(qk_image *img, uint64_t rt_index, bool *placed)
 	return 0;
 }
 
+/* The refcount block holding cluster c's refcount, made when missing, from
+ * the cache: *boff its offset (for qk__cache_put), *rb its bytes, *i the
+ * entry index in it. The table is loaded. Image lock held. */
+static int block_of(qk_image *img, uint64_t c, uint64_t *boff_out, void **rb, uint64_t *i)
+{
+	struct qcow2 *q = qcow2_of(img);
+	uint32_t eb = epb_bits(q);
+	uint64_t rt_index = c >> eb;
+	bool placed = false;
+	int ret = ensure_block(img, rt_index, &placed);
+	if (ret < 0)
+		return ret;
+	uint64_t boff = q->rt[rt_index] & ~RT_RESERVED_MASK;
+	if ((boff & (q->cluster_size - 1)) || boff > MAX_HOST_OFFSET)
+		return qk__qcow2_corrupt(img, "refcount block offset 0x%llx invalid (refcount table index %llu)",
+					 (unsigned long long)boff, (unsigned long long)rt_index);
+	if ((ret = qk__cache_get(&q->rb_cache, boff, rb)) < 0)
+		return ret;
+	*boff_out = boff;
+	*i = c & ((1ull << eb) - 1);
+	return 0;
+}
+
+/* Cluster c's refcount became v: the allocator's hints follow. */
+static void refcount_set_to(struct qcow2 *q, uint64_t c, uint64_t v)
+{
+	if (v == 0 && c < q->free_hint)
+		q->free_hint = c;
+	if (v == 0 && q->free_byte >> q->cluster_bits == c)
+		q->free_byte = 0;       /* nothing more may be packed there */
+}
+
 int qk__qcow2_update_refcount(qk_image *img, uint64_t offset, uint64_t length, int delta)
 {
 	struct qcow2 *q = qcow2_of(img);
@@ -333,23 +365,13 @@ int qk__qcow2_update_refcount(qk_image *img, uint64_t offset, uint64_t length, i
 	}
 	uint64_t first = offset >> q->cluster_bits;
 	uint64_t last = (offset + length - 1) >> q->cluster_bits;
-	uint32_t eb = epb_bits(q);
 	uint64_t max = rc_max(q);
 	for (uint64_t c = first; c <= last; c++) {
-		uint64_t rt_index = c >> eb;
-		bool placed = false;
-		int ret = ensure_block(img, rt_index, &placed);
-		if (ret < 0)
-			return ret;
-		uint64_t boff = q->rt[rt_index] & ~RT_RESERVED_MASK;
-		if ((boff & (q->cluster_size - 1)) || boff > MAX_HOST_OFFSET)
-			return qk__qcow2_corrupt(img, "refcount block offset 0x%llx invalid (refcount table index %llu)",
-						 (unsigned long long)boff, (unsigned long long)rt_index);
+		uint64_t boff, i;
 		void *rb;
-		ret = qk__cache_get(&q->rb_cache, boff, &rb);
+		int ret = block_of(img, c, &boff, &rb, &i);
 		if (ret < 0)
 			return ret;
-		uint64_t i = c & ((1ull << eb) - 1);
 		uint64_t v = rb_entry(rb, i, q->refcount_order);
 		if ((delta < 0 && v == 0) || (delta > 0 && v == max)) {
 			qk__cache_put(&q->rb_cache, boff);
@@ -361,16 +383,13 @@ int qk__qcow2_update_refcount(qk_image *img, uint64_t offset, uint64_t length, i
 		rb_set(rb, i, q->refcount_order, v);
 		qk__cache_mark_dirty(&q->rb_cache, boff);
 		qk__cache_put(&q->rb_cache, boff);
-		if (v == 0 && c < q->free_hint)
-			q->free_hint = c;
 		if (v == 0 && delta < 0) {
 			if (!q->freed_hi || c < q->freed_lo)
 				q->freed_lo = c;
 			if (c + 1 > q->freed_hi)
 				q->freed_hi = c + 1;
 		}
-		if (v == 0 && q->free_byte >> q->cluster_bits == c)
-			q->free_byte = 0;       /* nothing more may be packed there */
+		refcount_set_to(q, c, v);
 	}
 	return 0;
 }
@@ -386,26 +405,15 @@ int qk__qcow2_set_refcount(qk_image *img, uint64_t cluster, uint64_t value)
 		if (ret < 0)
 			return ret;
 	}
-	uint32_t eb = epb_bits(q);
-	uint64_t rt_index = cluster >> eb;
-	bool placed = false;
-	int ret = ensure_block(img, rt_index, &placed);
+	uint64_t boff, i;
+	void *rb;
+	int ret = block_of(img, cluster, &boff, &rb, &i);
 	if (ret < 0)
 		return ret;
-	uint64_t boff = q->rt[rt_index] & ~RT_RESERVED_MASK;
-	if ((boff & (q->cluster_size - 1)) || boff > MAX_HOST_OFFSET)
-		return qk__qcow2_corrupt(img, "refcount block offset 0x%llx invalid (refcount table index %llu)",
-					 (unsigned long long)boff, (unsigned long long)rt_index);
-	void *rb;
-	if ((ret = qk__cache_get(&q->rb_cache, boff, &rb)) < 0)
-		return ret;
-	rb_set(rb, cluster & ((1ull << eb) - 1), q->refcount_order, value);
+	rb_set(rb, i, q->refcount_order, value);
 	qk__cache_mark_dirty(&q->rb_cache, boff);
 	qk__cache_put(&q->rb_cache, boff);
-	if (value == 0 && cluster < q->free_hint)
-		q->free_hint = cluster;
-	if (value == 0 && q->free_byte >> q->cluster_bits == cluster)
-		q->free_byte = 0;
+	refcount_set_to(q, cluster, value);
 	return 0;
 }
 
