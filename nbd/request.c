@@ -21,14 +21,17 @@
  *   request and count against NBD_INFLIGHT_BYTES, waited for before
  *   allocating (one request of any allowed size may always run alone), so
  *   a client cannot make the server hold more.
- * - A reply is built whole and written with one nbd_send_iov() call under
- *   send_lock, so replies never interleave on the wire. The leader running
+ * - A reply (or chunk) is built whole and written with one nbd_send_iov()
+ *   call under send_lock, so they never interleave on the wire. The leader running
  *   requests one after the other while more are already buffered holds
  *   their replies back in tx.out (whole replies, NBD_OUTBUF at most) and
  *   sends them in one piece before it could wait: before a blocking read,
  *   before handing over, and at the end.
  * - Reads up to NBD_SPLIT_MIN go out as one data chunk; longer ones are
- *   split into data and hole chunks by block status.
+ *   split into data and hole chunks by block status. Structured reads
+ *   longer than NBD_READ_PIECE (without DF) are read and sent a piece at
+ *   a time, each piece a chunk sent whole; chunks of other replies may go
+ *   out between them, as the protocol allows.
  * - When the leader meets the end (DISC, EOF, a protocol violation, or
  *   shutdown() of the socket by the server) it marks the connection
  *   closing; requests already read still run and are answered; then the
@@ -62,6 +65,9 @@
 /* Chunks of one structured READ reply (holes and data alternating); the
  * rest of a longer read goes out as one data chunk. */
 #define NBD_READ_MAX_CHUNKS 64
+/* Structured reads longer than this (without DF) go out in data chunks
+ * of this size at most, each read just before it is sent. */
+#define NBD_READ_PIECE (128u << 10)
 /* Reads up to this size are not split into data and holes. */
 #define NBD_SPLIT_MIN (64u << 10)
 /* Library extents looked at for one BLOCK_STATUS request; the reply then
@@ -351,6 +357,67 @@ static void put_big(struct worker *w)
 	w->charge = 0;
 }
 
+/*
+ * A long structured read, not required to be one chunk: each data piece
+ * goes out in chunks of NBD_READ_PIECE bytes at most, every one read just
+ * before it is sent, so the bytes are still in the CPU cache when the
+ * socket copies them and one piece-sized buffer serves a read of any
+ * length. A read that fails after some chunks went out ends with an
+ * ERROR chunk, as the protocol allows.
+ */
+static void read_streamed(struct tx *t, struct worker *w,
+			  const struct request *rq)
+{
+	struct nbd_conn *c = t->c;
+	struct piece p[NBD_READ_MAX_CHUNKS];
+	uint8_t h[NBD_CHUNK_HEADER_SIZE + 12];
+	struct iovec iov[2];
+	uint8_t *buf;
+	int n, r;
+
+	buf = get_buf(w, NBD_READ_PIECE);
+	if (buf == NULL) {
+		reply_err(t, rq, NBD_ENOMEM, "out of memory for a %u-byte read",
+			  rq->length);
+		return;
+	}
+	n = split_read(t, rq->offset, rq->length, p);
+	for (int i = 0; i < n; i++) {
+		uint64_t pos = p[i].off, end = p[i].off + p[i].len;
+
+		if (p[i].hole) {
+			put_chunk(h, rq->cookie, i == n - 1 ? NBD_REPLY_FLAG_DONE : 0,
+				  NBD_REPLY_TYPE_OFFSET_HOLE, 12);
+			nbd_put64(h + NBD_CHUNK_HEADER_SIZE, p[i].off);
+			nbd_put32(h + NBD_CHUNK_HEADER_SIZE + 8, (uint32_t)p[i].len);
+			iov[0].iov_base = h;
+			iov[0].iov_len = NBD_CHUNK_HEADER_SIZE + 12;
+			send_locked(t, iov, 1);
+			continue;
+		}
+		while (pos < end) {
+			uint32_t len = (uint32_t)(end - pos < NBD_READ_PIECE ?
+						  end - pos : NBD_READ_PIECE);
+			bool last = i == n - 1 && pos + len == end;
+
+			r = qk_pread(c->img, buf, len, pos);
+			if (r < 0) {
+				reply_lib_err(t, rq, r);
+				return;
+			}
+			put_chunk(h, rq->cookie, last ? NBD_REPLY_FLAG_DONE : 0,
+				  NBD_REPLY_TYPE_OFFSET_DATA, 8 + len);
+			nbd_put64(h + NBD_CHUNK_HEADER_SIZE, pos);
+			iov[0].iov_base = h;
+			iov[0].iov_len = NBD_CHUNK_HEADER_SIZE + 8;
+			iov[1].iov_base = buf;
+			iov[1].iov_len = len;
+			send_locked(t, iov, 2);
+			pos += len;
+		}
+	}
+}
+
 static void cmd_read(struct tx *t, struct worker *w, const struct request *rq)
 {
 	struct nbd_conn *c = t->c;
@@ -371,6 +438,11 @@ static void cmd_read(struct tx *t, struct worker *w, const struct request *rq)
 		iov[0].iov_len = c->structured ? NBD_CHUNK_HEADER_SIZE
 					       : NBD_SIMPLE_REPLY_SIZE;
 		send_locked(t, iov, 1);
+		return;
+	}
+	if (c->structured && !(rq->flags & NBD_CMD_FLAG_DF) &&
+	    rq->length > NBD_READ_PIECE) {
+		read_streamed(t, w, rq);
 		return;
 	}
 	buf = get_buf(w, rq->length);

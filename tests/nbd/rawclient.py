@@ -179,12 +179,17 @@ def want_err(got, spec_err):
 
 def assemble(off, ln, chunks):
     buf = bytearray(ln)
-    seen = 0
+    ranges = []
     for o, d in chunks:
         assert off <= o and o + len(d) <= off + ln, "chunk outside the request"
         buf[o - off:o - off + len(d)] = d
-        seen += len(d)
-    assert seen == ln, "chunks cover %d of %d bytes" % (seen, ln)
+        ranges.append((o, o + len(d)))
+    ranges.sort()
+    pos = off
+    for a, b in ranges:
+        assert a == pos, "chunks overlap or leave a gap at %d" % pos
+        pos = b
+    assert pos == off + ln, "chunks cover %d of %d bytes" % (pos - off, ln)
     return bytes(buf)
 
 
@@ -372,6 +377,7 @@ def read_structured_and_df():
     cookie, err, chunks, _ = c.reply()
     assert err == 0
     a = assemble(1 << 20, 3 << 20, chunks)
+    assert a == b"\x61" * (1 << 20) + bytes(2 << 20), "content of a long read"
     c.req(CMD_READ, 1 << 20, 3 << 20, flags=FLAG_DF, cookie=10)
     cookie, err, chunks2, _ = c.reply()
     assert err == 0 and len(chunks2) == 1, "DF gave %d chunks" % len(chunks2)
