@@ -21,17 +21,17 @@
  *   request and count against NBD_INFLIGHT_BYTES, waited for before
  *   allocating (one request of any allowed size may always run alone), so
  *   a client cannot make the server hold more.
- * - A reply (or chunk) is built whole and written with one nbd_send_iov()
- *   call under send_lock, so they never interleave on the wire. The leader running
- *   requests one after the other while more are already buffered holds
- *   their replies back in tx.out (whole replies, NBD_OUTBUF at most) and
- *   sends them in one piece before it could wait: before a blocking read,
- *   before handing over, and at the end.
- * - Reads up to NBD_SPLIT_MIN go out as one data chunk; longer ones are
- *   split into data and hole chunks by block status. Structured reads
- *   longer than NBD_READ_PIECE (without DF) are read and sent a piece at
- *   a time, each piece a chunk sent whole; chunks of other replies may go
- *   out between them, as the protocol allows.
+ * - A reply, or a chunk of one, is built whole and written with one
+ *   nbd_send_iov() call under send_lock, so none is cut on the wire. The
+ *   leader running requests one after the other while more are already
+ *   buffered holds their replies back in tx.out (whole replies or chunks,
+ *   NBD_OUTBUF at most) and sends them in one piece before it could wait:
+ *   before a blocking read, before handing over, and at the end.
+ * - Reads up to NBD_SPLIT_MIN, and reads with DF, go out as one data
+ *   chunk; longer structured ones are split into data and hole chunks by
+ *   block status and read and sent a chunk of NBD_READ_PIECE at most at a
+ *   time; chunks of other replies may go out between them, as the
+ *   protocol allows.
  * - When the leader meets the end (DISC, EOF, a protocol violation, or
  *   shutdown() of the socket by the server) it marks the connection
  *   closing; requests already read still run and are answered; then the
@@ -62,11 +62,11 @@
 #define NBD_OUTBUF         (256u << 10) /* replies held back */
 /* Transfers from this size on are handed over as possibly slow. */
 #define NBD_SLOW_LEN       (1u << 20)
-/* Chunks of one structured READ reply (holes and data alternating); the
- * rest of a longer read goes out as one data chunk. */
+/* Pieces (holes and data alternating) a structured READ is split into;
+ * the rest of a longer read is sent as data. */
 #define NBD_READ_MAX_CHUNKS 64
-/* Structured reads longer than this (without DF) go out in data chunks
- * of this size at most, each read just before it is sent. */
+/* Data chunks of a split read are this long at most, each read just
+ * before it is sent. */
 #define NBD_READ_PIECE (128u << 10)
 /* Reads up to this size are not split into data and holes. */
 #define NBD_SPLIT_MIN (64u << 10)
@@ -358,12 +358,13 @@ static void put_big(struct worker *w)
 }
 
 /*
- * A long structured read, not required to be one chunk: each data piece
- * goes out in chunks of NBD_READ_PIECE bytes at most, every one read just
- * before it is sent, so the bytes are still in the CPU cache when the
- * socket copies them and one piece-sized buffer serves a read of any
- * length. A read that fails after some chunks went out ends with an
- * ERROR chunk, as the protocol allows.
+ * A structured read that may take several chunks: split into data and
+ * holes by block status, each hole a HOLE chunk and each data piece DATA
+ * chunks of NBD_READ_PIECE bytes at most, every one read just before it
+ * is sent, so the bytes are still in the CPU cache when the socket copies
+ * them and one piece-sized buffer serves a read of any length. A read
+ * that fails after some chunks went out ends with an ERROR chunk, as the
+ * protocol allows.
  */
 static void read_streamed(struct tx *t, struct worker *w,
 			  const struct request *rq)
@@ -375,7 +376,7 @@ static void read_streamed(struct tx *t, struct worker *w,
 	uint8_t *buf;
 	int n, r;
 
-	buf = get_buf(w, NBD_READ_PIECE);
+	buf = get_buf(w, rq->length < NBD_READ_PIECE ? rq->length : NBD_READ_PIECE);
 	if (buf == NULL) {
 		reply_err(t, rq, NBD_ENOMEM, "out of memory for a %u-byte read",
 			  rq->length);
@@ -421,27 +422,28 @@ static void read_streamed(struct tx *t, struct worker *w,
 static void cmd_read(struct tx *t, struct worker *w, const struct request *rq)
 {
 	struct nbd_conn *c = t->c;
-	struct piece p[NBD_READ_MAX_CHUNKS];
-	uint8_t hdr[NBD_READ_MAX_CHUNKS][NBD_CHUNK_HEADER_SIZE + 12];
-	struct iovec iov[2 * NBD_READ_MAX_CHUNKS];
-	uint8_t *buf = NULL;
-	int n, k = 0, r;
+	uint8_t h[NBD_CHUNK_HEADER_SIZE + 8];
+	struct iovec iov[2];
+	uint8_t *buf;
+	int r;
 
 	if (rq->length == 0) {
 		/* Nothing to read: a NONE chunk (or an empty simple reply). */
 		if (c->structured)
-			put_chunk(hdr[0], rq->cookie, NBD_REPLY_FLAG_DONE,
+			put_chunk(h, rq->cookie, NBD_REPLY_FLAG_DONE,
 				  NBD_REPLY_TYPE_NONE, 0);
 		else
-			put_simple(hdr[0], rq->cookie, 0);
-		iov[0].iov_base = hdr[0];
+			put_simple(h, rq->cookie, 0);
+		iov[0].iov_base = h;
 		iov[0].iov_len = c->structured ? NBD_CHUNK_HEADER_SIZE
 					       : NBD_SIMPLE_REPLY_SIZE;
 		send_locked(t, iov, 1);
 		return;
 	}
+	/* Small reads go out as one data chunk: looking for holes would
+	 * cost a second walk of the metadata for little to gain. */
 	if (c->structured && !(rq->flags & NBD_CMD_FLAG_DF) &&
-	    rq->length > NBD_READ_PIECE) {
+	    rq->length > NBD_SPLIT_MIN) {
 		read_streamed(t, w, rq);
 		return;
 	}
@@ -451,57 +453,24 @@ static void cmd_read(struct tx *t, struct worker *w, const struct request *rq)
 			  rq->length);
 		return;
 	}
-	/* Small reads go out as one data chunk: looking for holes would
-	 * cost a second walk of the metadata for little to gain. */
-	if (!c->structured || (rq->flags & NBD_CMD_FLAG_DF) ||
-	    rq->length <= NBD_SPLIT_MIN) {
-		p[0].off = rq->offset;
-		p[0].len = rq->length;
-		p[0].hole = false;
-		n = 1;
-	} else {
-		n = split_read(t, rq->offset, rq->length, p);
-	}
-	for (int i = 0; i < n; i++) {
-		if (p[i].hole)
-			continue;
-		r = qk_pread(c->img, buf + (p[i].off - rq->offset), p[i].len,
-			     p[i].off);
-		if (r < 0) {
-			reply_lib_err(t, rq, r);
-			return;
-		}
-	}
-	if (!c->structured) {
-		put_simple(hdr[0], rq->cookie, 0);
-		iov[0].iov_base = hdr[0];
-		iov[0].iov_len = NBD_SIMPLE_REPLY_SIZE;
-		iov[1].iov_base = buf;
-		iov[1].iov_len = rq->length;
-		send_locked(t, iov, 2);
+	r = qk_pread(c->img, buf, rq->length, rq->offset);
+	if (r < 0) {
+		reply_lib_err(t, rq, r);
 		return;
 	}
-	for (int i = 0; i < n; i++) {
-		uint16_t fl = i == n - 1 ? NBD_REPLY_FLAG_DONE : 0;
-		uint8_t *h = hdr[i];
-
-		if (p[i].hole) {
-			put_chunk(h, rq->cookie, fl, NBD_REPLY_TYPE_OFFSET_HOLE, 12);
-			nbd_put64(h + NBD_CHUNK_HEADER_SIZE, p[i].off);
-			nbd_put32(h + NBD_CHUNK_HEADER_SIZE + 8, (uint32_t)p[i].len);
-			iov[k].iov_base = h;
-			iov[k++].iov_len = NBD_CHUNK_HEADER_SIZE + 12;
-		} else {
-			put_chunk(h, rq->cookie, fl, NBD_REPLY_TYPE_OFFSET_DATA,
-				  8 + (uint32_t)p[i].len);
-			nbd_put64(h + NBD_CHUNK_HEADER_SIZE, p[i].off);
-			iov[k].iov_base = h;
-			iov[k++].iov_len = NBD_CHUNK_HEADER_SIZE + 8;
-			iov[k].iov_base = buf + (p[i].off - rq->offset);
-			iov[k++].iov_len = p[i].len;
-		}
+	if (c->structured) {
+		put_chunk(h, rq->cookie, NBD_REPLY_FLAG_DONE,
+			  NBD_REPLY_TYPE_OFFSET_DATA, 8 + rq->length);
+		nbd_put64(h + NBD_CHUNK_HEADER_SIZE, rq->offset);
+		iov[0].iov_len = NBD_CHUNK_HEADER_SIZE + 8;
+	} else {
+		put_simple(h, rq->cookie, 0);
+		iov[0].iov_len = NBD_SIMPLE_REPLY_SIZE;
 	}
-	send_locked(t, iov, k);
+	iov[0].iov_base = h;
+	iov[1].iov_base = buf;
+	iov[1].iov_len = rq->length;
+	send_locked(t, iov, 2);
 }
 
 /* One extent of a BLOCK_STATUS chunk being built. */
