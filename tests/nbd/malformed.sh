@@ -5,7 +5,9 @@
 # past the end, bad flags, writes to a read-only export, block status
 # without a context, a 2 GiB write, disconnects in the middle of a request
 # and with replies pending, random garbage in both phases; plus pipelined
-# requests answered once each, out of order, with the right content.
+# requests answered once each, out of order, with the right content; and
+# a read that meets a corrupt cluster part way (EIO, the data before it
+# right).
 # Errors are checked as the specification says for qcowkit (ENOSPC past
 # the end, EPERM on a read-only export) and as qemu-nbd answers (EINVAL).
 # Afterwards the server still serves, exits 0 on SIGTERM (under the
@@ -37,4 +39,32 @@ for srv in $NBD_SERVERS; do
   done
   qemu-img check -q "$srv.qcow2" && ok "$srv: check" || bad "$srv: check" "not clean"
 done
+
+# A read that meets a corrupt cluster part way: the L2 entry of the
+# cluster at 512 KiB made unaligned (QEMU and qcowkit both refuse it).
+qemu-img create -q -f qcow2 bad.qcow2 64M
+qemu-io -f qcow2 -c 'write -P 0x61 0 1M' bad.qcow2 >/dev/null
+python3 - bad.qcow2 <<'EOF'
+import struct, sys
+with open(sys.argv[1], "r+b") as f:
+    l1 = struct.unpack(">Q", f.read(48)[40:48])[0]
+    f.seek(l1)
+    l2 = struct.unpack(">Q", f.read(8))[0] & 0x00fffffffffffe00
+    f.seek(l2 + 8 * 8)
+    e = struct.unpack(">Q", f.read(8))[0]
+    assert e & 0x00fffffffffffe00, "cluster 8 not allocated"
+    f.seek(l2 + 8 * 8)
+    f.write(struct.pack(">Q", e + 0x200))
+EOF
+sum=$(sha256sum <bad.qcow2)
+for srv in $NBD_SERVERS; do
+  s=0
+  spec "$srv" && s=1
+  serve_start "$srv" bad.qcow2 -r -f qcow2 || continue
+  out=$(timeout 60 python3 "$here/rawclient.py" "$SOCK" bad $s 2>&1)
+  [ $? -eq 0 ] && ok "$srv: read failing part way" || bad "$srv: read failing part way" "$out"
+  serve_stop "$srv bad"
+done
+[ "$(sha256sum <bad.qcow2)" = "$sum" ] && ok "corrupt image unchanged" ||
+  bad "corrupt image unchanged" "the served file changed"
 finish

@@ -2,7 +2,9 @@
 
     python3 rawclient.py SOCKET MODE SPEC
 
-MODE is "rw" (a writable export, 64 MiB) or "ro" (the same, read-only);
+MODE is "rw" (a writable export, 64 MiB), "ro" (the same, read-only) or
+"bad" (read-only, 0x61 in the first 1 MiB but the cluster at 512 KiB
+corrupt: only the read_fails_midway case runs);
 SPEC is 1 when the server must answer errors as the specification says
 (ENOSPC for writes past the end, EPERM for writes to a read-only export),
 0 when EINVAL is accepted for those too (qemu-nbd). Every case opens its
@@ -34,7 +36,7 @@ ERR_UNSUP, ERR_POLICY, ERR_INVALID, ERR_UNKNOWN = (0x80000001, 0x80000002,
 CMD_READ, CMD_WRITE, CMD_DISC, CMD_FLUSH, CMD_TRIM = 0, 1, 2, 3, 4
 CMD_WRITE_ZEROES, CMD_BLOCK_STATUS = 6, 7
 FLAG_FUA, FLAG_NO_HOLE, FLAG_DF, FLAG_REQ_ONE = 1, 2, 4, 8
-EPERM, EINVAL, ENOSPC = 1, 22, 28
+EPERM, EIO, EINVAL, ENOSPC = 1, 5, 22, 28
 
 failures = []
 cases = 0
@@ -191,6 +193,37 @@ def assemble(off, ln, chunks):
         pos = b
     assert pos == off + ln, "chunks cover %d of %d bytes" % (pos - off, ln)
     return bytes(buf)
+
+
+def finish():
+    for f in failures:
+        print("FAIL:", f)
+    print("%d cases" % cases)
+    sys.exit(1 if failures else 0)
+
+
+if MODE == "bad":
+    @case
+    def read_fails_midway():
+        # A 1 MiB read over the corrupt cluster: EIO, and whatever data
+        # came before the error is the image's own (qcowkit sends the
+        # clusters before the corrupt one, then an ERROR chunk).
+        c = Conn().go()
+        c.req(CMD_READ, 0, 1 << 20, cookie=3)
+        cookie, err, chunks, _ = c.reply()
+        assert cookie == 3 and err == EIO, "error %d, want EIO" % err
+        got = 0
+        for o, d in chunks:
+            assert o + len(d) <= 512 << 10, "data from the corrupt cluster"
+            assert d == b"\x61" * len(d), "content of a chunk at %d" % o
+            got += len(d)
+        if SPEC:
+            assert got == 512 << 10, "%d bytes before the error" % got
+        c.req(CMD_READ, 0, 512 << 10, cookie=4)
+        cookie, err, chunks, _ = c.reply()
+        assert err == 0 and assemble(0, 512 << 10, chunks) == b"\x61" * (512 << 10)
+        c.req(CMD_DISC)
+    finish()
 
 
 # ---- handshake cases ------------------------------------------------------
@@ -472,7 +505,4 @@ def still_serving():
     c.req(CMD_DISC)
 
 
-for f in failures:
-    print("FAIL:", f)
-print("%d cases" % cases)
-sys.exit(1 if failures else 0)
+finish()
