@@ -66,6 +66,12 @@ typedef enum qk_format {
                                        * are ordered but not durable, and a
                                        * crash may leave the image corrupt; for
                                        * scratch targets such as convert's */
+#define QK_OPEN_CONFINE     (1u << 6) /* for images you did not make: backing
+                                       * and external data file names must lie
+                                       * in the naming image's own directory
+                                       * (no absolute names, no "..", no symlink
+                                       * leading out), and an external data
+                                       * file is only read (writes refused) */
 
 struct qk_open_options {
 	/* sizeof(struct qk_open_options), set by qk_open_options_init(); lets
@@ -89,8 +95,17 @@ void qk_open_options_init(struct qk_open_options *opts);
  * recognises (qcow v1, VMDK, VDI, VHD, VHDX, QED, LUKS, Android sparse, zstd,
  * gzip, xz...): a file with such a magic is read as raw only when the format
  * is forced to QK_FORMAT_RAW. The backing chain is opened read-only.
+ * Files an image names (backing files, the external data file) are opened
+ * only when they are regular files or block devices, not on procfs or
+ * sysfs, and never as a controlling terminal; reads past their end give
+ * zeros. A read-only open reads an external data file only when guest data
+ * is read (describing the image never opens it). With QK_OPEN_CONFINE the
+ * names are confined as that flag says.
  * Returns 0 and sets *out, or:
  *   -ENOENT, -EACCES...  the file (or a backing file) could not be opened;
+ *   -EPERM               a name the image holds is refused: a FIFO, socket,
+ *                        directory, character device or pseudo-file, or,
+ *                        confined, a name leading out of the directory;
  *   -EINVAL              the header or a table is malformed (message says which);
  *   -ENOTSUP             a format or feature this library does not read
  *                        (encryption, unknown incompatible bits, other formats),

@@ -79,7 +79,8 @@ int qk__chain_open(qk_image *img, const char *name, const char *fmt,
 	if (!path)
 		return qk__err(ENOMEM, "out of memory");
 	struct qk__file *f;
-	int ret = qk__file_open_posix(path, false, opts->flags, &f);
+	int ret = qk__file_open_named(img->filename, name, path, false, opts->flags,
+				      "backing file", &f);
 	if (ret == 0) {
 		ret = qk__file_lock(f, false, opts->flags & QK_OPEN_FORCE_SHARE);
 		if (ret < 0)

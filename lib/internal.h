@@ -105,6 +105,15 @@ void qk__file_close(struct qk__file *f);
  * QK_OPEN_UNSAFE makes syncs no-ops. */
 int qk__file_open_posix(const char *path, bool writable, uint32_t open_flags,
 			struct qk__file **out);
+/* Open a file that image `image` names (`what`: "backing file", "external
+ * data file"): `path` is `name` resolved against the image's directory.
+ * Only regular files and block devices, not on a pseudo file system
+ * (procfs, sysfs...), opened non-blocking (a FIFO never hangs the open) and
+ * never as a controlling terminal. With QK_OPEN_CONFINE in open_flags,
+ * `name` must lead to a file beneath the image's directory. Returns 0, or
+ * -EPERM (refused, the message says why) or the open's errno, recorded. */
+int qk__file_open_named(const char *image, const char *name, const char *path, bool writable,
+			uint32_t open_flags, const char *what, struct qk__file **out);
 /* Create `path` for writing (truncating an existing file; mode 0644 less
  * the umask), with "Could not create 'PATH': <reason>" on failure. */
 int qk__file_create_posix(const char *path, struct qk__file **out);

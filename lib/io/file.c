@@ -8,9 +8,14 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/falloc.h>
+#include <linux/magic.h>
+#include <linux/openat2.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #define DIRECT_ALIGN 4096u
@@ -384,6 +389,154 @@ int qk__file_open_posix(const char *path, bool writable, uint32_t open_flags,
 		return ret;
 	struct posix_file *pf = (*out)->priv;
 	pf->bfd = direct && writable ? open(path, flags) : -1;
+	pf->direct = direct;
+	pf->no_sync = open_flags & QK_OPEN_UNSAFE;
+	return 0;
+}
+
+/* What kind of file st describes, for a refusal. */
+static const char *kind_of(const struct stat *st)
+{
+	if (S_ISFIFO(st->st_mode))
+		return "a FIFO";
+	if (S_ISSOCK(st->st_mode))
+		return "a socket";
+	if (S_ISDIR(st->st_mode))
+		return "a directory";
+	if (S_ISCHR(st->st_mode))
+		return "a character device";
+	return "not a regular file";
+}
+
+/* Pseudo file systems whose files are views of the kernel or of processes
+ * (memory, environment, settings), never disk images. */
+static const char *pseudo_fs(int fd)
+{
+	static const struct { long magic; const char *name; } pseudo[] = {
+		{ PROC_SUPER_MAGIC, "procfs" }, { SYSFS_MAGIC, "sysfs" },
+		{ DEBUGFS_MAGIC, "debugfs" }, { TRACEFS_MAGIC, "tracefs" },
+		{ SECURITYFS_MAGIC, "securityfs" }, { CGROUP_SUPER_MAGIC, "cgroupfs" },
+		{ CGROUP2_SUPER_MAGIC, "cgroup2fs" }, { BPF_FS_MAGIC, "bpffs" },
+		{ EFIVARFS_MAGIC, "efivarfs" }, { DEVPTS_SUPER_MAGIC, "devpts" },
+	};
+	struct statfs sfs;
+	if (fstatfs(fd, &sfs) < 0)
+		return NULL;
+	for (size_t i = 0; i < sizeof pseudo / sizeof pseudo[0]; i++)
+		if ((long)sfs.f_type == pseudo[i].magic)
+			return pseudo[i].name;
+	return NULL;
+}
+
+/* Does `name` hold a ".." component? */
+static bool has_dotdot(const char *name)
+{
+	for (const char *p = name; (p = strstr(p, "..")) != NULL; p += 2)
+		if ((p == name || p[-1] == '/') && (p[2] == '\0' || p[2] == '/'))
+			return true;
+	return false;
+}
+
+/*
+ * Open `name` confined to the directory of `image`: resolved beneath that
+ * directory (openat2 RESOLVE_BENEATH: no absolute name, no "..", no
+ * symlink leading out; where the kernel lacks openat2, the file opened
+ * must resolve under the directory's resolved path). Returns the
+ * descriptor or -errno (-EXDEV: leads out), nothing recorded.
+ */
+static int open_beneath(const char *image, const char *name, int flags)
+{
+	if (name[0] == '/' || has_dotdot(name))
+		return -EXDEV;
+	const char *slash = strrchr(image, '/');
+	char *dir = slash ? strndup(image, (size_t)(slash - image) + 1) : strdup(".");
+	if (!dir)
+		return -ENOMEM;
+	int dfd = open(dir, O_PATH | O_DIRECTORY | O_CLOEXEC);
+	int fd = dfd < 0 ? -1 : 0, e = errno;
+	if (dfd >= 0) {
+		struct open_how how = { .flags = (uint64_t)flags,
+					.resolve = RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS };
+		fd = (int)syscall(SYS_openat2, dfd, name, &how, sizeof how);
+		e = errno;
+	}
+	if (fd < 0 && e == ENOSYS) {
+		fd = openat(dfd, name, flags);
+		e = errno;
+		char fdlink[64];
+		snprintf(fdlink, sizeof fdlink, "/proc/self/fd/%d", fd);
+		char *real = fd >= 0 ? realpath(fdlink, NULL) : NULL;
+		char *rdir = fd >= 0 ? realpath(dir, NULL) : NULL;
+		size_t n = rdir ? strlen(rdir) : 0;
+		if (fd >= 0 && (!real || !rdir || strncmp(real, rdir, n) != 0 ||
+				(real[n] != '/' && strcmp(rdir, "/") != 0))) {
+			close(fd);
+			fd = -1;
+			e = EXDEV;
+		}
+		free(real);
+		free(rdir);
+	}
+	if (dfd >= 0)
+		close(dfd);
+	free(dir);
+	return fd < 0 ? -e : fd;
+}
+
+int qk__file_open_named(const char *image, const char *name, const char *path, bool writable,
+			uint32_t open_flags, const char *what, struct qk__file **out)
+{
+	bool direct = open_flags & QK_OPEN_DIRECT;
+	bool confine = open_flags & QK_OPEN_CONFINE;
+	/* Non-blocking: opening a FIFO must not wait for a writer; no
+	 * controlling terminal, whatever the name is. */
+	int flags = (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC | O_NONBLOCK | O_NOCTTY;
+	int fd;
+	for (;;) {
+		int f = flags | (direct ? O_DIRECT : 0);
+		fd = confine ? open_beneath(image, name, f) : open(path, f);
+		if (!confine && fd < 0)
+			fd = -errno;
+		if (fd == -EINVAL && direct) {
+			direct = false;         /* no O_DIRECT here: the page cache */
+			continue;
+		}
+		break;
+	}
+	if (fd == -EXDEV && confine)
+		return qk__err(EPERM, "%s '%s' of '%s' leads out of the image's directory (a confined "
+			       "open takes only names beneath it: no absolute name, no '..', no "
+			       "symlink leading out)", what, name, image);
+	if (fd < 0)
+		return qk__err(-fd, "Could not open '%s': %s", path, strerror(-fd));
+	struct stat st;
+	const char *refuse = NULL, *fs;
+	if (fstat(fd, &st) < 0) {
+		int e = errno;
+		close(fd);
+		return qk__err(e, "stat of '%s' failed: %s", path, strerror(e));
+	}
+	if (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode))
+		refuse = kind_of(&st);
+	else if ((fs = pseudo_fs(fd)) != NULL)
+		refuse = fs;
+	if (refuse) {
+		close(fd);
+		return qk__err(EPERM, "%s '%s' of '%s' is refused: %s %s; only regular files and block "
+			       "devices are opened", what, name, image,
+			       S_ISREG(st.st_mode) ? "it lies on" : "it is", refuse);
+	}
+	fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK);
+	int ret = wrap_fd(path, fd, out);
+	if (ret < 0)
+		return ret;
+	struct posix_file *pf = (*out)->priv;
+	if (direct && writable) {
+		/* The buffered twin, of this very file (not of the name again). */
+		char fdlink[64];
+		snprintf(fdlink, sizeof fdlink, "/proc/self/fd/%d", fd);
+		pf->bfd = open(fdlink, (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC);
+	}
 	pf->direct = direct;
 	pf->no_sync = open_flags & QK_OPEN_UNSAFE;
 	return 0;

@@ -62,6 +62,8 @@ struct refs {
 	void (*report)(void *opaque, const char *line);
 	void *opaque;
 	bool needs_rebuild;     /* a referenced cluster has refcount 0 */
+	uint64_t trunc_end;     /* end of the furthest table cut short by the
+	                         * end of the file (0: none) */
 	/* Check mode: the active entries of data mapped over metadata or
 	 * past the end of the file, to move. */
 	struct { uint64_t l2_off, slot; } *movers;
@@ -168,9 +170,12 @@ static int problem(qk_image *img, struct refs *r, const char *fmt, ...)
 	return 0;
 }
 
-/* The names of data references (compared by address: the hot path). */
+/* The names of references that add_ref tells apart (compared by address:
+ * the hot path). */
 static const char DATA_CLUSTER[] = "data cluster";
 static const char COMPRESSED_CLUSTER[] = "compressed cluster";
+static const char L2_TABLE[] = "L2 table";
+static const char REFCOUNT_BLOCK[] = "refcount block";
 
 /* Count one reference to every cluster meeting [off, off+len). */
 static int add_ref(qk_image *img, struct refs *r, uint64_t off, uint64_t len, const char *what)
@@ -191,6 +196,17 @@ static int add_ref(qk_image *img, struct refs *r, uint64_t off, uint64_t len, co
 	}
 	uint8_t mark = what == DATA_CLUSTER || what == COMPRESSED_CLUSTER ? DATA_USED : META_USED;
 	int ret = 0;
+	if ((what == L2_TABLE || what == REFCOUNT_BLOCK) && off < r->fsize && off + len > r->fsize) {
+		/* Readers see the part that is there and zeros after it (as
+		 * QEMU does, which does not report it); -r all restores the
+		 * table's full length. */
+		r->trunc_end = qk_max_u64(r->trunc_end, off + len);
+		ret = problem(img, r, "%s at offset 0x%llx is cut short by the end of the file "
+			      "(%llu of %llu bytes present)", what, (unsigned long long)off,
+			      (unsigned long long)(r->fsize - off), (unsigned long long)len);
+		if (ret < 0)
+			return ret;
+	}
 	for (uint64_t c = first; c <= last && ret == 0; c++)
 		ret = cnt_inc(r, c, mark);
 	return ret;
@@ -206,7 +222,7 @@ static int check_entry_bits(qk_image *img, struct refs *r, uint64_t e, uint64_t 
 	struct qcow2 *q = qcow2_of(img);
 	unsigned long long g = (unsigned long long)guest;
 	if (e & QCOW_OFLAG_COMPRESSED) {
-		if (q->data_file)
+		if (q->has_data_file)
 			return problem(img, r, "compressed cluster at guest offset 0x%llx in an image "
 				       "with an external data file", g);
 		if (bm)
@@ -219,7 +235,7 @@ static int check_entry_bits(qk_image *img, struct refs *r, uint64_t e, uint64_t 
 	if ((bm >> 32) & bm & 0xffffffffull)
 		return problem(img, r, "subclusters of guest offset 0x%llx are both allocated and "
 			       "zero (bitmap 0x%016llx)", g, (unsigned long long)bm);
-	if (!(e & L2E_OFFSET_MASK) && !q->data_file && (bm & 0xffffffffull))
+	if (!(e & L2E_OFFSET_MASK) && !q->has_data_file && (bm & 0xffffffffull))
 		return problem(img, r, "unallocated cluster at guest offset 0x%llx has allocated "
 			       "subclusters (bitmap 0x%016llx)", g, (unsigned long long)bm);
 	return 0;
@@ -281,7 +297,7 @@ static int count_l1(qk_image *img, struct refs *r, uint64_t l1_off, uint32_t l1_
 	/* The fast path takes entries with none of these bits, in images
 	 * where an entry needs nothing more than a count (and COPIED). */
 	const uint64_t fast_bad = QCOW_OFLAG_COMPRESSED | L2E_RESERVED_MASK | ((cs - 1) & L2E_OFFSET_MASK);
-	const bool fast_ok = !q->data_file && !r->kind && !(res && ext);
+	const bool fast_ok = !q->has_data_file && !r->kind && !(res && ext);
 	for (uint32_t i = 0; i < l1_size && ret == 0; i++) {
 		uint64_t l2_off = l1[i] & L1E_OFFSET_MASK;
 		if (res && (l1[i] & L1E_RESERVED_MASK))
@@ -299,7 +315,7 @@ static int count_l1(qk_image *img, struct refs *r, uint64_t l1_off, uint32_t l1_
 				      (unsigned long long)l2_off);
 			continue;
 		}
-		ret = add_ref(img, r, l2_off, cs, "L2 table");
+		ret = add_ref(img, r, l2_off, cs, L2_TABLE);
 		if (ret == 0)
 			ret = qk__file_pread(img->file, l2, cs, l2_off);
 		if (ret < 0)
@@ -365,7 +381,7 @@ static int count_l1(qk_image *img, struct refs *r, uint64_t l1_off, uint32_t l1_
 					      "bits set", (unsigned long long)guest, (unsigned long long)e);
 				continue;
 			}
-			if (host && !q->data_file) {
+			if (host && !q->has_data_file) {
 				if (host & (cs - 1)) {
 					ret = problem(img, r, "data cluster offset 0x%llx unaligned (guest offset 0x%llx)",
 						      (unsigned long long)host, (unsigned long long)guest);
@@ -455,7 +471,7 @@ static int count_references(qk_image *img, struct refs *r)
 	if (!r->cell || !r->big)
 		return qk__err(ENOMEM, "out of memory for %llu cluster counts", (unsigned long long)r->n);
 	ret = add_ref(img, r, 0, q->cluster_size, "header");
-	if (ret == 0 && r->res && q->data_file && q->nb_snapshots)
+	if (ret == 0 && r->res && q->has_data_file && q->nb_snapshots)
 		ret = problem(img, r, "%u internal snapshots in an image with an external data file",
 			      q->nb_snapshots);
 	if (ret == 0)
@@ -497,7 +513,7 @@ static int fix_copied(qk_image *img, const struct refs *r)
 			if (*e & QCOW_OFLAG_COMPRESSED)
 				continue;
 			bool want;
-			if (q->data_file)
+			if (q->has_data_file)
 				want = host || (*e & QCOW_OFLAG_COPIED);
 			else
 				want = host && cnt_at(r, host >> q->cluster_bits) == 1;
@@ -660,7 +676,7 @@ static int count_refcount_structure(qk_image *img, struct refs *r)
 		} else if (c >= r->n) {
 			ret = problem(img, r, "refcount block %llu is outside image", ii);
 		} else {
-			ret = add_ref(img, r, b, q->cluster_size, "refcount block");
+			ret = add_ref(img, r, b, q->cluster_size, REFCOUNT_BLOCK);
 			if (ret == 0 && cnt_get(r, c) != 1) {
 				r->needs_rebuild = true;
 				ret = problem(img, r, "refcount block %llu refcount=%llu", ii,
@@ -720,7 +736,7 @@ static int check_copied(qk_image *img, struct refs *r)
 			break;
 		for (uint64_t j = 0; ret == 0 && j < entries; j++) {
 			uint64_t e = t[q->extl2 ? 2 * j : j], host = e & L2E_OFFSET_MASK;
-			if ((e & QCOW_OFLAG_COMPRESSED) || !host || q->data_file ||
+			if ((e & QCOW_OFLAG_COMPRESSED) || !host || q->has_data_file ||
 			    (host & (q->cluster_size - 1)))
 				continue;
 			if (host >= r->fsize) {
@@ -908,7 +924,7 @@ static int move_intruders(qk_image *img, struct refs *r)
 	/* An L2 table that is itself other metadata (the L1 table, say) cannot
 	 * take the new entry: refuse before copying anything. */
 	for (size_t i = 0; i < r->n_movers; i++) {
-		int ret = qk__qcow2_pre_write_meta(img, r->movers[i].l2_off);
+		int ret = qk__qcow2_pre_write_l2(img, r->movers[i].l2_off);
 		if (ret < 0)
 			return ret;
 	}
@@ -939,6 +955,23 @@ static int move_intruders(qk_image *img, struct refs *r)
 		ret = qk__cache_flush(&q->l2_cache);
 	if (ret == 0)
 		q->file_size = next;
+	return ret;
+}
+
+/* Tables cut short by the end of the file get their full length back:
+ * the file grows to cover them (the missing part reads as zeros, which is
+ * what every reader saw). */
+static int restore_truncated(qk_image *img, const struct refs *r)
+{
+	struct qcow2 *q = qcow2_of(img);
+	if (!r->trunc_end || r->trunc_end <= r->fsize)
+		return 0;
+	uint64_t end = (r->trunc_end + q->cluster_size - 1) & ~(q->cluster_size - 1);
+	int ret = img->file->ops->set_size(img->file, end);
+	if (ret == 0)
+		ret = img->file->ops->sync(img->file);
+	if (ret == 0)
+		q->file_size = qk_max_u64(q->file_size, end);
 	return ret;
 }
 
@@ -975,7 +1008,7 @@ static int fix_reserved(qk_image *img)
 		for (uint64_t j = 0; j < entries; j++) {
 			uint64_t *e = &t[step * j], host = *e & L2E_OFFSET_MASK;
 			if (!(*e & QCOW_OFLAG_COMPRESSED) && (*e & L2E_RESERVED_MASK) &&
-			    (!host || q->data_file || in_file(q, host))) {
+			    (!host || q->has_data_file || in_file(q, host))) {
 				*e &= ~L2E_RESERVED_MASK;
 				dirty = true;
 			}
@@ -1008,7 +1041,7 @@ static int fix_bitmaps(qk_image *img)
 		for (uint64_t j = 0; j < entries; j++) {
 			uint64_t e = t[2 * j], *bm = &t[2 * j + 1], nb = *bm;
 			nb &= ~((nb & 0xffffffffull) << 32);
-			if (!(e & L2E_OFFSET_MASK) && !q->data_file)
+			if (!(e & L2E_OFFSET_MASK) && !q->has_data_file)
 				nb &= ~0xffffffffull;
 			if (e & QCOW_OFLAG_COMPRESSED)
 				nb = 0;         /* compressed clusters have no bitmap */
@@ -1029,8 +1062,13 @@ int qk__qcow2_check(qk_image *img, uint32_t flags, struct qk_check_result *res,
 {
 	struct qcow2 *q = qcow2_of(img);
 	struct refs r;
+	struct qk__file *df;
+	/* An image is checked with its data file, as QEMU opens it. */
+	int ret = q->has_data_file ? qk__qcow2_data_file(img, &df) : 0;
+	if (ret < 0)
+		return ret;
 	pthread_mutex_lock(&q->lock);
-	int ret = check_pass(img, res, report, opaque, &r);
+	ret = check_pass(img, res, report, opaque, &r);
 	if (ret < 0 || !(flags & (QK_CHECK_FIX_LEAKS | QK_CHECK_FIX_ERRORS)) ||
 	    (res->leaks == 0 && res->corruptions == 0))
 		goto out;
@@ -1048,7 +1086,9 @@ int qk__qcow2_check(qk_image *img, uint32_t flags, struct qk_check_result *res,
 		 * a raised refcount; then counts and COPIED flags from the
 		 * references: a new refcount structure, which also drops every
 		 * leak. */
-		ret = move_intruders(img, &r);
+		ret = restore_truncated(img, &r);
+		if (ret == 0)
+			ret = move_intruders(img, &r);
 		if (ret == 0)
 			ret = fix_reserved(img);
 		if (ret == 0)

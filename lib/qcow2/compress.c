@@ -37,12 +37,27 @@ static int inflate_cluster(const void *src, size_t src_len, void *dst, size_t ds
 	return -EIO;
 }
 
+/* zstd's smallest window (ZSTD_WINDOWLOG_ABSOLUTEMIN, outside its stable
+ * API): 1 KiB. */
+#define ZSTD_MIN_WINDOW_LOG 10
+
 static int zstd_cluster(const void *src, size_t src_len, void *dst, size_t dst_len,
 			char *why, size_t why_len)
 {
 	ZSTD_DCtx *d = ZSTD_createDCtx();
 	if (!d)
 		return qk__err(ENOMEM, "cannot set up zstd");
+	/* The window a frame may ask for is capped at what one cluster needs
+	 * (writers make single-segment frames of one cluster), so crafted
+	 * data cannot make the decoder allocate up to zstd's 2 GiB default
+	 * limit per cluster read. */
+	unsigned wlog = ZSTD_MIN_WINDOW_LOG;
+	while (wlog < 31 && (1ull << wlog) < dst_len)
+		wlog++;
+	if (ZSTD_isError(ZSTD_DCtx_setParameter(d, ZSTD_d_windowLogMax, (int)wlog))) {
+		ZSTD_freeDCtx(d);
+		return qk__err(ENOMEM, "cannot set up zstd");
+	}
 	ZSTD_inBuffer in = { src, src_len, 0 };
 	ZSTD_outBuffer out = { dst, dst_len, 0 };
 	int ret = 0;

@@ -20,7 +20,8 @@
 /*
  * The one corruption path. On an image open for writing, the corrupt bit
  * is set in the header (so neither we nor QEMU write it again before a
- * repair) and every later write of this handle fails; reads go on.
+ * repair; version 2 has no such bit) and every later write of this handle
+ * fails; reads go on.
  */
 int qk__qcow2_corrupt(qk_image *img, const char *fmt, ...)
 {
@@ -31,6 +32,8 @@ int qk__qcow2_corrupt(qk_image *img, const char *fmt, ...)
 	vsnprintf(msg, sizeof msg, fmt, ap);
 	va_end(ap);
 	const char *marked = "";
+	if ((img->flags & QK_OPEN_RDWR) && !(img->flags & QK_OPEN_CHECK))
+		q->write_refused = true;
 	if ((img->flags & QK_OPEN_RDWR) && !(img->flags & QK_OPEN_CHECK) && q->version >= 3 &&
 	    !(q->incompat & INCOMPAT_CORRUPT)) {
 		uint8_t be[8];
@@ -137,9 +140,12 @@ static int parse_extensions(qk_image *img, struct qcow2 *q, const uint8_t *hdr,
 			break;
 		case EXT_BITMAPS:
 			seen = &seen_bm;
-			if (len < 24)
-				return qk__err(EINVAL, "bitmaps extension of '%s' is too short (%u bytes)",
+			if (len != 24)
+				return qk__err(EINVAL, "bitmaps extension of '%s' has a bad length (%u bytes, 24 expected)",
 					       img->filename, len);
+			if (qk_be32(data + 4) != 0 && (q->autoclear & AUTOCLEAR_BITMAPS))
+				return qk__err(EINVAL, "bitmaps extension of '%s' has its reserved field set (0x%08x)",
+					       img->filename, qk_be32(data + 4));
 			/* Only trusted while the autoclear bit says a bitmap-aware
 			 * program wrote last, as the specification requires. */
 			if (!*seen && (q->autoclear & AUTOCLEAR_BITMAPS))
@@ -148,6 +154,15 @@ static int parse_extensions(qk_image *img, struct qcow2 *q, const uint8_t *hdr,
 			break;
 		case EXT_CRYPTO:
 			seen = &seen_crypto;
+			/* The specification ties it to LUKS: anywhere else it is a
+			 * header that some reader would take for key material. */
+			if (q->crypt_method != CRYPT_LUKS)
+				return qk__err(EINVAL, "'%s' has a full disk encryption header extension, which only "
+					       "a LUKS-encrypted image may have (crypt_method %u)",
+					       img->filename, q->crypt_method);
+			if (len != 16)
+				return qk__err(EINVAL, "full disk encryption header extension of '%s' has a bad "
+					       "length (%u bytes, 16 expected)", img->filename, len);
 			break;
 		case EXT_DATA_FILE:
 			seen = &seen_df;
@@ -203,8 +218,19 @@ static int check_incompat(qk_image *img, struct qcow2 *q)
 		       img->filename, names, (unsigned long long)unknown);
 }
 
-static int open_data_file(qk_image *img, struct qcow2 *q, const struct qk_open_options *opts)
+/*
+ * Open the external data file (the image is open: its name and flags are
+ * known). Read-write: at open, locked for writing (and read-only, with
+ * writes refused, when confined). Read-only: on the first read of guest
+ * data, so describing an image never touches the file it names. A data
+ * file that is the image file itself is refused: guest data would land on
+ * metadata.
+ */
+static int open_data_file(qk_image *img)
 {
+	struct qcow2 *q = qcow2_of(img);
+	bool rw = (img->flags & QK_OPEN_RDWR) && !(img->flags & QK_OPEN_CONFINE);
+	struct qk__file *f;
 	if (!q->data_file_name)
 		return qk__err(EINVAL, "'%s' needs an external data file but its header names none",
 			       img->filename);
@@ -213,19 +239,47 @@ static int open_data_file(qk_image *img, struct qcow2 *q, const struct qk_open_o
 	 * goes through the image's ops (a harness may wrap the memory ops,
 	 * to bound the size, and the data file is bound alike). */
 	if (strcmp(img->file->ops->name, "mem") == 0) {
-		int ret = qk__file_open_mem(NULL, 0, q->data_file_name, &q->data_file);
+		int ret = qk__file_open_mem(NULL, 0, q->data_file_name, &f);
 		if (ret == 0)
-			q->data_file->ops = img->file->ops;
+			f->ops = img->file->ops;
+		if (ret == 0)
+			__atomic_store_n(&q->data_file, f, __ATOMIC_RELEASE);
 		return ret;
 	}
-	char *path = qk__backing_path(img->filename, q->data_file_name);
-	if (!path)
-		return qk__err(ENOMEM, "out of memory");
-	int ret = qk__file_open_posix(path, opts->flags & QK_OPEN_RDWR, opts->flags, &q->data_file);
-	free(path);
-	if (ret == 0)
-		ret = qk__file_lock(q->data_file, opts->flags & QK_OPEN_RDWR,
-				    opts->flags & QK_OPEN_FORCE_SHARE);
+	int ret = qk__file_open_named(img->filename, q->data_file_name, q->data_file_path, rw,
+				      img->flags, "external data file", &f);
+	if (ret < 0)
+		return ret;
+	uint64_t d1, i1, d2, i2;
+	if (f->ops->identity && img->file->ops->identity &&
+	    f->ops->identity(f, &d1, &i1) == 0 && img->file->ops->identity(img->file, &d2, &i2) == 0 &&
+	    d1 == d2 && i1 == i2) {
+		qk__file_close(f);
+		return qk__err(EPERM, "external data file '%s' of '%s' is the image file itself",
+			       q->data_file_name, img->filename);
+	}
+	ret = qk__file_lock(f, rw, img->flags & QK_OPEN_FORCE_SHARE);
+	if (ret < 0) {
+		qk__file_close(f);
+		return ret;
+	}
+	__atomic_store_n(&q->data_file, f, __ATOMIC_RELEASE);
+	return 0;
+}
+
+int qk__qcow2_data_file(qk_image *img, struct qk__file **f)
+{
+	struct qcow2 *q = qcow2_of(img);
+	int ret = 0;
+	/* Opened once, then only read: the common case takes no lock. */
+	*f = __atomic_load_n(&q->data_file, __ATOMIC_ACQUIRE);
+	if (*f)
+		return 0;
+	pthread_mutex_lock(&q->lock);
+	if (!q->data_file)
+		ret = open_data_file(img);
+	*f = q->data_file;
+	pthread_mutex_unlock(&q->lock);
 	return ret;
 }
 
@@ -302,7 +356,7 @@ static int setup_l2_cache(qk_image *img, struct qcow2 *q, const struct qk_open_o
 	int ret = qk__cache_init(&q->l2_cache, img->file, table_bytes, (uint32_t)slots,
 				 qk__qcow2_load_l2, img);
 	q->l2_cache.store = qk__qcow2_store_l2;
-	q->l2_cache.pre_write = qk__qcow2_pre_write_meta;
+	q->l2_cache.pre_write = qk__qcow2_pre_write_l2;
 	return ret;
 }
 
@@ -322,6 +376,7 @@ static void qcow2_close(qk_image *img)
 	free(q->backing_format);
 	free(q->data_file_name);
 	free(q->full_backing_file);
+	free(q->data_file_path);
 	free(q->l1);
 	free(q->cbuf);
 	pthread_mutex_destroy(&q->lock);
@@ -502,8 +557,14 @@ static int qcow2_open(qk_image *img, const struct qk_open_options *opts)
 	ret = qk__qcow2_read_snapshots(img);
 	if (ret < 0)
 		goto fail;
-	if (q->incompat & INCOMPAT_DATA_FILE) {
-		ret = open_data_file(img, q, opts);
+	q->has_data_file = q->incompat & INCOMPAT_DATA_FILE;
+	if (q->has_data_file && q->data_file_name &&
+	    !(q->data_file_path = qk__backing_path(img->filename, q->data_file_name))) {
+		ret = qk__err(ENOMEM, "out of memory");
+		goto fail;
+	}
+	if (q->has_data_file && (opts->flags & QK_OPEN_RDWR)) {
+		ret = open_data_file(img);
 		if (ret < 0)
 			goto fail;
 	}

@@ -20,6 +20,7 @@
 #include "qcow2/qcow2.h"
 
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -64,25 +65,101 @@ static bool extend(struct run *r, enum qk__ctype t, uint64_t host, uint64_t n)
 	return true;
 }
 
-/* Validate a host data offset from an L2 entry (cluster aligned, and for
- * the image file not wholly past its end). */
-static int check_data_offset(qk_image *img, uint64_t host, uint64_t guest)
+/* Does host offset `off` start past the end of the image file? The file
+ * may have grown since open: ask again before saying yes. */
+static bool past_eof(qk_image *img, uint64_t off)
 {
 	struct qcow2 *q = qcow2_of(img);
+	if (off < q->file_size)
+		return false;
+	uint64_t size;
+	if (qk__file_get_size(img->file, &size) == 0)
+		q->file_size = size;
+	return off >= q->file_size;
+}
+
+int qk__qcow2_l2_table(qk_image *img, uint64_t l1i, uint64_t *l2_off)
+{
+	struct qcow2 *q = qcow2_of(img);
+	*l2_off = 0;
+	if (l1i >= q->l1_size)
+		return 0;
+	uint64_t l1e = q->l1[l1i], off = l1e & L1E_OFFSET_MASK;
+	if (l1e & L1E_RESERVED_MASK)
+		return qk__qcow2_corrupt(img, "L1 entry %llu (0x%016llx) has reserved bits set",
+					 (unsigned long long)l1i, (unsigned long long)l1e);
+	if (!off)
+		return 0;
+	if (off & (q->cluster_size - 1))
+		return qk__qcow2_corrupt(img, "L2 table offset 0x%llx unaligned (L1 index %llu)",
+					 (unsigned long long)off, (unsigned long long)l1i);
+	if (past_eof(img, off))
+		return qk__qcow2_corrupt(img, "L2 table at offset 0x%llx (L1 index %llu) lies past the end of the file",
+					 (unsigned long long)off, (unsigned long long)l1i);
+	if (q->meta_ready) {
+		char what[64];
+		snprintf(what, sizeof what, "the L2 table of L1 index %llu", (unsigned long long)l1i);
+		int ret = qk__qcow2_meta_check(img, off, q->cluster_size, META_L2, what);
+		if (ret < 0)
+			return ret;
+	}
+	*l2_off = off;
+	return 0;
+}
+
+int qk__qcow2_check_compressed(qk_image *img, uint64_t e)
+{
+	struct qcow2 *q = qcow2_of(img);
+	uint64_t coff = qk__qcow2_compressed_offset(q, e);
+	if (coff > MAX_HOST_OFFSET || past_eof(img, coff))
+		return qk__qcow2_corrupt(img, "compressed cluster data at host offset 0x%llx lies past the end of the file",
+					 (unsigned long long)coff);
+	return 0;
+}
+
+int qk__qcow2_check_entry(qk_image *img, uint64_t gc, uint64_t e, uint64_t bm)
+{
+	struct qcow2 *q = qcow2_of(img);
+	unsigned long long guest = (unsigned long long)(gc << q->cluster_bits);
+	if (e & QCOW_OFLAG_COMPRESSED) {
+		if (q->has_data_file)
+			return qk__qcow2_corrupt(img, "compressed cluster at guest offset 0x%llx in an image "
+						 "with an external data file", guest);
+		if (q->extl2 && bm)
+			return qk__qcow2_corrupt(img, "compressed cluster at guest offset 0x%llx has subcluster bits set",
+						 guest);
+		return 0;
+	}
+	if (e & L2E_RESERVED_MASK)
+		return qk__qcow2_corrupt(img, "L2 entry for guest offset 0x%llx (0x%016llx) has reserved bits set",
+					 guest, (unsigned long long)e);
+	uint64_t host = e & L2E_OFFSET_MASK;
+	bool allocated = host != 0 || (q->has_data_file && (e & QCOW_OFLAG_COPIED));
+	if (!q->extl2) {
+		if ((e & QCOW_OFLAG_ZERO) && q->version < 3)
+			return qk__qcow2_corrupt(img, "zero cluster entry at guest offset 0x%llx in a version 2 image",
+						 guest);
+	} else {
+		uint32_t alloc = (uint32_t)(bm & SC_ALLOC_MASK), zero = (uint32_t)(bm >> 32);
+		if (e & QCOW_OFLAG_ZERO)
+			return qk__qcow2_corrupt(img, "extended L2 entry at guest offset 0x%llx has the zero flag set",
+						 guest);
+		if (alloc & zero)
+			return qk__qcow2_corrupt(img, "subclusters at guest offset 0x%llx are both allocated and zero (bitmap 0x%016llx)",
+						 guest, (unsigned long long)bm);
+		if (!allocated && alloc)
+			return qk__qcow2_corrupt(img, "unallocated cluster at guest offset 0x%llx has allocated subclusters",
+						 guest);
+	}
+	if (!host)
+		return 0;
 	if (host & (q->cluster_size - 1))
 		return qk__qcow2_corrupt(img, "cluster allocation offset 0x%llx unaligned (guest offset 0x%llx)",
-					 (unsigned long long)host, (unsigned long long)guest);
-	if (!q->data_file && host >= q->file_size) {
-		/* The file may have grown since open; ask again before refusing. */
-		uint64_t size;
-		if (qk__file_get_size(img->file, &size) == 0)
-			q->file_size = size;
-		if (host >= q->file_size)
-			return qk__qcow2_corrupt(img, "data cluster at host offset 0x%llx (guest offset 0x%llx) "
-						 "lies past the end of the file (%llu bytes)",
-						 (unsigned long long)host, (unsigned long long)guest,
-						 (unsigned long long)q->file_size);
-	}
+					 (unsigned long long)host, guest);
+	if (!q->has_data_file && past_eof(img, host))
+		return qk__qcow2_corrupt(img, "data cluster at host offset 0x%llx (guest offset 0x%llx) "
+					 "lies past the end of the file (%llu bytes)",
+					 (unsigned long long)host, guest, (unsigned long long)q->file_size);
 	return 0;
 }
 
@@ -96,59 +173,28 @@ static int scan_entry(qk_image *img, uint64_t guest_cluster, uint64_t e, uint64_
 {
 	struct qcow2 *q = qcow2_of(img);
 	uint64_t cs = q->cluster_size;
-	uint64_t guest = guest_cluster * cs;
-
+	int ret = qk__qcow2_check_entry(img, guest_cluster, e, bm);
+	if (ret < 0)
+		return ret;
 	if (e & QCOW_OFLAG_COMPRESSED) {
-		if (q->data_file)
-			return qk__qcow2_corrupt(img, "compressed cluster at guest offset 0x%llx in an image "
-						 "with an external data file", (unsigned long long)guest);
-		if (q->extl2 && bm)
-			return qk__qcow2_corrupt(img, "compressed cluster at guest offset 0x%llx has subcluster bits set",
-						 (unsigned long long)guest);
 		if (r->bytes == 0)
 			r->l2e = e;
 		return extend(r, CT_COMPRESSED, 0, cs - in) ? 1 : 0;
 	}
-	if (e & L2E_RESERVED_MASK)
-		return qk__qcow2_corrupt(img, "L2 entry for guest offset 0x%llx (0x%016llx) has reserved bits set",
-					 (unsigned long long)guest, (unsigned long long)e);
 	uint64_t host = e & L2E_OFFSET_MASK;
-	bool allocated = host != 0 || (q->data_file && (e & QCOW_OFLAG_COPIED));
+	bool allocated = host != 0 || (q->has_data_file && (e & QCOW_OFLAG_COPIED));
 
 	if (!q->extl2) {
 		enum qk__ctype t;
-		if (e & QCOW_OFLAG_ZERO) {
-			if (q->version < 3)
-				return qk__qcow2_corrupt(img, "zero cluster entry at guest offset 0x%llx in a version 2 image",
-							 (unsigned long long)guest);
+		if (e & QCOW_OFLAG_ZERO)
 			t = host ? CT_ZERO_ALLOC : CT_ZERO_PLAIN;
-		} else {
+		else
 			t = allocated ? CT_NORMAL : CT_UNALLOCATED;
-		}
-		if (type_has_host(t)) {
-			int ret = check_data_offset(img, host, guest);
-			if (ret < 0)
-				return ret;
-		}
 		return extend(r, t, host + in, cs - in) ? 1 : 0;
 	}
 
 	/* Extended L2: one type per 1/32 of the cluster. */
-	if (e & QCOW_OFLAG_ZERO)
-		return qk__qcow2_corrupt(img, "extended L2 entry at guest offset 0x%llx has the zero flag set",
-					 (unsigned long long)guest);
 	uint32_t alloc = (uint32_t)(bm & SC_ALLOC_MASK), zero = (uint32_t)(bm >> 32);
-	if (alloc & zero)
-		return qk__qcow2_corrupt(img, "subclusters at guest offset 0x%llx are both allocated and zero (bitmap 0x%016llx)",
-					 (unsigned long long)guest, (unsigned long long)bm);
-	if (!allocated && alloc)
-		return qk__qcow2_corrupt(img, "unallocated cluster at guest offset 0x%llx has allocated subclusters",
-					 (unsigned long long)guest);
-	if (allocated) {
-		int ret = check_data_offset(img, host, guest);
-		if (ret < 0)
-			return ret;
-	}
 	uint64_t scs = 1ull << q->sc_bits;
 	for (uint32_t sc = (uint32_t)(in >> q->sc_bits); sc < SUBCLUSTERS; sc++) {
 		enum qk__ctype t;
@@ -191,33 +237,10 @@ static int get_run(qk_image *img, uint64_t off, uint64_t len, bool status, struc
 		uint64_t l1i = cluster >> q->l2_bits;
 		uint64_t l2i = cluster & (l2_entries - 1);
 		uint64_t in = cur & (cs - 1);
-		uint64_t l2_off = 0;
-
-		if (l1i < q->l1_size) {
-			uint64_t l1e = q->l1[l1i];
-			if (l1e & L1E_RESERVED_MASK) {
-				ret = qk__qcow2_corrupt(img, "L1 entry %llu (0x%016llx) has reserved bits set",
-							(unsigned long long)l1i, (unsigned long long)l1e);
-				break;
-			}
-			l2_off = l1e & L1E_OFFSET_MASK;
-			if (l2_off & (cs - 1)) {
-				ret = qk__qcow2_corrupt(img, "L2 table offset 0x%llx unaligned (L1 index %llu)",
-							(unsigned long long)l2_off, (unsigned long long)l1i);
-				break;
-			}
-			uint64_t end = l2_off + cs;
-			if (l2_off && end > q->file_size) {
-				uint64_t size;
-				if (qk__file_get_size(img->file, &size) == 0)
-					q->file_size = size;
-				if (end > q->file_size) {
-					ret = qk__qcow2_corrupt(img, "L2 table at offset 0x%llx (L1 index %llu) lies past the end of the file",
-								(unsigned long long)l2_off, (unsigned long long)l1i);
-					break;
-				}
-			}
-		}
+		uint64_t l2_off;
+		ret = qk__qcow2_l2_table(img, l1i, &l2_off);
+		if (ret < 0)
+			break;
 		if (!l2_off) {
 			/* No L2 table: the whole table's range is unallocated. */
 			uint64_t n = (l2_entries - l2i) * cs - in;
@@ -263,19 +286,15 @@ static int read_compressed(qk_image *img, uint64_t e, uint64_t in, void *buf, si
 		pthread_mutex_unlock(&q->lock);
 		return 0;
 	}
-	uint64_t file_size = q->file_size;   /* writers grow it under the lock */
+	int ret = qk__qcow2_check_compressed(img, e);
 	pthread_mutex_unlock(&q->lock);
+	if (ret < 0)
+		return ret;
 
-	unsigned shift = 62 - (q->cluster_bits - 8);
-	uint64_t coffset = e & ((1ull << shift) - 1);
-	uint64_t sectors = ((e >> shift) & ((1ull << (q->cluster_bits - 8)) - 1)) + 1;
-	uint64_t csize = sectors * 512 - (coffset & 511);
-	if (coffset > MAX_HOST_OFFSET || coffset >= file_size)
-		return qk__qcow2_corrupt(img, "compressed cluster data at host offset 0x%llx lies past the end of the file",
-					 (unsigned long long)coffset);
+	uint64_t coffset = qk__qcow2_compressed_offset(q, e);
+	uint64_t csize = qk__qcow2_compressed_size(q, e);
 	uint8_t *src = malloc(csize);
 	uint8_t *dst = malloc(cs);
-	int ret;
 	if (!src || !dst) {
 		ret = qk__err(ENOMEM, "out of memory");
 		goto out;
@@ -309,6 +328,14 @@ int qk__qcow2_pread(qk_image *img, void *buf, size_t len, uint64_t off)
 {
 	struct qcow2 *q = qcow2_of(img);
 	uint8_t *p = buf;
+	struct qk__file *df = img->file;
+	/* Guest I/O needs the data file, as QEMU's open does: describing the
+	 * image does not. */
+	if (q->has_data_file) {
+		int ret = qk__qcow2_data_file(img, &df);
+		if (ret < 0)
+			return ret;
+	}
 	while (len > 0) {
 		struct run r;
 		int ret = get_run(img, off, len, false, &r);
@@ -326,7 +353,7 @@ int qk__qcow2_pread(qk_image *img, void *buf, size_t len, uint64_t off)
 			break;
 		case CT_NORMAL:
 		case CT_NORMAL_HOLE:
-			ret = qk__file_pread(q->data_file ? q->data_file : img->file, p, n, r.host);
+			ret = qk__file_pread(df, p, n, r.host);
 			break;
 		case CT_COMPRESSED:
 			ret = read_compressed(img, r.l2e, off & (q->cluster_size - 1), p, n);
@@ -372,6 +399,12 @@ int qk__qcow2_block_status(qk_image *img, uint64_t off, uint64_t len, struct qk_
 {
 	struct qcow2 *q = qcow2_of(img);
 	struct run r;
+	struct qk__file *f = img->file;
+	if (q->has_data_file) {
+		int ret = qk__qcow2_data_file(img, &f);
+		if (ret < 0)
+			return ret;
+	}
 	pthread_mutex_lock(&q->lock);
 	if (!q->prealloc_checked) {
 		q->metadata_prealloc = detect_metadata_prealloc(img);
@@ -384,7 +417,6 @@ int qk__qcow2_block_status(qk_image *img, uint64_t off, uint64_t len, struct qk_
 	if (r.type == CT_NORMAL && q->metadata_prealloc) {
 		/* Ask the file system whether the clusters hold data; a hole
 		 * (or space past the end of the file) reads as zeros. */
-		struct qk__file *f = q->data_file ? q->data_file : img->file;
 		bool data = true;
 		uint64_t n = r.bytes;
 		if (f->ops->block_status && f->ops->block_status(f, r.host, r.bytes, &data, &n) == 0) {
@@ -395,7 +427,7 @@ int qk__qcow2_block_status(qk_image *img, uint64_t off, uint64_t len, struct qk_
 	}
 	st->bytes = r.bytes;
 	st->offset = r.host;
-	st->file = q->data_file ? q->data_file->path : img->filename;
+	st->file = q->has_data_file ? q->data_file_path : img->filename;
 	switch (r.type) {
 	case CT_UNALLOCATED:
 		st->flags = 0;

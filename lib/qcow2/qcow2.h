@@ -77,6 +77,49 @@ int qk__cache_set_dependency(struct qk__cache *c, struct qk__cache *dep);
 /* True when some table is dirty. */
 bool qk__cache_is_dirty(const struct qk__cache *c);
 
+/* ---- meta.c: the metadata map (overlap checks) ------------------------------- */
+
+struct qcow2;
+
+/* Kinds of metadata a host cluster may hold. */
+#define META_HEADER    (1u << 0)
+#define META_L1        (1u << 1)   /* the active L1 table */
+#define META_L2        (1u << 2)   /* an L2 table, active or a snapshot's */
+#define META_REFTABLE  (1u << 3)
+#define META_REFBLOCK  (1u << 4)
+#define META_SNAPTABLE (1u << 5)
+#define META_SNAP_L1   (1u << 6)
+#define META_BITMAP    (1u << 7)   /* bitmap directory, tables and data */
+
+struct qk__metamap {
+	uint64_t *keys;        /* host cluster index + 1; 0 = free slot */
+	uint32_t *vals;        /* META_* bits | references << 8 */
+	uint64_t mask;         /* slots - 1 */
+	uint64_t used;
+};
+
+/* Refuse (as corruption, naming both) `what` ("a data write", "a new
+ * cluster", ...) to [off, off+len) when a cluster of it holds metadata
+ * of a kind outside `allowed` (META_* bits; 0 for guest data). Builds the
+ * map on first use. Image lock held. Returns 0, -EIO (recorded, the image
+ * marked corrupt) or -ENOMEM. */
+int qk__qcow2_meta_check(qk_image *img, uint64_t off, uint64_t len, unsigned allowed,
+			 const char *what);
+/* Build the map unless it is built (the first write of a handle). */
+int qk__qcow2_meta_ready(qk_image *img);
+/* A new reference of kind `type` to [off, off+len) (a table was written
+ * there); a no-op until the map is built. Returns 0 or -ENOMEM. */
+int qk__qcow2_meta_add(qk_image *img, uint64_t off, uint64_t len, unsigned type);
+/* One reference to [off, off+len) is gone (the table there was dropped). */
+void qk__qcow2_meta_del(qk_image *img, uint64_t off, uint64_t len);
+/* Cache pre-write hooks (the overlap check of L2 tables and refcount
+ * blocks): the table at `offset` may hold nothing but its own kind. */
+int qk__qcow2_pre_write_l2(void *opaque, uint64_t offset);
+int qk__qcow2_pre_write_refblock(void *opaque, uint64_t offset);
+/* Forget the map (the metadata changed wholesale); rebuilt when next needed. */
+void qk__qcow2_meta_invalidate(qk_image *img);
+void qk__qcow2_meta_free(struct qcow2 *q);
+
 /* ---- driver state ----------------------------------------------------------- */
 
 /* What a guest unit (a cluster, or a subcluster with extended L2) is. */
@@ -98,7 +141,8 @@ struct qcow2 {
 	/* host ranges to punch after the next metadata flush (write.c) */
 	struct { uint64_t off, len; } punch[MAX_PENDING_PUNCH];
 	uint32_t n_punch;
-	struct qk__file *data_file; /* external data file, or NULL */
+	bool has_data_file;         /* incompatible bit 2: guest data elsewhere */
+	struct qk__file *data_file; /* that file once opened (header.c), or NULL */
 
 	/* header */
 	uint32_t version;
@@ -118,6 +162,7 @@ struct qcow2 {
 	char *backing_file;
 	char *backing_format;
 	char *data_file_name;
+	char *data_file_path;       /* data_file_name resolved against the image's directory */
 	char *full_backing_file;
 	/* feature name table: names for incompatible bits, for messages */
 	char *feature_names[64];
@@ -167,6 +212,11 @@ struct qcow2 {
 	struct qk__tracked_bitmap *tracked; /* enabled bitmaps kept true (bitmap.c) */
 	uint32_t n_tracked;
 	bool lazy;                  /* refcount writes deferred: image marked dirty */
+	bool write_refused;         /* corruption found: no more writes (v2 has
+	                             * no corrupt bit to say so on disk) */
+	struct qk__metamap meta;    /* metadata clusters (meta.c) */
+	bool meta_ready;
+	uint64_t alloc_end;         /* end of the clusters this handle allocated */
 };
 
 static inline struct qcow2 *qcow2_of(qk_image *img)
@@ -178,9 +228,9 @@ static inline struct qcow2 *qcow2_of(qk_image *img)
 /* Report corrupt metadata found while reading: "<what> at offset N: ..." and
  * -EIO. (Writers will also mark the image corrupt here.) */
 int qk__qcow2_corrupt(qk_image *img, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-/* Cache pre-write hook: refuse a metadata write over the header, the L1
- * table, the refcount table or the snapshot table (the overlap check). */
-int qk__qcow2_pre_write_meta(void *opaque, uint64_t offset);
+/* The external data file, opened on first use (read-only opens). Returns 0
+ * or a negative errno (recorded). Takes the image lock. */
+int qk__qcow2_data_file(qk_image *img, struct qk__file **f);
 /* A name for the incompatible bit `bit` (from the feature table, if any). */
 const char *qk__qcow2_feature_name(struct qcow2 *q, unsigned bit);
 
@@ -199,6 +249,8 @@ void qk__qcow2_bitmaps_mark(qk_image *img, uint64_t off, uint64_t len);
 int qk__qcow2_bitmaps_store(qk_image *img);
 
 /* ---- refcount.c --------------------------------------------------------------- */
+/* Load the refcount table (once); 0 or a negative errno. Image lock held. */
+int qk__qcow2_load_refcounts(qk_image *img);
 /* The refcount of host cluster `cluster`; 0 past the table. Image lock held. */
 int qk__qcow2_get_refcount(qk_image *img, uint64_t cluster, uint64_t *rc);
 /* The refcounts of clusters [first, first+n) into out[], block by block. */
@@ -253,5 +305,38 @@ int qk__qcow2_block_status(qk_image *img, uint64_t off, uint64_t len,
 			   struct qk__status *st);
 /* Cache loader for L2 tables. */
 int qk__qcow2_load_l2(void *opaque, void *table, uint64_t offset);
+/*
+ * The L2 table that active L1 entry l1i names, validated as every path
+ * that follows it needs (reads and writes alike): no reserved bits, cluster
+ * aligned, starting inside the file (a table cut short by the end of the
+ * file reads as far as it goes, the rest as zeros, as QEMU reads it), and,
+ * once the metadata map is built (a handle that writes), not over other
+ * metadata. *l2_off 0: no table. Returns 0 or -EIO (corruption, recorded).
+ * Image lock held.
+ */
+int qk__qcow2_l2_table(qk_image *img, uint64_t l1i, uint64_t *l2_off);
+/*
+ * Validate L2 entry e (and its subcluster bitmap bm with extended L2) of
+ * guest cluster gc as reads and writes both need it: no reserved bits,
+ * zero flags only where the version allows, consistent subcluster bits,
+ * aligned offsets, and data inside the file. Returns 0 or -EIO
+ * (corruption, recorded). Image lock held.
+ */
+int qk__qcow2_check_entry(qk_image *img, uint64_t gc, uint64_t e, uint64_t bm);
+
+/* Compressed entry e's data must start inside the file (its content is
+ * judged when it is inflated). Returns 0 or -EIO (recorded). Lock held. */
+int qk__qcow2_check_compressed(qk_image *img, uint64_t e);
+/* Host offset and stored length of compressed L2 entry e. */
+static inline uint64_t qk__qcow2_compressed_offset(const struct qcow2 *q, uint64_t e)
+{
+	return e & ((1ull << (62 - (q->cluster_bits - 8))) - 1);
+}
+static inline uint64_t qk__qcow2_compressed_size(const struct qcow2 *q, uint64_t e)
+{
+	unsigned shift = 62 - (q->cluster_bits - 8);
+	uint64_t sectors = ((e >> shift) & ((1ull << (q->cluster_bits - 8)) - 1)) + 1;
+	return sectors * 512 - (qk__qcow2_compressed_offset(q, e) & 511);
+}
 
 #endif

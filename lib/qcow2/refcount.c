@@ -26,6 +26,30 @@
 #include <string.h>
 
 
+/* Cache loader for refcount blocks: for a writer, a block must start
+ * inside the file (one cut short by the end of the file reads as far as
+ * it goes), or counting into it would grow the file to wherever a crafted
+ * table entry points. Readers and check (which judges such blocks itself)
+ * read zeros there. Blocks this handle creates never pass here (they are
+ * new in the cache). */
+static int load_refblock(void *opaque, void *table, uint64_t offset)
+{
+	qk_image *img = opaque;
+	struct qcow2 *q = qcow2_of(img);
+	(void)table;
+	if ((img->flags & (QK_OPEN_RDWR | QK_OPEN_CHECK)) != QK_OPEN_RDWR)
+		return 0;
+	if (offset >= q->file_size) {
+		uint64_t size;
+		if (qk__file_get_size(img->file, &size) == 0)
+			q->file_size = size;
+	}
+	if (offset >= q->file_size)
+		return qk__qcow2_corrupt(img, "refcount block at offset 0x%llx lies past the end of the file",
+					 (unsigned long long)offset);
+	return 0;
+}
+
 static int load_reftable(qk_image *img, struct qcow2 *q)
 {
 	uint64_t bytes = (uint64_t)q->rt_clusters * q->cluster_size;  /* checked at open */
@@ -44,15 +68,27 @@ static int load_reftable(qk_image *img, struct qcow2 *q)
 	qk_be64_table_to_host(rt, bytes / 8);
 	uint32_t slots = q->l2_cache.nslots / 4;
 	ret = qk__cache_init(&q->rb_cache, img->file, q->cluster_size, slots < 4 ? 4 : slots,
-			     NULL, img);
-	q->rb_cache.pre_write = qk__qcow2_pre_write_meta;
+			     load_refblock, img);
+	q->rb_cache.pre_write = qk__qcow2_pre_write_refblock;
 	if (ret < 0) {
 		free(rt);
 		return ret;
 	}
 	q->rt = rt;
 	q->rt_entries = bytes / 8;
-	return 0;
+	/* A metadata map built before the table was needed learns of it now. */
+	ret = qk__qcow2_meta_add(img, q->rt_offset, bytes, META_REFTABLE);
+	for (uint64_t i = 0; ret == 0 && i < q->rt_entries; i++)
+		if (rt[i] & ~RT_RESERVED_MASK)
+			ret = qk__qcow2_meta_add(img, rt[i] & ~RT_RESERVED_MASK, q->cluster_size,
+						 META_REFBLOCK);
+	return ret;
+}
+
+int qk__qcow2_load_refcounts(qk_image *img)
+{
+	struct qcow2 *q = qcow2_of(img);
+	return q->rt ? 0 : load_reftable(img, q);
 }
 
 /* Extract entry i of a refcount block. */
@@ -78,11 +114,9 @@ static uint64_t rb_entry(const uint8_t *rb, uint64_t i, uint32_t order)
 int qk__qcow2_get_refcount(qk_image *img, uint64_t cluster, uint64_t *rc)
 {
 	struct qcow2 *q = qcow2_of(img);
-	if (!q->rt) {
-		int ret = load_reftable(img, q);
-		if (ret < 0)
-			return ret;
-	}
+	int lret = qk__qcow2_load_refcounts(img);
+	if (lret < 0)
+		return lret;
 	uint32_t entries_bits = q->cluster_bits + 3 - q->refcount_order;
 	uint64_t rt_index = cluster >> entries_bits;
 	if (rt_index >= q->rt_entries) {
@@ -222,9 +256,11 @@ static int grow_reftable(qk_image *img, uint64_t rt_index, uint64_t area)
 	if (table_off + tc * cs > MAX_HOST_OFFSET)
 		return qk__err(EFBIG, "'%s' is full: host offsets would pass 2^56", img->filename);
 
+	int ret = qk__qcow2_meta_check(img, area_off, (k + tc) * cs, 0, "refcount table growth");
+	if (ret < 0)
+		return ret;
 	uint8_t *blk = calloc(1, cs);
 	uint64_t *nt = calloc(tc * cs / 8, 8);
-	int ret = 0;
 	if (!blk || !nt) {
 		ret = qk__err(ENOMEM, "out of memory growing the refcount table");
 		goto out;
@@ -268,8 +304,13 @@ static int grow_reftable(qk_image *img, uint64_t rt_index, uint64_t area)
 	q->rt_clusters = (uint32_t)tc;
 	if (area_off + (k + tc) * cs > q->file_size)
 		q->file_size = area_off + (k + tc) * cs;
+	qk__qcow2_meta_del(img, old_off, old_clusters * cs);
+	ret = qk__qcow2_meta_add(img, area_off, k * cs, META_REFBLOCK);
+	if (ret == 0)
+		ret = qk__qcow2_meta_add(img, table_off, tc * cs, META_REFTABLE);
 	/* The old table is garbage now; a failure here only leaks it. */
-	ret = qk__qcow2_update_refcount(img, old_off, old_clusters * cs, -1);
+	if (ret == 0)
+		ret = qk__qcow2_update_refcount(img, old_off, old_clusters * cs, -1);
 out:
 	free(blk);
 	free(nt);
@@ -298,10 +339,13 @@ static int ensure_block(qk_image *img, uint64_t rt_index, bool *placed)
 	uint64_t boff = (rt_index << epb_bits(q)) << q->cluster_bits;
 	if (boff + q->cluster_size > MAX_HOST_OFFSET)
 		return qk__err(EFBIG, "'%s' is full: host offsets would pass 2^56", img->filename);
+	int ret = qk__qcow2_meta_check(img, boff, q->cluster_size, 0, "a new refcount block");
+	if (ret < 0)
+		return ret;
 	/* The new block counts itself, then reaches the disk before the
 	 * table entry that points at it. */
 	void *rb;
-	int ret = qk__cache_get_empty(&q->rb_cache, boff, &rb);
+	ret = qk__cache_get_empty(&q->rb_cache, boff, &rb);
 	if (ret < 0)
 		return ret;
 	rb_set(rb, 0, q->refcount_order, 1);
@@ -318,7 +362,7 @@ static int ensure_block(qk_image *img, uint64_t rt_index, bool *placed)
 	if (boff + q->cluster_size > q->file_size)
 		q->file_size = boff + q->cluster_size;
 	*placed = true;
-	return 0;
+	return qk__qcow2_meta_add(img, boff, q->cluster_size, META_REFBLOCK);
 }
 
 /* The refcount block holding cluster c's refcount, made when missing, from
@@ -334,9 +378,10 @@ static int block_of(qk_image *img, uint64_t c, uint64_t *boff_out, void **rb, ui
 	if (ret < 0)
 		return ret;
 	uint64_t boff = q->rt[rt_index] & ~RT_RESERVED_MASK;
-	if ((boff & (q->cluster_size - 1)) || boff > MAX_HOST_OFFSET)
-		return qk__qcow2_corrupt(img, "refcount block offset 0x%llx invalid (refcount table index %llu)",
-					 (unsigned long long)boff, (unsigned long long)rt_index);
+	if ((q->rt[rt_index] & RT_RESERVED_MASK) || (boff & (q->cluster_size - 1)) ||
+	    boff > MAX_HOST_OFFSET)
+		return qk__qcow2_corrupt(img, "refcount table entry %llu (0x%016llx) is invalid",
+					 (unsigned long long)rt_index, (unsigned long long)q->rt[rt_index]);
 	if ((ret = qk__cache_get(&q->rb_cache, boff, rb)) < 0)
 		return ret;
 	*boff_out = boff;
@@ -358,17 +403,21 @@ int qk__qcow2_update_refcount(qk_image *img, uint64_t offset, uint64_t length, i
 	struct qcow2 *q = qcow2_of(img);
 	if (length == 0)
 		return 0;
-	if (!q->rt) {
-		int ret = load_reftable(img, q);
-		if (ret < 0)
-			return ret;
-	}
+	int lret = qk__qcow2_load_refcounts(img);
+	if (lret < 0)
+		return lret;
 	uint64_t first = offset >> q->cluster_bits;
 	uint64_t last = (offset + length - 1) >> q->cluster_bits;
 	uint64_t max = rc_max(q);
 	for (uint64_t c = first; c <= last; c++) {
 		uint64_t boff, i;
 		void *rb;
+		uint64_t rt_index = c >> epb_bits(q);
+		if (delta < 0 && (rt_index >= q->rt_entries || !q->rt[rt_index]))
+			/* No block: the count is 0 (and making one to say so
+			 * would place metadata wherever the reference points). */
+			return qk__qcow2_corrupt(img, "refcount of cluster at offset 0x%llx would drop below 0 "
+						 "(refcount 0)", (unsigned long long)(c << q->cluster_bits));
 		int ret = block_of(img, c, &boff, &rb, &i);
 		if (ret < 0)
 			return ret;
@@ -400,11 +449,9 @@ int qk__qcow2_set_refcount(qk_image *img, uint64_t cluster, uint64_t value)
 	if (value > rc_max(q))
 		return qk__err(ERANGE, "refcount %llu does not fit %u-bit refcounts",
 			       (unsigned long long)value, 1u << q->refcount_order);
-	if (!q->rt) {
-		int ret = load_reftable(img, q);
-		if (ret < 0)
-			return ret;
-	}
+	int lret = qk__qcow2_load_refcounts(img);
+	if (lret < 0)
+		return lret;
 	uint64_t boff, i;
 	void *rb;
 	int ret = block_of(img, cluster, &boff, &rb, &i);
@@ -486,7 +533,8 @@ static int place_blocks(qk_image *img, uint64_t start, uint64_t len, uint64_t m)
 	}
 	if (next << q->cluster_bits > q->file_size)
 		q->file_size = next << q->cluster_bits;
-	return 0;
+	return qk__qcow2_meta_add(img, start << q->cluster_bits, (next - start) << q->cluster_bits,
+				  META_REFBLOCK);
 }
 
 /*
@@ -495,28 +543,39 @@ static int place_blocks(qk_image *img, uint64_t start, uint64_t len, uint64_t m)
  * that a run may span many new ranges (a large L1 table with small
  * clusters). When the refcount table itself is too short it grows first,
  * and the search starts again (the new area may take part of the run).
+ *
+ * Clusters past both the end of the file and everything this handle
+ * allocated are free whatever their stored refcount: nothing can be stored
+ * there, so a count is a leak (a crash leaves those), and honouring a
+ * crafted block of such counts would push the allocation, and the file,
+ * as far as the counts reach. Such a cluster gets refcount 1, not one more.
+ * No cluster handed out may be named by metadata (the metadata map): a
+ * refcount of 0 there is corruption, reported as such.
  */
 int qk__qcow2_alloc_clusters(qk_image *img, uint64_t n, uint64_t *offset)
 {
 	struct qcow2 *q = qcow2_of(img);
-	if (!q->rt) {
-		int ret = load_reftable(img, q);
-		if (ret < 0)
-			return ret;
-	}
+	int ret = qk__qcow2_load_refcounts(img);
+	if (ret < 0)
+		return ret;
 	if (n == 0)
 		return qk__err(EINVAL, "allocation of 0 clusters");
 	if (q->free_hint == 0)
 		q->free_hint = 1;       /* cluster 0 is the header */
+	uint64_t fsize;
+	if ((ret = qk__file_get_size(img->file, &fsize)) < 0)
+		return ret;
+	q->file_size = qk_max_u64(q->file_size, fsize);
 	for (;;) {
+		uint64_t eof = (qk_max_u64(q->file_size, q->alloc_end) + q->cluster_size - 1) >>
+			       q->cluster_bits;
 		uint64_t start = q->free_hint, run = 0, need = n, m = 0, first_free = UINT64_MAX;
 		bool past_table = false;
 		for (uint64_t c = start; run < need; c++) {
-			uint64_t rc;
+			uint64_t rc = 0;
 			if ((c + 1) << q->cluster_bits > MAX_HOST_OFFSET)
 				return qk__err(EFBIG, "'%s' is full: host offsets would pass 2^56", img->filename);
-			int ret = qk__qcow2_get_refcount(img, c, &rc);
-			if (ret < 0)
+			if (c < eof && (ret = qk__qcow2_get_refcount(img, c, &rc)) < 0)
 				return ret;
 			if (!rc && first_free == UINT64_MAX)
 				first_free = c;
@@ -533,32 +592,35 @@ int qk__qcow2_alloc_clusters(qk_image *img, uint64_t n, uint64_t *offset)
 			}
 		}
 		if (past_table) {
-			int ret = grow_reftable(img, (start + need - 1) >> epb_bits(q), start + need);
+			ret = grow_reftable(img, (start + need - 1) >> epb_bits(q), start + need);
 			if (ret < 0)
 				return ret;
 			continue;       /* the new table's area may have taken the run */
 		}
+		ret = qk__qcow2_meta_check(img, start << q->cluster_bits, need << q->cluster_bits, 0,
+					   "a new cluster");
+		if (ret < 0)
+			return ret;
 		if (q->freed_hi && start < q->freed_hi && start + need > q->freed_lo) {
 			/* The run reuses clusters freed since the last flush: the
 			 * mappings that stopped using them reach the disk before
 			 * anything is written there. */
-			int ret = qk__cache_flush(&q->l2_cache);
-			if (ret < 0)
+			if ((ret = qk__cache_flush(&q->l2_cache)) < 0)
 				return ret;
 			q->freed_lo = q->freed_hi = 0;
 		}
-		if (m) {
-			int ret = place_blocks(img, start, need, m);
-			if (ret < 0)
-				return ret;
-		}
-		int ret = qk__qcow2_update_refcount(img, (start + m) << q->cluster_bits,
-						    n << q->cluster_bits, +1);
+		if (m && (ret = place_blocks(img, start, need, m)) < 0)
+			return ret;
+		uint64_t first = start + m, below = first < eof ? qk_min_u64(n, eof - first) : 0;
+		ret = qk__qcow2_update_refcount(img, first << q->cluster_bits, below << q->cluster_bits, +1);
+		for (uint64_t c = first + below; ret == 0 && c < first + n; c++)
+			ret = qk__qcow2_set_refcount(img, c, 1);
 		if (ret < 0)
 			return ret;
 		/* Everything below the first free cluster seen is in use. */
-		q->free_hint = first_free == start ? start + m + n : first_free;
-		*offset = (start + m) << q->cluster_bits;
+		q->free_hint = first_free == start ? first + n : first_free;
+		q->alloc_end = qk_max_u64(q->alloc_end, (first + n) << q->cluster_bits);
+		*offset = first << q->cluster_bits;
 		return 0;
 	}
 }

@@ -20,6 +20,7 @@
 #include "qcow2/qcow2.h"
 
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -36,41 +37,26 @@ void qk__qcow2_store_l2(void *opaque, const void *table, void *out)
 		qk_put_be64(o + 8 * i, t[i]);
 }
 
-/* Does [a, a+alen) meet [b, b+blen)? */
-static bool overlaps(uint64_t a, uint64_t alen, uint64_t b, uint64_t blen)
-{
-	return alen && blen && a < b + blen && b < a + alen;
-}
-
-int qk__qcow2_pre_write_meta(void *opaque, uint64_t offset)
-{
-	qk_image *img = opaque;
-	struct qcow2 *q = qcow2_of(img);
-	uint64_t cs = q->cluster_size;
-	const char *what = NULL;
-	if (offset < cs)
-		what = "the header";
-	else if (overlaps(offset, cs, q->l1_offset, (uint64_t)q->l1_size * 8))
-		what = "the active L1 table";
-	else if (overlaps(offset, cs, q->rt_offset, (uint64_t)q->rt_clusters * cs))
-		what = "the refcount table";
-	else if (q->nb_snapshots && overlaps(offset, cs, q->snapshots_offset, q->snapshots_bytes))
-		what = "the snapshot table";
-	if (!what)
-		return 0;
-	return qk__qcow2_corrupt(img, "preventing a metadata write at offset 0x%llx, which overlaps %s",
-				 (unsigned long long)offset, what);
-}
-
 /* Checks and header changes before the first write of this handle. */
 static int prepare_write(qk_image *img)
 {
 	struct qcow2 *q = qcow2_of(img);
-	if (q->incompat & INCOMPAT_CORRUPT)
+	if ((q->incompat & INCOMPAT_CORRUPT) || q->write_refused)
 		return qk__err(EIO, "'%s' is marked corrupt: no more writes until it is repaired",
 			       img->filename);
 	if (q->write_ready)
 		return 0;
+	if (q->has_data_file && (img->flags & QK_OPEN_CONFINE))
+		return qk__err(EPERM, "'%s' keeps its guest data in the external data file '%s', which "
+			       "a confined open only reads: writes are refused", img->filename,
+			       q->data_file_name);
+	/* Every write is checked against the metadata it must not touch:
+	 * the refcount structure is loaded and the map built now, once. */
+	int mret = qk__qcow2_load_refcounts(img);
+	if (mret == 0)
+		mret = qk__qcow2_meta_ready(img);
+	if (mret < 0)
+		return mret;
 	/* Enabled bitmaps are kept true (bitmap.c). */
 	if (q->n_bitmaps) {
 		int ret = qk__qcow2_bitmaps_start(img);
@@ -140,20 +126,16 @@ int qk__qcow2_mark_clean(qk_image *img)
 static int l2_for_write(qk_image *img, uint64_t l1i, uint64_t *l2_off, uint64_t **table)
 {
 	struct qcow2 *q = qcow2_of(img);
-	uint64_t l1e = q->l1[l1i];
-	uint64_t old = l1e & L1E_OFFSET_MASK;
-	if (l1e & L1E_RESERVED_MASK)
-		return qk__qcow2_corrupt(img, "L1 entry %llu (0x%016llx) has reserved bits set",
-					 (unsigned long long)l1i, (unsigned long long)l1e);
-	if (old & (q->cluster_size - 1))
-		return qk__qcow2_corrupt(img, "L2 table offset 0x%llx unaligned (L1 index %llu)",
-					 (unsigned long long)old, (unsigned long long)l1i);
+	uint64_t l1e = q->l1[l1i], old;
+	int ret = qk__qcow2_l2_table(img, l1i, &old);
+	if (ret < 0)
+		return ret;
 	if (old && (l1e & QCOW_OFLAG_COPIED)) {
 		*l2_off = old;
 		return qk__cache_get(&q->l2_cache, old, (void **)table);
 	}
 	uint64_t t;
-	int ret = qk__qcow2_alloc_clusters(img, 1, &t);
+	ret = qk__qcow2_alloc_clusters(img, 1, &t);
 	if (ret == 0)
 		ret = qk__cache_flush(&q->rb_cache);     /* the table's refcount first */
 	if (ret < 0)
@@ -190,7 +172,9 @@ static int l2_for_write(qk_image *img, uint64_t l1i, uint64_t *l2_off, uint64_t 
 	q->l1[l1i] = t | QCOW_OFLAG_COPIED;
 	if (t + q->cluster_size > q->file_size)
 		q->file_size = t + q->cluster_size;
-	if (old) {
+	qk__qcow2_meta_del(img, old, old ? q->cluster_size : 0);
+	ret = qk__qcow2_meta_add(img, t, q->cluster_size, META_L2);
+	if (ret == 0 && old) {
 		/* Shared with a snapshot: this copy no longer references it. */
 		ret = qk__qcow2_update_refcount(img, old, q->cluster_size, -1);
 		if (ret < 0) {
@@ -209,18 +193,14 @@ static int release_entry(qk_image *img, uint64_t e)
 {
 	struct qcow2 *q = qcow2_of(img);
 	uint64_t host = e & L2E_OFFSET_MASK;
-	if (!(e & QCOW_OFLAG_COMPRESSED) && (!host || q->data_file))
+	if (!(e & QCOW_OFLAG_COMPRESSED) && (!host || q->has_data_file))
 		return 0;       /* nothing counted: no ordering to ask for */
 	int ret = q->lazy ? 0 : qk__cache_set_dependency(&q->rb_cache, &q->l2_cache);
 	if (ret < 0)
 		return ret;
-	if (e & QCOW_OFLAG_COMPRESSED) {
-		unsigned shift = 62 - (q->cluster_bits - 8);
-		uint64_t coffset = e & ((1ull << shift) - 1);
-		uint64_t sectors = ((e >> shift) & ((1ull << (q->cluster_bits - 8)) - 1)) + 1;
-		uint64_t csize = sectors * 512 - (coffset & 511);
-		return qk__qcow2_update_refcount(img, coffset, csize, -1);
-	}
+	if (e & QCOW_OFLAG_COMPRESSED)
+		return qk__qcow2_update_refcount(img, qk__qcow2_compressed_offset(q, e),
+						 qk__qcow2_compressed_size(q, e), -1);
 	return qk__qcow2_update_refcount(img, host, q->cluster_size, -1);
 }
 
@@ -236,26 +216,25 @@ static uint64_t l2_slot(const struct qcow2 *q, uint64_t gc)
 	return q->extl2 ? 2 * l2i : l2i;
 }
 
-/* The entry of guest cluster gc ({0, 0} when unmapped). Metadata lock held. */
+/* The entry of guest cluster gc ({0, 0} when unmapped), validated as a
+ * read of it validates it (so a write refuses what a read refuses, with the
+ * same message). Metadata lock held. */
 static int get_entry(qk_image *img, uint64_t gc, struct entry *en)
 {
 	struct qcow2 *q = qcow2_of(img);
-	uint64_t l2_off = q->l1[gc >> q->l2_bits] & L1E_OFFSET_MASK;
+	uint64_t l2_off;
 	en->e = en->bm = 0;
-	if (!l2_off)
-		return 0;
-	if (l2_off & (q->cluster_size - 1))
-		return qk__qcow2_corrupt(img, "L2 table offset 0x%llx unaligned (L1 index %llu)",
-					 (unsigned long long)l2_off, (unsigned long long)(gc >> q->l2_bits));
+	int ret = qk__qcow2_l2_table(img, gc >> q->l2_bits, &l2_off);
+	if (ret < 0 || !l2_off)
+		return ret;
 	uint64_t *t;
-	int ret = qk__cache_get(&q->l2_cache, l2_off, (void **)&t);
-	if (ret < 0)
+	if ((ret = qk__cache_get(&q->l2_cache, l2_off, (void **)&t)) < 0)
 		return ret;
 	uint64_t slot = l2_slot(q, gc);
 	en->e = t[slot];
 	en->bm = q->extl2 ? t[slot + 1] : 0;
 	qk__cache_put(&q->l2_cache, l2_off);
-	return 0;
+	return qk__qcow2_check_entry(img, gc, en->e, en->bm);
 }
 
 /* Bitmap bits (alloc half) of the subclusters meeting [in, in+n). */
@@ -270,10 +249,24 @@ static uint64_t sc_mask(const struct qcow2 *q, uint64_t in, uint64_t n)
 static bool entry_owned(const struct qcow2 *q, const struct entry *en, uint64_t *host)
 {
 	uint64_t e = en->e, off = e & L2E_OFFSET_MASK;
-	bool allocated = off || q->data_file;     /* data file: identity, 0 is valid */
+	bool allocated = off || q->has_data_file; /* data file: identity, 0 is valid */
 	*host = off;
 	return (e & QCOW_OFLAG_COPIED) && !(e & (QCOW_OFLAG_COMPRESSED | QCOW_OFLAG_ZERO)) &&
 	       !(e & L2E_RESERVED_MASK) && allocated && !(off & (q->cluster_size - 1));
+}
+
+/* Guest data may go to host cluster `host` (of guest cluster gc): not
+ * over metadata (with an external data file it goes there instead).
+ * Metadata lock held. */
+static int data_target_ok(qk_image *img, uint64_t host, uint64_t gc)
+{
+	struct qcow2 *q = qcow2_of(img);
+	if (q->has_data_file)
+		return 0;
+	char what[64];
+	snprintf(what, sizeof what, "a data write for guest offset 0x%llx",
+		 (unsigned long long)(gc << q->cluster_bits));
+	return qk__qcow2_meta_check(img, host, q->cluster_size, 0, what);
 }
 
 /* Host offset of guest cluster gc, with *owned set, when a write of
@@ -300,7 +293,7 @@ static int owned_host(qk_image *img, uint64_t gc, uint64_t in, uint64_t n, uint6
 	} else {
 		*owned = true;
 	}
-	return 0;
+	return *owned ? data_target_ok(img, *host, gc) : 0;
 }
 
 /*
@@ -321,6 +314,12 @@ static int set_entry(qk_image *img, uint64_t gc, uint64_t ne, uint64_t nbm, bool
 	uint64_t slot = l2_slot(q, gc);
 	uint64_t old = t[slot];
 	if (old == ne && (!q->extl2 || t[slot + 1] == nbm))
+		goto out;
+	/* What the old entry holds is released below: it must be sound. */
+	ret = qk__qcow2_check_entry(img, gc, old, q->extl2 ? t[slot + 1] : 0);
+	if (ret == 0 && (old & QCOW_OFLAG_COMPRESSED))
+		ret = qk__qcow2_check_compressed(img, old);
+	if (ret < 0)
 		goto out;
 	/* Refcounts of new clusters first (unless lazy), then data, then
 	 * the entry. An entry that references nothing new (zero, unmapped,
@@ -344,7 +343,7 @@ static int set_entry(qk_image *img, uint64_t gc, uint64_t ne, uint64_t nbm, bool
 	if (!compressed && host && (ne & L2E_OFFSET_MASK) == host && !(ne & QCOW_OFLAG_COMPRESSED))
 		goto out;       /* the host cluster stays in use */
 	ret = release_entry(img, old);
-	if (ret == 0 && punch && host && !q->data_file && !compressed) {
+	if (ret == 0 && punch && host && !q->has_data_file && !compressed) {
 		uint64_t rc;
 		ret = qk__qcow2_get_refcount(img, host >> q->cluster_bits, &rc);
 		if (ret == 0 && rc == 0)
@@ -378,7 +377,14 @@ static int write_slow(qk_image *img, uint64_t gc, uint64_t in, const uint8_t *da
 		return ret;
 	bool owned = entry_owned(q, &en, &host);
 	bool holds = (en.e & QCOW_OFLAG_COMPRESSED) || (en.e & L2E_OFFSET_MASK) ||
-		     (q->data_file && (en.e & QCOW_OFLAG_COPIED));
+		     (q->has_data_file && (en.e & QCOW_OFLAG_COPIED));
+	if (owned) {
+		pthread_mutex_lock(&q->lock);
+		ret = data_target_ok(img, host, gc);
+		pthread_mutex_unlock(&q->lock);
+		if (ret < 0)
+			return ret;
+	}
 
 	/* The byte span to write: whole subclusters with extended L2 when the
 	 * cluster is ours or held nothing, else the whole cluster. */
@@ -401,7 +407,7 @@ static int write_slow(qk_image *img, uint64_t gc, uint64_t in, const uint8_t *da
 	if (!owned) {
 		/* A new host cluster: identity in a data file, else allocated. */
 		host = start;
-		if (!q->data_file) {
+		if (!q->has_data_file) {
 			pthread_mutex_lock(&q->lock);
 			uint64_t end = q->file_size;
 			ret = qk__qcow2_alloc_clusters(img, 1, &host);
@@ -412,8 +418,8 @@ static int write_slow(qk_image *img, uint64_t gc, uint64_t in, const uint8_t *da
 		}
 	}
 	/* A data file ends with the image; the image file gets whole clusters. */
-	uint64_t wlo = span_lo, wend = q->data_file ? valid_hi : span_hi;
-	if (!owned && !q->data_file && (in - span_lo) + (span_hi - in - n) >= 4096 &&
+	uint64_t wlo = span_lo, wend = q->has_data_file ? valid_hi : span_hi;
+	if (!owned && !q->has_data_file && (in - span_lo) + (span_hi - in - n) >= 4096 &&
 	    qk_is_zero(buf + span_lo, in - span_lo) &&
 	    qk_is_zero(buf + in + n, span_hi - in - n)) {
 		/* Only zeros to copy (no backing data): as QEMU, have the file
@@ -432,11 +438,11 @@ static int write_slow(qk_image *img, uint64_t gc, uint64_t in, const uint8_t *da
 	ret = df->ops->pwrite(df, buf + wlo, wend - wlo, host + wlo);
 	pthread_mutex_lock(&q->lock);
 	if (ret < 0) {
-		if (!owned && !q->data_file)
+		if (!owned && !q->has_data_file)
 			qk__qcow2_update_refcount(img, host, cs, -1);   /* best effort: else a leak */
 		goto out;
 	}
-	if (!q->data_file && host + cs > q->file_size)
+	if (!q->has_data_file && host + cs > q->file_size)
 		q->file_size = host + cs;
 	uint64_t nbm = 0;
 	if (q->extl2) {
@@ -523,7 +529,7 @@ int qk__qcow2_pwrite(qk_image *img, const void *buf, size_t len, uint64_t off)
 		pthread_mutex_unlock(&q->lock);
 		if (ret < 0)
 			break;
-		if (!owned && in == 0 && !q->data_file && len >= 2 * q->cluster_size) {
+		if (!owned && in == 0 && !q->has_data_file && len >= 2 * q->cluster_size) {
 			/* Whole clusters to allocate: as many as follow, at once. */
 			size_t done = 0;
 			ret = write_whole(img, gc, p, len, &done);
@@ -577,7 +583,7 @@ int qk__qcow2_write_compressed(qk_image *img, const void *buf, size_t len, uint6
 		return qk__err(EINVAL, "a compressed write covers one whole cluster (offset %llu, "
 			       "length %zu, cluster size %llu)", (unsigned long long)off, len,
 			       (unsigned long long)cs);
-	if (q->data_file)
+	if (q->has_data_file)
 		return qk__err(ENOTSUP, "compressed writes to '%s' are not possible: its data is "
 			       "in an external data file", img->filename);
 	pthread_mutex_lock(&q->lock);
@@ -689,6 +695,10 @@ static int flush_locked(qk_image *img)
 				run += cs;
 				continue;
 			}
+			/* A freed cluster that metadata still names had a wrong
+			 * refcount: report it rather than punch the table out. */
+			if (run && (ret = qk__qcow2_meta_check(img, start, run, 0, "a hole punch")) < 0)
+				return ret;
 			if (run)
 				img->file->ops->discard(img->file, start, run);
 			run = 0;
@@ -844,7 +854,7 @@ int qk__qcow2_write_zeroes(qk_image *img, uint64_t off, uint64_t len, uint32_t f
 		if (ret < 0)
 			break;
 		uint64_t host = en.e & L2E_OFFSET_MASK;
-		bool keep = !unmap && !(en.e & QCOW_OFLAG_COMPRESSED) && (host || q->data_file) &&
+		bool keep = !unmap && !(en.e & QCOW_OFLAG_COMPRESSED) && (host || q->has_data_file) &&
 			    (en.e & QCOW_OFLAG_COPIED);
 		uint64_t kept = keep ? (en.e & (L2E_OFFSET_MASK | QCOW_OFLAG_COPIED)) : 0;
 		if (q->version < 3)
@@ -922,7 +932,11 @@ static int grow_l1(qk_image *img, uint64_t need)
 	q->l1_offset = noff;
 	if (noff + bytes > q->file_size)
 		q->file_size = noff + bytes;
-	return old_bytes ? qk__qcow2_update_refcount(img, old_off, old_bytes, -1) : 0;
+	qk__qcow2_meta_del(img, old_off, old_bytes);
+	ret = qk__qcow2_meta_add(img, noff, bytes, META_L1);
+	if (ret == 0 && old_bytes)
+		ret = qk__qcow2_update_refcount(img, old_off, old_bytes, -1);
+	return ret;
 }
 
 static int write_size(qk_image *img, uint64_t size)

@@ -767,7 +767,10 @@ static bool bad_case(int i, struct qb *b, struct bad *c)
 		b->autoclear = AUTOCLEAR_DATA_RAW; finish(b);
 		break;
 	case 47:
+		/* A read-write open needs the data file at once; a read-only
+		 * one at the first guest read (test_data_file_lazy). */
 		c->name = "data file bit without a name"; c->kw = "external data file";
+		c->flags = QK_OPEN_RDWR;
 		b->incompat = INCOMPAT_DATA_FILE; finish(b);
 		break;
 	case 48:
