@@ -141,10 +141,17 @@ void qk_create_options_init(struct qk_create_options *opts);
 
 /*
  * Create (or truncate) the image at `path`. With a data file, that file is
- * created too (its name resolved against the image's directory). Returns 0,
- * or -EINVAL for options that contradict each other or the format (the
- * message says which, in qemu-img's words where it has them), or an errno
- * from the file system.
+ * created too (its name resolved against the image's directory). Each file
+ * is opened without truncating and locked for writing (see qk_lock_fd())
+ * before any of them changes. On failure a file this call created is
+ * removed again; one that existed before is left as it was when the
+ * failure came before the locks were held (-EAGAIN, option errors), and
+ * emptied otherwise. Returns 0, or:
+ *   -EINVAL  options that contradict each other or the format (the message
+ *            says which, in qemu-img's words where it has them);
+ *   -EAGAIN  another process uses the image or data file (the message
+ *            names the lock, as QEMU's does);
+ *   or an errno from the file system.
  */
 int qk_create(const char *path, const struct qk_create_options *opts);
 

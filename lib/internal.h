@@ -105,9 +105,18 @@ void qk__file_close(struct qk__file *f);
  * QK_OPEN_UNSAFE makes syncs no-ops. */
 int qk__file_open_posix(const char *path, bool writable, uint32_t open_flags,
 			struct qk__file **out);
-/* Create `path` for writing (truncating an existing file; mode 0644 less
- * the umask), with "Could not create 'PATH': <reason>" on failure. */
-int qk__file_create_posix(const char *path, struct qk__file **out);
+/* Open `path` for writing, creating it when missing (mode 0644 less the
+ * umask; *created says whether this call did), and take the write lock
+ * (as a read-write open does), changing nothing in a file that was
+ * there: the caller truncates once it holds every lock it needs. Returns
+ * 0, or a negative errno with "Could not create 'PATH': <reason>" or the
+ * lock's message recorded (-EAGAIN: another process, or another open in
+ * this one, holds the file); a file this call created is removed again
+ * on failure. */
+int qk__file_create_posix(const char *path, bool *created, struct qk__file **out);
+/* Take QEMU's image lock (see qk__file_lock) on descriptor fd, which is
+ * open for reading; `name` is for messages. */
+int qk__lock_fd(int fd, const char *name, bool write, bool force_share);
 
 /* io/mem.c: a growable buffer, for unit tests and fuzzers. The data is
  * copied; `name` is used in messages. */
