@@ -216,6 +216,9 @@ struct qk__driver {
 	int (*get_info)(qk_image *img, struct qk_info *info);
 	int (*list_snapshots)(qk_image *img, const struct qk_snapshot **list, size_t *n);
 	int (*list_bitmaps)(qk_image *img, const struct qk_bitmap **list, size_t *n);
+	/* The external data file this layer reads, or NULL (none); may be
+	 * NULL for formats without one. */
+	struct qk__file *(*data_file)(qk_image *img);
 };
 
 extern const struct qk__driver qk__raw_driver;

@@ -585,6 +585,11 @@ static int qcow2_list_bitmaps(qk_image *img, const struct qk_bitmap **list, size
 	return 0;
 }
 
+static struct qk__file *qcow2_data_file(qk_image *img)
+{
+	return qcow2_of(img)->data_file;
+}
+
 const struct qk__driver qk__qcow2_driver = {
 	.name = "qcow2",
 	.format = QK_FORMAT_QCOW2,
@@ -604,4 +609,5 @@ const struct qk__driver qk__qcow2_driver = {
 	.get_info = qcow2_get_info,
 	.list_snapshots = qcow2_list_snapshots,
 	.list_bitmaps = qcow2_list_bitmaps,
+	.data_file = qcow2_data_file,
 };
