@@ -149,6 +149,19 @@ void cli_free_kv(struct cli_kv *kv, int n);
 int cli_open(const char *path, qk_format fmt, uint32_t flags,
 	     qk_image **out);
 
+/*
+ * Before writing `dst`: refuse it when the open source image `src` reads
+ * it (the image itself, a file of its backing chain, or an external data
+ * file; compared by device and inode, so links count). Prints one line
+ * naming the relation ("'base.raw' is the backing file of 'top.qcow2':
+ * refusing to overwrite it") and returns -1; returns 0 when dst is free.
+ */
+int cli_check_target(qk_image *src, const char *dst);
+
+/* A file name stored in `image` (backing or data file) as it is opened:
+ * relative names are relative to the image's directory. Malloc'd. */
+char *cli_sibling_path(const char *image, const char *name);
+
 /* Run fn(arg) on n threads (at most CLI_MAX_THREADS) and wait for them
  * all. Fewer threads are fine when some cannot start; returns -1 after a
  * message when none can. */

@@ -2,8 +2,9 @@
  * cmd-convert.c - "qcowkit convert": copy an image's guest content into a
  * sparse raw file (-O raw; -O qcow2 is in convert-qcow2.c).
  *
- * Design note. The target is created (or truncated) and sized first, so
- * every byte not written reads as zero. Workers (-m N threads, default 2)
+ * Design note. The target is created (or opened) and locked for writing,
+ * then truncated and sized, so every byte not written reads as zero, and
+ * a file another process uses, or one the source reads, is never touched. Workers (-m N threads, default 2)
  * share one cursor over the guest address space, guarded by a mutex: a
  * worker asks qk_block_status() at the cursor, skips runs that read as
  * zero, and takes the next piece of a data run (at most CHUNK bytes, ends
@@ -435,6 +436,62 @@ static int count_work(struct convert_job *j, uint64_t *total)
 	return 0;
 }
 
+/*
+ * Open the raw target for reading and writing (a shared writable mapping
+ * needs both, and so does the lock) without changing it: created when
+ * missing if `create`, and locked for writing as qemu-img does, so that
+ * the caller truncates or writes only a file no other process uses.
+ * Returns the descriptor, or -1 after a message; a file this call created
+ * is removed again when it cannot be locked.
+ */
+static int open_target(const char *path, bool create)
+{
+	bool created = false;
+	int fd = -1, e = ENOENT;
+
+	if (!create) {
+		fd = open(path, O_RDWR | O_CLOEXEC);
+		e = errno;
+	}
+	/* O_EXCL tells a file we make from one that was there; a file that
+	 * comes or goes between the two opens sends us round again. A
+	 * dangling symbolic link (EEXIST, then ENOENT) makes its target,
+	 * which then counts as not created: the link is never removed. */
+	for (int tries = 0; create && fd < 0 && e == ENOENT && tries < 16; tries++) {
+		struct stat st;
+
+		fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+		if (fd >= 0) {
+			created = true;
+			break;
+		}
+		e = errno;
+		if (e == EEXIST) {
+			fd = open(path, O_RDWR | O_CLOEXEC);
+			e = errno;
+		}
+		if (fd < 0 && e == ENOENT && lstat(path, &st) == 0 && S_ISLNK(st.st_mode)) {
+			fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+			e = errno;
+		}
+	}
+	if (fd < 0) {
+		cli_error("Could not %s '%s': %s", create ? "create" : "open",
+			  path, strerror(e));
+		return -1;
+	}
+	int r = qk_lock_fd(fd, path, QK_OPEN_RDWR);
+
+	if (r < 0) {
+		cli_lib_error(r);
+		close(fd);
+		if (created)
+			unlink(path);
+		return -1;
+	}
+	return fd;
+}
+
 /* Default workers for a qcow2 target: one more than the CPUs, so that
  * every core keeps compressing while one worker reads or writes. */
 static unsigned qcow2_workers(void)
@@ -475,9 +532,9 @@ int cmd_convert(int argc, char **argv)
 	uint64_t sparse = 4096, nworkers = DEFAULT_WORKERS;
 	uint32_t flags = 0;
 	struct convert_job j;
-	struct stat st_src, st_dst;
+	struct stat st_dst;
 	qk_format fmt;
-	int c, ret = CLI_EXIT_FAILURE, oflags;
+	int c, ret = CLI_EXIT_FAILURE;
 
 	while ((c = getopt_long(argc, argv, ":hf:O:B:CcF:o:l:S:pt:T:qnm:WUr:",
 				longopts, NULL)) != -1) {
@@ -626,6 +683,9 @@ int cmd_convert(int argc, char **argv)
 	pthread_mutex_init(&j.lock, NULL);
 	if (cli_open(src_path, fmt, flags, &j.src) < 0)
 		goto out;
+	/* Writing a file the source reads would lose it under our feet. */
+	if (cli_check_target(j.src, dst_path) < 0)
+		goto out;
 	j.size = qk_get_size(j.src);
 	if (strcmp(out_fmt, "qcow2") == 0) {
 		struct convert_qcow2 a = {
@@ -639,33 +699,13 @@ int cmd_convert(int argc, char **argv)
 				      (target_unsafe ? QK_OPEN_UNSAFE : 0),
 		};
 
-		if (stat(src_path, &st_src) == 0 &&
-		    stat(dst_path, &st_dst) == 0 &&
-		    st_src.st_dev == st_dst.st_dev &&
-		    st_src.st_ino == st_dst.st_ino) {
-			cli_error("Cannot convert '%s' onto itself", src_path);
-			goto out;
-		}
 		ret = convert_qcow2(&a);
 		goto out;
 	}
 
-	/* Truncating the source under our own feet would lose it. */
-	if (stat(src_path, &st_src) == 0 && stat(dst_path, &st_dst) == 0 &&
-	    st_src.st_dev == st_dst.st_dev && st_src.st_ino == st_dst.st_ino) {
-		cli_error("Cannot convert '%s' onto itself", src_path);
+	j.fd = open_target(dst_path, !skip_create);
+	if (j.fd < 0)
 		goto out;
-	}
-	/* Read access too, which a shared writable mapping needs. */
-	oflags = O_CLOEXEC | (skip_create ? O_WRONLY : O_RDWR | O_CREAT |
-			      O_TRUNC);
-	j.fd = open(dst_path, oflags, 0644);
-	if (j.fd < 0) {
-		cli_error("Could not %s '%s': %s",
-			  skip_create ? "open" : "create", dst_path,
-			  strerror(errno));
-		goto out;
-	}
 	if (fstat(j.fd, &st_dst) < 0) {
 		cli_error("Could not stat '%s': %s", dst_path, strerror(errno));
 		goto out;

@@ -228,26 +228,9 @@ static void set_str(struct create_opts *c, const char *name, const char *s)
 	v->set = true;
 }
 
-/* The backing file as qemu-img opens it: relative names are relative to
- * the new image's directory. Returns a malloc'd path. */
-static char *backing_path(const char *image, const char *name)
-{
-	const char *slash = strrchr(image, '/');
-	size_t dir, len;
-	char *p;
-
-	if (name[0] == '/' || slash == NULL)
-		return cli_xstrdup(name);
-	dir = (size_t)(slash - image) + 1;
-	len = strlen(name);
-	p = cli_xmalloc(dir + len + 1);
-	memcpy(p, image, dir);
-	memcpy(p + dir, name, len + 1);
-	return p;
-}
-
-/* Open the backing file (not its own chain) to check it and to learn its
- * size. Returns 0, or -1 after printing the reason. */
+/* Open the backing file (not its own chain) to check it, to learn its
+ * size, and to make sure the new image is not that file under another
+ * name. Returns 0, or -1 after printing the reason. */
 static int probe_backing(const char *image, const char *name, const char *fmt,
 			 uint64_t *size, bool need_fmt)
 {
@@ -267,13 +250,30 @@ static int probe_backing(const char *image, const char *name, const char *fmt,
 			  "not supported (qcow2 or raw)", fmt);
 		return -1;
 	}
-	path = backing_path(image, name);
+	path = cli_sibling_path(image, name);
 	ret = qk_open(path, &o, &img);
-	free(path);
 	if (ret < 0) {
 		cli_error("Could not open backing image: %s", qk_last_error());
+		free(path);
 		return -1;
 	}
+	/* The same file by another name: creating the image would destroy
+	 * its own backing file. */
+	ret = qk_uses_file(img, image, NULL);
+	if (ret != 0) {
+		if (ret < 0)
+			cli_lib_error(ret);
+		else if (ret == QK_USES_DATA_FILE)
+			cli_error("'%s' is the external data file of the backing file "
+				  "'%s': refusing to overwrite it", image, path);
+		else
+			cli_error("'%s' is the backing file '%s' itself: refusing to "
+				  "overwrite it", image, path);
+		free(path);
+		qk_close(img);
+		return -1;
+	}
+	free(path);
 	if (need_fmt) {
 		cli_error("Backing file specified without backing format. Detected "
 			  "format of %s.", qk_format_name(qk_get_format(img)));

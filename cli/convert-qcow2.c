@@ -226,6 +226,17 @@ out:
 	return NULL;
 }
 
+/* Refuse a target data file (its name as stored in the target) that the
+ * source reads. Returns 0 or -1 after a message. */
+static int check_data_file(const struct convert_qcow2 *a, const char *name)
+{
+	char *path = cli_sibling_path(a->dst_path, name);
+	int r = cli_check_target(a->src, path);
+
+	free(path);
+	return r;
+}
+
 /* Create the target as qemu-img convert does: the source's size, the -o
  * options, -B/-F as its backing file. Returns 0 or -1 after a message. */
 static int create_target(const struct convert_qcow2 *a, uint64_t size)
@@ -248,6 +259,11 @@ static int create_target(const struct convert_qcow2 *a, uint64_t size)
 	}
 	if (o.backing_file != NULL && o.backing_format == NULL) {
 		cli_error("Use of backing file requires explicit backing format");
+		cli_create_opts_free(h);
+		return -1;
+	}
+	/* Creating the data file empties it: not one the source reads. */
+	if (o.data_file != NULL && check_data_file(a, o.data_file) < 0) {
 		cli_create_opts_free(h);
 		return -1;
 	}
@@ -282,6 +298,10 @@ int convert_qcow2(const struct convert_qcow2 *a)
 		cli_error("'%s' is not a qcow2 image", a->dst_path);
 		goto out;
 	}
+	/* An existing target (-n) may keep its data in a file the source
+	 * reads (the caller checked the image file itself). */
+	if (info.data_file != NULL && check_data_file(a, info.data_file) < 0)
+		goto out;
 	if (qk_get_size(j.dst) < j.size) {
 		cli_error("output file is smaller than input file");
 		goto out;

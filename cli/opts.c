@@ -296,6 +296,50 @@ int cli_open(const char *path, qk_format fmt, uint32_t flags,
 	return ret;
 }
 
+int cli_check_target(qk_image *src, const char *dst)
+{
+	qk_image *layer, *above;
+	int r = qk_uses_file(src, dst, &layer);
+
+	if (r < 0) {
+		cli_lib_error(r);
+		return -1;
+	}
+	if (r == 0)
+		return 0;
+	if (r == QK_USES_DATA_FILE) {
+		cli_error("'%s' is the external data file of '%s': refusing to "
+			  "overwrite it", dst, qk_get_filename(layer));
+	} else if (layer == src && strcmp(dst, qk_get_filename(src)) == 0) {
+		cli_error("'%s' is the source image: refusing to overwrite it", dst);
+	} else if (layer == src) {
+		cli_error("'%s' is the source image '%s': refusing to overwrite it",
+			  dst, qk_get_filename(src));
+	} else {
+		for (above = src; qk_get_backing(above) != layer;)
+			above = qk_get_backing(above);
+		cli_error("'%s' is the backing file of '%s': refusing to "
+			  "overwrite it", dst, qk_get_filename(above));
+	}
+	return -1;
+}
+
+char *cli_sibling_path(const char *image, const char *name)
+{
+	const char *slash = strrchr(image, '/');
+	size_t dir, len;
+	char *p;
+
+	if (name[0] == '/' || slash == NULL)
+		return cli_xstrdup(name);
+	dir = (size_t)(slash - image) + 1;
+	len = strlen(name);
+	p = cli_xmalloc(dir + len + 1);
+	memcpy(p, image, dir);
+	memcpy(p + dir, name, len + 1);
+	return p;
+}
+
 int cli_run_threads(unsigned n, void *(*fn)(void *), void *arg)
 {
 	pthread_t tids[CLI_MAX_THREADS];

@@ -126,6 +126,46 @@ int qk_open(const char *path, const struct qk_open_options *opts,
  * (the image is freed in any case). */
 int qk_close(qk_image *img);
 
+/*
+ * Take on `fd`, a descriptor of the caller's open for reading (O_RDONLY or
+ * O_RDWR), the image lock qk_open() takes on the files it opens, which
+ * QEMU's tools take and honour too: with QK_OPEN_RDWR in `flags`, for
+ * writing (no other process may write to the file, or read it without
+ * force-share); without, for reading (no other may write);
+ * QK_OPEN_FORCE_SHARE keeps no other writer out (as it does for
+ * qk_open()). Other QK_OPEN_* flags are ignored. Take it before changing a file (truncating included):
+ * a file another process uses is then left alone. The lock belongs to the
+ * open file description: it lasts until its last descriptor (dups
+ * included) is closed, and another open of the same file conflicts with
+ * it, in this process too. Where the file system has no OFD locks it
+ * succeeds without locking, as qk_open() does. `name` names the file in
+ * messages (NULL: "fd N"). Returns 0, or:
+ *   -EAGAIN  another process, or another open of the file, holds a lock
+ *            that conflicts (close fd: part of the lock may be held);
+ *   -EBADF   fd is not an open descriptor, or not open for reading.
+ */
+int qk_lock_fd(int fd, const char *name, uint32_t flags);
+
+#define QK_USES_IMAGE     1 /* the image file of a layer */
+#define QK_USES_DATA_FILE 2 /* the external data file of a layer */
+
+/*
+ * Whether `path` names a file that `img` reads: the image file of img or
+ * of an image in its backing chain (QK_USES_IMAGE), or the external data
+ * file of one of them (QK_USES_DATA_FILE). Files are compared by device
+ * and inode, following symbolic links, so a hard or symbolic link to one
+ * of them counts too. Writing to such a file would change what img reads:
+ * a program that writes what it reads from img (convert) checks its
+ * destination with this first. `layer` (may be NULL) is set to the image
+ * of the chain that reads the file (img itself, or one below it; see
+ * qk_get_backing()), NULL when the answer is 0. Returns:
+ *   QK_USES_IMAGE or QK_USES_DATA_FILE (> 0);
+ *   0        img reads no such file, or nothing exists at `path`;
+ *   -EINVAL  img or path is NULL;
+ *   -EACCES, -ELOOP, -ENAMETOOLONG...  `path` could not be looked up.
+ */
+int qk_uses_file(qk_image *img, const char *path, qk_image **layer);
+
 /* ---- creating ------------------------------------------------------------- */
 
 #define QK_PREALLOC_OFF      0 /* nothing allocated */
@@ -156,10 +196,17 @@ void qk_create_options_init(struct qk_create_options *opts);
 
 /*
  * Create (or truncate) the image at `path`. With a data file, that file is
- * created too (its name resolved against the image's directory). Returns 0,
- * or -EINVAL for options that contradict each other or the format (the
- * message says which, in qemu-img's words where it has them), or an errno
- * from the file system.
+ * created too (its name resolved against the image's directory). Each file
+ * is opened without truncating and locked for writing (see qk_lock_fd())
+ * before any of them changes. On failure a file this call created is
+ * removed again; one that existed before is left as it was when the
+ * failure came before the locks were held (-EAGAIN, option errors), and
+ * emptied otherwise. Returns 0, or:
+ *   -EINVAL  options that contradict each other or the format (the message
+ *            says which, in qemu-img's words where it has them);
+ *   -EAGAIN  another process uses the image or data file (the message
+ *            names the lock, as QEMU's does);
+ *   or an errno from the file system.
  */
 int qk_create(const char *path, const struct qk_create_options *opts);
 

@@ -5,8 +5,11 @@
  *
  * Behaviour follows qemu-img 7.2's `create`, which is what scripts know:
  * raw sizes round up to whole 512-byte sectors, an existing file is
- * truncated, `falloc` reserves the space and `full` writes zeros. A file
- * this call created is removed again when a later step fails, as QEMU does.
+ * truncated, `falloc` reserves the space and `full` writes zeros. Every
+ * file is locked for writing (QEMU's lock) before any of them changes, so
+ * a file another process uses is left as it was. A file this call created
+ * is removed again when a later step fails, as QEMU does; one that was
+ * there before stays (emptied, when the failure came after that).
  */
 #include "internal.h"
 
@@ -19,7 +22,8 @@
  * These belong in internal.h (a "create.c" section); until they move there
  * each file that uses them repeats the declarations.
  */
-int qk__create_open(const char *path, struct qk__file **out);
+int qk__create_open(const char *path, bool *created, struct qk__file **out);
+int qk__create_empty(struct qk__file *f);
 int qk__create_grow(struct qk__file *f, uint64_t from, uint64_t to, int prealloc);
 int qk__create_sync(struct qk__file *f);
 int qk__qcow2_create(const char *path, const struct qk_create_options *o);
@@ -39,14 +43,26 @@ QK_EXPORT void qk_create_options_init(struct qk_create_options *opts)
 }
 
 /*
- * Create `path` for writing, truncating an existing file, mode 0644 less
- * the umask, through the POSIX backend (all byte I/O of the library goes
- * through the backend table). Returns 0, or a negative errno with "Could
- * not create 'PATH': <reason>" recorded (qemu-img's words).
+ * Open `path` for a new image, creating it when missing (mode 0644 less the
+ * umask; *created says whether this call did), and take its write lock,
+ * through the POSIX backend (all byte I/O of the library goes through the
+ * backend table). Nothing in an existing file changes yet: the caller
+ * empties it with qk__create_empty() once it holds every file it needs.
+ * Returns 0, or a negative errno (recorded): "Could not create 'PATH':
+ * <reason>" (qemu-img's words), or -EAGAIN with the lock's message when
+ * another process uses the file. A file created here is removed again
+ * on failure.
  */
-int qk__create_open(const char *path, struct qk__file **out)
+int qk__create_open(const char *path, bool *created, struct qk__file **out)
 {
-	return qk__file_create_posix(path, out);
+	return qk__file_create_posix(path, created, out);
+}
+
+/* Truncate a file opened by qk__create_open() to length 0. Returns 0 or a
+ * negative errno (recorded). */
+int qk__create_empty(struct qk__file *f)
+{
+	return f->ops->set_size(f, 0);
 }
 
 /* Write zeros over [from, to) of f, 64 KiB at a time. */
@@ -132,6 +148,7 @@ static int create_raw(const char *path, const struct qk_create_options *o)
 {
 	struct qk__file *f;
 	uint64_t size;
+	bool created;
 	int ret;
 
 	if (o->backing_file)
@@ -150,14 +167,16 @@ static int create_raw(const char *path, const struct qk_create_options *o)
 	 * ftruncate does ("Invalid argument"). */
 	size = o->size > UINT64_MAX - 511 ? UINT64_MAX : (o->size + 511) & ~511ull;
 
-	ret = qk__create_open(path, &f);
+	ret = qk__create_open(path, &created, &f);
 	if (ret < 0)
 		return ret;
-	ret = qk__create_grow(f, 0, size, o->preallocation);
+	ret = qk__create_empty(f);
+	if (ret == 0)
+		ret = qk__create_grow(f, 0, size, o->preallocation);
 	if (ret == 0 && o->preallocation != QK_PREALLOC_OFF)
 		ret = qk__create_sync(f);
 	qk__file_close(f);
-	if (ret < 0)
+	if (ret < 0 && created)
 		unlink(path);
 	return ret;
 }

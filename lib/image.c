@@ -7,8 +7,10 @@
 #include "internal.h"
 
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #define PROBE_LEN 512
 
@@ -189,6 +191,76 @@ QK_EXPORT int qk_open(const char *path, const struct qk_open_options *opts,
 		return ret;
 	}
 	return qk__image_open_file(f, path, opts, NULL, out);
+}
+
+QK_EXPORT int qk_lock_fd(int fd, const char *name, uint32_t flags)
+{
+	char buf[32];
+
+	qk__api_enter("qk_lock_fd");
+	if (fd < 0)
+		return qk__err(EBADF, "invalid file descriptor %d", fd);
+	if (!name) {
+		snprintf(buf, sizeof buf, "fd %d", fd);
+		name = buf;
+	}
+	return qk__lock_fd(fd, name, flags & QK_OPEN_RDWR, flags & QK_OPEN_FORCE_SHARE);
+}
+
+/* 1 when f is the file st describes, 0 when not (or f cannot say: memory
+ * files), or a negative errno (recorded). */
+static int is_file(struct qk__file *f, const struct stat *st)
+{
+	uint64_t dev, ino;
+	int ret;
+
+	if (!f || !f->ops->identity)
+		return 0;
+	ret = f->ops->identity(f, &dev, &ino);
+	if (ret < 0)
+		return ret;
+	return dev == (uint64_t)st->st_dev && ino == (uint64_t)st->st_ino;
+}
+
+QK_EXPORT int qk_uses_file(qk_image *img, const char *path, qk_image **layer)
+{
+	struct stat st;
+
+	qk__api_enter("qk_uses_file");
+	if (layer)
+		*layer = NULL;
+	if (!img || !path)
+		return qk__err(EINVAL, "image and path are required");
+	if (stat(path, &st) < 0) {
+		int e = errno;
+		if (e == ENOENT || e == ENOTDIR)
+			return 0;
+		return qk__err(e, "Could not look up '%s': %s", path, strerror(e));
+	}
+	for (qk_image *i = img; i; i = i->backing) {
+		int what = QK_USES_IMAGE, ret = is_file(i->file, &st);
+
+		if (ret == 0 && i->drv->data_file) {
+			struct qk__file *df;
+			const char *dpath;
+			struct stat ds;
+			what = QK_USES_DATA_FILE;
+			i->drv->data_file(i, &df, &dpath);
+			if (df)
+				ret = is_file(df, &st);
+			else    /* not opened yet (read-only opens open it late) */
+				ret = dpath && stat(dpath, &ds) == 0 && ds.st_dev == st.st_dev &&
+				      ds.st_ino == st.st_ino;
+		}
+		if (ret < 0)
+			return ret;
+		if (ret > 0) {
+			if (layer)
+				*layer = i;
+			return what;
+		}
+	}
+	return 0;
 }
 
 QK_EXPORT int qk_close(qk_image *img)

@@ -114,9 +114,18 @@ int qk__file_open_posix(const char *path, bool writable, uint32_t open_flags,
  * -EPERM (refused, the message says why) or the open's errno, recorded. */
 int qk__file_open_named(const char *image, const char *name, const char *path, bool writable,
 			uint32_t open_flags, const char *what, struct qk__file **out);
-/* Create `path` for writing (truncating an existing file; mode 0644 less
- * the umask), with "Could not create 'PATH': <reason>" on failure. */
-int qk__file_create_posix(const char *path, struct qk__file **out);
+/* Open `path` for writing, creating it when missing (mode 0644 less the
+ * umask; *created says whether this call did), and take the write lock
+ * (as a read-write open does), changing nothing in a file that was
+ * there: the caller truncates once it holds every lock it needs. Returns
+ * 0, or a negative errno with "Could not create 'PATH': <reason>" or the
+ * lock's message recorded (-EAGAIN: another process, or another open in
+ * this one, holds the file); a file this call created is removed again
+ * on failure. */
+int qk__file_create_posix(const char *path, bool *created, struct qk__file **out);
+/* Take QEMU's image lock (see qk__file_lock) on descriptor fd, which is
+ * open for reading; `name` is for messages. */
+int qk__lock_fd(int fd, const char *name, bool write, bool force_share);
 
 /* io/mem.c: a growable buffer, for unit tests and fuzzers. The data is
  * copied; `name` is used in messages. */
@@ -216,6 +225,10 @@ struct qk__driver {
 	int (*get_info)(qk_image *img, struct qk_info *info);
 	int (*list_snapshots)(qk_image *img, const struct qk_snapshot **list, size_t *n);
 	int (*list_bitmaps)(qk_image *img, const struct qk_bitmap **list, size_t *n);
+	/* The external data file this layer reads: *f once opened (else
+	 * NULL), *path its resolved name (NULL: none). May be NULL for
+	 * formats without one. */
+	void (*data_file)(qk_image *img, struct qk__file **f, const char **path);
 };
 
 extern const struct qk__driver qk__raw_driver;

@@ -252,7 +252,10 @@ static int file_allocate(struct qk__file *f, uint64_t off, uint64_t len)
  * shared with others (p: 0 consistent read, 1 write, 2 write unchanged,
  * 3 resize). A reader holds 100 and refuses to share 201 and 203; a
  * writer also holds 101 and 103; force-share holds 100 only. Conflicts
- * are tested first (F_OFD_GETLK), then the bytes are taken.
+ * are tested first (F_OFD_GETLK), then the bytes are taken. The locks
+ * belong to the open file description: another open of the same file
+ * conflicts with them even in this process, and they go with the last
+ * descriptor of that open. F_RDLCK needs a descriptor open for reading.
  */
 #define LOCK_PERM_BASE   100
 #define LOCK_SHARED_BASE 200
@@ -268,9 +271,8 @@ static int lock_byte(int fd, int cmd, short type, off_t byte, bool *conflict)
 	return 0;
 }
 
-static int file_lock(struct qk__file *f, bool write, bool force_share)
+int qk__lock_fd(int fd, const char *name, bool write, bool force_share)
 {
-	int fd = fd_of(f);
 	unsigned held = write ? 0xb : 0x1;              /* bits: 0, 1, 3 / 0 */
 	unsigned unshared = force_share ? 0 : 0xa;      /* bits 1 and 3 */
 	for (unsigned p = 0; p < 4; p++) {
@@ -279,19 +281,19 @@ static int file_lock(struct qk__file *f, bool write, bool force_share)
 		if (held & (1u << p)) {
 			ret = lock_byte(fd, F_OFD_GETLK, F_WRLCK, LOCK_SHARED_BASE + p, &conflict);
 			if (ret == 0 && conflict)
-				return qk__err(EAGAIN, "Failed to get \"%s\" lock: is another process using the image '%s'?",
-					       perm_names[p], f->path);
+				return qk__err(EAGAIN, "Failed to get \"%s\" lock: Is another process using the image [%s]?",
+					       perm_names[p], name);
 		}
 		if (ret == 0 && (unshared & (1u << p))) {
 			ret = lock_byte(fd, F_OFD_GETLK, F_WRLCK, LOCK_PERM_BASE + p, &conflict);
 			if (ret == 0 && conflict)
-				return qk__err(EAGAIN, "Failed to get shared \"%s\" lock: is another process using the image '%s'?",
-					       perm_names[p], f->path);
+				return qk__err(EAGAIN, "Failed to get shared \"%s\" lock: Is another process using the image [%s]?",
+					       perm_names[p], name);
 		}
 		if (ret == -EINVAL || ret == -ENOTSUP || ret == -ENOLCK)
 			return 0;       /* no OFD locks here (old kernel, some NFS): go on unlocked */
 		if (ret < 0)
-			return qk__err(-ret, "locking '%s' failed: %s", f->path, strerror(-ret));
+			return qk__err(-ret, "locking '%s' failed: %s", name, strerror(-ret));
 	}
 	for (unsigned p = 0; p < 4; p++) {
 		int ret = 0;
@@ -300,12 +302,17 @@ static int file_lock(struct qk__file *f, bool write, bool force_share)
 		if (ret == 0 && (unshared & (1u << p)))
 			ret = lock_byte(fd, F_OFD_SETLK, F_RDLCK, LOCK_SHARED_BASE + p, NULL);
 		if (ret == -EAGAIN || ret == -EACCES)
-			return qk__err(EAGAIN, "Failed to lock byte %u of '%s': is another process using the image?",
-				       (held & (1u << p)) ? LOCK_PERM_BASE + p : LOCK_SHARED_BASE + p, f->path);
+			return qk__err(EAGAIN, "Failed to lock byte %u: Is another process using the image [%s]?",
+				       (held & (1u << p)) ? LOCK_PERM_BASE + p : LOCK_SHARED_BASE + p, name);
 		if (ret < 0 && ret != -EINVAL && ret != -ENOTSUP && ret != -ENOLCK)
-			return qk__err(-ret, "locking '%s' failed: %s", f->path, strerror(-ret));
+			return qk__err(-ret, "locking '%s' failed: %s", name, strerror(-ret));
 	}
 	return 0;
+}
+
+static int file_lock(struct qk__file *f, bool write, bool force_share)
+{
+	return qk__lock_fd(fd_of(f), f->path, write, force_share);
 }
 
 static int file_identity(struct qk__file *f, uint64_t *dev, uint64_t *ino)
@@ -542,14 +549,48 @@ int qk__file_open_named(const char *image, const char *name, const char *path, b
 	return 0;
 }
 
-int qk__file_create_posix(const char *path, struct qk__file **out)
+int qk__file_create_posix(const char *path, bool *created, struct qk__file **out)
 {
-	int fd = open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-	if (fd < 0) {
-		int e = errno;
-		return qk__err(e, "Could not create '%s': %s", path, strerror(e));
+	int fd = -1, e = 0;
+
+	*created = false;
+	/* O_EXCL tells a file we make from one that was there; a file that
+	 * comes or goes between the two opens sends us round again. A
+	 * dangling symbolic link (EEXIST, then ENOENT) makes its target, as
+	 * QEMU does; that counts as not created, so no failure removes the
+	 * link. */
+	for (int tries = 0; fd < 0 && tries < 16; tries++) {
+		struct stat st;
+
+		fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+		if (fd >= 0) {
+			*created = true;
+			break;
+		}
+		e = errno;
+		if (e != EEXIST)
+			break;
+		fd = open(path, O_RDWR | O_CLOEXEC);
+		e = errno;
+		if (fd < 0 && e == ENOENT && lstat(path, &st) == 0 && S_ISLNK(st.st_mode)) {
+			fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+			e = errno;
+		}
+		if (fd < 0 && e != ENOENT)
+			break;
 	}
-	return wrap_fd(path, fd, out);
+	if (fd < 0)
+		return qk__err(e, "Could not create '%s': %s", path, strerror(e));
+	int ret = qk__lock_fd(fd, path, true, false);
+	if (ret == 0)
+		ret = wrap_fd(path, fd, out);
+	else
+		close(fd);
+	if (ret < 0 && *created) {
+		unlink(path);
+		*created = false;
+	}
+	return ret;
 }
 
 void qk__file_close(struct qk__file *f)

@@ -31,13 +31,15 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 /* ---- shared with lib/create.c ----------------------------------------------
  * These belong in internal.h (a "create.c" section); until they move there
  * each file that uses them repeats the declarations.
  */
-int qk__create_open(const char *path, struct qk__file **out);
+int qk__create_open(const char *path, bool *created, struct qk__file **out);
+int qk__create_empty(struct qk__file *f);
 int qk__create_grow(struct qk__file *f, uint64_t from, uint64_t to, int prealloc);
 int qk__create_sync(struct qk__file *f);
 int qk__qcow2_create(const char *path, const struct qk_create_options *o);
@@ -1053,9 +1055,11 @@ static int write_data_file(struct qk__file *f, const struct model *m,
 
 /*
  * Create the QCOW2 image `path` (and its data file) from checked options.
- * Every check runs before a file is touched; after that only I/O can fail,
- * and then the files created here are removed again. Returns 0 or a
- * negative errno (recorded).
+ * Every check runs before a file is touched, and both files are locked
+ * for writing before either is emptied (-EAGAIN, nothing changed, when
+ * another process uses one); after that only I/O can fail, and then the
+ * files created here are removed again. Returns 0 or a negative errno
+ * (recorded).
  */
 int qk__qcow2_create(const char *path, const struct qk_create_options *o)
 {
@@ -1064,7 +1068,8 @@ int qk__qcow2_create(const char *path, const struct qk_create_options *o)
 	char *data_path = NULL;
 	int prealloc = QK_PREALLOC_OFF, ret;
 	struct qk__file *f = NULL, *df = NULL;
-	uint64_t size = 0, dev_a, ino_a, dev_b, ino_b;
+	bool created = false, df_created = false;
+	uint64_t size = 0, dev_a, ino_a;
 
 	memset(&m, 0, sizeof m);
 	if (o->backing_file && strcmp(o->backing_file, path) == 0)
@@ -1110,44 +1115,54 @@ int qk__qcow2_create(const char *path, const struct qk_create_options *o)
 	/* The offsets are final now. */
 	build_header(header, &m, o, size, true);
 
-	ret = qk__create_open(path, &f);
+	/* Both files are opened and locked before either changes. */
+	ret = qk__create_open(path, &created, &f);
 	if (ret < 0) {
 		f = NULL;
 		goto out;
 	}
 	if (o->data_file) {
+		struct stat st;
+
 		data_path = qk__backing_path(path, o->data_file);
 		if (!data_path) {
 			ret = qk__err(ENOMEM, "out of memory");
 			goto out;
 		}
-		ret = qk__create_open(data_path, &df);
-		if (ret < 0) {
-			df = NULL;
-			goto out;
-		}
-		if (f->ops->identity && f->ops->identity(f, &dev_a, &ino_a) == 0 &&
-		    df->ops->identity(df, &dev_b, &ino_b) == 0 && dev_a == dev_b && ino_a == ino_b) {
+		/* Before its lock, which would meet our own on the image. */
+		if (stat(data_path, &st) == 0 && f->ops->identity &&
+		    f->ops->identity(f, &dev_a, &ino_a) == 0 &&
+		    (uint64_t)st.st_dev == dev_a && (uint64_t)st.st_ino == ino_a) {
 			ret = qk__err(EINVAL, "The data file '%s' is the image itself",
 				      o->data_file);
 			goto out;
 		}
-		ret = write_data_file(df, &m, size, prealloc);
+		ret = qk__create_open(data_path, &df_created, &df);
+		if (ret < 0) {
+			df = NULL;
+			goto out;
+		}
+		ret = qk__create_empty(df);
+		if (ret == 0)
+			ret = write_data_file(df, &m, size, prealloc);
 		if (ret < 0)
 			goto out;
 	}
-	ret = write_image(f, &m, header, prealloc);
+	ret = qk__create_empty(f);
+	if (ret == 0)
+		ret = write_image(f, &m, header, prealloc);
 
 out:
-	/* A failure after the files were created removes them, as QEMU does. */
+	/* A failure removes the files this call created, as QEMU does; files
+	 * that were there stay. */
 	if (df) {
 		qk__file_close(df);
-		if (ret < 0)
+		if (ret < 0 && df_created)
 			unlink(data_path);
 	}
 	if (f) {
 		qk__file_close(f);
-		if (ret < 0)
+		if (ret < 0 && created)
 			unlink(path);
 	}
 	free(data_path);

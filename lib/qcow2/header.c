@@ -646,6 +646,13 @@ static int qcow2_list_bitmaps(qk_image *img, const struct qk_bitmap **list, size
 	return 0;
 }
 
+static void qcow2_data_file(qk_image *img, struct qk__file **f, const char **path)
+{
+	struct qcow2 *q = qcow2_of(img);
+	*f = __atomic_load_n(&q->data_file, __ATOMIC_ACQUIRE);
+	*path = q->has_data_file ? q->data_file_path : NULL;
+}
+
 const struct qk__driver qk__qcow2_driver = {
 	.name = "qcow2",
 	.format = QK_FORMAT_QCOW2,
@@ -665,4 +672,5 @@ const struct qk__driver qk__qcow2_driver = {
 	.get_info = qcow2_get_info,
 	.list_snapshots = qcow2_list_snapshots,
 	.list_bitmaps = qcow2_list_bitmaps,
+	.data_file = qcow2_data_file,
 };
