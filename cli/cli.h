@@ -42,6 +42,10 @@ struct cli_command {
 	const char *summary;    /* what it does, one line */
 };
 
+/* --confine, taken by every command (main.c removes it from argv before
+ * the command sees it): every image is opened with QK_OPEN_CONFINE. */
+extern bool cli_confine;
+
 /* The command named `name`, or NULL. */
 const struct cli_command *cli_find_command(const char *name);
 /* Print the usage of `cmd` to `f`. */

@@ -252,6 +252,9 @@ int cmd_info(int argc, char **argv)
 	 * be present; the chain walk opens them. */
 	if (!chain)
 		flags |= QK_OPEN_NO_BACKING;
+	/* Describing an image never opens the external data file it names
+	 * (a name there is untrusted: a FIFO would hang the open). */
+	flags |= QK_OPEN_DEFER_DATA;
 	if (cli_open(argv[optind], fmt, flags, &img) < 0)
 		return CLI_EXIT_FAILURE;
 

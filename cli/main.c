@@ -18,6 +18,8 @@
 
 static int cmd_not_implemented(int argc, char **argv);
 
+bool cli_confine;
+
 /* Commands not written yet run cmd_not_implemented until their issue
  * lands; keeping them here lets help list the whole interface. */
 static const struct cli_command commands[] = {
@@ -97,6 +99,11 @@ static void print_main_usage(FILE *f)
 	for (size_t i = 0; i < N_COMMANDS; i++)
 		fprintf(f, "  %s\n", commands[i].synopsis);
 	fprintf(f,
+		"\n"
+		"Every command also takes --confine, for images you did not make:\n"
+		"backing and external data file names must lie in the image's own\n"
+		"directory (no absolute names, no '..', no symlink leading out) and\n"
+		"external data files are only read.\n"
 		"\n"
 		"FMT is qcow2 or raw; without -f the format is detected.\n"
 		"Sizes and offsets take k, M, G, T, P, E suffixes (powers of "
@@ -208,6 +215,19 @@ int main(int argc, char **argv)
 			cli_error("Command not found: %s (try 'qcowkit --help')",
 				  argv[1]);
 		return CLI_EXIT_FAILURE;
+	}
+
+	/* --confine applies to every command: taken out here, before the
+	 * command's own options (a "--" ends the options, as for getopt). */
+	for (int i = 2; i < argc; i++) {
+		if (strcmp(argv[i], "--") == 0)
+			break;
+		if (strcmp(argv[i], "--confine") == 0) {
+			cli_confine = true;
+			memmove(&argv[i], &argv[i + 1], (size_t)(argc - i) * sizeof *argv);
+			argc--;
+			i--;
+		}
 	}
 
 	/* Commands parse argv[1..] with getopt_long from a fresh state. */

@@ -287,7 +287,7 @@ int cli_open(const char *path, qk_format fmt, uint32_t flags,
 
 	qk_open_options_init(&o);
 	o.format = fmt;
-	o.flags = flags;
+	o.flags = flags | (cli_confine ? QK_OPEN_CONFINE : 0);
 	ret = qk_open(path, &o, out);
 	if (ret < 0) {
 		cli_lib_error(ret);

@@ -66,6 +66,12 @@ typedef enum qk_format {
                                        * are ordered but not durable, and a
                                        * crash may leave the image corrupt; for
                                        * scratch targets such as convert's */
+#define QK_OPEN_DEFER_DATA  (1u << 7) /* for callers that only describe the
+                                       * image (info): an external data file is
+                                       * opened at the first guest I/O, not by
+                                       * the open (so a name it holds is never
+                                       * touched just to describe it); read-only
+                                       * opens only */
 #define QK_OPEN_CONFINE     (1u << 6) /* for images you did not make: backing
                                        * and external data file names must lie
                                        * in the naming image's own directory
@@ -98,9 +104,9 @@ void qk_open_options_init(struct qk_open_options *opts);
  * Files an image names (backing files, the external data file) are opened
  * only when they are regular files or block devices, not on procfs or
  * sysfs, and never as a controlling terminal; reads past their end give
- * zeros. A read-only open reads an external data file only when guest data
- * is read (describing the image never opens it). With QK_OPEN_CONFINE the
- * names are confined as that flag says.
+ * zeros. With QK_OPEN_DEFER_DATA the external data file is opened at the
+ * first guest I/O instead; with QK_OPEN_CONFINE the names are confined as
+ * that flag says.
  * Returns 0 and sets *out, or:
  *   -ENOENT, -EACCES...  the file (or a backing file) could not be opened;
  *   -EPERM               a name the image holds is refused: a FIFO, socket,

@@ -220,11 +220,11 @@ static int check_incompat(qk_image *img, struct qcow2 *q)
 
 /*
  * Open the external data file (the image is open: its name and flags are
- * known). Read-write: at open, locked for writing (and read-only, with
- * writes refused, when confined). Read-only: on the first read of guest
- * data, so describing an image never touches the file it names. A data
- * file that is the image file itself is refused: guest data would land on
- * metadata.
+ * known): at open, or with QK_OPEN_DEFER_DATA at the first guest I/O, so
+ * describing an image never touches the file it names. Read-write opens
+ * lock it for writing (and open it read-only, with writes refused, when
+ * confined). A data file that is the image file itself is refused: guest
+ * data would land on metadata.
  */
 static int open_data_file(qk_image *img)
 {
@@ -563,7 +563,8 @@ static int qcow2_open(qk_image *img, const struct qk_open_options *opts)
 		ret = qk__err(ENOMEM, "out of memory");
 		goto fail;
 	}
-	if (q->has_data_file && (opts->flags & QK_OPEN_RDWR)) {
+	if (q->has_data_file &&
+	    (!(opts->flags & QK_OPEN_DEFER_DATA) || (opts->flags & QK_OPEN_RDWR))) {
 		ret = open_data_file(img);
 		if (ret < 0)
 			goto fail;

@@ -329,8 +329,7 @@ int qk__qcow2_pread(qk_image *img, void *buf, size_t len, uint64_t off)
 	struct qcow2 *q = qcow2_of(img);
 	uint8_t *p = buf;
 	struct qk__file *df = img->file;
-	/* Guest I/O needs the data file, as QEMU's open does: describing the
-	 * image does not. */
+	/* Guest I/O needs the data file (opened here when the open deferred it). */
 	if (q->has_data_file) {
 		int ret = qk__qcow2_data_file(img, &df);
 		if (ret < 0)

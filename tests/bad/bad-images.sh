@@ -134,7 +134,7 @@ one_case() {
   if [ -z "${QK_SANITIZE:-}" ]; then ulimit -v "$MEM_KB"; fi
   [ "$args" = - ] && args=
   sum0=$(sum "$f")
-  for c in info json chain map convert io check checkjson repair good; do
+  for c in info json chain map convert io check checkjson repair write good; do
     tag="$name: $c"
     o=$W/out.$c
     e=$W/err.$c
@@ -154,6 +154,17 @@ one_case() {
         copy=$IMG/.rw-$n-$name
         cp --sparse=always "$f" "$copy"
         run "$o" "$e" "$QCOWKIT" check $args -r all "$copy" ;;
+      write)
+        # Guest writes on a copy: refused in one line, or accepted and read
+        # back (reads and writes agree), growing the file only as needed.
+        # (A copy still names the original's external data file: those
+        # cases are left to the other steps.)
+        case $name in *datafile*) continue ;; esac
+        copy=$IMG/.rw-$n-$name
+        cp --sparse=always "$f" "$copy"
+        run "$o" "$e" "$QCOWKIT" io $args "$copy" -c 'write -P 0x5a 0 64k' &&
+          run "$o" "$e" "$QCOWKIT" io $args "$copy" -c 'write -P 0x5b 196608 4k' &&
+          run "$o" "$e" "$QCOWKIT" io $args "$copy" -c 'write -z 262144 64k' ;;
       good)
         [ "$good" = - ] && continue
         reads "$f" "$args" "$good" ;;
@@ -175,6 +186,7 @@ one_case() {
       case $c in
         check | checkjson) why=$(judge_check) ;;
         repair) why=$(judge_repair) ;;
+        write) why=$(judge_write) ;;
         good) [ "$rc" -ne 0 ] && why="an intact region does not read right: $(show "$e")" ;;
         *) why=$(judge "$(want "$expect" "$c")") ;;
       esac
@@ -274,6 +286,23 @@ judge_repair() {
        [ "$(sum "$W/out.raw")" != "$rawsha" ]; then
       echo "check -r all changed the guest content of a valid image: $(show "$W/err.cv")"
     fi
+  fi
+}
+
+# judge_write: guest writes on the copy (uses rc, e, copy, f, args).
+judge_write() {
+  local before after
+  before=$(stat -c %s "$f")
+  after=$(stat -c %s "$copy")
+  if [ "$after" -gt $((before + (32 << 20))) ]; then
+    echo "the writes grew the file from $before to $after bytes"
+  elif [ "$rc" -ne 0 ]; then
+    one_line "$e" || echo "refused the writes, but not in one line: $(show "$e")"
+  else
+    # shellcheck disable=SC2086
+    run "$W/out.rb" "$W/err.rb" "$QCOWKIT" io $args -r "$copy" -c 'read -P 0x5a 0 64k' \
+      -c 'read -P 0x5b 196608 4k' -c 'read -P 0 262144 64k' ||
+      echo "accepted the writes, but they do not read back: $(show "$W/err.rb")"
   fi
 }
 
