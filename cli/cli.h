@@ -194,6 +194,33 @@ void qj_print_json(FILE *f, const struct qj *v);
  * dump (block/qapi.c dump_qobject) at `indent` levels of 4 spaces. */
 void qj_print_human(FILE *f, int indent, const struct qj *v);
 
+/*
+ * Terminal-safe text. Names an image carries (snapshot ids and names,
+ * bitmap names, backing and data file names and formats), file names and
+ * library messages that quote them go through cli_escape() before they
+ * reach human output or stderr, so that no image can send a terminal
+ * control sequence (set a window title, rewrite the screen, hide text) or
+ * break a one-line message. The escaping is unambiguous, since a backslash
+ * only ever starts an escape, and reads as C does:
+ *   - printable ASCII is kept; a backslash is doubled ("\\");
+ *   - control characters: \a \b \t \n \v \f \r, the others (ESC included)
+ *     and DEL as \xHH ("\x1b");
+ *   - valid UTF-8 is kept, except the C1 controls U+0080-U+009F, U+2028 to
+ *     U+202E (line and paragraph separators, bidirectional embeddings and
+ *     overrides) and U+2066-U+2069 (bidirectional isolates), as \uXXXX;
+ *   - every byte that is not part of well-formed UTF-8 (a stray 0x9B, an
+ *     overlong form, a surrogate, a cut sequence) as \xHH.
+ * JSON output needs none of this: its strings escape control characters
+ * as JSON requires (\u001B), and hold Unicode, so invalid UTF-8 becomes
+ * U+FFFD there, as in qemu-img.
+ * cli_escape() returns a new string (free it); cli_fputs_escaped() prints;
+ * cli_escape_into() writes into `out`, which must hold 4 * strlen(s) + 1
+ * bytes, and returns the length written (no allocation: for cli_error).
+ */
+size_t cli_escape_into(char *out, const char *s);
+char *cli_escape(const char *s);
+void cli_fputs_escaped(FILE *f, const char *s);
+
 /* qemu's size_to_str(): "0 B", "260 KiB", "1.32 MiB" (3 significant
  * digits, binary units). Writes into buf. */
 void fmt_size_human(char *buf, size_t n, uint64_t v);

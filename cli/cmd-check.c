@@ -31,8 +31,11 @@
 
 static void report_line(void *opaque, const char *line)
 {
+	char *safe = cli_escape(line);
+
 	(void)opaque;
-	fprintf(stderr, "%s\n", line);
+	fprintf(stderr, "%s\n", safe);
+	free(safe);
 }
 
 static void print_human(const struct qk_check_result *r)

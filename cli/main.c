@@ -109,11 +109,15 @@ void cli_error(const char *fmt, ...)
 	va_list ap;
 
 	/* One write per line so concurrent threads do not interleave. */
-	char line[4096];
+	char line[4096], safe[4 * sizeof(line)];
 	va_start(ap, fmt);
 	vsnprintf(line, sizeof(line), fmt, ap);
 	va_end(ap);
-	fprintf(stderr, "qcowkit: %s\n", line);
+	/* Messages quote file and image names: keep them one line and
+	 * harmless to a terminal (without allocating: this also reports
+	 * running out of memory). */
+	cli_escape_into(safe, line);
+	fprintf(stderr, "qcowkit: %s\n", safe);
 }
 
 void cli_lib_error(int ret)
