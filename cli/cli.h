@@ -95,6 +95,27 @@ struct convert_qcow2 {
 };
 int convert_qcow2(const struct convert_qcow2 *a);
 
+/* check-forensic.c: check --forensic. */
+struct check_forensic {
+	const char *file;         /* the image's name, for the report */
+	bool json;                /* --output=json */
+	const char *extract;      /* --extract DIR, or NULL */
+	uint64_t max_files;       /* --extract-max-files, >= 1 */
+	uint64_t max_bytes;       /* --extract-max-bytes, >= 1 */
+};
+/* Default limits of --extract. Each leaked cluster holding data becomes a
+ * file, and a crafted image can declare a leak in every cluster of a large
+ * sparse file: without a limit one small image fills a disk or a
+ * directory. 1 GiB is 16384 clusters of the default 64 KiB, so with the
+ * default cluster size both limits agree; smaller clusters meet the file
+ * limit first. */
+#define CHECK_EXTRACT_MAX_FILES 16384u
+#define CHECK_EXTRACT_MAX_BYTES (1ull << 30)
+/* Report on `img` (opened read-only) and extract as `a` says. Returns the
+ * exit code: 0 nothing unreferenced or leaked, 3 something was, 1 after
+ * printing an error. */
+int check_forensic(qk_image *img, const struct check_forensic *a);
+
 /* ---- opts.c ------------------------------------------------------------ */
 
 /*
@@ -190,6 +211,9 @@ struct qj *qj_get(const struct qj *dict, const char *key);
 void qj_free(struct qj *v);
 /* Pretty-print `v` as qobject_to_json_pretty() does (no final newline). */
 void qj_print_json(FILE *f, const struct qj *v);
+/* Print `s` as a quoted JSON string, escaped as qj_print_json does (for
+ * output streamed by hand). */
+void qj_print_string(FILE *f, const char *s);
 /* Print a dict or list as QEMU's human "Format specific information"
  * dump (block/qapi.c dump_qobject) at `indent` levels of 4 spaces. */
 void qj_print_human(FILE *f, int indent, const struct qj *v);

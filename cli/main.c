@@ -27,7 +27,9 @@ static const struct cli_command commands[] = {
 	  "[--random] [-U] FILE",
 	  "measure read throughput of an image" },
 	{ "check", cmd_check,
-	  "check [-f FMT] [-r leaks|all] [--output=human|json] [--forensic [--extract DIR]] FILE",
+	  "check [-f FMT] [-r leaks|all] [--output=human|json] "
+	  "[--forensic [--extract DIR [--extract-max-files=N] "
+	  "[--extract-max-bytes=SIZE]]] FILE",
 	  "check (and repair) the consistency of an image" },
 	{ "commit", cmd_not_implemented,
 	  "commit [-b BASE] [-d] [-p] FILE",

@@ -297,6 +297,11 @@ void qj_print_json(FILE *f, const struct qj *v)
 	jw_value(&w, NULL, v);
 }
 
+void qj_print_string(FILE *f, const char *s)
+{
+	json_quoted(f, s);
+}
+
 static void human_value(FILE *f, int indent, const struct qj *v);
 
 static bool is_composite(const struct qj *v)
