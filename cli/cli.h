@@ -99,6 +99,27 @@ struct convert_qcow2 {
 };
 int convert_qcow2(const struct convert_qcow2 *a);
 
+/* check-forensic.c: check --forensic. */
+struct check_forensic {
+	const char *file;         /* the image's name, for the report */
+	bool json;                /* --output=json */
+	const char *extract;      /* --extract DIR, or NULL */
+	uint64_t max_files;       /* --extract-max-files, >= 1 */
+	uint64_t max_bytes;       /* --extract-max-bytes, >= 1 */
+};
+/* Default limits of --extract. Each leaked cluster holding data becomes a
+ * file, and a crafted image can declare a leak in every cluster of a large
+ * sparse file: without a limit one small image fills a disk or a
+ * directory. 1 GiB is 16384 clusters of the default 64 KiB, so with the
+ * default cluster size both limits agree; smaller clusters meet the file
+ * limit first. */
+#define CHECK_EXTRACT_MAX_FILES 16384u
+#define CHECK_EXTRACT_MAX_BYTES (1ull << 30)
+/* Report on `img` (opened read-only) and extract as `a` says. Returns the
+ * exit code: 0 nothing unreferenced or leaked, 3 something was, 1 after
+ * printing an error. */
+int check_forensic(qk_image *img, const struct check_forensic *a);
+
 /* ---- opts.c ------------------------------------------------------------ */
 
 /*
@@ -207,9 +228,39 @@ struct qj *qj_get(const struct qj *dict, const char *key);
 void qj_free(struct qj *v);
 /* Pretty-print `v` as qobject_to_json_pretty() does (no final newline). */
 void qj_print_json(FILE *f, const struct qj *v);
+/* Print `s` as a quoted JSON string, escaped as qj_print_json does (for
+ * output streamed by hand). */
+void qj_print_string(FILE *f, const char *s);
 /* Print a dict or list as QEMU's human "Format specific information"
  * dump (block/qapi.c dump_qobject) at `indent` levels of 4 spaces. */
 void qj_print_human(FILE *f, int indent, const struct qj *v);
+
+/*
+ * Terminal-safe text. Names an image carries (snapshot ids and names,
+ * bitmap names, backing and data file names and formats), file names and
+ * library messages that quote them go through cli_escape() before they
+ * reach human output or stderr, so that no image can send a terminal
+ * control sequence (set a window title, rewrite the screen, hide text) or
+ * break a one-line message. The escaping is unambiguous, since a backslash
+ * only ever starts an escape, and reads as C does:
+ *   - printable ASCII is kept; a backslash is doubled ("\\");
+ *   - control characters: \a \b \t \n \v \f \r, the others (ESC included)
+ *     and DEL as \xHH ("\x1b");
+ *   - valid UTF-8 is kept, except the C1 controls U+0080-U+009F, U+2028 to
+ *     U+202E (line and paragraph separators, bidirectional embeddings and
+ *     overrides) and U+2066-U+2069 (bidirectional isolates), as \uXXXX;
+ *   - every byte that is not part of well-formed UTF-8 (a stray 0x9B, an
+ *     overlong form, a surrogate, a cut sequence) as \xHH.
+ * JSON output needs none of this: its strings escape control characters
+ * as JSON requires (\u001B), and hold Unicode, so invalid UTF-8 becomes
+ * U+FFFD there, as in qemu-img.
+ * cli_escape() returns a new string (free it); cli_fputs_escaped() prints;
+ * cli_escape_into() writes into `out`, which must hold 4 * strlen(s) + 1
+ * bytes, and returns the length written (no allocation: for cli_error).
+ */
+size_t cli_escape_into(char *out, const char *s);
+char *cli_escape(const char *s);
+void cli_fputs_escaped(FILE *f, const char *s);
 
 /* qemu's size_to_str(): "0 B", "260 KiB", "1.32 MiB" (3 significant
  * digits, binary units). Writes into buf. */

@@ -8,20 +8,18 @@
  *
  * --forensic reports instead, read-only: clusters the image maps whose
  * refcount is 0, leaked clusters (and whether they hold data; --extract DIR
- * saves their bytes, one file per cluster), and data clusters only
- * snapshots reference. Exit 0 when nothing was found, 3 otherwise.
+ * saves the non-zero ones, one file per cluster, up to a limit), and data
+ * clusters only snapshots reference (check-forensic.c). Exit 0 when
+ * nothing was found, 3 otherwise.
  *
  * SPDX-License-Identifier: MIT
  */
 #include <errno.h>
-#include <fcntl.h>
 #include <getopt.h>
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
-#include <unistd.h>
 
 #include "cli.h"
 
@@ -31,8 +29,11 @@
 
 static void report_line(void *opaque, const char *line)
 {
+	char *safe = cli_escape(line);
+
 	(void)opaque;
-	fprintf(stderr, "%s\n", line);
+	fprintf(stderr, "%s\n", safe);
+	free(safe);
 }
 
 static void print_human(const struct qk_check_result *r)
@@ -103,126 +104,9 @@ static void print_json(const struct qk_check_result *r, const char *file,
 	qj_free(d);
 }
 
-struct forensic {
-	const char *extract;      /* directory, or NULL */
-	struct qj *unref, *leaked, *snap;
-	uint64_t n_unref, n_leaked, n_leaked_data, n_snap;
-	int err;                  /* errno of a failed extraction */
-};
-
-static int on_found(void *opaque, const struct qk_forensic_item *it)
-{
-	struct forensic *f = opaque;
-	struct qj *e = qj_dict();
-
-	qj_add_uint(e, "host-offset", it->host);
-	switch (it->kind) {
-	case QK_FORENSIC_UNREFERENCED:
-		qj_add_uint(e, "guest-offset", it->guest);
-		qj_add(f->unref, NULL, e);
-		f->n_unref++;
-		break;
-	case QK_FORENSIC_LEAKED:
-		qj_add_uint(e, "refcount", it->refcount);
-		qj_add_bool(e, "data", it->nonzero);
-		f->n_leaked++;
-		f->n_leaked_data += it->nonzero ? 1 : 0;
-		if (f->extract != NULL) {
-			char path[4096];
-			int fd;
-
-			snprintf(path, sizeof path, "%s/cluster-%016" PRIx64 ".bin",
-				 f->extract, it->host);
-			fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-			if (fd < 0 || write(fd, it->data, it->length) != (ssize_t)it->length) {
-				f->err = errno ? errno : EIO;
-				if (fd >= 0)
-					close(fd);
-				qj_free(e);
-				return -f->err;
-			}
-			close(fd);
-			qj_add_str(e, "file", path);
-		}
-		qj_add(f->leaked, NULL, e);
-		break;
-	default:
-		qj_add(f->snap, NULL, e);
-		f->n_snap++;
-		break;
-	}
-	return 0;
-}
-
-/* Human lines of a findings list: "    host 0x..., guest 0x..." */
-static void print_entries(const char *title, const struct qj *list, uint64_t n)
-{
-	if (title != NULL)
-		printf("%s: %" PRIu64 "\n", title, n);
-	qj_print_human(stdout, 1, list);
-}
-
-static int run_forensic(qk_image *img, const char *file, bool json,
-			const char *extract)
-{
-	struct forensic f;
-	int r;
-
-	memset(&f, 0, sizeof f);
-	f.extract = extract;
-	f.unref = qj_list();
-	f.leaked = qj_list();
-	f.snap = qj_list();
-	if (extract != NULL && mkdir(extract, 0755) < 0 && errno != EEXIST) {
-		cli_error("Could not create '%s': %s", extract, strerror(errno));
-		r = -1;
-		goto out;
-	}
-	r = qk_forensic(img, on_found, &f);
-	if (r < 0) {
-		if (f.err)
-			cli_error("Could not write to '%s': %s", extract, strerror(f.err));
-		else if (r == -ENOTSUP)
-			cli_error("This image format does not support checks");
-		else
-			cli_lib_error(r);
-		goto out;
-	}
-	if (json) {
-		struct qj *d = qj_dict();
-
-		qj_add_str(d, "filename", file);
-		qj_add_uint(d, "unreferenced-clusters", f.n_unref);
-		qj_add_uint(d, "leaked-clusters", f.n_leaked);
-		qj_add_uint(d, "leaked-clusters-with-data", f.n_leaked_data);
-		qj_add_uint(d, "snapshot-only-clusters", f.n_snap);
-		qj_add(d, "unreferenced", f.unref);
-		qj_add(d, "leaked", f.leaked);
-		qj_add(d, "snapshot-only", f.snap);
-		f.unref = f.leaked = f.snap = NULL;
-		qj_print_json(stdout, d);
-		printf("\n");
-		qj_free(d);
-	} else {
-		printf("Forensic report of '%s' (the image was not changed)\n", file);
-		print_entries("Mapped but unreferenced clusters (refcount 0)",
-			      f.unref, f.n_unref);
-		printf("Leaked clusters: %" PRIu64 " (%" PRIu64 " hold non-zero data)\n",
-		       f.n_leaked, f.n_leaked_data);
-		print_entries(NULL, f.leaked, f.n_leaked);
-		print_entries("Data clusters only snapshots reference",
-			      f.snap, f.n_snap);
-	}
-	r = f.n_unref || f.n_leaked ? EXIT_LEAKS : 0;
-out:
-	qj_free(f.unref);
-	qj_free(f.leaked);
-	qj_free(f.snap);
-	return r;
-}
-
 int cmd_check(int argc, char **argv)
 {
+	enum { OPT_MAX_FILES = 256, OPT_MAX_BYTES };
 	static const struct option longopts[] = {
 		{ "help", no_argument, NULL, 'h' },
 		{ "output", required_argument, NULL, 'O' },
@@ -230,10 +114,16 @@ int cmd_check(int argc, char **argv)
 		{ "force-share", no_argument, NULL, 'U' },
 		{ "forensic", no_argument, NULL, 'F' },
 		{ "extract", required_argument, NULL, 'X' },
+		{ "extract-max-files", required_argument, NULL, OPT_MAX_FILES },
+		{ "extract-max-bytes", required_argument, NULL, OPT_MAX_BYTES },
 		{ NULL, 0, NULL, 0 },
 	};
-	const char *fmtname = NULL, *file, *extract = NULL;
-	bool forensic = false;
+	const char *fmtname = NULL, *file;
+	struct check_forensic fa = {
+		.max_files = CHECK_EXTRACT_MAX_FILES,
+		.max_bytes = CHECK_EXTRACT_MAX_BYTES,
+	};
+	bool forensic = false, limits = false;
 	bool json = false, quiet = false;
 	uint32_t fix = 0, oflags = QK_OPEN_CHECK;
 	struct qk_check_result r;
@@ -275,7 +165,21 @@ int cmd_check(int argc, char **argv)
 			forensic = true;
 			break;
 		case 'X':
-			extract = optarg;
+			fa.extract = optarg;
+			break;
+		case OPT_MAX_FILES:
+			if (cli_parse_uint(optarg, &fa.max_files) < 0 ||
+			    fa.max_files == 0)
+				return cli_usage_error("check", CLI_EXIT_FAILURE,
+						       "--extract-max-files needs a count of at least 1: %s",
+						       optarg);
+			limits = true;
+			break;
+		case OPT_MAX_BYTES:
+			if (cli_cvtnum("--extract-max-bytes", optarg, 1,
+				       INT64_MAX, &fa.max_bytes) < 0)
+				return CLI_EXIT_FAILURE;
+			limits = true;
 			break;
 		case 'h':
 			cli_print_usage(stdout, cli_find_command("check"));
@@ -290,8 +194,11 @@ int cmd_check(int argc, char **argv)
 	file = argv[optind];
 	if (cli_parse_format(fmtname, &fmt) < 0)
 		return CLI_EXIT_FAILURE;
-	if (extract != NULL && !forensic)
+	if (fa.extract != NULL && !forensic)
 		return cli_usage_error("check", CLI_EXIT_FAILURE, "--extract needs --forensic");
+	if (limits && fa.extract == NULL)
+		return cli_usage_error("check", CLI_EXIT_FAILURE,
+				       "--extract-max-files and --extract-max-bytes need --extract");
 	if (forensic && fix)
 		return cli_usage_error("check", CLI_EXIT_FAILURE,
 				       "--forensic does not repair: leave out -r");
@@ -300,9 +207,11 @@ int cmd_check(int argc, char **argv)
 	if (cli_open(file, fmt, oflags, &img) < 0)
 		return CLI_EXIT_FAILURE;
 	if (forensic) {
-		ret = run_forensic(img, file, json, extract);
+		fa.file = file;
+		fa.json = json;
+		ret = check_forensic(img, &fa);
 		qk_close(img);
-		return ret < 0 ? CLI_EXIT_FAILURE : ret;
+		return ret;
 	}
 	ret = qk_check(img, fix, &r, report_line, NULL);
 	if (ret == -ENOTSUP) {

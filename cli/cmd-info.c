@@ -155,7 +155,8 @@ static struct qj *image_json(struct image_report *r)
 	return o;
 }
 
-/* block/qapi.c bdrv_image_info_dump() of QEMU 7.2. */
+/* block/qapi.c bdrv_image_info_dump() of QEMU 7.2, with every name
+ * escaped for the terminal (cli_escape), where QEMU prints it raw. */
 static void image_human(const struct image_report *r)
 {
 	const struct qk_info *in = &r->info;
@@ -163,11 +164,13 @@ static void image_human(const struct image_report *r)
 
 	fmt_size_human(vsize, sizeof(vsize), in->virtual_size);
 	fmt_size_human(dsize, sizeof(dsize), in->actual_size);
-	printf("image: %s\n"
+	printf("image: ");
+	cli_fputs_escaped(stdout, qk_get_filename(r->img));
+	printf("\n"
 	       "file format: %s\n"
 	       "virtual size: %s (%llu bytes)\n"
 	       "disk size: %s\n",
-	       qk_get_filename(r->img), qk_format_name(in->format), vsize,
+	       qk_format_name(in->format), vsize,
 	       (unsigned long long)in->virtual_size, dsize);
 	if (in->encrypted)
 		printf("encrypted: yes\n");
@@ -176,14 +179,21 @@ static void image_human(const struct image_report *r)
 	if (in->dirty)
 		printf("cleanly shut down: no\n");
 	if (in->backing_file != NULL && in->backing_file[0] != '\0') {
-		printf("backing file: %s", in->backing_file);
-		if (in->full_backing_file == NULL)
+		printf("backing file: ");
+		cli_fputs_escaped(stdout, in->backing_file);
+		if (in->full_backing_file == NULL) {
 			printf(" (cannot determine actual path)");
-		else if (strcmp(in->backing_file, in->full_backing_file) != 0)
-			printf(" (actual path: %s)", in->full_backing_file);
+		} else if (strcmp(in->backing_file, in->full_backing_file) != 0) {
+			printf(" (actual path: ");
+			cli_fputs_escaped(stdout, in->full_backing_file);
+			printf(")");
+		}
 		printf("\n");
-		if (in->backing_format != NULL && in->backing_format[0])
-			printf("backing file format: %s\n", in->backing_format);
+		if (in->backing_format != NULL && in->backing_format[0]) {
+			printf("backing file format: ");
+			cli_fputs_escaped(stdout, in->backing_format);
+			printf("\n");
+		}
 	}
 	if (r->nsnaps > 0) {
 		printf("Snapshot list:\n");

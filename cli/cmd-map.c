@@ -71,8 +71,11 @@ static int dump_entry(bool json, const struct map_entry *e,
 			snprintf(b, sizeof(b), "%#" PRIx64, e->length);
 			snprintf(c, sizeof(c), "%#" PRIx64,
 				 e->has_offset ? e->offset : 0);
-			printf("%-16s%-16s%-16s%s\n", a, b, c,
-			       e->file != NULL ? e->file : "");
+			printf("%-16s%-16s%-16s", a, b, c);
+			/* The data file's name comes from the image. */
+			if (e->file != NULL)
+				cli_fputs_escaped(stdout, e->file);
+			putchar('\n');
 		}
 		if (next != NULL && (!next->data || next->zero)) {
 			next->data = false;

@@ -29,7 +29,9 @@ static const struct cli_command commands[] = {
 	  "[--random] [-U] FILE",
 	  "measure read throughput of an image" },
 	{ "check", cmd_check,
-	  "check [-f FMT] [-r leaks|all] [--output=human|json] [--forensic [--extract DIR]] FILE",
+	  "check [-f FMT] [-r leaks|all] [--output=human|json] "
+	  "[--forensic [--extract DIR [--extract-max-files=N] "
+	  "[--extract-max-bytes=SIZE]]] FILE",
 	  "check (and repair) the consistency of an image" },
 	{ "commit", cmd_not_implemented,
 	  "commit [-b BASE] [-d] [-p] FILE",
@@ -116,11 +118,15 @@ void cli_error(const char *fmt, ...)
 	va_list ap;
 
 	/* One write per line so concurrent threads do not interleave. */
-	char line[4096];
+	char line[4096], safe[4 * sizeof(line)];
 	va_start(ap, fmt);
 	vsnprintf(line, sizeof(line), fmt, ap);
 	va_end(ap);
-	fprintf(stderr, "qcowkit: %s\n", line);
+	/* Messages quote file and image names: keep them one line and
+	 * harmless to a terminal (without allocating: this also reports
+	 * running out of memory). */
+	cli_escape_into(safe, line);
+	fprintf(stderr, "qcowkit: %s\n", safe);
 }
 
 void cli_lib_error(int ret)

@@ -191,6 +191,12 @@ static long utf8_next(const unsigned char **p)
 	return cp;
 }
 
+/*
+ * A JSON string as QEMU's JSON writer quotes it: the control characters as
+ * \b \f \n \r \t or \u00XX, everything past ASCII as \uXXXX (surrogate
+ * pairs beyond the BMP), and invalid UTF-8 as U+FFFD, since a JSON string
+ * holds Unicode text and cannot carry arbitrary bytes.
+ */
 static void json_quoted(FILE *f, const char *str)
 {
 	const unsigned char *p = (const unsigned char *)str;
@@ -291,6 +297,11 @@ void qj_print_json(FILE *f, const struct qj *v)
 	jw_value(&w, NULL, v);
 }
 
+void qj_print_string(FILE *f, const char *s)
+{
+	json_quoted(f, s);
+}
+
 static void human_value(FILE *f, int indent, const struct qj *v);
 
 static bool is_composite(const struct qj *v)
@@ -337,7 +348,7 @@ static void human_value(FILE *f, int indent, const struct qj *v)
 		fputs(v->v.b ? "true" : "false", f);
 		break;
 	case QJ_STR:
-		fputs(v->v.s, f);
+		cli_fputs_escaped(f, v->v.s);
 		break;
 	case QJ_DICT:
 	case QJ_LIST:
@@ -349,6 +360,128 @@ static void human_value(FILE *f, int indent, const struct qj *v)
 void qj_print_human(FILE *f, int indent, const struct qj *v)
 {
 	human_value(f, indent, v);
+}
+
+/*
+ * The length (2 to 4) of the well-formed UTF-8 sequence at s, with its code
+ * point in *cp; 0 when s does not start one (Unicode's table 3-7: no
+ * overlong forms, no surrogates, nothing past U+10FFFF). Never reads past a
+ * NUL: a NUL is not a continuation byte.
+ */
+static int utf8_seq(const unsigned char *s, uint32_t *cp)
+{
+	uint32_t c, min;
+	int len;
+
+	if (s[0] >= 0xC2 && s[0] <= 0xDF) {
+		len = 2;
+		c = s[0] & 0x1Fu;
+		min = 0x80;
+	} else if ((s[0] & 0xF0) == 0xE0) {
+		len = 3;
+		c = s[0] & 0x0Fu;
+		min = 0x800;
+	} else if (s[0] >= 0xF0 && s[0] <= 0xF4) {
+		len = 4;
+		c = s[0] & 0x07u;
+		min = 0x10000;
+	} else {
+		return 0;
+	}
+	for (int i = 1; i < len; i++) {
+		if ((s[i] & 0xC0) != 0x80)
+			return 0;
+		c = (c << 6) | (s[i] & 0x3Fu);
+	}
+	if (c < min || c > 0x10FFFF || (c >= 0xD800 && c <= 0xDFFF))
+		return 0;
+	*cp = c;
+	return len;
+}
+
+/* Code points past ASCII that are shown escaped although valid: the C1
+ * controls (U+009B is a CSI to terminals that take 8-bit controls), the
+ * line and paragraph separators, and the bidirectional embeddings,
+ * overrides and isolates, which reorder what is displayed around them. */
+static bool escaped_codepoint(uint32_t cp)
+{
+	return (cp >= 0x80 && cp <= 0x9F) || (cp >= 0x2028 && cp <= 0x202E) ||
+	       (cp >= 0x2066 && cp <= 0x2069);
+}
+
+/* The letter of C's escape for control character c ('n' for a newline),
+ * or 0 when C has none. */
+static char c_escape_letter(unsigned char c)
+{
+	switch (c) {
+	case '\a': return 'a';
+	case '\b': return 'b';
+	case '\t': return 't';
+	case '\n': return 'n';
+	case '\v': return 'v';
+	case '\f': return 'f';
+	case '\r': return 'r';
+	default: return '\0';
+	}
+}
+
+size_t cli_escape_into(char *out, const char *str)
+{
+	const unsigned char *s = (const unsigned char *)str;
+	char *o = out;
+
+	while (*s != '\0') {
+		uint32_t cp;
+		int len;
+
+		if (*s >= 0x20 && *s < 0x7F) {
+			if (*s == '\\')
+				*o++ = '\\';
+			*o++ = (char)*s++;
+			continue;
+		}
+		if (*s < 0x80) {
+			char c = c_escape_letter(*s);
+
+			if (c != '\0')
+				o += sprintf(o, "\\%c", c);
+			else
+				o += sprintf(o, "\\x%02x", *s);
+			s++;
+			continue;
+		}
+		len = utf8_seq(s, &cp);
+		if (len == 0) {
+			o += sprintf(o, "\\x%02x", *s++);
+		} else if (escaped_codepoint(cp)) {
+			o += sprintf(o, "\\u%04x", (unsigned)cp);
+			s += len;
+		} else {
+			memcpy(o, s, (size_t)len);
+			o += len;
+			s += len;
+		}
+	}
+	*o = '\0';
+	return (size_t)(o - out);
+}
+
+char *cli_escape(const char *s)
+{
+	/* The longest form is 4 characters per byte ("\xHH"); "\uXXXX"
+	 * stands for 2 or 3 bytes. */
+	char *out = cli_xmalloc(4 * strlen(s) + 1);
+
+	cli_escape_into(out, s);
+	return out;
+}
+
+void cli_fputs_escaped(FILE *f, const char *s)
+{
+	char *e = cli_escape(s);
+
+	fputs(e, f);
+	free(e);
 }
 
 void fmt_size_human(char *buf, size_t n, uint64_t v)
@@ -419,6 +552,7 @@ void print_snapshot_header(FILE *f)
 void print_snapshot_row(FILE *f, const struct qk_snapshot *sn)
 {
 	char date[64] = "", clock[64], size[32], icount[32] = "";
+	char *id, *name;
 	time_t t = (time_t)sn->date_sec;
 	struct tm tm;
 	uint64_t secs = sn->vm_clock_nsec / 1000000000u;
@@ -432,8 +566,12 @@ void print_snapshot_row(FILE *f, const struct qk_snapshot *sn)
 	if (sn->icount != UINT64_MAX)
 		snprintf(icount, sizeof(icount), "%lld",
 			 (long long)sn->icount);
-	fprintf(f, "%-9s %-16s %8s%20s%13s%11s", sn->id, sn->name, size, date,
-		clock, icount);
+	id = cli_escape(sn->id);
+	name = cli_escape(sn->name);
+	fprintf(f, "%-9s %-16s %8s%20s%13s%11s", id, name, size, date, clock,
+		icount);
+	free(id);
+	free(name);
 }
 
 void progress_init(struct cli_progress *p, bool enabled, float min_skip)
