@@ -416,8 +416,9 @@ static const char *kind_of(const struct stat *st)
 }
 
 /* Pseudo file systems whose files are views of the kernel or of processes
- * (memory, environment, settings), never disk images. */
-static const char *pseudo_fs(int fd)
+ * (memory, environment, settings), never disk images: the name of the one
+ * with magic f_type, or NULL. */
+static const char *pseudo_fs_name(long f_type)
 {
 	static const struct { long magic; const char *name; } pseudo[] = {
 		{ PROC_SUPER_MAGIC, "procfs" }, { SYSFS_MAGIC, "sysfs" },
@@ -426,13 +427,16 @@ static const char *pseudo_fs(int fd)
 		{ CGROUP2_SUPER_MAGIC, "cgroup2fs" }, { BPF_FS_MAGIC, "bpffs" },
 		{ EFIVARFS_MAGIC, "efivarfs" }, { DEVPTS_SUPER_MAGIC, "devpts" },
 	};
-	struct statfs sfs;
-	if (fstatfs(fd, &sfs) < 0)
-		return NULL;
 	for (size_t i = 0; i < sizeof pseudo / sizeof pseudo[0]; i++)
-		if ((long)sfs.f_type == pseudo[i].magic)
+		if (f_type == pseudo[i].magic)
 			return pseudo[i].name;
 	return NULL;
+}
+
+static const char *pseudo_fs(int fd)
+{
+	struct statfs sfs;
+	return fstatfs(fd, &sfs) == 0 ? pseudo_fs_name((long)sfs.f_type) : NULL;
 }
 
 /* Does `name` hold a ".." component? */
@@ -514,10 +518,22 @@ int qk__file_open_named(const char *image, const char *name, const char *path, b
 		return qk__err(EPERM, "%s '%s' of '%s' leads out of the image's directory (a confined "
 			       "open takes only names beneath it: no absolute name, no '..', no "
 			       "symlink leading out)", what, name, image);
-	if (fd < 0)
-		return qk__err(-fd, "Could not open '%s': %s", path, strerror(-fd));
 	struct stat st;
 	const char *refuse = NULL, *fs;
+	if (fd < 0) {
+		/* A socket cannot be opened, a pseudo file may refuse write
+		 * access: say what the name is, not only that open failed. */
+		struct statfs sfs;
+		if (stat(path, &st) == 0 && !S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode))
+			refuse = kind_of(&st);
+		else if (statfs(path, &sfs) == 0)
+			refuse = pseudo_fs_name(sfs.f_type);
+		if (!refuse)
+			return qk__err(-fd, "Could not open '%s': %s", path, strerror(-fd));
+		return qk__err(EPERM, "%s '%s' of '%s' is refused: %s %s; only regular files and block "
+			       "devices are opened", what, name, image,
+			       S_ISREG(st.st_mode) ? "it lies on" : "it is", refuse);
+	}
 	if (fstat(fd, &st) < 0) {
 		int e = errno;
 		close(fd);

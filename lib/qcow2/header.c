@@ -367,6 +367,7 @@ static void qcow2_close(qk_image *img)
 		return;
 	qk__cache_destroy(&q->l2_cache);
 	qk__qcow2_free_refcounts(q);
+	qk__qcow2_meta_free(q);
 	qk__file_close(q->data_file);
 	qk__qcow2_free_snapshots(q);
 	qk__qcow2_free_bitmaps(q);

@@ -107,6 +107,8 @@ int qk__qcow2_write_incompat(qk_image *img, uint64_t incompat)
 int qk__qcow2_mark_clean(qk_image *img)
 {
 	struct qcow2 *q = qcow2_of(img);
+	if (q->write_refused)
+		return 0;       /* corrupt: nothing more is written (bitmaps stay in use) */
 	int ret = qk__qcow2_bitmaps_store(img);
 	if (ret < 0 || !q->lazy)
 		return ret;
@@ -234,7 +236,12 @@ static int get_entry(qk_image *img, uint64_t gc, struct entry *en)
 	en->e = t[slot];
 	en->bm = q->extl2 ? t[slot + 1] : 0;
 	qk__cache_put(&q->l2_cache, l2_off);
-	return qk__qcow2_check_entry(img, gc, en->e, en->bm);
+	ret = qk__qcow2_check_entry(img, gc, en->e, en->bm);
+	/* A write replaces what it maps: compressed data must be sound too
+	 * (before anything is allocated for the new data). */
+	if (ret == 0 && (en->e & QCOW_OFLAG_COMPRESSED))
+		ret = qk__qcow2_check_compressed(img, en->e);
+	return ret;
 }
 
 /* Bitmap bits (alloc half) of the subclusters meeting [in, in+n). */
@@ -586,8 +593,11 @@ int qk__qcow2_write_compressed(qk_image *img, const void *buf, size_t len, uint6
 	if (q->has_data_file)
 		return qk__err(ENOTSUP, "compressed writes to '%s' are not possible: its data is "
 			       "in an external data file", img->filename);
+	struct entry en;
 	pthread_mutex_lock(&q->lock);
 	int ret = prepare_write(img);
+	if (ret == 0)
+		ret = get_entry(img, off >> q->cluster_bits, &en);   /* sound before we allocate */
 	if (ret == 0)
 		qk__qcow2_bitmaps_mark(img, off, len);
 	pthread_mutex_unlock(&q->lock);
@@ -667,6 +677,14 @@ static int flush_locked(qk_image *img)
 {
 	struct qcow2 *q = qcow2_of(img);
 	int ret = 0;
+	if (q->write_refused) {
+		/* Corruption was found: nothing more reaches the disk. What the
+		 * caches still hold is lost, and a flush must say so. */
+		if (qk__cache_is_dirty(&q->l2_cache) || (q->rt && qk__cache_is_dirty(&q->rb_cache)))
+			return qk__err(EIO, "'%s' is corrupt: changes made before the corruption was "
+				       "found were not written", img->filename);
+		return 0;
+	}
 	if (q->data_file)
 		ret = q->data_file->ops->sync(q->data_file);
 	if (ret == 0)
