@@ -11,7 +11,10 @@
  * image handle). Without -t the server exits when the last client leaves.
  * SIGINT and SIGTERM finish the requests in flight, flush and exit 0.
  * qemu:allocation-depth is always offered; -A is accepted for qemu-nbd's
- * command lines. The protocol lives in nbd/ (see nbd/server.h).
+ * command lines. A client must finish the handshake within 10 seconds of
+ * connecting (as with qemu-nbd) and is dropped if it takes none of its
+ * replies for 30 seconds, so no client holds one of the -e places by
+ * stalling. The protocol lives in nbd/ (see nbd/server.h).
  *
  * SPDX-License-Identifier: MIT
  */

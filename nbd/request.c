@@ -112,7 +112,8 @@ struct tx {
 	uint8_t out[NBD_OUTBUF];
 	size_t out_len;
 	pthread_mutex_t send_lock;
-	bool send_failed;
+	atomic_bool send_failed; /* set under send_lock; no reply can go out */
+	int send_error;         /* why, a negative errno (under send_lock) */
 };
 
 /* ---- replies ---------------------------------------------------------------- */
@@ -121,11 +122,17 @@ struct tx {
  * tx.out (it is the leader, running pipelined requests one by one). */
 static _Thread_local struct tx *corking;
 
+/* Send under send_lock. A failure (the client gone, or taking nothing
+ * for the send stall limit) ends the connection: later replies are
+ * dropped, and the socket is shut down, which wakes the reader. */
 static void send_iov_locked(struct tx *t, struct iovec *iov, int n)
 {
-	if (!t->send_failed && nbd_send_iov(t->c->fd, iov, n) < 0) {
-		t->send_failed = true;
-		/* Wake the reader: nothing more can be answered. */
+	int r;
+
+	if (!atomic_load(&t->send_failed) &&
+	    (r = nbd_send_iov(t->c, iov, n)) < 0) {
+		atomic_store(&t->send_failed, true);
+		t->send_error = r;
 		shutdown(t->c->fd, SHUT_RDWR);
 	}
 }
@@ -305,9 +312,17 @@ static int split_read(struct tx *t, uint64_t off, uint64_t len,
 
 static void put_big(struct worker *w);
 
+/* Can no reply reach the client any more (a send failed)? Then its
+ * requests are not worth running. */
+static bool gone(struct tx *t)
+{
+	return atomic_load(&t->send_failed);
+}
+
 /* A buffer of `len` bytes for the request `w` runs: its own, grown up to
  * NBD_KEEP_BUF, or a larger one charged against NBD_INFLIGHT_BYTES (waiting
- * for room while other large requests run). NULL when out of memory. */
+ * for room while other large requests run). NULL when out of memory, or
+ * when the client is gone() while waiting for room. */
 static uint8_t *get_buf(struct worker *w, size_t len)
 {
 	struct tx *t = w->t;
@@ -330,8 +345,13 @@ static uint8_t *get_buf(struct worker *w, size_t len)
 		return p;
 	}
 	pthread_mutex_lock(&t->lock);
-	while (t->big_bytes > 0 && t->big_bytes + len > NBD_INFLIGHT_BYTES)
+	while (t->big_bytes > 0 && t->big_bytes + len > NBD_INFLIGHT_BYTES &&
+	       !gone(t))
 		pthread_cond_wait(&t->room, &t->lock);
+	if (gone(t)) {
+		pthread_mutex_unlock(&t->lock);
+		return NULL;
+	}
 	t->big_bytes += len;
 	pthread_mutex_unlock(&t->lock);
 	w->charge = len;
@@ -400,6 +420,9 @@ static void read_streamed(struct tx *t, struct worker *w,
 			uint32_t len = (uint32_t)(end - pos < NBD_READ_PIECE ?
 						  end - pos : NBD_READ_PIECE);
 			bool last = i == n - 1 && pos + len == end;
+
+			if (gone(t))
+				return;
 
 			r = qk_pread(c->img, buf, len, pos);
 			if (r < 0) {
@@ -629,6 +652,8 @@ static void handle(struct tx *t, struct worker *w, const struct request *rq)
 	uint32_t zflags;
 	int r;
 
+	if (gone(t))
+		return;
 	if (rq->type > NBD_CMD_BLOCK_STATUS || rq->type == NBD_CMD_CACHE) {
 		reply_err(t, rq, NBD_EINVAL, "invalid request type (%u) received",
 			  rq->type);
@@ -805,7 +830,7 @@ static int read_request(struct tx *t, struct worker *w, struct request *rq)
 	memcpy(rq->payload, t->in + t->in_pos, have);
 	t->in_pos += have;
 	if (have < rq->length) {
-		r = nbd_recv_all(t->c->fd, rq->payload + have, rq->length - have);
+		r = nbd_recv_all(t->c, rq->payload + have, rq->length - have);
 		if (r < 0)
 			/* EOF inside a request breaks the protocol. */
 			return r == -EPIPE ? -EPROTO : r;
@@ -915,7 +940,9 @@ int nbd_transmission(struct nbd_conn *c)
 		pthread_join(t->tids[i], NULL);
 	if (!c->exp->readonly)
 		(void)qk_flush(c->img);
-	r = t->result;
+	/* A failed send ends the reading too (its shutdown(), or no buffer
+	 * for a payload): it is the reason. */
+	r = gone(t) ? t->send_error : t->result;
 	pthread_cond_destroy(&t->room);
 	pthread_mutex_destroy(&t->send_lock);
 	pthread_mutex_destroy(&t->read_lock);

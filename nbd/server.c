@@ -9,6 +9,13 @@
  * - At most max_clients connection threads exist; while the limit is
  *   reached the listening sockets are not polled, so further clients wait
  *   in the backlog (as with qemu-nbd -e).
+ * - No client can hold a connection thread (and so an -e place) by
+ *   misbehaving: the whole handshake must end within
+ *   NBD_HANDSHAKE_LIMIT_MS, and in transmission a send waits at most
+ *   NBD_SEND_STALL_MS for the client to take a byte. Only a client that
+ *   reads its replies and sends whole requests stays, idle or not.
+ *   Connections do not wait on each other, so one stuck client never
+ *   delays another's service.
  * - Only the listening thread joins connection threads and closes their
  *   sockets, after they have said they are done.
  * - Stopping (a signal) shuts down the read side of every socket: readers
@@ -45,20 +52,110 @@
 #define NBD_DEFAULT_ADDR "127.0.0.1"
 #define NBD_MAX_LISTEN   8     /* listening sockets (addresses of -b) */
 #define NBD_STOP_GRACE   10    /* seconds */
-#define NBD_HANDSHAKE_LIMIT 10 /* seconds a handshake read may wait */
+
+/*
+ * The whole handshake, from the connection being handed over after
+ * accept() to the end of option haggling (GO or EXPORT_NAME answered),
+ * must be over within this, whatever the client's byte rate: a client
+ * that stays silent, trickles its bytes, or floods options without
+ * reading the replies cannot hold one of the -e places for longer.
+ * qemu-nbd's limit (10 s) too; a real client needs a few round trips.
+ */
+#define NBD_HANDSHAKE_LIMIT_MS 10000
+/*
+ * In transmission, a send that finds the socket full waits for the client
+ * to take bytes for at most this long; then the connection is dropped,
+ * freeing the threads that wait to send to it and its -e place. The clock
+ * restarts with every byte taken, so a slow client that keeps reading a
+ * 32 MiB reply is never cut, however long the reply takes. Three times
+ * the handshake limit: a live client stopped for a while by a loaded
+ * machine is not dropped. (qemu-nbd has no such limit and waits for ever.)
+ */
+#define NBD_SEND_STALL_MS 30000
+
+/*
+ * Tests only: QCOWKIT_NBD_TEST_LIMITS="HANDSHAKE_MS,SEND_STALL_MS" shortens
+ * the two limits above, so that the tests need not wait 10 or 30 seconds
+ * a case. It cannot lengthen them (larger values, zero, or anything
+ * malformed leave the defaults), so it cannot switch the protection off.
+ */
+static int handshake_limit_ms = NBD_HANDSHAKE_LIMIT_MS;
+static int send_stall_ms = NBD_SEND_STALL_MS;
+static pthread_once_t limits_once = PTHREAD_ONCE_INIT;
+
+static void read_test_limits(void)
+{
+	const char *v = getenv("QCOWKIT_NBD_TEST_LIMITS");
+	char *end;
+	long h, st;
+
+	if (v == NULL)
+		return;
+	errno = 0;
+	h = strtol(v, &end, 10);
+	if (*end != ',')
+		return;
+	st = strtol(end + 1, &end, 10);
+	if (*end != '\0' || errno)
+		return;
+	if (h > 0 && h < handshake_limit_ms)
+		handshake_limit_ms = (int)h;
+	if (st > 0 && st < send_stall_ms)
+		send_stall_ms = (int)st;
+}
 
 /* ---- socket helpers ------------------------------------------------------------ */
 
-int nbd_recv_all(int fd, void *buf, size_t len)
+int64_t nbd_now_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/*
+ * Wait until `fd` is ready for `events`, or has an error or hang-up (which
+ * the next recv or send reports), but not past the time `until`
+ * (nbd_now_ms()). Returns 0, -ETIMEDOUT, or a negative errno from poll().
+ */
+static int wait_ready(int fd, short events, int64_t until)
+{
+	for (;;) {
+		struct pollfd p = { fd, events, 0 };
+		int64_t left = until - nbd_now_ms();
+		int r;
+
+		if (left <= 0)
+			return -ETIMEDOUT;
+		r = poll(&p, 1, left < INT_MAX ? (int)left : INT_MAX);
+		if (r > 0)
+			return 0;
+		if (r < 0 && errno != EINTR)
+			return -errno;
+	}
+}
+
+int nbd_recv_all(struct nbd_conn *c, void *buf, size_t len)
 {
 	uint8_t *p = buf;
 
 	while (len > 0) {
-		ssize_t n = recv(fd, p, len, 0);
+		ssize_t n;
+		int r;
+
+		/* Under a deadline, wait in poll() and then take what has
+		 * come without blocking: a blocking recv() could outlast the
+		 * deadline. Without one, block (transmission: the client may
+		 * think as long as it likes; shutdown() ends the wait). */
+		if (c->deadline && (r = wait_ready(c->fd, POLLIN, c->deadline)) < 0)
+			return r;
+		n = recv(c->fd, p, len, c->deadline ? MSG_DONTWAIT : 0);
 		if (n == 0)
 			return -EPIPE;
 		if (n < 0) {
-			if (errno == EINTR)
+			if (errno == EINTR || (c->deadline && (errno == EAGAIN ||
+							       errno == EWOULDBLOCK)))
 				continue;
 			return errno == ECONNRESET ? -EPIPE : -errno;
 		}
@@ -68,13 +165,13 @@ int nbd_recv_all(int fd, void *buf, size_t len)
 	return 0;
 }
 
-int nbd_recv_skip(int fd, uint64_t len)
+int nbd_recv_skip(struct nbd_conn *c, uint64_t len)
 {
 	uint8_t buf[4096];
 
 	while (len > 0) {
 		size_t n = len < sizeof(buf) ? (size_t)len : sizeof(buf);
-		int r = nbd_recv_all(fd, buf, n);
+		int r = nbd_recv_all(c, buf, n);
 		if (r < 0)
 			return r;
 		len -= n;
@@ -82,20 +179,44 @@ int nbd_recv_skip(int fd, uint64_t len)
 	return 0;
 }
 
-int nbd_send_iov(int fd, struct iovec *iov, int n)
+/*
+ * The kernel is never left to block a send: sendmsg() takes what fits,
+ * and a full socket is waited for in poll(), with an end: c->deadline, or
+ * c->send_stall_ms after the client last took a byte. While the client
+ * keeps up, this costs nothing over a blocking send; when the socket
+ * fills, one poll() stands in for the sleep inside the kernel.
+ */
+int nbd_send_iov(struct nbd_conn *c, struct iovec *iov, int n)
 {
+	int64_t until = 0;      /* give up then; 0 until the socket is full */
+
 	while (n > 0) {
 		struct msghdr m;
+		size_t want = 0;
 		ssize_t w;
+		int r;
 
 		memset(&m, 0, sizeof(m));
 		m.msg_iov = iov;
 		m.msg_iovlen = n < IOV_MAX ? (size_t)n : IOV_MAX;
-		w = sendmsg(fd, &m, MSG_NOSIGNAL);
+		for (size_t i = 0; i < m.msg_iovlen; i++)
+			want += iov[i].iov_len;
+		w = sendmsg(c->fd, &m, MSG_NOSIGNAL | MSG_DONTWAIT);
 		if (w < 0) {
 			if (errno == EINTR)
 				continue;
-			return -errno;
+			if (errno != EAGAIN && errno != EWOULDBLOCK)
+				return -errno;
+			w = 0;
+		}
+		if (w > 0)
+			until = 0;      /* progress: the stall clock restarts */
+		if ((size_t)w < want) {
+			if (until == 0)
+				until = c->deadline ? c->deadline
+						    : nbd_now_ms() + c->send_stall_ms;
+			if ((r = wait_ready(c->fd, POLLOUT, until)) < 0)
+				return r;
 		}
 		/* Skip what was written. */
 		while (n > 0 && (size_t)w >= iov->iov_len) {
@@ -111,38 +232,30 @@ int nbd_send_iov(int fd, struct iovec *iov, int n)
 	return 0;
 }
 
-int nbd_send_all(int fd, const void *buf, size_t len)
+int nbd_send_all(struct nbd_conn *c, const void *buf, size_t len)
 {
 	struct iovec iov = { (void *)buf, len };
 
-	return nbd_send_iov(fd, &iov, 1);
+	return nbd_send_iov(c, &iov, 1);
 }
 
 /* ---- one connection ------------------------------------------------------------- */
-
-/* 0 seconds: no timeout. Best effort: a socket that refuses keeps none. */
-static void set_recv_timeout(int fd, int sec)
-{
-	struct timeval tv = { sec, 0 };
-
-	(void)setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
-}
 
 int nbd_serve_conn(int fd, qk_image *img, const struct nbd_export *exp)
 {
 	struct nbd_conn c;
 	int r;
 
+	pthread_once(&limits_once, read_test_limits);
 	memset(&c, 0, sizeof(c));
 	c.fd = fd;
 	c.img = img;
 	c.exp = exp;
 	c.size = qk_get_size(img);
-	/* A client that stalls in the handshake is dropped (as qemu-nbd's
-	 * handshake limit), so it cannot hold one of the -e places. */
-	set_recv_timeout(fd, NBD_HANDSHAKE_LIMIT);
+	c.send_stall_ms = send_stall_ms;
+	c.deadline = nbd_now_ms() + handshake_limit_ms;
 	r = nbd_negotiate(&c);
-	set_recv_timeout(fd, 0);
+	c.deadline = 0;
 	if (r == 1)
 		r = nbd_transmission(&c);
 	return r;
