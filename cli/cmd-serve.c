@@ -8,7 +8,8 @@
  * by default: unlike qemu-nbd, nothing is exposed to the network unless
  * asked). -e N serves N clients at once (default 1, 0 = any number); with
  * more than one, CAN_MULTI_CONN is advertised (all connections share one
- * image handle). Without -t the server exits when the last client leaves.
+ * image handle). Without -t the server exits when the last client leaves
+ * (clients dropped in the handshake do not count, as with qemu-nbd).
  * SIGINT and SIGTERM finish the requests in flight, flush and exit 0.
  * qemu:allocation-depth is always offered; -A is accepted for qemu-nbd's
  * command lines. A client must finish the handshake within 10 seconds of

@@ -16,12 +16,17 @@
  *   reads its replies and sends whole requests stays, idle or not.
  *   Connections do not wait on each other, so one stuck client never
  *   delays another's service.
+ * - The listening thread never blocks but in poll(), and never spins:
+ *   when accept() fails for want of descriptors or memory, the listening
+ *   sockets rest for NBD_ACCEPT_PAUSE_MS (or until a client leaves).
  * - Only the listening thread joins connection threads and closes their
  *   sockets, after they have said they are done.
+ * - Without -t the server ends when the last client that reached
+ *   transmission has gone; clients dropped in the handshake do not count.
  * - Stopping (a signal) shuts down the read side of every socket: readers
  *   see end of stream, requests in flight finish and are answered, the
  *   image is flushed. Clients that will not take their replies within
- *   NBD_STOP_GRACE seconds have the whole socket shut down.
+ *   NBD_STOP_GRACE_MS have the whole socket shut down.
  *
  * SPDX-License-Identifier: MIT
  */
@@ -51,7 +56,7 @@
 #define NBD_DEFAULT_PORT "10809"
 #define NBD_DEFAULT_ADDR "127.0.0.1"
 #define NBD_MAX_LISTEN   8     /* listening sockets (addresses of -b) */
-#define NBD_STOP_GRACE   10    /* seconds */
+#define NBD_STOP_GRACE_MS 10000
 
 /*
  * The whole handshake, from the connection being handed over after
@@ -72,6 +77,15 @@
  * machine is not dropped. (qemu-nbd has no such limit and waits for ever.)
  */
 #define NBD_SEND_STALL_MS 30000
+/*
+ * After accept() fails for want of descriptors or memory (EMFILE, ENFILE,
+ * ENOBUFS, ENOMEM), or an accepted client cannot get its thread, the
+ * listening sockets are not polled for this long: the client left in the
+ * backlog would fail the same way at once, and poll() would report it
+ * again at once, spinning a core. Four tries a second cost nothing; a
+ * client leaving (a descriptor came free) ends the pause at once.
+ */
+#define NBD_ACCEPT_PAUSE_MS 250
 
 /*
  * Tests only: QCOWKIT_NBD_TEST_LIMITS="HANDSHAKE_MS,SEND_STALL_MS" shortens
@@ -241,7 +255,9 @@ int nbd_send_all(struct nbd_conn *c, const void *buf, size_t len)
 
 /* ---- one connection ------------------------------------------------------------- */
 
-int nbd_serve_conn(int fd, qk_image *img, const struct nbd_export *exp)
+/* nbd_serve_conn, and whether the client got as far as transmission. */
+static int serve_conn(int fd, qk_image *img, const struct nbd_export *exp,
+		      bool *negotiated)
 {
 	struct nbd_conn c;
 	int r;
@@ -256,9 +272,17 @@ int nbd_serve_conn(int fd, qk_image *img, const struct nbd_export *exp)
 	c.deadline = nbd_now_ms() + handshake_limit_ms;
 	r = nbd_negotiate(&c);
 	c.deadline = 0;
+	*negotiated = r == 1;
 	if (r == 1)
 		r = nbd_transmission(&c);
 	return r;
+}
+
+int nbd_serve_conn(int fd, qk_image *img, const struct nbd_export *exp)
+{
+	bool negotiated;
+
+	return serve_conn(fd, img, exp, &negotiated);
 }
 
 /* ---- the listening server --------------------------------------------------------- */
@@ -271,6 +295,7 @@ struct client {
 	pthread_t tid;
 	int fd;
 	bool done;              /* under s->lock */
+	bool negotiated;        /* reached transmission; set before done */
 };
 
 struct server {
@@ -287,9 +312,11 @@ static void *client_main(void *arg)
 	struct client *cl = arg;
 	struct server *s = cl->s;
 	uint64_t one = 1;
+	bool negotiated;
 
-	(void)nbd_serve_conn(cl->fd, s->img, s->exp);
+	(void)serve_conn(cl->fd, s->img, s->exp, &negotiated);
 	pthread_mutex_lock(&s->lock);
+	cl->negotiated = negotiated;
 	cl->done = true;
 	pthread_mutex_unlock(&s->lock);
 	if (write(s->wake_fd, &one, sizeof(one)) < 0) {
@@ -298,10 +325,12 @@ static void *client_main(void *arg)
 	return NULL;
 }
 
-/* Join and free the clients that have ended. */
-static void reap(struct server *s)
+/* Join and free the clients that have ended. Returns how many did, and
+ * sets *negotiated when one of them had reached transmission. */
+static unsigned reap(struct server *s, bool *negotiated)
 {
 	struct client **pp = &s->clients;
+	unsigned n = 0;
 
 	pthread_mutex_lock(&s->lock);
 	while (*pp) {
@@ -311,14 +340,18 @@ static void reap(struct server *s)
 			continue;
 		}
 		*pp = cl->next;
+		if (cl->negotiated)
+			*negotiated = true;
 		pthread_mutex_unlock(&s->lock);
 		pthread_join(cl->tid, NULL);
 		close(cl->fd);
 		free(cl);
 		s->nclients--;
+		n++;
 		pthread_mutex_lock(&s->lock);
 	}
 	pthread_mutex_unlock(&s->lock);
+	return n;
 }
 
 static void shutdown_all(struct server *s, int how)
@@ -422,12 +455,24 @@ static int write_pid_file(const char *path, char *err, size_t errlen)
 	return 0;
 }
 
-static double now_sec(void)
+/* accept() failed with `e`: may the next pending client be taken at once?
+ * Yes when the failure used up the client it was about (aborted, or a
+ * network error Linux passes on from the new socket, to be treated as
+ * EAGAIN); no for a shortage (EMFILE, ENFILE, ENOBUFS, ENOMEM) and for
+ * anything unforeseen, which might come back as fast as it is retried. */
+static bool accept_retry_now(int e)
 {
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (double)ts.tv_sec + ts.tv_nsec / 1e9;
+	switch (e) {
+	case EINTR: case EAGAIN: case ECONNABORTED: case EPROTO: case EPERM:
+	case ENETDOWN: case ENOPROTOOPT: case EHOSTDOWN: case ENONET:
+	case EHOSTUNREACH: case EOPNOTSUPP: case ENETUNREACH:
+#if EWOULDBLOCK != EAGAIN
+	case EWOULDBLOCK:
+#endif
+		return true;
+	default:
+		return false;
+	}
 }
 
 int nbd_server_run(const struct nbd_server_config *cfg, qk_image *img,
@@ -436,7 +481,8 @@ int nbd_server_run(const struct nbd_server_config *cfg, qk_image *img,
 	struct server s;
 	int lfds[NBD_MAX_LISTEN], nl, sfd = -1, r = 0;
 	bool stopping = false, served = false, hard = false, pid_written = false;
-	double deadline = 0;
+	int64_t stop_hard = 0;          /* stopping: shut sockets down then */
+	int64_t pause_until = 0;        /* accept() paused until then, or 0 */
 	sigset_t mask;
 
 	memset(&s, 0, sizeof(s));
@@ -480,20 +526,37 @@ int nbd_server_run(const struct nbd_server_config *cfg, qk_image *img,
 	for (;;) {
 		struct pollfd pfd[2 + NBD_MAX_LISTEN];
 		bool room = cfg->max_clients == 0 || s.nclients < cfg->max_clients;
-		int np = 0, timeout = -1;
+		int64_t now = nbd_now_ms(), wake = INT64_MAX;
+		int np = 0, timeout = -1, pr;
 
+		if (pause_until && now >= pause_until)
+			pause_until = 0;
 		pfd[np].fd = sfd;
 		pfd[np++].events = POLLIN;
 		pfd[np].fd = s.wake_fd;
 		pfd[np++].events = POLLIN;
-		if (!stopping && room)
+		if (!stopping && room && !pause_until)
 			for (int i = 0; i < nl; i++) {
 				pfd[np].fd = lfds[i];
 				pfd[np++].events = POLLIN;
 			}
-		if (stopping)
-			timeout = 1000;
-		if (poll(pfd, (nfds_t)np, timeout) < 0 && errno != EINTR) {
+		if (stopping && !hard)
+			wake = stop_hard;
+		else if (!stopping && room && pause_until)
+			wake = pause_until;
+		if (wake != INT64_MAX)
+			timeout = wake - now < 1 ? 1 : (int)(wake - now);
+		pr = poll(pfd, (nfds_t)np, timeout);
+		if (pr < 0) {
+			if (errno == EINTR)
+				continue;
+			if (errno == ENOMEM) {
+				/* Short of memory for a moment, perhaps:
+				 * better wait than drop every client. */
+				struct timespec ts = { 0, NBD_ACCEPT_PAUSE_MS * 1000000L };
+				nanosleep(&ts, NULL);
+				continue;
+			}
 			r = -errno;
 			snprintf(err, errlen, "poll: %s", strerror(-r));
 			break;
@@ -502,7 +565,7 @@ int nbd_server_run(const struct nbd_server_config *cfg, qk_image *img,
 			struct signalfd_siginfo si;
 			if (read(sfd, &si, sizeof(si)) > 0 && !stopping) {
 				stopping = true;
-				deadline = now_sec() + NBD_STOP_GRACE;
+				stop_hard = nbd_now_ms() + NBD_STOP_GRACE_MS;
 				shutdown_all(&s, SHUT_RD);
 			}
 		}
@@ -511,11 +574,17 @@ int nbd_server_run(const struct nbd_server_config *cfg, qk_image *img,
 			if (read(s.wake_fd, &v, sizeof(v)) < 0) {
 				/* Nothing to do: reap looks at the flags. */
 			}
-			reap(&s);
+			/* A client gone is a descriptor free: try accept()
+			 * again at once. */
+			if (reap(&s, &served) > 0)
+				pause_until = 0;
 		}
+		/* Only clients that got as far as transmission count: one
+		 * dropped in the handshake (a port scan, a silent or slow
+		 * client) must not end the service, as with qemu-nbd. */
 		if (s.nclients == 0 && (stopping || (served && !cfg->persistent)))
 			break;
-		if (stopping && !hard && now_sec() > deadline) {
+		if (stopping && !hard && nbd_now_ms() >= stop_hard) {
 			hard = true;
 			shutdown_all(&s, SHUT_RDWR);
 		}
@@ -528,15 +597,20 @@ int nbd_server_run(const struct nbd_server_config *cfg, qk_image *img,
 			if (cfg->max_clients && s.nclients >= cfg->max_clients)
 				break;
 			fd = accept4(pfd[i].fd, NULL, NULL, SOCK_CLOEXEC);
-			if (fd < 0)
-				continue;   /* the client went away already */
+			if (fd < 0) {
+				if (accept_retry_now(errno))
+					continue;
+				pause_until = nbd_now_ms() + NBD_ACCEPT_PAUSE_MS;
+				break;
+			}
 			if (!cfg->socket_path)
 				setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one,
 					   sizeof(one));
 			cl = calloc(1, sizeof(*cl));
 			if (cl == NULL) {
 				close(fd);
-				continue;
+				pause_until = nbd_now_ms() + NBD_ACCEPT_PAUSE_MS;
+				break;
 			}
 			cl->s = &s;
 			cl->fd = fd;
@@ -545,12 +619,12 @@ int nbd_server_run(const struct nbd_server_config *cfg, qk_image *img,
 				pthread_mutex_unlock(&s.lock);
 				close(fd);
 				free(cl);
-				continue;
+				pause_until = nbd_now_ms() + NBD_ACCEPT_PAUSE_MS;
+				break;
 			}
 			cl->next = s.clients;
 			s.clients = cl;
 			s.nclients++;
-			served = true;
 			pthread_mutex_unlock(&s.lock);
 		}
 	}
@@ -561,7 +635,7 @@ int nbd_server_run(const struct nbd_server_config *cfg, qk_image *img,
 			uint64_t v;
 			if (read(s.wake_fd, &v, sizeof(v)) < 0 && errno != EINTR)
 				break;
-			reap(&s);
+			reap(&s, &served);
 		}
 	}
 	if (!exp->readonly) {
