@@ -15,7 +15,8 @@
  * command lines. A client must finish the handshake within 10 seconds of
  * connecting (as with qemu-nbd) and is dropped if it takes none of its
  * replies for 30 seconds, so no client holds one of the -e places by
- * stalling. The protocol lives in nbd/ (see nbd/server.h).
+ * stalling; one connection holds at most about 128 MiB of buffers. The
+ * protocol lives in nbd/ (see nbd/server.h).
  *
  * SPDX-License-Identifier: MIT
  */
