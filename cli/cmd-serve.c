@@ -8,10 +8,15 @@
  * by default: unlike qemu-nbd, nothing is exposed to the network unless
  * asked). -e N serves N clients at once (default 1, 0 = any number); with
  * more than one, CAN_MULTI_CONN is advertised (all connections share one
- * image handle). Without -t the server exits when the last client leaves.
+ * image handle). Without -t the server exits when the last client leaves
+ * (clients dropped in the handshake do not count, as with qemu-nbd).
  * SIGINT and SIGTERM finish the requests in flight, flush and exit 0.
  * qemu:allocation-depth is always offered; -A is accepted for qemu-nbd's
- * command lines. The protocol lives in nbd/ (see nbd/server.h).
+ * command lines. A client must finish the handshake within 10 seconds of
+ * connecting (as with qemu-nbd) and is dropped if it takes none of its
+ * replies for 30 seconds, so no client holds one of the -e places by
+ * stalling; one connection holds at most about 128 MiB of buffers. The
+ * protocol lives in nbd/ (see nbd/server.h).
  *
  * SPDX-License-Identifier: MIT
  */

@@ -37,6 +37,22 @@
  *   closing; requests already read still run and are answered; then the
  *   threads exit, a writable image is flushed, and the connection ends. A
  *   failed send shuts the socket down, which ends the reading too.
+ * Memory. What one connection can make the server hold is bounded,
+ * whatever the client sends or fails to read:
+ * - the struct tx: the NBD_INBUF input buffer and NBD_OUTBUF of replies
+ *   held back (about 330 KiB);
+ * - NBD_WORKERS threads, each with the data buffer it keeps, at most
+ *   NBD_KEEP_BUF: a WRITE payload, READ data (or one NBD_READ_PIECE of a
+ *   long read), BLOCK_STATUS chunks (built in place, at most
+ *   NBD_BS_MAX_EXTENTS extents);
+ * - buffers larger than that, NBD_INFLIGHT_BYTES all together; a WRITE
+ *   whose payload would exceed NBD_MAX_PAYLOAD is refused before any of
+ *   it is stored, and further pipelined WRITEs wait unread in the socket
+ *   while the buffers are taken.
+ * Replies are never queued beyond tx.out: a thread sends its own reply,
+ * waiting for the socket at most the send stall limit (nbd_send_iov).
+ * So about 16 x 4 + 64 MiB + 330 KiB = 128.3 MiB at most, plus the
+ * threads' stacks; the handshake before it holds 64 KiB (handshake.c).
  * Request validation follows the specification rather than qemu-nbd: EPERM
  * for writing a read-only export, ENOSPC for writes past the end, EINVAL
  * for reads, trims and block status past the end and for bad flags or
@@ -60,6 +76,10 @@
 #define NBD_INFLIGHT_BYTES (64u << 20)  /* larger buffers, all together */
 #define NBD_INBUF          (64u << 10)  /* input buffer */
 #define NBD_OUTBUF         (256u << 10) /* replies held back */
+/* One request of any allowed size may run alone (get_buf), so this
+ * keeps the large buffers within NBD_INFLIGHT_BYTES. */
+_Static_assert(NBD_MAX_PAYLOAD <= NBD_INFLIGHT_BYTES,
+	       "a largest request must fit in the in-flight budget");
 /* Transfers from this size on are handed over as possibly slow. */
 #define NBD_SLOW_LEN       (1u << 20)
 /* Pieces (holes and data alternating) a structured READ is split into;
@@ -112,7 +132,8 @@ struct tx {
 	uint8_t out[NBD_OUTBUF];
 	size_t out_len;
 	pthread_mutex_t send_lock;
-	bool send_failed;
+	atomic_bool send_failed; /* set under send_lock; no reply can go out */
+	int send_error;         /* why, a negative errno (under send_lock) */
 };
 
 /* ---- replies ---------------------------------------------------------------- */
@@ -121,11 +142,17 @@ struct tx {
  * tx.out (it is the leader, running pipelined requests one by one). */
 static _Thread_local struct tx *corking;
 
+/* Send under send_lock. A failure (the client gone, or taking nothing
+ * for the send stall limit) ends the connection: later replies are
+ * dropped, and the socket is shut down, which wakes the reader. */
 static void send_iov_locked(struct tx *t, struct iovec *iov, int n)
 {
-	if (!t->send_failed && nbd_send_iov(t->c->fd, iov, n) < 0) {
-		t->send_failed = true;
-		/* Wake the reader: nothing more can be answered. */
+	int r;
+
+	if (!atomic_load(&t->send_failed) &&
+	    (r = nbd_send_iov(t->c, iov, n)) < 0) {
+		atomic_store(&t->send_failed, true);
+		t->send_error = r;
 		shutdown(t->c->fd, SHUT_RDWR);
 	}
 }
@@ -305,9 +332,17 @@ static int split_read(struct tx *t, uint64_t off, uint64_t len,
 
 static void put_big(struct worker *w);
 
+/* Can no reply reach the client any more (a send failed)? Then its
+ * requests are not worth running. */
+static bool gone(struct tx *t)
+{
+	return atomic_load(&t->send_failed);
+}
+
 /* A buffer of `len` bytes for the request `w` runs: its own, grown up to
  * NBD_KEEP_BUF, or a larger one charged against NBD_INFLIGHT_BYTES (waiting
- * for room while other large requests run). NULL when out of memory. */
+ * for room while other large requests run). NULL when out of memory, or
+ * when the client is gone() while waiting for room. */
 static uint8_t *get_buf(struct worker *w, size_t len)
 {
 	struct tx *t = w->t;
@@ -330,8 +365,13 @@ static uint8_t *get_buf(struct worker *w, size_t len)
 		return p;
 	}
 	pthread_mutex_lock(&t->lock);
-	while (t->big_bytes > 0 && t->big_bytes + len > NBD_INFLIGHT_BYTES)
+	while (t->big_bytes > 0 && t->big_bytes + len > NBD_INFLIGHT_BYTES &&
+	       !gone(t))
 		pthread_cond_wait(&t->room, &t->lock);
+	if (gone(t)) {
+		pthread_mutex_unlock(&t->lock);
+		return NULL;
+	}
 	t->big_bytes += len;
 	pthread_mutex_unlock(&t->lock);
 	w->charge = len;
@@ -400,6 +440,9 @@ static void read_streamed(struct tx *t, struct worker *w,
 			uint32_t len = (uint32_t)(end - pos < NBD_READ_PIECE ?
 						  end - pos : NBD_READ_PIECE);
 			bool last = i == n - 1 && pos + len == end;
+
+			if (gone(t))
+				return;
 
 			r = qk_pread(c->img, buf, len, pos);
 			if (r < 0) {
@@ -473,66 +516,71 @@ static void cmd_read(struct tx *t, struct worker *w, const struct request *rq)
 	send_locked(t, iov, 2);
 }
 
-/* One extent of a BLOCK_STATUS chunk being built. */
-struct bs_ext {
-	uint32_t len;
-	uint32_t flags;
+/* Longest BLOCK_STATUS chunk: header, context id, extents. */
+#define NBD_BS_CHUNK_MAX (NBD_CHUNK_HEADER_SIZE + 4 + 8 * NBD_BS_MAX_EXTENTS)
+
+/* A BLOCK_STATUS chunk being built in place, in wire format. */
+struct bs_chunk {
+	uint8_t *p;             /* the chunk: header, context id, extents */
+	size_t n;               /* extents so far */
 };
 
-struct bs_list {
-	struct bs_ext *e;
-	size_t n;
-};
-
-static void bs_add(struct bs_list *l, uint64_t len, uint32_t flags)
+/* Add an extent, merged with the last one when the flags agree (lengths
+ * add up to at most the request's u32 length, so they cannot wrap). */
+static void bs_add(struct bs_chunk *b, uint64_t len, uint32_t flags)
 {
-	if (l->n > 0 && l->e[l->n - 1].flags == flags) {
-		l->e[l->n - 1].len += (uint32_t)len;
+	uint8_t *e = b->p + NBD_CHUNK_HEADER_SIZE + 4 + 8 * b->n;
+
+	if (b->n > 0 && nbd_get32(e - 4) == flags) {
+		nbd_put32(e - 8, nbd_get32(e - 8) + (uint32_t)len);
 		return;
 	}
-	l->e[l->n].len = (uint32_t)len;
-	l->e[l->n].flags = flags;
-	l->n++;
+	nbd_put32(e, (uint32_t)len);
+	nbd_put32(e + 4, flags);
+	b->n++;
 }
 
-/* Chunk of one context: header, context id, extents (sent from `wire`). */
-static uint8_t *bs_chunk(const struct request *rq, uint32_t id,
-			 const struct bs_list *l, bool done, size_t *size)
+/* Finish the chunk of context `id`: header and id. Returns its size. */
+static size_t bs_finish(const struct request *rq, struct bs_chunk *b,
+			uint32_t id, bool done)
 {
-	size_t len = 4 + 8 * l->n;
-	uint8_t *w = malloc(NBD_CHUNK_HEADER_SIZE + len);
+	uint32_t len = 4 + 8 * (uint32_t)b->n;
 
-	if (w == NULL)
-		return NULL;
-	put_chunk(w, rq->cookie, done ? NBD_REPLY_FLAG_DONE : 0,
-		  NBD_REPLY_TYPE_BLOCK_STATUS, (uint32_t)len);
-	nbd_put32(w + NBD_CHUNK_HEADER_SIZE, id);
-	for (size_t i = 0; i < l->n; i++) {
-		nbd_put32(w + NBD_CHUNK_HEADER_SIZE + 4 + 8 * i, l->e[i].len);
-		nbd_put32(w + NBD_CHUNK_HEADER_SIZE + 8 + 8 * i, l->e[i].flags);
-	}
-	*size = NBD_CHUNK_HEADER_SIZE + len;
-	return w;
+	put_chunk(b->p, rq->cookie, done ? NBD_REPLY_FLAG_DONE : 0,
+		  NBD_REPLY_TYPE_BLOCK_STATUS, len);
+	nbd_put32(b->p + NBD_CHUNK_HEADER_SIZE, id);
+	return NBD_CHUNK_HEADER_SIZE + len;
 }
 
-static void cmd_block_status(struct tx *t, const struct request *rq)
+/* Both chunks are built in the worker's own buffer, so block status
+ * takes no memory beyond the buffers counted in the design note. */
+_Static_assert(2 * NBD_BS_CHUNK_MAX <= NBD_KEEP_BUF,
+	       "BLOCK_STATUS chunks must fit in a worker's kept buffer");
+
+static void cmd_block_status(struct tx *t, struct worker *w,
+			     const struct request *rq)
 {
 	struct nbd_conn *c = t->c;
 	bool one = rq->flags & NBD_CMD_FLAG_REQ_ONE;
 	size_t cap = one ? 1 : NBD_BS_MAX_EXTENTS;
-	struct bs_list alloc = { NULL, 0 }, depth = { NULL, 0 };
-	uint8_t *w1 = NULL, *w2 = NULL;
+	size_t chunk_max = NBD_CHUNK_HEADER_SIZE + 4 + 8 * cap;
+	size_t nctx = (c->ctx_allocation ? 1 : 0) + (c->ctx_depth ? 1 : 0);
+	struct bs_chunk alloc, depth;
 	struct iovec iov[2];
 	uint64_t pos = rq->offset, end = rq->offset + rq->length;
 	size_t raw = 0;
+	uint8_t *buf;
 	int r, k = 0;
 
-	alloc.e = malloc(cap * sizeof(*alloc.e));
-	depth.e = malloc(cap * sizeof(*depth.e));
-	if (alloc.e == NULL || depth.e == NULL) {
+	buf = get_buf(w, nctx * chunk_max);
+	if (buf == NULL) {
 		reply_err(t, rq, NBD_ENOMEM, "out of memory for block status");
-		goto out;
+		return;
 	}
+	alloc.p = buf;
+	alloc.n = 0;
+	depth.p = c->ctx_allocation ? buf + chunk_max : buf;
+	depth.n = 0;
 	while (pos < end && raw < cap) {
 		struct qk_extent e;
 		uint64_t len;
@@ -542,44 +590,31 @@ static void cmd_block_status(struct tx *t, const struct request *rq)
 			if (raw > 0)
 				break;   /* answer for what is known */
 			reply_lib_err(t, rq, r);
-			goto out;
+			return;
 		}
 		len = e.length;
 		if (len == 0 || len > end - pos)
 			len = end - pos;
-		bs_add(&alloc, len,
-		       (e.flags & QK_EXTENT_DATA ? 0 : NBD_STATE_HOLE) |
-		       (e.flags & QK_EXTENT_ZERO ? NBD_STATE_ZERO : 0));
-		bs_add(&depth, len,
-		       e.flags & QK_EXTENT_PRESENT ? e.depth + 1 : 0);
+		if (c->ctx_allocation)
+			bs_add(&alloc, len,
+			       (e.flags & QK_EXTENT_DATA ? 0 : NBD_STATE_HOLE) |
+			       (e.flags & QK_EXTENT_ZERO ? NBD_STATE_ZERO : 0));
+		if (c->ctx_depth)
+			bs_add(&depth, len,
+			       e.flags & QK_EXTENT_PRESENT ? e.depth + 1 : 0);
 		pos += len;
 		raw++;
 	}
 	if (c->ctx_allocation) {
-		size_t sz;
-		w1 = bs_chunk(rq, NBD_CTX_ID_ALLOCATION, &alloc, !c->ctx_depth, &sz);
-		if (w1 == NULL)
-			goto nomem;
-		iov[k].iov_base = w1;
-		iov[k++].iov_len = sz;
+		iov[k].iov_base = alloc.p;
+		iov[k++].iov_len = bs_finish(rq, &alloc, NBD_CTX_ID_ALLOCATION,
+					     !c->ctx_depth);
 	}
 	if (c->ctx_depth) {
-		size_t sz;
-		w2 = bs_chunk(rq, NBD_CTX_ID_DEPTH, &depth, true, &sz);
-		if (w2 == NULL)
-			goto nomem;
-		iov[k].iov_base = w2;
-		iov[k++].iov_len = sz;
+		iov[k].iov_base = depth.p;
+		iov[k++].iov_len = bs_finish(rq, &depth, NBD_CTX_ID_DEPTH, true);
 	}
 	send_locked(t, iov, k);
-	goto out;
-nomem:
-	reply_err(t, rq, NBD_ENOMEM, "out of memory for block status");
-out:
-	free(w1);
-	free(w2);
-	free(alloc.e);
-	free(depth.e);
 }
 
 /* After a write-type command: FUA makes it durable before the reply. */
@@ -629,6 +664,8 @@ static void handle(struct tx *t, struct worker *w, const struct request *rq)
 	uint32_t zflags;
 	int r;
 
+	if (gone(t))
+		return;
 	if (rq->type > NBD_CMD_BLOCK_STATUS || rq->type == NBD_CMD_CACHE) {
 		reply_err(t, rq, NBD_EINVAL, "invalid request type (%u) received",
 			  rq->type);
@@ -700,7 +737,7 @@ static void handle(struct tx *t, struct worker *w, const struct request *rq)
 			reply_err(t, rq, NBD_EINVAL, "zero-length block status");
 			return;
 		}
-		cmd_block_status(t, rq);
+		cmd_block_status(t, w, rq);
 		return;
 	}
 }
@@ -805,7 +842,7 @@ static int read_request(struct tx *t, struct worker *w, struct request *rq)
 	memcpy(rq->payload, t->in + t->in_pos, have);
 	t->in_pos += have;
 	if (have < rq->length) {
-		r = nbd_recv_all(t->c->fd, rq->payload + have, rq->length - have);
+		r = nbd_recv_all(t->c, rq->payload + have, rq->length - have);
 		if (r < 0)
 			/* EOF inside a request breaks the protocol. */
 			return r == -EPIPE ? -EPROTO : r;
@@ -915,7 +952,9 @@ int nbd_transmission(struct nbd_conn *c)
 		pthread_join(t->tids[i], NULL);
 	if (!c->exp->readonly)
 		(void)qk_flush(c->img);
-	r = t->result;
+	/* A failed send ends the reading too (its shutdown(), or no buffer
+	 * for a payload): it is the reason. */
+	r = gone(t) ? t->send_error : t->result;
 	pthread_cond_destroy(&t->room);
 	pthread_mutex_destroy(&t->send_lock);
 	pthread_mutex_destroy(&t->read_lock);

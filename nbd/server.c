@@ -9,12 +9,24 @@
  * - At most max_clients connection threads exist; while the limit is
  *   reached the listening sockets are not polled, so further clients wait
  *   in the backlog (as with qemu-nbd -e).
+ * - No client can hold a connection thread (and so an -e place) by
+ *   misbehaving: the whole handshake must end within
+ *   NBD_HANDSHAKE_LIMIT_MS, and in transmission a send waits at most
+ *   NBD_SEND_STALL_MS for the client to take a byte. Only a client that
+ *   reads its replies and sends whole requests stays, idle or not.
+ *   Connections do not wait on each other, so one stuck client never
+ *   delays another's service.
+ * - The listening thread never blocks but in poll(), and never spins:
+ *   when accept() fails for want of descriptors or memory, the listening
+ *   sockets rest for NBD_ACCEPT_PAUSE_MS (or until a client leaves).
  * - Only the listening thread joins connection threads and closes their
  *   sockets, after they have said they are done.
+ * - Without -t the server ends when the last client that reached
+ *   transmission has gone; clients dropped in the handshake do not count.
  * - Stopping (a signal) shuts down the read side of every socket: readers
  *   see end of stream, requests in flight finish and are answered, the
  *   image is flushed. Clients that will not take their replies within
- *   NBD_STOP_GRACE seconds have the whole socket shut down.
+ *   NBD_STOP_GRACE_MS have the whole socket shut down.
  *
  * SPDX-License-Identifier: MIT
  */
@@ -44,21 +56,120 @@
 #define NBD_DEFAULT_PORT "10809"
 #define NBD_DEFAULT_ADDR "127.0.0.1"
 #define NBD_MAX_LISTEN   8     /* listening sockets (addresses of -b) */
-#define NBD_STOP_GRACE   10    /* seconds */
-#define NBD_HANDSHAKE_LIMIT 10 /* seconds a handshake read may wait */
+#define NBD_STOP_GRACE_MS 10000
+
+/*
+ * The whole handshake, from the connection being handed over after
+ * accept() to the end of option haggling (GO or EXPORT_NAME answered),
+ * must be over within this, whatever the client's byte rate: a client
+ * that stays silent, trickles its bytes, or floods options without
+ * reading the replies cannot hold one of the -e places for longer.
+ * qemu-nbd's limit (10 s) too; a real client needs a few round trips.
+ */
+#define NBD_HANDSHAKE_LIMIT_MS 10000
+/*
+ * In transmission, a send that finds the socket full waits for the client
+ * to take bytes for at most this long; then the connection is dropped,
+ * freeing the threads that wait to send to it and its -e place. The clock
+ * restarts with every byte taken, so a slow client that keeps reading a
+ * 32 MiB reply is never cut, however long the reply takes. Three times
+ * the handshake limit: a live client stopped for a while by a loaded
+ * machine is not dropped. (qemu-nbd has no such limit and waits for ever.)
+ */
+#define NBD_SEND_STALL_MS 30000
+/*
+ * After accept() fails for want of descriptors or memory (EMFILE, ENFILE,
+ * ENOBUFS, ENOMEM), or an accepted client cannot get its thread, the
+ * listening sockets are not polled for this long: the client left in the
+ * backlog would fail the same way at once, and poll() would report it
+ * again at once, spinning a core. Four tries a second cost nothing; a
+ * client leaving (a descriptor came free) ends the pause at once.
+ */
+#define NBD_ACCEPT_PAUSE_MS 250
+
+/*
+ * Tests only: QCOWKIT_NBD_TEST_LIMITS="HANDSHAKE_MS,SEND_STALL_MS" shortens
+ * the two limits above, so that the tests need not wait 10 or 30 seconds
+ * a case. It cannot lengthen them (larger values, zero, or anything
+ * malformed leave the defaults), so it cannot switch the protection off.
+ */
+static int handshake_limit_ms = NBD_HANDSHAKE_LIMIT_MS;
+static int send_stall_ms = NBD_SEND_STALL_MS;
+static pthread_once_t limits_once = PTHREAD_ONCE_INIT;
+
+static void read_test_limits(void)
+{
+	const char *v = getenv("QCOWKIT_NBD_TEST_LIMITS");
+	char *end;
+	long h, st;
+
+	if (v == NULL)
+		return;
+	errno = 0;
+	h = strtol(v, &end, 10);
+	if (*end != ',')
+		return;
+	st = strtol(end + 1, &end, 10);
+	if (*end != '\0' || errno)
+		return;
+	if (h > 0 && h < handshake_limit_ms)
+		handshake_limit_ms = (int)h;
+	if (st > 0 && st < send_stall_ms)
+		send_stall_ms = (int)st;
+}
 
 /* ---- socket helpers ------------------------------------------------------------ */
 
-int nbd_recv_all(int fd, void *buf, size_t len)
+int64_t nbd_now_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/*
+ * Wait until `fd` is ready for `events`, or has an error or hang-up (which
+ * the next recv or send reports), but not past the time `until`
+ * (nbd_now_ms()). Returns 0, -ETIMEDOUT, or a negative errno from poll().
+ */
+static int wait_ready(int fd, short events, int64_t until)
+{
+	for (;;) {
+		struct pollfd p = { fd, events, 0 };
+		int64_t left = until - nbd_now_ms();
+		int r;
+
+		if (left <= 0)
+			return -ETIMEDOUT;
+		r = poll(&p, 1, left < INT_MAX ? (int)left : INT_MAX);
+		if (r > 0)
+			return 0;
+		if (r < 0 && errno != EINTR)
+			return -errno;
+	}
+}
+
+int nbd_recv_all(struct nbd_conn *c, void *buf, size_t len)
 {
 	uint8_t *p = buf;
 
 	while (len > 0) {
-		ssize_t n = recv(fd, p, len, 0);
+		ssize_t n;
+		int r;
+
+		/* Under a deadline, wait in poll() and then take what has
+		 * come without blocking: a blocking recv() could outlast the
+		 * deadline. Without one, block (transmission: the client may
+		 * think as long as it likes; shutdown() ends the wait). */
+		if (c->deadline && (r = wait_ready(c->fd, POLLIN, c->deadline)) < 0)
+			return r;
+		n = recv(c->fd, p, len, c->deadline ? MSG_DONTWAIT : 0);
 		if (n == 0)
 			return -EPIPE;
 		if (n < 0) {
-			if (errno == EINTR)
+			if (errno == EINTR || (c->deadline && (errno == EAGAIN ||
+							       errno == EWOULDBLOCK)))
 				continue;
 			return errno == ECONNRESET ? -EPIPE : -errno;
 		}
@@ -68,13 +179,13 @@ int nbd_recv_all(int fd, void *buf, size_t len)
 	return 0;
 }
 
-int nbd_recv_skip(int fd, uint64_t len)
+int nbd_recv_skip(struct nbd_conn *c, uint64_t len)
 {
 	uint8_t buf[4096];
 
 	while (len > 0) {
 		size_t n = len < sizeof(buf) ? (size_t)len : sizeof(buf);
-		int r = nbd_recv_all(fd, buf, n);
+		int r = nbd_recv_all(c, buf, n);
 		if (r < 0)
 			return r;
 		len -= n;
@@ -82,20 +193,44 @@ int nbd_recv_skip(int fd, uint64_t len)
 	return 0;
 }
 
-int nbd_send_iov(int fd, struct iovec *iov, int n)
+/*
+ * The kernel is never left to block a send: sendmsg() takes what fits,
+ * and a full socket is waited for in poll(), with an end: c->deadline, or
+ * c->send_stall_ms after the client last took a byte. While the client
+ * keeps up, this costs nothing over a blocking send; when the socket
+ * fills, one poll() stands in for the sleep inside the kernel.
+ */
+int nbd_send_iov(struct nbd_conn *c, struct iovec *iov, int n)
 {
+	int64_t until = 0;      /* give up then; 0 until the socket is full */
+
 	while (n > 0) {
 		struct msghdr m;
+		size_t want = 0;
 		ssize_t w;
+		int r;
 
 		memset(&m, 0, sizeof(m));
 		m.msg_iov = iov;
 		m.msg_iovlen = n < IOV_MAX ? (size_t)n : IOV_MAX;
-		w = sendmsg(fd, &m, MSG_NOSIGNAL);
+		for (size_t i = 0; i < m.msg_iovlen; i++)
+			want += iov[i].iov_len;
+		w = sendmsg(c->fd, &m, MSG_NOSIGNAL | MSG_DONTWAIT);
 		if (w < 0) {
 			if (errno == EINTR)
 				continue;
-			return -errno;
+			if (errno != EAGAIN && errno != EWOULDBLOCK)
+				return -errno;
+			w = 0;
+		}
+		if (w > 0)
+			until = 0;      /* progress: the stall clock restarts */
+		if ((size_t)w < want) {
+			if (until == 0)
+				until = c->deadline ? c->deadline
+						    : nbd_now_ms() + c->send_stall_ms;
+			if ((r = wait_ready(c->fd, POLLOUT, until)) < 0)
+				return r;
 		}
 		/* Skip what was written. */
 		while (n > 0 && (size_t)w >= iov->iov_len) {
@@ -111,41 +246,43 @@ int nbd_send_iov(int fd, struct iovec *iov, int n)
 	return 0;
 }
 
-int nbd_send_all(int fd, const void *buf, size_t len)
+int nbd_send_all(struct nbd_conn *c, const void *buf, size_t len)
 {
 	struct iovec iov = { (void *)buf, len };
 
-	return nbd_send_iov(fd, &iov, 1);
+	return nbd_send_iov(c, &iov, 1);
 }
 
 /* ---- one connection ------------------------------------------------------------- */
 
-/* 0 seconds: no timeout. Best effort: a socket that refuses keeps none. */
-static void set_recv_timeout(int fd, int sec)
-{
-	struct timeval tv = { sec, 0 };
-
-	(void)setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
-}
-
-int nbd_serve_conn(int fd, qk_image *img, const struct nbd_export *exp)
+/* nbd_serve_conn, and whether the client got as far as transmission. */
+static int serve_conn(int fd, qk_image *img, const struct nbd_export *exp,
+		      bool *negotiated)
 {
 	struct nbd_conn c;
 	int r;
 
+	pthread_once(&limits_once, read_test_limits);
 	memset(&c, 0, sizeof(c));
 	c.fd = fd;
 	c.img = img;
 	c.exp = exp;
 	c.size = qk_get_size(img);
-	/* A client that stalls in the handshake is dropped (as qemu-nbd's
-	 * handshake limit), so it cannot hold one of the -e places. */
-	set_recv_timeout(fd, NBD_HANDSHAKE_LIMIT);
+	c.send_stall_ms = send_stall_ms;
+	c.deadline = nbd_now_ms() + handshake_limit_ms;
 	r = nbd_negotiate(&c);
-	set_recv_timeout(fd, 0);
+	c.deadline = 0;
+	*negotiated = r == 1;
 	if (r == 1)
 		r = nbd_transmission(&c);
 	return r;
+}
+
+int nbd_serve_conn(int fd, qk_image *img, const struct nbd_export *exp)
+{
+	bool negotiated;
+
+	return serve_conn(fd, img, exp, &negotiated);
 }
 
 /* ---- the listening server --------------------------------------------------------- */
@@ -158,6 +295,7 @@ struct client {
 	pthread_t tid;
 	int fd;
 	bool done;              /* under s->lock */
+	bool negotiated;        /* reached transmission; set before done */
 };
 
 struct server {
@@ -174,9 +312,11 @@ static void *client_main(void *arg)
 	struct client *cl = arg;
 	struct server *s = cl->s;
 	uint64_t one = 1;
+	bool negotiated;
 
-	(void)nbd_serve_conn(cl->fd, s->img, s->exp);
+	(void)serve_conn(cl->fd, s->img, s->exp, &negotiated);
 	pthread_mutex_lock(&s->lock);
+	cl->negotiated = negotiated;
 	cl->done = true;
 	pthread_mutex_unlock(&s->lock);
 	if (write(s->wake_fd, &one, sizeof(one)) < 0) {
@@ -185,10 +325,12 @@ static void *client_main(void *arg)
 	return NULL;
 }
 
-/* Join and free the clients that have ended. */
-static void reap(struct server *s)
+/* Join and free the clients that have ended. Returns how many did, and
+ * sets *negotiated when one of them had reached transmission. */
+static unsigned reap(struct server *s, bool *negotiated)
 {
 	struct client **pp = &s->clients;
+	unsigned n = 0;
 
 	pthread_mutex_lock(&s->lock);
 	while (*pp) {
@@ -198,14 +340,18 @@ static void reap(struct server *s)
 			continue;
 		}
 		*pp = cl->next;
+		if (cl->negotiated)
+			*negotiated = true;
 		pthread_mutex_unlock(&s->lock);
 		pthread_join(cl->tid, NULL);
 		close(cl->fd);
 		free(cl);
 		s->nclients--;
+		n++;
 		pthread_mutex_lock(&s->lock);
 	}
 	pthread_mutex_unlock(&s->lock);
+	return n;
 }
 
 static void shutdown_all(struct server *s, int how)
@@ -309,12 +455,24 @@ static int write_pid_file(const char *path, char *err, size_t errlen)
 	return 0;
 }
 
-static double now_sec(void)
+/* accept() failed with `e`: may the next pending client be taken at once?
+ * Yes when the failure used up the client it was about (aborted, or a
+ * network error Linux passes on from the new socket, to be treated as
+ * EAGAIN); no for a shortage (EMFILE, ENFILE, ENOBUFS, ENOMEM) and for
+ * anything unforeseen, which might come back as fast as it is retried. */
+static bool accept_retry_now(int e)
 {
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (double)ts.tv_sec + ts.tv_nsec / 1e9;
+	switch (e) {
+	case EINTR: case EAGAIN: case ECONNABORTED: case EPROTO: case EPERM:
+	case ENETDOWN: case ENOPROTOOPT: case EHOSTDOWN: case ENONET:
+	case EHOSTUNREACH: case EOPNOTSUPP: case ENETUNREACH:
+#if EWOULDBLOCK != EAGAIN
+	case EWOULDBLOCK:
+#endif
+		return true;
+	default:
+		return false;
+	}
 }
 
 int nbd_server_run(const struct nbd_server_config *cfg, qk_image *img,
@@ -323,7 +481,8 @@ int nbd_server_run(const struct nbd_server_config *cfg, qk_image *img,
 	struct server s;
 	int lfds[NBD_MAX_LISTEN], nl, sfd = -1, r = 0;
 	bool stopping = false, served = false, hard = false, pid_written = false;
-	double deadline = 0;
+	int64_t stop_hard = 0;          /* stopping: shut sockets down then */
+	int64_t pause_until = 0;        /* accept() paused until then, or 0 */
 	sigset_t mask;
 
 	memset(&s, 0, sizeof(s));
@@ -367,20 +526,37 @@ int nbd_server_run(const struct nbd_server_config *cfg, qk_image *img,
 	for (;;) {
 		struct pollfd pfd[2 + NBD_MAX_LISTEN];
 		bool room = cfg->max_clients == 0 || s.nclients < cfg->max_clients;
-		int np = 0, timeout = -1;
+		int64_t now = nbd_now_ms(), wake = INT64_MAX;
+		int np = 0, timeout = -1, pr;
 
+		if (pause_until && now >= pause_until)
+			pause_until = 0;
 		pfd[np].fd = sfd;
 		pfd[np++].events = POLLIN;
 		pfd[np].fd = s.wake_fd;
 		pfd[np++].events = POLLIN;
-		if (!stopping && room)
+		if (!stopping && room && !pause_until)
 			for (int i = 0; i < nl; i++) {
 				pfd[np].fd = lfds[i];
 				pfd[np++].events = POLLIN;
 			}
-		if (stopping)
-			timeout = 1000;
-		if (poll(pfd, (nfds_t)np, timeout) < 0 && errno != EINTR) {
+		if (stopping && !hard)
+			wake = stop_hard;
+		else if (!stopping && room && pause_until)
+			wake = pause_until;
+		if (wake != INT64_MAX)
+			timeout = wake - now < 1 ? 1 : (int)(wake - now);
+		pr = poll(pfd, (nfds_t)np, timeout);
+		if (pr < 0) {
+			if (errno == EINTR)
+				continue;
+			if (errno == ENOMEM) {
+				/* Short of memory for a moment, perhaps:
+				 * better wait than drop every client. */
+				struct timespec ts = { 0, NBD_ACCEPT_PAUSE_MS * 1000000L };
+				nanosleep(&ts, NULL);
+				continue;
+			}
 			r = -errno;
 			snprintf(err, errlen, "poll: %s", strerror(-r));
 			break;
@@ -389,7 +565,7 @@ int nbd_server_run(const struct nbd_server_config *cfg, qk_image *img,
 			struct signalfd_siginfo si;
 			if (read(sfd, &si, sizeof(si)) > 0 && !stopping) {
 				stopping = true;
-				deadline = now_sec() + NBD_STOP_GRACE;
+				stop_hard = nbd_now_ms() + NBD_STOP_GRACE_MS;
 				shutdown_all(&s, SHUT_RD);
 			}
 		}
@@ -398,11 +574,17 @@ int nbd_server_run(const struct nbd_server_config *cfg, qk_image *img,
 			if (read(s.wake_fd, &v, sizeof(v)) < 0) {
 				/* Nothing to do: reap looks at the flags. */
 			}
-			reap(&s);
+			/* A client gone is a descriptor free: try accept()
+			 * again at once. */
+			if (reap(&s, &served) > 0)
+				pause_until = 0;
 		}
+		/* Only clients that got as far as transmission count: one
+		 * dropped in the handshake (a port scan, a silent or slow
+		 * client) must not end the service, as with qemu-nbd. */
 		if (s.nclients == 0 && (stopping || (served && !cfg->persistent)))
 			break;
-		if (stopping && !hard && now_sec() > deadline) {
+		if (stopping && !hard && nbd_now_ms() >= stop_hard) {
 			hard = true;
 			shutdown_all(&s, SHUT_RDWR);
 		}
@@ -415,15 +597,20 @@ int nbd_server_run(const struct nbd_server_config *cfg, qk_image *img,
 			if (cfg->max_clients && s.nclients >= cfg->max_clients)
 				break;
 			fd = accept4(pfd[i].fd, NULL, NULL, SOCK_CLOEXEC);
-			if (fd < 0)
-				continue;   /* the client went away already */
+			if (fd < 0) {
+				if (accept_retry_now(errno))
+					continue;
+				pause_until = nbd_now_ms() + NBD_ACCEPT_PAUSE_MS;
+				break;
+			}
 			if (!cfg->socket_path)
 				setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one,
 					   sizeof(one));
 			cl = calloc(1, sizeof(*cl));
 			if (cl == NULL) {
 				close(fd);
-				continue;
+				pause_until = nbd_now_ms() + NBD_ACCEPT_PAUSE_MS;
+				break;
 			}
 			cl->s = &s;
 			cl->fd = fd;
@@ -432,12 +619,12 @@ int nbd_server_run(const struct nbd_server_config *cfg, qk_image *img,
 				pthread_mutex_unlock(&s.lock);
 				close(fd);
 				free(cl);
-				continue;
+				pause_until = nbd_now_ms() + NBD_ACCEPT_PAUSE_MS;
+				break;
 			}
 			cl->next = s.clients;
 			s.clients = cl;
 			s.nclients++;
-			served = true;
 			pthread_mutex_unlock(&s.lock);
 		}
 	}
@@ -448,7 +635,7 @@ int nbd_server_run(const struct nbd_server_config *cfg, qk_image *img,
 			uint64_t v;
 			if (read(s.wake_fd, &v, sizeof(v)) < 0 && errno != EINTR)
 				break;
-			reap(&s);
+			reap(&s, &served);
 		}
 	}
 	if (!exp->readonly) {

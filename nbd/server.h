@@ -34,12 +34,15 @@ struct nbd_export {
  * client sends NBD_CMD_DISC, closes, or breaks the protocol. Requests of
  * one client run concurrently on a small worker pool and may be answered
  * out of order; everything in flight is finished (and a writable image
- * flushed) before returning. `fd` is not closed. A handshake read that
- * waits more than 10 seconds drops the client. A shutdown(fd, SHUT_RD)
- * from another thread ends the connection the same graceful way.
+ * flushed) before returning. `fd` is not closed (and should be blocking).
+ * A client that has not finished the handshake 10 seconds after the call,
+ * or that takes none of its replies for 30 seconds, is dropped
+ * (-ETIMEDOUT). A shutdown(fd, SHUT_RD) from another thread ends the
+ * connection the same graceful way.
  * Returns 0 when the client left by the protocol's rules (DISC, ABORT, or
  * closing between requests), -EPROTO when it broke them (the connection is
- * dropped), or another negative errno for socket errors.
+ * dropped), -ETIMEDOUT as above, or another negative errno for socket
+ * errors.
  */
 int nbd_serve_conn(int fd, qk_image *img, const struct nbd_export *exp);
 

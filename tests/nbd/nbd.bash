@@ -9,7 +9,8 @@
 # serve_start KIND IMAGE [OPTION...]  start KIND ("qcowkit" or "qemu-nbd")
 #   on IMAGE with qemu-nbd-style options (-k is added unless -p is given),
 #   wait until it listens; sets SOCK (the Unix socket), URI (nbd+unix://),
-#   SRV_PID and SRV_LOG.
+#   SRV_PID and SRV_LOG. With SRV_TAG set, the socket, pid file and log are
+#   named after it too, so that several servers of one kind can run at once.
 # serve_stop [NAME]  SIGTERM, wait; records a failure (NAME) unless the
 #   server exits 0 (and, for qcowkit, reports nothing under a sanitizer).
 # serve_wait_exit NAME  wait for a server to exit by itself; as serve_stop.
@@ -28,21 +29,22 @@ serve_start() {
   shift 2
   local a
   for a in "$@"; do [ "$a" = -p ] && tcp=1; done
-  SOCK=$T/$kind.sock
-  SRV_LOG=$T/$kind.log
+  local base=$T/$kind${SRV_TAG:+-$SRV_TAG}
+  SOCK=$base.sock
+  SRV_LOG=$base.log
   SRV_KIND=$kind
-  rm -f "$SOCK" "$T/$kind.pid"
+  rm -f "$SOCK" "$base.pid"
   local sockopt=(-k "$SOCK")
   [ -n "$tcp" ] && sockopt=()
   case $kind in
   qcowkit)
-    "$QCOWKIT" serve "${sockopt[@]}" --pid-file "$T/$kind.pid" "$@" "$img" \
+    "$QCOWKIT" serve "${sockopt[@]}" --pid-file "$base.pid" "$@" "$img" \
       >"$SRV_LOG" 2>&1 &
     ;;
   qemu-nbd)
     # -A: offer qemu:allocation-depth, which qcowkit always offers;
     # --discard=unmap: TRIM really discards, as it does with qcowkit.
-    qemu-nbd "${sockopt[@]}" --pid-file "$T/$kind.pid" -A --discard=unmap \
+    qemu-nbd "${sockopt[@]}" --pid-file "$base.pid" -A --discard=unmap \
       "$@" "$img" >"$SRV_LOG" 2>&1 &
     ;;
   esac
@@ -50,7 +52,7 @@ serve_start() {
   URI="nbd+unix:///?socket=$SOCK"
   local i
   for i in $(seq 200); do
-    [ -s "$T/$kind.pid" ] && return 0
+    [ -s "$base.pid" ] && return 0
     kill -0 "$SRV_PID" 2>/dev/null || break
     sleep 0.05
   done
