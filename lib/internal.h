@@ -55,6 +55,10 @@ struct qk__io_ops {
 	const char *name;
 	int (*pread)(struct qk__file *f, void *buf, size_t len, uint64_t off);
 	int (*pwrite)(struct qk__file *f, const void *buf, size_t len, uint64_t off);
+	/* As pwrite, for guest data written into an image file (never
+	 * metadata); may be NULL (then pwrite). A test backend checks that it
+	 * lands on no metadata (the fuzz oracle). */
+	int (*pwrite_data)(struct qk__file *f, const void *buf, size_t len, uint64_t off);
 	int (*sync)(struct qk__file *f);
 	int (*get_size)(struct qk__file *f, uint64_t *size);
 	int (*set_size)(struct qk__file *f, uint64_t size);
@@ -89,6 +93,12 @@ struct qk__file {
 static inline int qk__file_pread(struct qk__file *f, void *buf, size_t len, uint64_t off)
 {
 	return f->ops->pread(f, buf, len, off);
+}
+/* Write guest data (see pwrite_data in the ops table). */
+static inline int qk__file_pwrite_data(struct qk__file *f, const void *buf, size_t len,
+				       uint64_t off)
+{
+	return (f->ops->pwrite_data ? f->ops->pwrite_data : f->ops->pwrite)(f, buf, len, off);
 }
 static inline int qk__file_lock(struct qk__file *f, bool write, bool force_share)
 {

@@ -564,14 +564,26 @@ int qk__qcow2_rebuild_refcounts(qk_image *img)
 	if ((ret = fix_copied(img, &r)) < 0)
 		goto out;
 	/* New blocks and table past everything in use, counting themselves. */
-	uint64_t area = r.n, blocks = 0, tc = 0;
-	for (int iter = 0; iter < 64; iter++) {
-		uint64_t total = area + blocks + tc;
-		uint64_t nb = (total + epb - 1) / epb, ntc = (nb * 8 + cs - 1) / cs;
-		if (nb == blocks && ntc == tc)
+	/* ...and past any cluster a (corrupt) table entry names beyond the end
+	 * of the file, so no such entry comes to point at the new structure. */
+	uint64_t area = r.n, blocks = 0, tc = 0, hit;
+	for (;;) {
+		for (int iter = 0; iter < 64; iter++) {
+			uint64_t total = area + blocks + tc;
+			uint64_t nb = (total + epb - 1) / epb, ntc = (nb * 8 + cs - 1) / cs;
+			if (nb == blocks && ntc == tc)
+				break;
+			blocks = nb;
+			tc = ntc;
+		}
+		if (((area + blocks + tc) << q->cluster_bits) > MAX_HOST_OFFSET)
+			break;          /* refused below */
+		ret = qk__qcow2_meta_find(img, area, blocks + tc, &hit);
+		if (ret < 0)
+			goto out;
+		if (ret == 0)
 			break;
-		blocks = nb;
-		tc = ntc;
+		area = hit + 1;
 	}
 	if (tc * cs > MAX_REFTABLE_BYTES || ((area + blocks + tc) << q->cluster_bits) > MAX_HOST_OFFSET) {
 		ret = qk__err(EFBIG, "'%s' is too large for a new refcount table", img->filename);
@@ -623,8 +635,10 @@ int qk__qcow2_rebuild_refcounts(qk_image *img)
 		ret = img->file->ops->sync(img->file);
 	if (ret < 0)
 		goto out;
-	/* Switch the in-memory view to the new structure. */
+	/* Switch the in-memory view to the new structure (and the metadata
+	 * map with it: the old blocks are free space now). */
 	qk__qcow2_free_refcounts(q);
+	qk__qcow2_meta_invalidate(img);
 	q->rt_offset = (area + blocks) * cs;
 	q->rt_clusters = (uint32_t)tc;
 	q->file_size = total * cs;
@@ -932,15 +946,18 @@ static int move_intruders(qk_image *img, struct refs *r)
 	uint8_t *buf = malloc(cs);
 	if (ret == 0 && !buf)
 		ret = qk__err(ENOMEM, "out of memory");
-	uint64_t next = (fsize + cs - 1) & ~(cs - 1);
+	uint64_t next = (fsize + cs - 1) & ~(cs - 1), hit;
 	for (size_t i = 0; ret == 0 && i < r->n_movers; i++) {
 		uint64_t *t;
-		if ((ret = qk__cache_get(&q->l2_cache, r->movers[i].l2_off, (void **)&t)) < 0)
+		/* Not where a corrupt entry names a table past the end of the file. */
+		while ((ret = qk__qcow2_meta_find(img, next >> q->cluster_bits, 1, &hit)) == 1)
+			next += cs;
+		if (ret < 0 || (ret = qk__cache_get(&q->l2_cache, r->movers[i].l2_off, (void **)&t)) < 0)
 			break;
 		uint64_t e = t[r->movers[i].slot], host = e & L2E_OFFSET_MASK;
 		ret = qk__file_pread(img->file, buf, cs, host);
 		if (ret == 0)
-			ret = img->file->ops->pwrite(img->file, buf, cs, next);
+			ret = qk__file_pwrite_data(img->file, buf, cs, next);
 		if (ret == 0)
 			ret = img->file->ops->sync(img->file);
 		if (ret == 0) {

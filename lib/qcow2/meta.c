@@ -315,6 +315,23 @@ int qk__qcow2_meta_check(qk_image *img, uint64_t off, uint64_t len, unsigned all
 	return 0;
 }
 
+int qk__qcow2_meta_find(qk_image *img, uint64_t first, uint64_t n, uint64_t *hit)
+{
+	struct qcow2 *q = qcow2_of(img);
+	int ret = qk__qcow2_meta_ready(img);
+	if (ret < 0)
+		return ret;
+	for (uint64_t c = first; c < first + n; c++) {
+		bool found;
+		find(&q->meta, c, &found);
+		if (found) {
+			*hit = c;
+			return 1;
+		}
+	}
+	return 0;
+}
+
 int qk__qcow2_pre_write_l2(void *opaque, uint64_t offset)
 {
 	qk_image *img = opaque;

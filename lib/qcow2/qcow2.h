@@ -105,6 +105,11 @@ struct qk__metamap {
  * marked corrupt) or -ENOMEM. */
 int qk__qcow2_meta_check(qk_image *img, uint64_t off, uint64_t len, unsigned allowed,
 			 const char *what);
+/* The first host cluster of [first, first+n) (cluster indices) that
+ * metadata names: 1 and *hit, or 0 when none does, or a negative errno
+ * (the map could not be built). For placing new structures past the end of
+ * the file where no table entry already points. Image lock held. */
+int qk__qcow2_meta_find(qk_image *img, uint64_t first, uint64_t n, uint64_t *hit);
 /* Build the map unless it is built (the first write of a handle). */
 int qk__qcow2_meta_ready(qk_image *img);
 /* A new reference of kind `type` to [off, off+len) (a table was written

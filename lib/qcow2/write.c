@@ -442,7 +442,7 @@ static int write_slow(qk_image *img, uint64_t gc, uint64_t in, const uint8_t *da
 			wend = qk_min_u64(span_hi, (in + n + 4095) & ~(uint64_t)4095);
 		}
 	}
-	ret = df->ops->pwrite(df, buf + wlo, wend - wlo, host + wlo);
+	ret = qk__file_pwrite_data(df, buf + wlo, wend - wlo, host + wlo);
 	pthread_mutex_lock(&q->lock);
 	if (ret < 0) {
 		if (!owned && !q->has_data_file)
@@ -494,7 +494,7 @@ static int write_whole(qk_image *img, uint64_t gc, const uint8_t *data, size_t l
 	pthread_mutex_unlock(&q->lock);
 	if (ret < 0 || k < 2)
 		goto out;
-	ret = img->file->ops->pwrite(img->file, data, k * cs, host);
+	ret = qk__file_pwrite_data(img->file, data, k * cs, host);
 	pthread_mutex_lock(&q->lock);
 	if (ret < 0) {
 		qk__qcow2_update_refcount(img, host, k * cs, -1);      /* best effort: else a leak */
@@ -565,7 +565,7 @@ int qk__qcow2_pwrite(qk_image *img, const void *buf, size_t len, uint64_t off)
 		}
 		if (ret == 0 && owned) {
 			struct qk__file *df = q->data_file ? q->data_file : img->file;
-			ret = df->ops->pwrite(df, p, n, host + in);
+			ret = qk__file_pwrite_data(df, p, n, host + in);
 		}
 		p += n;
 		off += n;
@@ -629,7 +629,7 @@ int qk__qcow2_write_compressed(qk_image *img, const void *buf, size_t len, uint6
 		ret = qk__qcow2_alloc_bytes(img, (uint64_t)clen, &coff);
 		pthread_mutex_unlock(&q->lock);
 		if (ret == 0)
-			ret = img->file->ops->pwrite(img->file, out, (size_t)clen, coff);
+			ret = qk__file_pwrite_data(img->file, out, (size_t)clen, coff);
 		pthread_mutex_lock(&q->lock);
 		if (ret < 0 && coff) {
 			qk__qcow2_update_refcount(img, coff, (uint64_t)clen, -1); /* else a leak */

@@ -23,6 +23,18 @@
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
+/* An invariant broke: say which, and abort so the fuzzer keeps the input
+ * (and the replay test fails). */
+#define FUZZ_ASSERT(cond, ...)                                                \
+	do {                                                                  \
+		if (!(cond)) {                                                \
+			fprintf(stderr, "%s:%d: invariant broken: ", __FILE__, __LINE__); \
+			fprintf(stderr, __VA_ARGS__);                         \
+			fprintf(stderr, " (last error: %s)\n", qk_last_error() ? qk_last_error() : "none"); \
+			abort();                                              \
+		}                                                             \
+	} while (0)
+
 /* A crafted image may make the allocator write far out (a real file would
  * be sparse there); memory is not, so writes may not grow the file past
  * FUZZ_MAX_FILE: they fail as on a full disk. The memory backend's own
@@ -30,18 +42,162 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 static const struct qk__io_ops *fuzz_mem_ops;
 static struct qk__io_ops fuzz_limited_ops;
 
+/*
+ * The metadata oracle. Guest data (the library's pwrite_data) may never
+ * land on a cluster that the image's metadata names at that moment, as the
+ * bytes of the file say: the header, L1 tables and the L2 tables they
+ * name, the refcount table and its blocks, the snapshot table, the bitmap
+ * directory, tables and data. A cluster the library freed first is named
+ * no more. The parse below is this harness's own (it shares no code with
+ * the library) and is redone after any other write changed the file.
+ */
+#define FUZZ_META_CLUSTERS (FUZZ_MAX_FILE / 512u)
+static struct qk__file *fuzz_image_file;        /* the file the oracle watches */
+static uint8_t fuzz_meta[FUZZ_META_CLUSTERS / 8];
+static unsigned fuzz_meta_bits;                 /* cluster_bits of the parse */
+static int fuzz_meta_stale = 1;
+static uint64_t fuzz_meta_checks;               /* data writes judged (for tests) */
+
+/* Big-endian fields of d[0, n); bytes past the end read as zeros. */
+static uint64_t fuzz_be64(const uint8_t *d, size_t n, uint64_t off)
+{
+	uint64_t v = 0;
+	for (int i = 0; i < 8; i++)
+		v = v << 8 | (off + (uint64_t)i < n && off + (uint64_t)i >= off ? d[off + i] : 0);
+	return v;
+}
+
+static uint32_t fuzz_be32(const uint8_t *d, size_t n, uint64_t off)
+{
+	return (uint32_t)(fuzz_be64(d, n, off) >> 32);
+}
+
+/* Mark the clusters of [off, off+len) (those below FUZZ_MAX_FILE). */
+static void fuzz_mark(uint64_t off, uint64_t len)
+{
+	if (len == 0 || off >= FUZZ_MAX_FILE)
+		return;
+	uint64_t end = off + len < off || off + len > FUZZ_MAX_FILE ? FUZZ_MAX_FILE : off + len;
+	for (uint64_t c = off >> fuzz_meta_bits; c <= (end - 1) >> fuzz_meta_bits; c++)
+		fuzz_meta[c / 8] |= (uint8_t)(1u << (c % 8));
+}
+
+/* An L1 table of `size` entries at `off`, and the L2 tables it names (when
+ * the table lies whole in the file, as a reader would read it). */
+static void fuzz_mark_l1(const uint8_t *d, size_t n, uint64_t off, uint64_t size)
+{
+	fuzz_mark(off, size * 8);
+	if (size > (32u << 20) / 8 || off > n || size * 8 > n - off)
+		return;
+	for (uint64_t i = 0; i < size; i++) {
+		uint64_t l2 = fuzz_be64(d, n, off + 8 * i) & 0x00fffffffffffe00ull;
+		if (l2)
+			fuzz_mark(l2, 1ull << fuzz_meta_bits);
+	}
+}
+
+static void fuzz_meta_scan(const uint8_t *d, size_t n)
+{
+	memset(fuzz_meta, 0, sizeof fuzz_meta);
+	fuzz_meta_bits = 0;
+	unsigned cb = fuzz_be32(d, n, 20);
+	if (n < 104 || fuzz_be32(d, n, 0) != 0x514649fbu || cb < 9 || cb > 21)
+		return;
+	uint64_t cs = 1ull << cb;
+	uint32_t version = fuzz_be32(d, n, 4);
+	fuzz_meta_bits = cb;
+	fuzz_mark(0, cs);
+	fuzz_mark_l1(d, n, fuzz_be64(d, n, 40), fuzz_be32(d, n, 36));
+	uint64_t rt = fuzz_be64(d, n, 48), rt_bytes = (uint64_t)fuzz_be32(d, n, 56) << cb;
+	fuzz_mark(rt, rt_bytes);
+	for (uint64_t i = 0; rt < n && i < rt_bytes / 8 && rt + 8 * i < n; i++) {
+		uint64_t b = fuzz_be64(d, n, rt + 8 * i) & ~0x1ffull;
+		if (b)
+			fuzz_mark(b, cs);
+	}
+	uint32_t nb_snap = fuzz_be32(d, n, 60);
+	uint64_t st = fuzz_be64(d, n, 64), off = st;
+	for (uint32_t i = 0; i < nb_snap && i < 65536 && off < n; i++) {
+		uint32_t extra = fuzz_be32(d, n, off + 36), lens = fuzz_be32(d, n, off + 12);
+		if (extra > 1024)
+			break;
+		fuzz_mark_l1(d, n, fuzz_be64(d, n, off), fuzz_be32(d, n, off + 8));
+		off += (40 + extra + (lens >> 16) + (lens & 0xffff) + 7) & ~7ull;
+	}
+	if (nb_snap)
+		fuzz_mark(st, off - st);
+	/* Bitmaps: trusted by readers only while the autoclear bit is set. */
+	if (version < 3 || !(fuzz_be64(d, n, 88) & 1))
+		return;
+	uint64_t bo = fuzz_be64(d, n, 8), end = bo && bo < cs ? bo : cs;
+	for (uint64_t e = fuzz_be32(d, n, 100); e + 8 <= end && e + 8 <= n;) {
+		uint32_t type = fuzz_be32(d, n, e), len = fuzz_be32(d, n, e + 4);
+		if (type == 0)
+			break;
+		if (type == 0x23852875 && len == 24) {
+			uint64_t dsize = fuzz_be64(d, n, e + 16), doff = fuzz_be64(d, n, e + 24);
+			fuzz_mark(doff, dsize);
+			for (uint64_t p = doff; dsize <= n && p + 24 <= doff + dsize && p < n;) {
+				uint64_t toff = fuzz_be64(d, n, p), tsize = fuzz_be32(d, n, p + 8);
+				uint64_t name = fuzz_be32(d, n, p + 16) & 0xffff, ext = fuzz_be32(d, n, p + 20);
+				fuzz_mark(toff, tsize * 8);
+				for (uint64_t j = 0; toff < n && j < tsize && toff + 8 * j < n; j++) {
+					uint64_t b = fuzz_be64(d, n, toff + 8 * j) & 0x00fffffffffffe00ull;
+					if (b)
+						fuzz_mark(b, cs);
+				}
+				p += (24 + ext + name + 7) & ~7ull;
+			}
+		}
+		e += 8 + (((uint64_t)len + 7) & ~7ull);
+	}
+}
+
 static int fuzz_pwrite(struct qk__file *f, const void *buf, size_t len, uint64_t off)
 {
 	if (off > FUZZ_MAX_FILE || len > FUZZ_MAX_FILE - off)
 		return qk__err(ENOSPC, "fuzzed image would grow past %u bytes", FUZZ_MAX_FILE);
+	fuzz_meta_stale = 1;
 	return fuzz_mem_ops->pwrite(f, buf, len, off);
+}
+
+static int fuzz_pwrite_data(struct qk__file *f, const void *buf, size_t len, uint64_t off)
+{
+	if (f == fuzz_image_file && len && off < FUZZ_MAX_FILE) {
+		if (fuzz_meta_stale) {
+			size_t n;
+			const uint8_t *d = qk__file_mem_data(f, &n);
+			fuzz_meta_scan(d, n);
+			fuzz_meta_stale = 0;
+		}
+		uint64_t end = len > FUZZ_MAX_FILE - off ? FUZZ_MAX_FILE : off + len;
+		for (uint64_t c = off >> fuzz_meta_bits; fuzz_meta_bits && c <= (end - 1) >> fuzz_meta_bits; c++)
+			FUZZ_ASSERT(!(fuzz_meta[c / 8] & (1u << (c % 8))),
+				    "guest data written at 0x%llx+%zu lands on metadata (cluster at 0x%llx)",
+				    (unsigned long long)off, len, (unsigned long long)(c << fuzz_meta_bits));
+		fuzz_meta_checks++;
+	}
+	return fuzz_pwrite(f, buf, len, off);
 }
 
 static int fuzz_set_size(struct qk__file *f, uint64_t size)
 {
 	if (size > FUZZ_MAX_FILE)
 		return qk__err(ENOSPC, "fuzzed image would grow past %u bytes", FUZZ_MAX_FILE);
+	fuzz_meta_stale = 1;
 	return fuzz_mem_ops->set_size(f, size);
+}
+
+static int fuzz_discard(struct qk__file *f, uint64_t off, uint64_t len)
+{
+	fuzz_meta_stale = 1;
+	return fuzz_mem_ops->discard(f, off, len);
+}
+
+static int fuzz_zero_range(struct qk__file *f, uint64_t off, uint64_t len)
+{
+	fuzz_meta_stale = 1;
+	return fuzz_mem_ops->zero_range(f, off, len);
 }
 
 static inline void fuzz_limit(struct qk__file *f)
@@ -50,9 +206,16 @@ static inline void fuzz_limit(struct qk__file *f)
 		fuzz_mem_ops = f->ops;
 		fuzz_limited_ops = *f->ops;     /* same name: still a memory file */
 		fuzz_limited_ops.pwrite = fuzz_pwrite;
+		fuzz_limited_ops.pwrite_data = fuzz_pwrite_data;
 		fuzz_limited_ops.set_size = fuzz_set_size;
+		if (f->ops->discard)
+			fuzz_limited_ops.discard = fuzz_discard;
+		if (f->ops->zero_range)
+			fuzz_limited_ops.zero_range = fuzz_zero_range;
 	}
 	f->ops = &fuzz_limited_ops;
+	fuzz_image_file = f;
+	fuzz_meta_stale = 1;
 }
 
 /* Open `size` bytes at `data` (copied) as an image of format `fmt`
@@ -90,17 +253,5 @@ static inline uint8_t *fuzz_snapshot(qk_image *img, size_t *len)
 		memcpy(copy, p, *len);
 	return copy;
 }
-
-/* An invariant broke: say which, and abort so the fuzzer keeps the input
- * (and the replay test fails). */
-#define FUZZ_ASSERT(cond, ...)                                                \
-	do {                                                                  \
-		if (!(cond)) {                                                \
-			fprintf(stderr, "%s:%d: invariant broken: ", __FILE__, __LINE__); \
-			fprintf(stderr, __VA_ARGS__);                         \
-			fprintf(stderr, " (last error: %s)\n", qk_last_error() ? qk_last_error() : "none"); \
-			abort();                                              \
-		}                                                             \
-	} while (0)
 
 #endif /* QK_FUZZ_H */
