@@ -40,8 +40,9 @@ static const struct cli_command commands[] = {
 	  "compare [-f FMT] [-F FMT] [-s] [-p] [-q] [-U] A B",
 	  "compare the guest-visible content of two images" },
 	{ "convert", cmd_convert,
-	  "convert [-f FMT] -O raw [-p] [-q] [-m N] [-S N] [-W] [-U] SRC DST",
-	  "copy an image into a sparse raw file" },
+	  "convert [-f FMT] [-O raw|qcow2] [-c] [-o OPTS] [-B BACKING [-F FMT]] "
+	  "[-p] [-q] [-m N] [-S N] [-W] [-n] [-t CACHE] [-U] SRC DST",
+	  "copy an image's guest content into a new raw or qcow2 image" },
 	{ "create", cmd_create,
 	  "create [-f qcow2|raw] [-b BACKING [-F FMT]] [-u] [-o OPTS] FILE "
 	  "[SIZE]",
@@ -51,8 +52,8 @@ static const struct cli_command commands[] = {
 	  "describe an image (as qemu-img info)" },
 	{ "io", cmd_io,
 	  "io [-f FMT] [-r] [-U] [-n] [-t CACHE] FILE -c CMD [-c CMD ...]",
-	  "run qemu-io style commands (read [-P BYTE] [-q] [-v] [-C] OFF LEN, "
-	  "map)" },
+	  "run qemu-io style commands: read [-P BYTE] [-q] [-v] [-C] OFF LEN, "
+	  "write [-P BYTE] [-z] [-c] OFF LEN, discard OFF LEN, flush, map" },
 	{ "map", cmd_map,
 	  "map [-f FMT] [--output=human|json] [--start-offset=N] "
 	  "[--max-length=N] [-U] FILE",
@@ -99,7 +100,13 @@ static void print_main_usage(FILE *f)
 		"\n"
 		"Commands:\n");
 	for (size_t i = 0; i < N_COMMANDS; i++)
-		fprintf(f, "  %s\n", commands[i].synopsis);
+		if (commands[i].run != cmd_not_implemented)
+			fprintf(f, "  %s\n", commands[i].synopsis);
+	fprintf(f, "\nNot built yet:");
+	for (size_t i = 0, n = 0; i < N_COMMANDS; i++)
+		if (commands[i].run == cmd_not_implemented)
+			fprintf(f, "%s %s", n++ ? "," : "", commands[i].name);
+	fprintf(f, "\n");
 	fprintf(f,
 		"\n"
 		"Every command also takes --confine, for images you did not make:\n"
