@@ -602,7 +602,9 @@ int qk__qcow2_rebuild_refcounts(qk_image *img)
 			uint64_t c = b * epb + i, v;
 			if (c >= total)
 				break;
-			v = c < area ? cnt_get(&r, c) : 1;    /* the new structure itself */
+			/* counted clusters; the gap skipped past clusters a corrupt
+			 * entry names (free); the new structure itself */
+			v = c < r.n ? cnt_get(&r, c) : c < area ? 0 : 1;
 			if (!v)
 				continue;
 			switch (order) {
