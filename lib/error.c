@@ -37,10 +37,13 @@ int qk__err(int errnum, const char *fmt, ...)
 		va_start(ap, fmt);
 		vsnprintf(tls_msg + n, sizeof tls_msg - (size_t)n, fmt, ap);
 		va_end(ap);
-		/* One line, always: a name from an image may hold a newline. */
+		/* One line, always, and nothing a terminal would act on: a name
+		 * from an image may hold a newline or an escape sequence. */
 		for (char *p = tls_msg; *p; p++)
-			if (*p == '\n' || *p == '\r')
+			if (*p == '\n' || *p == '\r' || *p == '\t')
 				*p = ' ';
+			else if ((unsigned char)*p < 0x20 || *p == 0x7f)
+				*p = '?';
 		tls_errno = errnum;
 		tls_recorded = 1;
 	}

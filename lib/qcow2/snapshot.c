@@ -21,15 +21,14 @@ void qk__qcow2_free_snapshots(struct qcow2 *q)
 	q->n_snapshots = 0;
 }
 
+/* An id or name as stored (a NUL ends it, as for QEMU). Its bytes are kept:
+ * the CLI escapes them for the terminal, and JSON gives them back exactly. */
 static char *dup_str(const uint8_t *p, size_t len)
 {
 	char *s = malloc(len + 1);
 	if (s) {
 		memcpy(s, p, len);
 		s[len] = '\0';
-		for (size_t i = 0; i < len; i++)
-			if ((unsigned char)s[i] < 0x20)
-				s[i] = '?';
 	}
 	return s;
 }
