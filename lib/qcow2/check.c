@@ -64,6 +64,9 @@ struct refs {
 	bool needs_rebuild;     /* a referenced cluster has refcount 0 */
 	uint64_t trunc_end;     /* end of the furthest table cut short by the
 	                         * end of the file (0: none) */
+	uint64_t *rt_saved;     /* the refcount table before unusable entries
+	                         * were dropped for the pass */
+	bool rt_saved_valid;
 	/* Check mode: the active entries of data mapped over metadata or
 	 * past the end of the file, to move. */
 	struct { uint64_t l2_off, slot; } *movers;
@@ -701,8 +704,18 @@ static int count_refcount_structure(qk_image *img, struct refs *r)
 			continue;
 		}
 		r->needs_rebuild = true;
-		if (!usable)
-			q->rt[i] = 0;    /* not read again */
+		if (!usable) {
+			/* Not read again during this pass; the table itself is
+			 * given back afterwards (restore_reftable): the entry still
+			 * names that cluster, which writers must keep off. */
+			if (!r->rt_saved && !(r->rt_saved = malloc(q->rt_entries * sizeof *q->rt)))
+				return qk__err(ENOMEM, "out of memory");
+			if (!r->rt_saved_valid) {
+				memcpy(r->rt_saved, q->rt, q->rt_entries * sizeof *q->rt);
+				r->rt_saved_valid = true;
+			}
+			q->rt[i] = 0;
+		}
 	}
 	return ret;
 }
@@ -835,9 +848,32 @@ static int past_eof_refcounts(qk_image *img, struct refs *r, struct qk_check_res
 	return 0;
 }
 
-/* One check pass; no repairs. */
+/* Give back the refcount table entries a pass dropped (see
+ * count_refcount_structure). */
+static void restore_reftable(qk_image *img, struct refs *r)
+{
+	struct qcow2 *q = qcow2_of(img);
+	if (r->rt_saved_valid && q->rt)
+		memcpy(q->rt, r->rt_saved, q->rt_entries * sizeof *q->rt);
+	free(r->rt_saved);
+	r->rt_saved = NULL;
+	r->rt_saved_valid = false;
+}
+
+static int check_pass_body(qk_image *img, struct qk_check_result *res,
+			   void (*report)(void *, const char *), void *opaque, struct refs *r);
+
+/* One check pass; no repairs. The in-memory refcount table is as before. */
 static int check_pass(qk_image *img, struct qk_check_result *res,
 		      void (*report)(void *, const char *), void *opaque, struct refs *r)
+{
+	int ret = check_pass_body(img, res, report, opaque, r);
+	restore_reftable(img, r);
+	return ret;
+}
+
+static int check_pass_body(qk_image *img, struct qk_check_result *res,
+			   void (*report)(void *, const char *), void *opaque, struct refs *r)
 {
 	struct qcow2 *q = qcow2_of(img);
 	uint64_t cs = q->cluster_size;
@@ -1204,6 +1240,7 @@ int qk__qcow2_forensic(qk_image *img, int (*found)(void *opaque, const struct qk
 			ret = found(opaque, &it);
 		}
 	}
+	restore_reftable(img, &r);
 	pthread_mutex_unlock(&q->lock);
 	free(r.past);
 	free_counts(&r);

@@ -171,10 +171,21 @@ static int fuzz_pwrite_data(struct qk__file *f, const void *buf, size_t len, uin
 			fuzz_meta_stale = 0;
 		}
 		uint64_t end = len > FUZZ_MAX_FILE - off ? FUZZ_MAX_FILE : off + len;
-		for (uint64_t c = off >> fuzz_meta_bits; fuzz_meta_bits && c <= (end - 1) >> fuzz_meta_bits; c++)
+		for (uint64_t c = off >> fuzz_meta_bits; fuzz_meta_bits && c <= (end - 1) >> fuzz_meta_bits; c++) {
+			const char *dump = getenv("FUZZ_DUMP");  /* the file as it was, to look at */
+			if (dump && (fuzz_meta[c / 8] & (1u << (c % 8)))) {
+				size_t n;
+				const void *d = qk__file_mem_data(f, &n);
+				FILE *o = fopen(dump, "wb");
+				if (o) {
+					fwrite(d, 1, n, o);
+					fclose(o);
+				}
+			}
 			FUZZ_ASSERT(!(fuzz_meta[c / 8] & (1u << (c % 8))),
 				    "guest data written at 0x%llx+%zu lands on metadata (cluster at 0x%llx)",
 				    (unsigned long long)off, len, (unsigned long long)(c << fuzz_meta_bits));
+		}
 		fuzz_meta_checks++;
 	}
 	return fuzz_pwrite(f, buf, len, off);
