@@ -565,6 +565,35 @@ def test_confine():
     check("unconfined data file: writes", rc == 0, err[:200])
 
 
+# ---- 11. bounded decompression ----------------------------------------------
+
+def test_zstd_window():
+    """A zstd frame that asks for a 128 MiB window (not single-segment, no
+    content size, as a streaming encoder writes it) in a 64 KiB cluster."""
+    p = os.path.join(T, "zw.qcow2")
+    qimg("create", "-q", "-f", "qcow2", "-o", "compression_type=zstd", p, "1M")
+    rnd = os.path.join(T, "rnd")
+    open(rnd, "wb").write(os.urandom(CS // 2) + b"\0" * (CS // 2))
+    rc, _, err = run(["qemu-io", "-f", "qcow2", "-c", "write -c -s %s 0 64k" % rnd, p])
+    assert rc == 0, err
+    im = Image(p)
+    e = im.l2e(0)
+    shift = 62 - (16 - 8)
+    coff = e & ((1 << shift) - 1)
+    csize = (((e >> shift) & ((1 << 8) - 1)) + 1) * 512 - (coff & 511)
+    frame = subprocess.run(["zstd", "--zstd=wlog=27", "-c", "-q"], input=b"\x42" * CS,
+                           capture_output=True).stdout
+    check("zstd window: test frame declares a 128 MiB window", frame[:4] == b"\x28\xb5\x2f\xfd" and
+          len(frame) <= csize and frame[4] & 0x20 == 0 and (frame[5] >> 3) + 10 == 27, frame[:8].hex())
+    patch(p, coff, "%ds" % csize, frame + b"\0" * (csize - len(frame)))
+    rc, _, err = qk("io", "-r", p, "-c", "read 0 64k")
+    check("zstd window over a cluster: refused in one line", rc != 0 and one_line_error(err) and
+          "zstd" in err, "rc %d %s" % (rc, err[:200]))
+    qrc, _, qerr = qio(p, "read -P 0x42 0 64k")
+    qemu_says("zstd frame with a 128 MiB window in a 64 KiB cluster", qrc,
+              qerr or "read it (allocating the window)")
+
+
 def main():
     tpl = make_template()
     test_overlaps(tpl)
@@ -573,6 +602,7 @@ def main():
     test_extensions()
     test_host_files()
     test_confine()
+    test_zstd_window()
     shutil.rmtree(T, ignore_errors=True)
     print("%d passed, %d failed" % (passed, failed))
     sys.exit(1 if failed else 0)

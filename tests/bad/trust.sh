@@ -5,5 +5,5 @@
 # host files that are not regular files, and --confine. Prints "qemu:"
 # lines with what QEMU 7.2 does on the same inputs.
 . "$(dirname "$0")/../lib.sh"
-need qemu-img qemu-io python3
+need qemu-img qemu-io python3 zstd
 python3 "$QK_SRC/tests/bad/trust.py"
