@@ -96,12 +96,12 @@ int qk__qcow2_l2_table(qk_image *img, uint64_t l1i, uint64_t *l2_off)
 	if (past_eof(img, off))
 		return qk__qcow2_corrupt(img, "L2 table at offset 0x%llx (L1 index %llu) lies past the end of the file",
 					 (unsigned long long)off, (unsigned long long)l1i);
-	if (q->meta_ready) {
+	uint64_t at;
+	unsigned types = qk__qcow2_meta_hit(img, off, q->cluster_size, META_L2, &at);
+	if (types) {
 		char what[64];
 		snprintf(what, sizeof what, "the L2 table of L1 index %llu", (unsigned long long)l1i);
-		int ret = qk__qcow2_meta_check(img, off, q->cluster_size, META_L2, what);
-		if (ret < 0)
-			return ret;
+		return qk__qcow2_meta_refuse(img, what, off, types, at);
 	}
 	*l2_off = off;
 	return 0;

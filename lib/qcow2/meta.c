@@ -288,31 +288,44 @@ void qk__qcow2_meta_invalidate(qk_image *img)
 	qk__qcow2_meta_free(qcow2_of(img));
 }
 
-int qk__qcow2_meta_check(qk_image *img, uint64_t off, uint64_t len, unsigned allowed,
-			 const char *what)
+unsigned qk__qcow2_meta_hit(qk_image *img, uint64_t off, uint64_t len, unsigned allowed,
+			     uint64_t *cluster_off)
 {
 	struct qcow2 *q = qcow2_of(img);
-	if (len == 0)
-		return 0;
-	int ret = qk__qcow2_meta_ready(img);
-	if (ret < 0)
-		return ret;
 	const struct qk__metamap *m = &q->meta;
+	if (len == 0 || !q->meta_ready)
+		return 0;
 	uint64_t first = off >> q->cluster_bits;
 	uint64_t last = qk_min_u64(off + len - 1, MAX_HOST_OFFSET) >> q->cluster_bits;
 	for (uint64_t c = first; c <= last; c++) {
 		bool found;
 		uint64_t s = find(m, c, &found);
-		if (!found)
-			continue;
-		unsigned types = m->vals[s] & META_TYPE_MASK;
-		if (types & ~allowed)
-			return qk__qcow2_corrupt(img, "preventing %s at offset 0x%llx: it overlaps %s "
-						 "(cluster at 0x%llx)", what, (unsigned long long)off,
-						 meta_name(types & ~allowed),
-						 (unsigned long long)(c << q->cluster_bits));
+		unsigned types = found ? m->vals[s] & META_TYPE_MASK & ~allowed : 0;
+		if (types) {
+			*cluster_off = c << q->cluster_bits;
+			return types;
+		}
 	}
 	return 0;
+}
+
+int qk__qcow2_meta_refuse(qk_image *img, const char *what, uint64_t off, unsigned types,
+			  uint64_t cluster_off)
+{
+	return qk__qcow2_corrupt(img, "preventing %s at offset 0x%llx: it overlaps %s (cluster at 0x%llx)",
+				 what, (unsigned long long)off, meta_name(types),
+				 (unsigned long long)cluster_off);
+}
+
+int qk__qcow2_meta_check(qk_image *img, uint64_t off, uint64_t len, unsigned allowed,
+			 const char *what)
+{
+	uint64_t at;
+	int ret = len ? qk__qcow2_meta_ready(img) : 0;
+	if (ret < 0)
+		return ret;
+	unsigned types = qk__qcow2_meta_hit(img, off, len, allowed, &at);
+	return types ? qk__qcow2_meta_refuse(img, what, off, types, at) : 0;
 }
 
 int qk__qcow2_meta_find(qk_image *img, uint64_t first, uint64_t n, uint64_t *hit)

@@ -105,6 +105,14 @@ struct qk__metamap {
  * marked corrupt) or -ENOMEM. */
 int qk__qcow2_meta_check(qk_image *img, uint64_t off, uint64_t len, unsigned allowed,
 			 const char *what);
+/* The kinds of metadata outside `allowed` at the first cluster of
+ * [off, off+len) that holds some (0: none; no map yet: 0), its offset in
+ * *cluster_off: the overlap check without its message, for hot paths. */
+unsigned qk__qcow2_meta_hit(qk_image *img, uint64_t off, uint64_t len, unsigned allowed,
+			     uint64_t *cluster_off);
+/* Report what qk__qcow2_meta_hit found, as qk__qcow2_meta_check does. */
+int qk__qcow2_meta_refuse(qk_image *img, const char *what, uint64_t off, unsigned types,
+			  uint64_t cluster_off);
 /* The first host cluster of [first, first+n) (cluster indices) that
  * metadata names: 1 and *hit, or 0 when none does, or a negative errno
  * (the map could not be built). For placing new structures past the end of

@@ -268,12 +268,19 @@ static bool entry_owned(const struct qcow2 *q, const struct entry *en, uint64_t 
 static int data_target_ok(qk_image *img, uint64_t host, uint64_t gc)
 {
 	struct qcow2 *q = qcow2_of(img);
+	uint64_t at;
 	if (q->has_data_file)
+		return 0;
+	int ret = qk__qcow2_meta_ready(img);    /* built already, unless dropped */
+	if (ret < 0)
+		return ret;
+	unsigned types = qk__qcow2_meta_hit(img, host, q->cluster_size, 0, &at);
+	if (!types)
 		return 0;
 	char what[64];
 	snprintf(what, sizeof what, "a data write for guest offset 0x%llx",
 		 (unsigned long long)(gc << q->cluster_bits));
-	return qk__qcow2_meta_check(img, host, q->cluster_size, 0, what);
+	return qk__qcow2_meta_refuse(img, what, host, types, at);
 }
 
 /* Host offset of guest cluster gc, with *owned set, when a write of
