@@ -384,6 +384,13 @@ static int count_l1(qk_image *img, struct refs *r, uint64_t l1_off, uint32_t l1_
 					      "bits set", (unsigned long long)guest, (unsigned long long)e);
 				continue;
 			}
+			if (res && active && q->has_data_file && (host || (e & QCOW_OFLAG_COPIED)) &&
+			    host != guest) {
+				ret = problem(img, r, "L2 entry of guest offset 0x%llx maps offset 0x%llx of the "
+					      "external data file (it must map the guest offset)",
+					      (unsigned long long)guest, (unsigned long long)host);
+				continue;
+			}
 			if (host && !q->has_data_file) {
 				if (host & (cs - 1)) {
 					ret = problem(img, r, "data cluster offset 0x%llx unaligned (guest offset 0x%llx)",

@@ -151,6 +151,12 @@ int qk__qcow2_check_entry(qk_image *img, uint64_t gc, uint64_t e, uint64_t bm)
 			return qk__qcow2_corrupt(img, "unallocated cluster at guest offset 0x%llx has allocated subclusters",
 						 guest);
 	}
+	if (q->has_data_file && allocated && host != (gc << q->cluster_bits))
+		/* The specification: the offset must match the guest offset (else
+		 * two guest clusters may share data no refcount accounts for). */
+		return qk__qcow2_corrupt(img, "L2 entry for guest offset 0x%llx maps offset 0x%llx of the "
+					 "external data file (it must map the guest offset)", guest,
+					 (unsigned long long)host);
 	if (!host)
 		return 0;
 	if (host & (q->cluster_size - 1))
