@@ -11,32 +11,15 @@
 #include <stdlib.h>
 #include <string.h>
 
-char *qk__backing_path(const char *overlay_path, const char *name)
-{
-	if (name[0] == '/')
-		return strdup(name);
-	const char *slash = strrchr(overlay_path, '/');
-	if (!slash)
-		return strdup(name);
-	size_t dir = (size_t)(slash - overlay_path) + 1;
-	size_t nlen = strlen(name);
-	char *p = malloc(dir + nlen + 1);
-	if (!p)
-		return NULL;
-	memcpy(p, overlay_path, dir);
-	memcpy(p + dir, name, nlen + 1);
-	return p;
-}
-
 /* True when a file with this identity is img or an image above it. */
 static bool in_chain(const qk_image *img, struct qk__file *f)
 {
 	uint64_t dev, ino;
-	if (!f->ops->identity || f->ops->identity(f, &dev, &ino) < 0)
+	if (qk__file_identity(f, &dev, &ino) < 0)
 		return false;
 	for (const qk_image *i = img; i; i = i->overlay) {
 		uint64_t d, n;
-		if (i->file->ops->identity && i->file->ops->identity(i->file, &d, &n) == 0 &&
+		if (qk__file_identity(i->file, &d, &n) == 0 &&
 		    d == dev && n == ino)
 			return true;
 	}
@@ -75,12 +58,11 @@ int qk__chain_open(qk_image *img, const char *name, const char *fmt,
 			return qk__err(ENOTSUP, "backing file '%s' of '%s' has format '%s', which is not supported",
 				       name, img->filename, fmt);
 	}
-	char *path = qk__backing_path(img->filename, name);
+	char *path = qk__file_resolve(img->filename, name);
 	if (!path)
 		return qk__err(ENOMEM, "out of memory");
 	struct qk__file *f;
-	int ret = qk__file_open_named(img->filename, name, path, false, opts->flags,
-				      "backing file", &f);
+	int ret = img->host->open_backing(img->host, img->filename, name, path, opts->flags, &f);
 	if (ret == 0) {
 		ret = qk__file_lock(f, false, opts->flags & QK_OPEN_FORCE_SHARE);
 		if (ret < 0)
@@ -92,7 +74,7 @@ int qk__chain_open(qk_image *img, const char *name, const char *fmt,
 			      chain_top(img)->filename, path);
 	}
 	if (ret == 0)
-		ret = qk__image_open_file(f, path, &bo, img, &img->backing);
+		ret = qk__image_open_file(img->host, f, path, &bo, img, &img->backing);
 	free(path);
 	return ret;
 }

@@ -62,7 +62,7 @@ int qk__create_open(const char *path, bool *created, struct qk__file **out)
  * negative errno (recorded). */
 int qk__create_empty(struct qk__file *f)
 {
-	return f->ops->set_size(f, 0);
+	return qk__file_set_size(f, 0);
 }
 
 /* Write zeros over [from, to) of f, 64 KiB at a time. */
@@ -71,7 +71,7 @@ static int write_zeros(struct qk__file *f, uint64_t from, uint64_t to)
 	static const uint8_t zeros[65536];
 	while (from < to) {
 		size_t n = (size_t)qk_min_u64(to - from, sizeof zeros);
-		int ret = f->ops->pwrite(f, zeros, n, from);
+		int ret = qk__file_pwrite(f, zeros, n, from);
 		if (ret < 0)
 			return qk__err(-ret, "Could not write zeros for preallocation: %s",
 				       strerror(-ret));
@@ -93,7 +93,7 @@ static int allocate_first_block(struct qk__file *f, uint64_t size)
 
 	if (size < n)
 		return 0;
-	return f->ops->pwrite(f, zeros, n, 0);
+	return qk__file_pwrite(f, zeros, n, 0);
 }
 
 /*
@@ -116,11 +116,10 @@ int qk__create_grow(struct qk__file *f, uint64_t from, uint64_t to, int prealloc
 	if ((ret = qk__file_get_size(f, &size)) < 0)
 		return ret;
 	if (from < to && prealloc == QK_PREALLOC_FALLOC) {
-		ret = f->ops->allocate ? f->ops->allocate(f, from, to - from) :
-		      qk__err(ENOTSUP, "Could not preallocate new data: %s", strerror(ENOTSUP));
+		ret = qk__file_allocate(f, from, to - from);
 		if (ret < 0)
 			return ret;
-	} else if (size < to && (ret = f->ops->set_size(f, to)) < 0) {
+	} else if (size < to && (ret = qk__file_set_size(f, to)) < 0) {
 		return ret;
 	}
 	if (from < to && prealloc == QK_PREALLOC_FULL)
@@ -136,7 +135,7 @@ int qk__create_grow(struct qk__file *f, uint64_t from, uint64_t to, int prealloc
 /* Make everything written durable (the backend names the file on failure). */
 int qk__create_sync(struct qk__file *f)
 {
-	return f->ops->sync(f);
+	return qk__file_sync(f);
 }
 
 /*

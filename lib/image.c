@@ -107,9 +107,9 @@ void qk__image_free(qk_image *img)
 	free(img);
 }
 
-int qk__image_open_file(struct qk__file *file, const char *filename,
-			const struct qk_open_options *opts, qk_image *overlay,
-			qk_image **out)
+int qk__image_open_file(const struct qk__host *host, struct qk__file *file,
+			const char *filename, const struct qk_open_options *opts,
+			qk_image *overlay, qk_image **out)
 {
 	qk_image *img = calloc(1, sizeof *img);
 	char *name = strdup(filename);
@@ -120,6 +120,7 @@ int qk__image_open_file(struct qk__file *file, const char *filename,
 		return qk__err(ENOMEM, "out of memory");
 	}
 	img->file = file;
+	img->host = host;
 	img->filename = name;
 	img->flags = opts->flags;
 	img->overlay = overlay;
@@ -190,7 +191,7 @@ QK_EXPORT int qk_open(const char *path, const struct qk_open_options *opts,
 		qk__file_close(f);
 		return ret;
 	}
-	return qk__image_open_file(f, path, opts, NULL, out);
+	return qk__image_open_file(&qk__posix_host, f, path, opts, NULL, out);
 }
 
 QK_EXPORT int qk_lock_fd(int fd, const char *name, uint32_t flags)
@@ -214,9 +215,11 @@ static int is_file(struct qk__file *f, const struct stat *st)
 	uint64_t dev, ino;
 	int ret;
 
-	if (!f || !f->ops->identity)
+	if (!f)
 		return 0;
-	ret = f->ops->identity(f, &dev, &ino);
+	ret = qk__file_identity(f, &dev, &ino);
+	if (ret == -ENOTSUP)
+		return 0;
 	if (ret < 0)
 		return ret;
 	return dev == (uint64_t)st->st_dev && ino == (uint64_t)st->st_ino;
@@ -306,11 +309,9 @@ QK_EXPORT int qk_get_info(qk_image *img, struct qk_info *info)
 	int ret = qk__file_get_size(img->file, &info->file_size);
 	if (ret < 0)
 		return ret;
-	if (img->file->ops->allocated_size) {
-		ret = img->file->ops->allocated_size(img->file, &info->actual_size);
-		if (ret < 0)
-			return ret;
-	}
+	ret = qk__file_allocated_size(img->file, &info->actual_size);
+	if (ret < 0 && ret != -ENOTSUP)
+		return ret;
 	return img->drv->get_info ? img->drv->get_info(img, info) : 0;
 }
 

@@ -7,6 +7,7 @@
 #ifndef QK_INTERNAL_H
 #define QK_INTERNAL_H
 
+#include <errno.h>
 #include <pthread.h>
 #include <stdbool.h>
 #include <stddef.h>
@@ -38,48 +39,52 @@ int qk__err_sys(int errnum, const char *what);
 
 /* ---- io/: byte I/O backends ------------------------------------------------
  *
- * Contract, for every backend:
+ * Every byte of I/O the library does goes through a struct qk__file and the
+ * qk__file_* functions below (never through the ops table directly), so a
+ * test backend (memory, fault injection, power cuts: tests/support/) slots
+ * in beneath the whole library. Contract, for every backend:
  * - pread reads exactly len bytes at off. Bytes past the end of the file
  *   read as zeros (as a block device past a short file does in QEMU); it
  *   returns 0 or a negative errno and records the message.
  * - pwrite writes exactly len bytes, growing the file as needed.
  * - sync makes every completed write durable.
  * - get_size reports the current length of the file.
- * - block_status (optional) says whether [off, off+len) begins with data or
- *   a hole and how far that lasts (*pnum > 0); without it all is data.
+ * - The optional operations may be NULL; the wrappers then say what the
+ *   contract of each says.
  * - Every call may run concurrently with any other on the same file.
  */
 struct qk__file;
 
 struct qk__io_ops {
-	const char *name;
 	int (*pread)(struct qk__file *f, void *buf, size_t len, uint64_t off);
 	int (*pwrite)(struct qk__file *f, const void *buf, size_t len, uint64_t off);
 	/* As pwrite, for guest data written into an image file (never
-	 * metadata); may be NULL (then pwrite). A test backend checks that it
+	 * metadata); optional (then pwrite). A test backend checks that it
 	 * lands on no metadata (the fuzz oracle). */
 	int (*pwrite_data)(struct qk__file *f, const void *buf, size_t len, uint64_t off);
 	int (*sync)(struct qk__file *f);
 	int (*get_size)(struct qk__file *f, uint64_t *size);
 	int (*set_size)(struct qk__file *f, uint64_t size);
-	/* Bytes the storage holds for this file (st_blocks); may be NULL. */
+	/* Bytes the storage holds for this file (st_blocks); optional. */
 	int (*allocated_size)(struct qk__file *f, uint64_t *bytes);
+	/* Whether [off, off+len) begins with data or a hole and how far that
+	 * lasts (*pnum > 0); optional (then all is data). */
 	int (*block_status)(struct qk__file *f, uint64_t off, uint64_t len,
 			    bool *is_data, uint64_t *pnum);
 	/* Deallocate [off, off+len) keeping the size; reads give zeros after.
-	 * May be NULL; -ENOTSUP when the file system cannot. */
+	 * Optional; -ENOTSUP (not recorded) when the file system cannot. */
 	int (*discard)(struct qk__file *f, uint64_t off, uint64_t len);
 	/* Make [off, off+len) read as zeros without writing them (space stays
-	 * allocated). May be NULL; -ENOTSUP when the file system cannot. */
+	 * allocated). Optional; -ENOTSUP (not recorded) when it cannot. */
 	int (*zero_range)(struct qk__file *f, uint64_t off, uint64_t len);
 	/* Reserve storage for [off, off+len), growing the file to cover it
-	 * (posix_fallocate). May be NULL. */
+	 * (posix_fallocate). Optional. */
 	int (*allocate)(struct qk__file *f, uint64_t off, uint64_t len);
 	/* Take the image lock (QEMU-compatible): for writing or reading, and
 	 * with force_share, without keeping others from writing. -EAGAIN when
-	 * another process holds a conflicting lock. May be NULL. */
+	 * another process holds a conflicting lock. Optional. */
 	int (*lock)(struct qk__file *f, bool write, bool force_share);
-	/* Device and inode identity for loop detection; may be NULL. */
+	/* Device and inode identity; optional. */
 	int (*identity)(struct qk__file *f, uint64_t *dev, uint64_t *ino);
 	void (*close)(struct qk__file *f);
 };
@@ -94,20 +99,67 @@ static inline int qk__file_pread(struct qk__file *f, void *buf, size_t len, uint
 {
 	return f->ops->pread(f, buf, len, off);
 }
+static inline int qk__file_pwrite(struct qk__file *f, const void *buf, size_t len, uint64_t off)
+{
+	return f->ops->pwrite(f, buf, len, off);
+}
 /* Write guest data (see pwrite_data in the ops table). */
 static inline int qk__file_pwrite_data(struct qk__file *f, const void *buf, size_t len,
 				       uint64_t off)
 {
 	return (f->ops->pwrite_data ? f->ops->pwrite_data : f->ops->pwrite)(f, buf, len, off);
 }
-static inline int qk__file_lock(struct qk__file *f, bool write, bool force_share)
+static inline int qk__file_sync(struct qk__file *f)
 {
-	return f->ops->lock ? f->ops->lock(f, write, force_share) : 0;
+	return f->ops->sync(f);
 }
 static inline int qk__file_get_size(struct qk__file *f, uint64_t *size)
 {
 	return f->ops->get_size(f, size);
 }
+static inline int qk__file_set_size(struct qk__file *f, uint64_t size)
+{
+	return f->ops->set_size(f, size);
+}
+/* -ENOTSUP (not recorded) when the backend cannot say. */
+static inline int qk__file_allocated_size(struct qk__file *f, uint64_t *bytes)
+{
+	return f->ops->allocated_size ? f->ops->allocated_size(f, bytes) : -ENOTSUP;
+}
+/* Without the operation all is data. */
+static inline int qk__file_block_status(struct qk__file *f, uint64_t off, uint64_t len,
+					bool *is_data, uint64_t *pnum)
+{
+	if (!f->ops->block_status) {
+		*is_data = true;
+		*pnum = len;
+		return 0;
+	}
+	return f->ops->block_status(f, off, len, is_data, pnum);
+}
+/* -ENOTSUP (not recorded) when the backend or file system cannot. */
+static inline int qk__file_discard(struct qk__file *f, uint64_t off, uint64_t len)
+{
+	return f->ops->discard ? f->ops->discard(f, off, len) : -ENOTSUP;
+}
+/* -ENOTSUP (not recorded) when the backend or file system cannot. */
+static inline int qk__file_zero_range(struct qk__file *f, uint64_t off, uint64_t len)
+{
+	return f->ops->zero_range ? f->ops->zero_range(f, off, len) : -ENOTSUP;
+}
+/* Reserve [off, off+len): -ENOTSUP (recorded) without the operation. */
+int qk__file_allocate(struct qk__file *f, uint64_t off, uint64_t len);
+static inline int qk__file_lock(struct qk__file *f, bool write, bool force_share)
+{
+	return f->ops->lock ? f->ops->lock(f, write, force_share) : 0;
+}
+/* -ENOTSUP (not recorded) when the backend has no identity. */
+static inline int qk__file_identity(struct qk__file *f, uint64_t *dev, uint64_t *ino)
+{
+	return f->ops->identity ? f->ops->identity(f, dev, ino) : -ENOTSUP;
+}
+/* Are a and b the same file (device and inode)? False when either cannot say. */
+bool qk__file_same(struct qk__file *a, struct qk__file *b);
 void qk__file_close(struct qk__file *f);
 
 /* io/file.c: POSIX files. QK_OPEN_DIRECT in open_flags asks for O_DIRECT
@@ -115,15 +167,6 @@ void qk__file_close(struct qk__file *f);
  * QK_OPEN_UNSAFE makes syncs no-ops. */
 int qk__file_open_posix(const char *path, bool writable, uint32_t open_flags,
 			struct qk__file **out);
-/* Open a file that image `image` names (`what`: "backing file", "external
- * data file"): `path` is `name` resolved against the image's directory.
- * Only regular files and block devices, not on a pseudo file system
- * (procfs, sysfs...), opened non-blocking (a FIFO never hangs the open) and
- * never as a controlling terminal. With QK_OPEN_CONFINE in open_flags,
- * `name` must lead to a file beneath the image's directory. Returns 0, or
- * -EPERM (refused, the message says why) or the open's errno, recorded. */
-int qk__file_open_named(const char *image, const char *name, const char *path, bool writable,
-			uint32_t open_flags, const char *what, struct qk__file **out);
 /* Open `path` for writing, creating it when missing (mode 0644 less the
  * umask; *created says whether this call did), and take the write lock
  * (as a read-write open does), changing nothing in a file that was
@@ -136,56 +179,32 @@ int qk__file_create_posix(const char *path, bool *created, struct qk__file **out
 /* Take QEMU's image lock (see qk__file_lock) on descriptor fd, which is
  * open for reading; `name` is for messages. */
 int qk__lock_fd(int fd, const char *name, bool write, bool force_share);
+/* A name an image holds, resolved against the directory of the image file
+ * `image_path`: absolute names as they are, relative ones against that
+ * directory. A malloc'd path, or NULL (out of memory). */
+char *qk__file_resolve(const char *image_path, const char *name);
 
-/* io/mem.c: a growable buffer, for unit tests and fuzzers. The data is
- * copied; `name` is used in messages. */
-int qk__file_open_mem(const void *data, size_t len, const char *name,
-		      struct qk__file **out);
-/* The current contents of a memory file (valid until the next write). */
-const void *qk__file_mem_data(struct qk__file *f, size_t *len);
-
-/* ---- io/fault.c: fault injection and power cuts (for tests) ---------------
- *
- * A controller wraps one file (see the design note in fault.c). It counts
- * reads, writes (pwrite, set_size, discard, zero_range) and syncs from the
- * open on, can fail the Nth of a kind with an errno (once, or from then on),
- * and can cut the power at the Nth write: the durable image then holds the
- * bytes as of the last completed sync (plus, optionally, a sector-granular
- * torn prefix of write N) and every later operation fails with -EIO.
+/*
+ * How an image opens the files it names (its backing file, its external
+ * data file): through its host, set when the image is opened, so tests and
+ * fuzzers give memory files instead of touching the disk. Each opens the
+ * file that image `image` names `name` (`path` is the name resolved
+ * against the image's directory).
  */
-#define QK__FAULT_SECTOR 512
-enum qk__fault_kind { QK__FAULT_READ, QK__FAULT_WRITE, QK__FAULT_SYNC, QK__FAULT_NKINDS };
-struct qk__fault;
-
-/* A new controller, or NULL (ENOMEM, recorded). */
-struct qk__fault *qk__fault_new(void);
-/* Free it (after the file it serves is closed). */
-void qk__fault_free(struct qk__fault *ft);
-/* Open a file through the controller, taking over `inner` (closed with the
- * new file, or at once on failure). One file per controller. */
-int qk__file_open_fault(struct qk__fault *ft, struct qk__file *inner, struct qk__file **out);
-/* Fail operation number nth (1-based) of `kind` with -err; `sticky` fails
- * every later one of that kind too. nth 0 turns it off. */
-void qk__fault_fail(struct qk__fault *ft, enum qk__fault_kind kind, uint64_t nth, int err,
-		    bool sticky);
-/* Cut the power as write nth_write is issued: the writes since the last
- * completed sync are lost (all land instead with keep_pending: a process
- * crash), and of write nth_write only the whole sectors of its first
- * torn_bytes bytes land. */
-void qk__fault_cut(struct qk__fault *ft, uint64_t nth_write, uint64_t torn_bytes,
-		   bool keep_pending);
-/* Operations of `kind` issued so far (failed ones included). */
-uint64_t qk__fault_count(struct qk__fault *ft, enum qk__fault_kind kind);
-/* Errors injected so far (the power cut not included). */
-uint64_t qk__fault_injected(struct qk__fault *ft);
-/* Whether the power cut has happened. */
-bool qk__fault_was_cut(struct qk__fault *ft);
-/* The durable image: what storage holds after a power cut now (valid
- * until the next operation). */
-const void *qk__fault_durable(struct qk__fault *ft, size_t *len);
-/* The volatile view (what a process that lived on reads) as the file was
- * closed; NULL before that. */
-const void *qk__fault_volatile(struct qk__fault *ft, size_t *len);
+struct qk__host {
+	int (*open_backing)(const struct qk__host *host, const char *image, const char *name,
+			    const char *path, uint32_t open_flags, struct qk__file **out);
+	int (*open_data_file)(const struct qk__host *host, const char *image, const char *name,
+			      const char *path, bool writable, uint32_t open_flags,
+			      struct qk__file **out);
+};
+/* The host of images opened from files: POSIX files, and only regular
+ * files and block devices, not on a pseudo file system (procfs, sysfs...),
+ * opened non-blocking (a FIFO never hangs the open) and never as a
+ * controlling terminal. With QK_OPEN_CONFINE in open_flags, `name` must
+ * lead to a file beneath the image's directory. Both return 0, or -EPERM
+ * (refused, the message says why) or the open's errno, recorded. */
+extern const struct qk__host qk__posix_host;
 
 /* ---- image.c: drivers and the image handle ------------------------------- */
 
@@ -251,16 +270,18 @@ struct qk_image {
 	char *filename;          /* as given to open */
 	uint32_t flags;          /* QK_OPEN_* */
 	uint64_t size;           /* virtual size */
+	const struct qk__host *host; /* opens the files the image names */
 	qk_image *backing;       /* NULL at the bottom */
 	qk_image *overlay;       /* the image above, NULL at the top */
 	uint32_t depth;          /* 0 for the top image of a chain */
 };
 
 /* Open `file` (ownership passes to the image, also on failure) as an image
- * named `filename`, below `overlay` (NULL for the top of a chain). */
-int qk__image_open_file(struct qk__file *file, const char *filename,
-			const struct qk_open_options *opts, qk_image *overlay,
-			qk_image **out);
+ * named `filename`, below `overlay` (NULL for the top of a chain); the files
+ * it names are opened through `host`. */
+int qk__image_open_file(const struct qk__host *host, struct qk__file *file,
+			const char *filename, const struct qk_open_options *opts,
+			qk_image *overlay, qk_image **out);
 void qk__image_free(qk_image *img);
 /* Read [off, off+len) of img, which must lie inside it. */
 int qk__image_pread(qk_image *img, void *buf, size_t len, uint64_t off);
@@ -271,10 +292,6 @@ int qk__probe(const uint8_t *buf, size_t len, uint64_t file_size, qk_format *fmt
 
 /* ---- chain.c: backing chains ----------------------------------------------- */
 
-/* Resolve a backing name stored in `overlay_path`'s header: absolute names
- * as they are, relative ones against the overlay's directory. Returns a
- * malloc'd path or NULL (ENOMEM). */
-char *qk__backing_path(const char *overlay_path, const char *name);
 /* Open the backing file `name` (format `fmt` or NULL to detect) below img,
  * enforcing the depth limit and refusing loops. */
 int qk__chain_open(qk_image *img, const char *name, const char *fmt,

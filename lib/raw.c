@@ -24,19 +24,17 @@ static int raw_pread(qk_image *img, void *buf, size_t len, uint64_t off)
 
 static int raw_pwrite(qk_image *img, const void *buf, size_t len, uint64_t off)
 {
-	return img->file->ops->pwrite(img->file, buf, len, off);
+	return qk__file_pwrite(img->file, buf, len, off);
 }
 
 static int raw_flush(qk_image *img)
 {
-	return img->file->ops->sync(img->file);
+	return qk__file_sync(img->file);
 }
 
 static int raw_discard(qk_image *img, uint64_t off, uint64_t len)
 {
-	if (!img->file->ops->discard)
-		return 0;
-	int ret = img->file->ops->discard(img->file, off, len);
+	int ret = qk__file_discard(img->file, off, len);
 	return ret == -ENOTSUP ? 0 : ret;     /* a hint: refusal is fine */
 }
 
@@ -44,10 +42,10 @@ static int raw_write_zeroes(qk_image *img, uint64_t off, uint64_t len, uint32_t 
 {
 	struct qk__file *f = img->file;
 	int ret = -ENOTSUP;
-	if ((flags & QK_ZERO_MAY_UNMAP) && f->ops->discard)
-		ret = f->ops->discard(f, off, len);
-	if (ret == -ENOTSUP && f->ops->zero_range)
-		ret = f->ops->zero_range(f, off, len);
+	if (flags & QK_ZERO_MAY_UNMAP)
+		ret = qk__file_discard(f, off, len);
+	if (ret == -ENOTSUP)
+		ret = qk__file_zero_range(f, off, len);
 	if (ret != -ENOTSUP)
 		return ret;
 	if (flags & QK_ZERO_NO_FALLBACK)
@@ -55,7 +53,7 @@ static int raw_write_zeroes(qk_image *img, uint64_t off, uint64_t len, uint32_t 
 	static const uint8_t zeros[65536];
 	for (ret = 0; ret == 0 && len > 0;) {
 		size_t n = qk_min_u64(len, sizeof zeros);
-		ret = f->ops->pwrite(f, zeros, n, off);
+		ret = qk__file_pwrite(f, zeros, n, off);
 		off += n;
 		len -= n;
 	}
@@ -64,7 +62,7 @@ static int raw_write_zeroes(qk_image *img, uint64_t off, uint64_t len, uint32_t 
 
 static int raw_resize(qk_image *img, uint64_t size, uint32_t flags)
 {
-	int ret = img->file->ops->set_size(img->file, size);
+	int ret = qk__file_set_size(img->file, size);
 	if (ret == 0)
 		img->size = size;
 	return ret;
@@ -73,13 +71,11 @@ static int raw_resize(qk_image *img, uint64_t size, uint32_t flags)
 static int raw_block_status(qk_image *img, uint64_t off, uint64_t len,
 			    struct qk__status *st)
 {
-	bool data = true;
-	uint64_t n = len;
-	if (img->file->ops->block_status) {
-		int ret = img->file->ops->block_status(img->file, off, len, &data, &n);
-		if (ret < 0)
-			return ret;
-	}
+	bool data;
+	uint64_t n;
+	int ret = qk__file_block_status(img->file, off, len, &data, &n);
+	if (ret < 0)
+		return ret;
 	st->bytes = n;
 	st->flags = QK_EXTENT_PRESENT | QK_EXTENT_OFFSET |
 		    (data ? QK_EXTENT_DATA : QK_EXTENT_ZERO);

@@ -335,7 +335,6 @@ static void file_close(struct qk__file *f)
 }
 
 static const struct qk__io_ops posix_ops = {
-	.name = "file",
 	.pread = file_pread,
 	.pwrite = file_pwrite,
 	.sync = file_sync,
@@ -494,8 +493,10 @@ static int open_beneath(const char *image, const char *name, int flags)
 	return fd < 0 ? -e : fd;
 }
 
-int qk__file_open_named(const char *image, const char *name, const char *path, bool writable,
-			uint32_t open_flags, const char *what, struct qk__file **out)
+/* Open the file an image names (see qk__posix_host); `what` says which, for
+ * messages. */
+static int open_named(const char *image, const char *name, const char *path, bool writable,
+		      uint32_t open_flags, const char *what, struct qk__file **out)
 {
 	bool direct = open_flags & QK_OPEN_DIRECT;
 	bool confine = open_flags & QK_OPEN_CONFINE;
@@ -607,6 +608,57 @@ int qk__file_create_posix(const char *path, bool *created, struct qk__file **out
 		*created = false;
 	}
 	return ret;
+}
+
+static int posix_open_backing(const struct qk__host *host, const char *image, const char *name,
+			      const char *path, uint32_t open_flags, struct qk__file **out)
+{
+	(void)host;
+	return open_named(image, name, path, false, open_flags, "backing file", out);
+}
+
+static int posix_open_data_file(const struct qk__host *host, const char *image, const char *name,
+				const char *path, bool writable, uint32_t open_flags,
+				struct qk__file **out)
+{
+	(void)host;
+	return open_named(image, name, path, writable, open_flags, "external data file", out);
+}
+
+const struct qk__host qk__posix_host = {
+	.open_backing = posix_open_backing,
+	.open_data_file = posix_open_data_file,
+};
+
+char *qk__file_resolve(const char *image_path, const char *name)
+{
+	if (name[0] == '/')
+		return strdup(name);
+	const char *slash = strrchr(image_path, '/');
+	if (!slash)
+		return strdup(name);
+	size_t dir = (size_t)(slash - image_path) + 1;
+	size_t nlen = strlen(name);
+	char *p = malloc(dir + nlen + 1);
+	if (!p)
+		return NULL;
+	memcpy(p, image_path, dir);
+	memcpy(p + dir, name, nlen + 1);
+	return p;
+}
+
+int qk__file_allocate(struct qk__file *f, uint64_t off, uint64_t len)
+{
+	if (!f->ops->allocate)
+		return qk__err(ENOTSUP, "Could not preallocate new data: %s", strerror(ENOTSUP));
+	return f->ops->allocate(f, off, len);
+}
+
+bool qk__file_same(struct qk__file *a, struct qk__file *b)
+{
+	uint64_t da, ia, db, ib;
+	return qk__file_identity(a, &da, &ia) == 0 && qk__file_identity(b, &db, &ib) == 0 &&
+	       da == db && ia == ib;
 }
 
 void qk__file_close(struct qk__file *f)

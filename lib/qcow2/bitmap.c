@@ -131,7 +131,7 @@ static int write_flags(qk_image *img, uint32_t i)
 	uint8_t be[4];
 	qk_put_be32(be, (b->flags & QK_BITMAP_IN_USE ? BM_FLAG_IN_USE : 0) |
 		    (b->flags & QK_BITMAP_AUTO ? BM_FLAG_AUTO : 0) | q->bitmap_priv[i].extra_flags);
-	return img->file->ops->pwrite(img->file, be, 4, q->bitmap_priv[i].entry_off + 12);
+	return qk__file_pwrite(img->file, be, 4, q->bitmap_priv[i].entry_off + 12);
 }
 
 static int load_one(qk_image *img, uint32_t i, struct qk__tracked_bitmap *t)
@@ -215,7 +215,7 @@ int qk__qcow2_bitmaps_start(qk_image *img)
 		ret = write_flags(img, q->tracked[k].index);
 	}
 	if (ret == 0 && q->n_tracked)
-		ret = img->file->ops->sync(img->file);
+		ret = qk__file_sync(img->file);
 	if (ret < 0) {
 		for (uint32_t k = 0; k < q->n_tracked; k++)
 			q->bitmaps[q->tracked[k].index].flags &= ~(uint32_t)QK_BITMAP_IN_USE;
@@ -282,7 +282,7 @@ int qk__qcow2_bitmaps_store(qk_image *img)
 				t->table[j] = off;
 				table_changed = true;
 			}
-			ret = img->file->ops->pwrite(img->file, t->data + j * cs, cs, off);
+			ret = qk__file_pwrite(img->file, t->data + j * cs, cs, off);
 			if (ret == 0 && off + cs > q->file_size)
 				q->file_size = off + cs;
 		}
@@ -295,21 +295,21 @@ int qk__qcow2_bitmaps_store(qk_image *img)
 			for (uint64_t j = 0; be && j < b->table_size; j++)
 				qk_put_be64(be + 8 * j, t->table[j]);
 			if (be)
-				ret = img->file->ops->pwrite(img->file, be, (size_t)b->table_size * 8,
+				ret = qk__file_pwrite(img->file, be, (size_t)b->table_size * 8,
 							     b->table_offset);
 			free(be);
 		}
 	}
 	/* Data and tables on disk before the bitmaps are declared true. */
 	if (ret == 0)
-		ret = img->file->ops->sync(img->file);
+		ret = qk__file_sync(img->file);
 	for (uint32_t k = 0; ret == 0 && k < q->n_tracked; k++) {
 		struct qk_bitmap *b = &q->bitmaps[q->tracked[k].index];
 		b->flags &= ~(uint32_t)QK_BITMAP_IN_USE;
 		ret = write_flags(img, q->tracked[k].index);
 	}
 	if (ret == 0)
-		ret = img->file->ops->sync(img->file);
+		ret = qk__file_sync(img->file);
 	if (ret == 0)
 		free_tracked(q);
 	pthread_mutex_unlock(&q->lock);

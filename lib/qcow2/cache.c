@@ -107,7 +107,7 @@ static int write_slot(struct qk__cache *c, struct qk__cache_slot *s)
 		c->store(c->opaque, s->data, c->scratch);
 		out = c->scratch;
 	}
-	ret = c->file->ops->pwrite(c->file, out, c->entry_size, s->offset);
+	ret = qk__file_pwrite(c->file, out, c->entry_size, s->offset);
 	if (ret == 0)
 		s->dirty = false;
 	return ret;
@@ -136,7 +136,7 @@ int qk__cache_flush(struct qk__cache *c)
 		c->depends = NULL;
 	}
 	if (c->sync_first) {
-		ret = c->sync_first->ops->sync(c->sync_first);
+		ret = qk__file_sync(c->sync_first);
 		if (ret < 0)
 			return ret;
 		c->sync_first = NULL;
@@ -145,7 +145,7 @@ int qk__cache_flush(struct qk__cache *c)
 		if (c->slots[i].dirty)
 			ret = write_slot(c, &c->slots[i]);
 	if (ret == 0)
-		ret = c->file->ops->sync(c->file);
+		ret = qk__file_sync(c->file);
 	return ret;
 }
 

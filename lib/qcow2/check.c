@@ -539,7 +539,7 @@ static int fix_copied(qk_image *img, const struct refs *r)
 			q->l1[i] ^= QCOW_OFLAG_COPIED;
 			uint8_t be[8];
 			qk_put_be64(be, q->l1[i]);
-			ret = img->file->ops->pwrite(img->file, be, 8, q->l1_offset + 8 * (uint64_t)i);
+			ret = qk__file_pwrite(img->file, be, 8, q->l1_offset + 8 * (uint64_t)i);
 			if (ret < 0)
 				return ret;
 		}
@@ -631,20 +631,20 @@ int qk__qcow2_rebuild_refcounts(qk_image *img)
 		}
 		uint64_t boff = (area + b) * cs;
 		qk_put_be64(&table[b], boff);
-		ret = img->file->ops->pwrite(img->file, blk, cs, boff);
+		ret = qk__file_pwrite(img->file, blk, cs, boff);
 	}
 	if (ret == 0)
-		ret = img->file->ops->pwrite(img->file, table, tc * cs, (area + blocks) * cs);
+		ret = qk__file_pwrite(img->file, table, tc * cs, (area + blocks) * cs);
 	if (ret == 0)
-		ret = img->file->ops->sync(img->file);
+		ret = qk__file_sync(img->file);
 	if (ret < 0)
 		goto out;
 	uint8_t hdr[12];
 	qk_put_be64(hdr, (area + blocks) * cs);
 	qk_put_be32(hdr + 8, (uint32_t)tc);
-	ret = img->file->ops->pwrite(img->file, hdr, sizeof hdr, HDR_RT_OFFSET);
+	ret = qk__file_pwrite(img->file, hdr, sizeof hdr, HDR_RT_OFFSET);
 	if (ret == 0)
-		ret = img->file->ops->sync(img->file);
+		ret = qk__file_sync(img->file);
 	if (ret < 0)
 		goto out;
 	/* Switch the in-memory view to the new structure (and the metadata
@@ -1004,7 +1004,7 @@ static int move_intruders(qk_image *img, struct refs *r)
 		if (ret == 0)
 			ret = qk__file_pwrite_data(img->file, buf, cs, next);
 		if (ret == 0)
-			ret = img->file->ops->sync(img->file);
+			ret = qk__file_sync(img->file);
 		if (ret == 0) {
 			t[r->movers[i].slot] = (e & ~L2E_OFFSET_MASK) | next;
 			qk__cache_mark_dirty(&q->l2_cache, r->movers[i].l2_off);
@@ -1029,9 +1029,9 @@ static int restore_truncated(qk_image *img, const struct refs *r)
 	if (!r->trunc_end || r->trunc_end <= r->fsize)
 		return 0;
 	uint64_t end = (r->trunc_end + q->cluster_size - 1) & ~(q->cluster_size - 1);
-	int ret = img->file->ops->set_size(img->file, end);
+	int ret = qk__file_set_size(img->file, end);
 	if (ret == 0)
-		ret = img->file->ops->sync(img->file);
+		ret = qk__file_sync(img->file);
 	if (ret == 0)
 		q->file_size = qk_max_u64(q->file_size, end);
 	return ret;
@@ -1058,7 +1058,7 @@ static int fix_reserved(qk_image *img)
 			uint8_t be[8];
 			q->l1[i] &= ~L1E_RESERVED_MASK;
 			qk_put_be64(be, q->l1[i]);
-			if ((ret = img->file->ops->pwrite(img->file, be, 8, q->l1_offset + 8 * (uint64_t)i)) < 0)
+			if ((ret = qk__file_pwrite(img->file, be, 8, q->l1_offset + 8 * (uint64_t)i)) < 0)
 				break;
 		}
 		uint64_t l2_off = q->l1[i] & L1E_OFFSET_MASK, *t;

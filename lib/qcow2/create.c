@@ -857,7 +857,7 @@ static int write_at(struct qk__file *f, const void *buf, uint64_t len, uint64_t 
 
 	while (len > 0) {
 		size_t n = (size_t)qk_min_u64(len, 1u << 30);
-		int ret = f->ops->pwrite(f, p, n, off);
+		int ret = qk__file_pwrite(f, p, n, off);
 		if (ret < 0)
 			return ret;
 		p += n;
@@ -1124,14 +1124,13 @@ int qk__qcow2_create(const char *path, const struct qk_create_options *o)
 	if (o->data_file) {
 		struct stat st;
 
-		data_path = qk__backing_path(path, o->data_file);
+		data_path = qk__file_resolve(path, o->data_file);
 		if (!data_path) {
 			ret = qk__err(ENOMEM, "out of memory");
 			goto out;
 		}
 		/* Before its lock, which would meet our own on the image. */
-		if (stat(data_path, &st) == 0 && f->ops->identity &&
-		    f->ops->identity(f, &dev_a, &ino_a) == 0 &&
+		if (stat(data_path, &st) == 0 && qk__file_identity(f, &dev_a, &ino_a) == 0 &&
 		    (uint64_t)st.st_dev == dev_a && (uint64_t)st.st_ino == ino_a) {
 			ret = qk__err(EINVAL, "The data file '%s' is the image itself",
 				      o->data_file);

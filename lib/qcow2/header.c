@@ -38,8 +38,8 @@ int qk__qcow2_corrupt(qk_image *img, const char *fmt, ...)
 	    !(q->incompat & INCOMPAT_CORRUPT)) {
 		uint8_t be[8];
 		qk_put_be64(be, q->incompat | INCOMPAT_CORRUPT);
-		if (img->file->ops->pwrite(img->file, be, 8, HDR_INCOMPAT) == 0 &&
-		    img->file->ops->sync(img->file) == 0)
+		if (qk__file_pwrite(img->file, be, 8, HDR_INCOMPAT) == 0 &&
+		    qk__file_sync(img->file) == 0)
 			marked = "; the image is now marked corrupt";
 		q->incompat |= INCOMPAT_CORRUPT;
 	}
@@ -234,26 +234,11 @@ static int open_data_file(qk_image *img)
 	if (!q->data_file_name)
 		return qk__err(EINVAL, "'%s' needs an external data file but its header names none",
 			       img->filename);
-	/* An image in memory (tests, fuzzing) has no directory: its data
-	 * file is an empty memory file, never a file the name points at, and
-	 * goes through the image's ops (a harness may wrap the memory ops,
-	 * to bound the size, and the data file is bound alike). */
-	if (strcmp(img->file->ops->name, "mem") == 0) {
-		int ret = qk__file_open_mem(NULL, 0, q->data_file_name, &f);
-		if (ret == 0)
-			f->ops = img->file->ops;
-		if (ret == 0)
-			__atomic_store_n(&q->data_file, f, __ATOMIC_RELEASE);
-		return ret;
-	}
-	int ret = qk__file_open_named(img->filename, q->data_file_name, q->data_file_path, rw,
-				      img->flags, "external data file", &f);
+	int ret = img->host->open_data_file(img->host, img->filename, q->data_file_name,
+					    q->data_file_path, rw, img->flags, &f);
 	if (ret < 0)
 		return ret;
-	uint64_t d1, i1, d2, i2;
-	if (f->ops->identity && img->file->ops->identity &&
-	    f->ops->identity(f, &d1, &i1) == 0 && img->file->ops->identity(img->file, &d2, &i2) == 0 &&
-	    d1 == d2 && i1 == i2) {
+	if (qk__file_same(f, img->file)) {
 		qk__file_close(f);
 		return qk__err(EPERM, "external data file '%s' of '%s' is the image file itself",
 			       q->data_file_name, img->filename);
@@ -560,7 +545,7 @@ static int qcow2_open(qk_image *img, const struct qk_open_options *opts)
 		goto fail;
 	q->has_data_file = q->incompat & INCOMPAT_DATA_FILE;
 	if (q->has_data_file && q->data_file_name &&
-	    !(q->data_file_path = qk__backing_path(img->filename, q->data_file_name))) {
+	    !(q->data_file_path = qk__file_resolve(img->filename, q->data_file_name))) {
 		ret = qk__err(ENOMEM, "out of memory");
 		goto fail;
 	}
@@ -586,7 +571,7 @@ static int qcow2_open(qk_image *img, const struct qk_open_options *opts)
 		}
 	}
 	if (q->backing_file) {
-		q->full_backing_file = qk__backing_path(img->filename, q->backing_file);
+		q->full_backing_file = qk__file_resolve(img->filename, q->backing_file);
 		if (!q->full_backing_file) {
 			ret = qk__err(ENOMEM, "out of memory");
 			goto fail;

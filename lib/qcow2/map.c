@@ -383,9 +383,8 @@ static bool detect_metadata_prealloc(qk_image *img)
 {
 	struct qcow2 *q = qcow2_of(img);
 	uint64_t file_size, allocated;
-	if (!img->file->ops->allocated_size ||
-	    qk__file_get_size(img->file, &file_size) < 0 ||
-	    img->file->ops->allocated_size(img->file, &allocated) < 0)
+	if (qk__file_get_size(img->file, &file_size) < 0 ||
+	    qk__file_allocated_size(img->file, &allocated) < 0)
 		return false;
 	uint64_t real = allocated / q->cluster_size;
 	uint64_t threshold = qk_max_u64(real * 10 / 9, real + 2);
@@ -424,7 +423,7 @@ int qk__qcow2_block_status(qk_image *img, uint64_t off, uint64_t len, struct qk_
 		 * (or space past the end of the file) reads as zeros. */
 		bool data = true;
 		uint64_t n = r.bytes;
-		if (f->ops->block_status && f->ops->block_status(f, r.host, r.bytes, &data, &n) == 0) {
+		if (qk__file_block_status(f, r.host, r.bytes, &data, &n) == 0) {
 			r.bytes = n;
 			if (!data)
 				r.type = CT_NORMAL_HOLE;

@@ -215,9 +215,9 @@ static uint32_t epb_bits(const struct qcow2 *q)
 /* Sync-write the header field(s) at `off` (bytes already big-endian). */
 static int write_header_field(qk_image *img, uint64_t off, const void *buf, size_t len)
 {
-	int ret = img->file->ops->pwrite(img->file, buf, len, off);
+	int ret = qk__file_pwrite(img->file, buf, len, off);
 	if (ret == 0)
-		ret = img->file->ops->sync(img->file);
+		ret = qk__file_sync(img->file);
 	return ret;
 }
 
@@ -274,7 +274,7 @@ static int grow_reftable(qk_image *img, uint64_t rt_index, uint64_t area)
 				rb_set(blk, c & ((1ull << eb) - 1), q->refcount_order, 1);
 		uint64_t boff = (area + j) << q->cluster_bits;
 		qk__cache_discard(&q->rb_cache, boff);
-		ret = img->file->ops->pwrite(img->file, blk, cs, boff);
+		ret = qk__file_pwrite(img->file, blk, cs, boff);
 	}
 	if (ret < 0)
 		goto out;
@@ -282,9 +282,9 @@ static int grow_reftable(qk_image *img, uint64_t rt_index, uint64_t area)
 		qk_put_be64(&nt[i], q->rt[i]);
 	for (uint64_t j = 0; j < k; j++)
 		qk_put_be64(&nt[r0 + j], (area + j) << q->cluster_bits);
-	ret = img->file->ops->pwrite(img->file, nt, tc * cs, table_off);
+	ret = qk__file_pwrite(img->file, nt, tc * cs, table_off);
 	if (ret == 0)
-		ret = img->file->ops->sync(img->file);
+		ret = qk__file_sync(img->file);
 	if (ret < 0)
 		goto out;
 	/* Now the header: offset and cluster count in one write. */

@@ -71,9 +71,9 @@ static int prepare_write(qk_image *img)
 	if (q->version >= 3 && q->autoclear != keep) {
 		uint8_t be[8];
 		qk_put_be64(be, keep);
-		int ret = img->file->ops->pwrite(img->file, be, 8, HDR_AUTOCLEAR);
+		int ret = qk__file_pwrite(img->file, be, 8, HDR_AUTOCLEAR);
 		if (ret == 0)
-			ret = img->file->ops->sync(img->file);
+			ret = qk__file_sync(img->file);
 		if (ret < 0)
 			return ret;
 		q->autoclear = keep;
@@ -96,9 +96,9 @@ int qk__qcow2_write_incompat(qk_image *img, uint64_t incompat)
 	struct qcow2 *q = qcow2_of(img);
 	uint8_t be[8];
 	qk_put_be64(be, incompat);
-	int ret = img->file->ops->pwrite(img->file, be, 8, HDR_INCOMPAT);
+	int ret = qk__file_pwrite(img->file, be, 8, HDR_INCOMPAT);
 	if (ret == 0)
-		ret = img->file->ops->sync(img->file);
+		ret = qk__file_sync(img->file);
 	if (ret == 0)
 		q->incompat = incompat;
 	return ret;
@@ -164,9 +164,9 @@ static int l2_for_write(qk_image *img, uint64_t l1i, uint64_t *l2_off, uint64_t 
 	}
 	uint8_t be[8];
 	qk_put_be64(be, t | QCOW_OFLAG_COPIED);
-	ret = img->file->ops->pwrite(img->file, be, 8, q->l1_offset + 8 * l1i);
+	ret = qk__file_pwrite(img->file, be, 8, q->l1_offset + 8 * l1i);
 	if (ret == 0)
-		ret = img->file->ops->sync(img->file);
+		ret = qk__file_sync(img->file);
 	if (ret < 0) {
 		qk__cache_put(&q->l2_cache, t);
 		return ret;
@@ -441,8 +441,7 @@ static int write_slow(qk_image *img, uint64_t gc, uint64_t in, const uint8_t *da
 		 * fragment, and no zeros go through the page cache), or past
 		 * the end of the file rely on it reading as zeros, and write
 		 * just the data, in whole 4 KiB blocks. */
-		if (img->file->ops->zero_range &&
-		    img->file->ops->zero_range(img->file, host + span_lo, span_hi - span_lo) == 0)
+		if (qk__file_zero_range(img->file, host + span_lo, span_hi - span_lo) == 0)
 			fresh = true;
 		if (fresh) {
 			wlo = qk_max_u64(span_lo, in & ~(uint64_t)4095);
@@ -662,8 +661,6 @@ int qk__qcow2_write_compressed(qk_image *img, const void *buf, size_t len, uint6
 static int queue_punch(qk_image *img, uint64_t off, uint64_t len)
 {
 	struct qcow2 *q = qcow2_of(img);
-	if (!img->file->ops->discard)
-		return 0;
 	if (q->n_punch && q->punch[q->n_punch - 1].off + q->punch[q->n_punch - 1].len == off) {
 		q->punch[q->n_punch - 1].len += len;
 		return 0;
@@ -693,13 +690,13 @@ static int flush_locked(qk_image *img)
 		return 0;
 	}
 	if (q->data_file)
-		ret = q->data_file->ops->sync(q->data_file);
+		ret = qk__file_sync(q->data_file);
 	if (ret == 0)
 		ret = qk__cache_flush(&q->l2_cache);
 	if (ret == 0 && q->rt)
 		ret = qk__cache_flush(&q->rb_cache);
 	if (ret == 0)
-		ret = img->file->ops->sync(img->file);
+		ret = qk__file_sync(img->file);
 	if (ret < 0)
 		return ret;
 	q->freed_lo = q->freed_hi = 0;
@@ -725,7 +722,7 @@ static int flush_locked(qk_image *img)
 			if (run && (ret = qk__qcow2_meta_check(img, start, run, 0, "a hole punch")) < 0)
 				return ret;
 			if (run)
-				img->file->ops->discard(img->file, start, run);
+				qk__file_discard(img->file, start, run);
 			run = 0;
 		}
 	}
@@ -935,16 +932,16 @@ static int grow_l1(qk_image *img, uint64_t need)
 	for (uint64_t i = 0; i < q->l1_size; i++)
 		qk_put_be64(&nl1[i], q->l1[i]);
 	if (ret == 0)
-		ret = img->file->ops->pwrite(img->file, nl1, bytes, noff);
+		ret = qk__file_pwrite(img->file, nl1, bytes, noff);
 	if (ret == 0)
-		ret = img->file->ops->sync(img->file);
+		ret = qk__file_sync(img->file);
 	uint8_t hdr[12];
 	qk_put_be32(hdr, (uint32_t)need);
 	qk_put_be64(hdr + 4, noff);
 	if (ret == 0)
-		ret = img->file->ops->pwrite(img->file, hdr, sizeof hdr, HDR_L1_SIZE);
+		ret = qk__file_pwrite(img->file, hdr, sizeof hdr, HDR_L1_SIZE);
 	if (ret == 0)
-		ret = img->file->ops->sync(img->file);
+		ret = qk__file_sync(img->file);
 	if (ret < 0) {
 		free(nl1);
 		return ret;
@@ -968,9 +965,9 @@ static int write_size(qk_image *img, uint64_t size)
 {
 	uint8_t be[8];
 	qk_put_be64(be, size);
-	int ret = img->file->ops->pwrite(img->file, be, 8, HDR_SIZE);
+	int ret = qk__file_pwrite(img->file, be, 8, HDR_SIZE);
 	if (ret == 0)
-		ret = img->file->ops->sync(img->file);
+		ret = qk__file_sync(img->file);
 	return ret;
 }
 

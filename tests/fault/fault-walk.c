@@ -356,7 +356,7 @@ static int run_workload(struct qk__fault *ft, struct model *m, struct run *r, bo
 	if (ret == 0)
 		ret = qk__file_open_fault(ft, mem, &f);
 	if (ret == 0)
-		ret = qk__image_open_file(f, image_name, &o, NULL, &img);
+		ret = qk__image_open_file(&qk__posix_host, f, image_name, &o, NULL, &img);
 	if (ret < 0) {
 		r->failed_op = 0;
 		r->ret = ret;
@@ -610,7 +610,7 @@ static int open_through(struct qk__fault *ft, const void *bytes, size_t len)
 	if (ret == 0)
 		ret = qk__file_open_fault(ft, mem, &f);
 	if (ret == 0)
-		ret = qk__image_open_file(f, image_name, &o, NULL, &img);
+		ret = qk__image_open_file(&qk__posix_host, f, image_name, &o, NULL, &img);
 	return ret < 0 ? ret : qk_close(img);
 }
 

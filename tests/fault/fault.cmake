@@ -4,4 +4,4 @@
 # starting images with qemu-img and run it.
 add_executable(fault-walk tests/fault/fault-walk.c)
 target_include_directories(fault-walk PRIVATE lib tests/unit)
-target_link_libraries(fault-walk PRIVATE qcowkit_static)
+target_link_libraries(fault-walk PRIVATE qk_testsupport)

@@ -81,7 +81,7 @@ static qk_image *open_export(void)
 	qk_open_options_init(&o);
 	o.format = QK_FORMAT_QCOW2;
 	o.flags = QK_OPEN_RDWR | QK_OPEN_UNSAFE | QK_OPEN_NO_BACKING;
-	FUZZ_ASSERT(qk__image_open_file(f, FUZZ_NAME, &o, NULL, &img) == 0,
+	FUZZ_ASSERT(qk__image_open_file(&qk__mem_host, f, FUZZ_NAME, &o, NULL, &img) == 0,
 		    "the export image does not open");
 	/* data at 0 and 1 MiB + 4 KiB (unaligned), zeros in between */
 	memset(buf, 0x5a, sizeof(buf));

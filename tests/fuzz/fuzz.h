@@ -4,7 +4,7 @@
  *
  * The image never reaches the file system: the backing chain is not opened
  * (QK_OPEN_NO_BACKING) and an external data file of a memory image is an
- * empty memory file (lib/qcow2/header.c), so a crafted name cannot make a
+ * empty memory file (fuzz_host below), so a crafted name cannot make a
  * target read or write a file on disk.
  */
 #ifndef QK_FUZZ_H
@@ -16,7 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "internal.h"
+#include "support.h"
 
 #define FUZZ_NAME "fuzz.qcow2"
 #define FUZZ_MAX_FILE (64u << 20)   /* bytes a fuzzed image may grow to */
@@ -229,6 +229,32 @@ static inline void fuzz_limit(struct qk__file *f)
 	fuzz_meta_stale = 1;
 }
 
+/* The fuzz targets' host: the external data file is an empty memory file
+ * bound like the image (fuzz_limit's ops), and backing files are never
+ * opened (the targets open with QK_OPEN_NO_BACKING), so no name an image
+ * holds reaches the disk. */
+static int fuzz_open_data_file(const struct qk__host *host, const char *image, const char *name,
+			       const char *path, bool writable, uint32_t open_flags,
+			       struct qk__file **out)
+{
+	int ret = qk__mem_host.open_data_file(host, image, name, path, writable, open_flags, out);
+	if (ret == 0 && fuzz_mem_ops)
+		(*out)->ops = &fuzz_limited_ops;
+	return ret;
+}
+
+static int fuzz_open_backing(const struct qk__host *host, const char *image, const char *name,
+			     const char *path, uint32_t open_flags, struct qk__file **out)
+{
+	(void)host; (void)image; (void)path; (void)open_flags; (void)out;
+	return qk__err(EPERM, "fuzzing opens no backing file ('%s')", name);
+}
+
+static const struct qk__host fuzz_host = {
+	.open_backing = fuzz_open_backing,
+	.open_data_file = fuzz_open_data_file,
+};
+
 /* Open `size` bytes at `data` (copied) as an image of format `fmt`
  * (QK_FORMAT_AUTO: detected) with open `flags` (QK_OPEN_*). Returns 0 and
  * sets *img, or a negative errno. */
@@ -245,7 +271,7 @@ static inline int fuzz_open_as(const void *data, size_t size, qk_format fmt, uin
 	qk_open_options_init(&o);
 	o.format = fmt;
 	o.flags = flags | QK_OPEN_NO_BACKING;
-	return qk__image_open_file(f, FUZZ_NAME, &o, NULL, img);
+	return qk__image_open_file(&fuzz_host, f, FUZZ_NAME, &o, NULL, img);
 }
 
 /* Open as a QCOW2 image (see fuzz_open_as). */

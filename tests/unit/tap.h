@@ -46,7 +46,7 @@
 #include <zlib.h>
 #include <zstd.h>
 
-#include "internal.h"
+#include "support.h"
 #include "qcow2/format.h"
 
 #define TAP_UNUSED __attribute__((unused))
@@ -699,7 +699,7 @@ TAP_UNUSED static int qb_open_named(const struct qb *b, const char *name,
 	int ret = qk__file_open_mem(b->buf, b->len, name, &f);
 	if (ret < 0)
 		return ret;
-	return qk__image_open_file(f, name, opts, NULL, out);
+	return qk__image_open_file(&qk__mem_host, f, name, opts, NULL, out);
 }
 
 TAP_UNUSED static int qb_open(const struct qb *b, const struct qk_open_options *opts, qk_image **out)

@@ -741,7 +741,7 @@ static void sync_per_cluster(void)
 			qk_open_options_init(&o);
 			o.flags = QK_OPEN_RDWR;
 			qk_image *img;
-			ret = qk__image_open_file(f, "sync.qcow2", &o, NULL, &img);
+			ret = qk__image_open_file(&qk__mem_host, f, "sync.qcow2", &o, NULL, &img);
 			CHECK(ret == 0, "barriers: open: %s", qk_last_error());
 			if (ret == 0) {
 				uint8_t buf[64 * 512];

@@ -38,7 +38,7 @@
  * file), so the harness reads the durable image after the handle is gone.
  * One lock guards the controller: every call may run concurrently.
  */
-#include "internal.h"
+#include "support.h"
 
 #include <errno.h>
 #include <stdio.h>
@@ -442,7 +442,6 @@ static void fault_close(struct qk__file *f)
 }
 
 static const struct qk__io_ops fault_ops = {
-	.name = "fault",
 	.pread = fault_pread,
 	.pwrite = fault_pwrite,
 	.sync = fault_sync,

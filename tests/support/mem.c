@@ -2,7 +2,7 @@
  * Memory backend: the file is a growable buffer guarded by a lock. Used by
  * unit tests and fuzz targets so they need no file system.
  */
-#include "internal.h"
+#include "support.h"
 
 #include <errno.h>
 #include <stdlib.h>
@@ -115,7 +115,6 @@ static void mem_close(struct qk__file *f)
 }
 
 static const struct qk__io_ops mem_ops = {
-	.name = "mem",
 	.pread = mem_pread,
 	.pwrite = mem_pwrite,
 	.sync = mem_sync,
@@ -159,3 +158,26 @@ const void *qk__file_mem_data(struct qk__file *f, size_t *len)
 	*len = m->len;
 	return m->data;
 }
+
+/* An image in memory has no directory: its external data file is an empty
+ * memory file, never the file the name points at. Backing files are read
+ * from disk (unit tests make them there; fuzzers never open them). */
+static int mem_open_data_file(const struct qk__host *host, const char *image, const char *name,
+			      const char *path, bool writable, uint32_t open_flags,
+			      struct qk__file **out)
+{
+	(void)host; (void)image; (void)path; (void)writable; (void)open_flags;
+	return qk__file_open_mem(NULL, 0, name, out);
+}
+
+static int mem_open_backing(const struct qk__host *host, const char *image, const char *name,
+			    const char *path, uint32_t open_flags, struct qk__file **out)
+{
+	(void)host;
+	return qk__posix_host.open_backing(&qk__posix_host, image, name, path, open_flags, out);
+}
+
+const struct qk__host qk__mem_host = {
+	.open_backing = mem_open_backing,
+	.open_data_file = mem_open_data_file,
+};
