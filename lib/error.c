@@ -1,7 +1,10 @@
 /*
  * Per-thread last error: a negative errno travels up the call stack while
- * the innermost failure records one line of text. Public entry points set
- * the API name (qk__api_enter) so the message reads "qk_open: ...".
+ * the innermost failure records one line of text; an outer frame may put
+ * its own context in front (qk__err_prepend, as QEMU's error_prepend), so
+ * the message reads from the general to the particular. Public entry
+ * points set the API name (qk__api_enter) so the message reads
+ * "qk_open: ...".
  */
 #include "internal.h"
 
@@ -48,6 +51,31 @@ int qk__err(int errnum, const char *fmt, ...)
 		tls_recorded = 1;
 	}
 	return -errnum;
+}
+
+int qk__err_prepend(int errnum, const char *fmt, ...)
+{
+	char ctx[256];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(ctx, sizeof ctx, fmt, ap);
+	va_end(ap);
+	if (!tls_recorded)
+		return qk__err(errnum, "%s", ctx);
+	/* "api: inner" becomes "api: ctx: inner" (the inner errno stays). */
+	size_t api = strlen(tls_api) + 2, cl = strlen(ctx);
+	size_t len = strlen(tls_msg);
+	if (len >= api && api + cl + 2 < sizeof tls_msg) {
+		size_t keep = qk_min_u64(len - api, sizeof tls_msg - 1 - api - cl - 2);
+		memmove(tls_msg + api + cl + 2, tls_msg + api, keep);
+		tls_msg[api + cl + 2 + keep] = '\0';
+		memcpy(tls_msg + api, ctx, cl);
+		memcpy(tls_msg + api + cl, ": ", 2);
+		for (char *p = tls_msg + api; p < tls_msg + api + cl; p++)
+			if ((unsigned char)*p < 0x20 || *p == 0x7f)
+				*p = '?';
+	}
+	return -tls_errno;
 }
 
 int qk__err_sys(int errnum, const char *what)

@@ -418,7 +418,8 @@ QK_EXPORT int qk_forensic(qk_image *img,
 	if (!img || !found)
 		return qk__err(EINVAL, "image and callback are required");
 	if (!img->drv->forensic)
-		return qk__err(ENOTSUP, "This image format does not support checks");
+		return qk__err(ENOTSUP, "'%s' is a %s image: forensic reports are for qcow2 images",
+			       img->filename, img->drv->name);
 	return img->drv->forensic(img, found, opaque);
 }
 

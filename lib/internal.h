@@ -34,6 +34,10 @@ void qk__api_enter(const char *api);
 /* Record "API: <fmt...>" as this thread's last error (unless a deeper frame
  * of this call already recorded one) and return -errnum. */
 int qk__err(int errnum, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Put "context: " in front of the message a deeper frame of this call
+ * recorded ("API: context: inner"), keeping its errno, which is returned
+ * (negative); with none recorded, record the context alone with errnum. */
+int qk__err_prepend(int errnum, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 /* Record "API: WHAT: strerror(errnum)" and return -errnum. */
 int qk__err_sys(int errnum, const char *what);
 

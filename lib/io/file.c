@@ -530,7 +530,8 @@ static int open_named(const char *image, const char *name, const char *path, boo
 		else if (statfs(path, &sfs) == 0)
 			refuse = pseudo_fs_name(sfs.f_type);
 		if (!refuse)
-			return qk__err(-fd, "Could not open '%s': %s", path, strerror(-fd));
+			return qk__err(-fd, "Could not open %s '%s' of '%s': %s", what, path, image,
+				       strerror(-fd));
 		return qk__err(EPERM, "%s '%s' of '%s' is refused: %s %s; only regular files and block "
 			       "devices are opened", what, name, image,
 			       S_ISREG(st.st_mode) ? "it lies on" : "it is", refuse);

@@ -566,7 +566,8 @@ static int qcow2_open(qk_image *img, const struct qk_open_options *opts)
 		if (ret == 0)
 			ret = qk__qcow2_write_incompat(img, q->incompat & ~INCOMPAT_DIRTY);
 		if (ret < 0) {
-			qk__err(-ret, "'%s' is dirty and its refcounts could not be rebuilt", img->filename);
+			ret = qk__err_prepend(-ret, "'%s' is dirty and its refcounts could not be rebuilt",
+					      img->filename);
 			goto fail;
 		}
 	}
