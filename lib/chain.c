@@ -1,7 +1,8 @@
 /*
- * Backing chains. A chain is a list of images, top first, each opened
- * read-only below the one that names it (img->backing down, img->overlay
- * up). Invariants: depth never exceeds the caller's limit
+ * Backing chains: the rules for opening the next file down. A chain is a
+ * list of images, top first, each opened read-only below the one that
+ * names it (img->backing down, img->overlay up); lib/image.c builds it,
+ * layer by layer, with qk__chain_open_file. Invariants: depth never exceeds the caller's limit
  * (QK_DEFAULT_MAX_CHAIN_DEPTH by default), and no file appears twice
  * (compared by device and inode), so reads always end.
  */
@@ -33,8 +34,9 @@ static const qk_image *chain_top(const qk_image *img)
 	return img;
 }
 
-int qk__chain_open(qk_image *img, const char *name, const char *fmt,
-		   const struct qk_open_options *opts)
+int qk__chain_open_file(qk_image *img, const char *name, const char *fmt,
+			const struct qk_open_options *opts, struct qk__file **file, char **path,
+			struct qk_open_options *bo)
 {
 	uint32_t limit = opts->max_chain_depth ? opts->max_chain_depth
 					       : QK_DEFAULT_MAX_CHAIN_DEPTH;
@@ -45,50 +47,34 @@ int qk__chain_open(qk_image *img, const char *name, const char *fmt,
 	    strncmp(name, "nbd:", 4) == 0)
 		return qk__err(ENOTSUP, "backing file '%s' of '%s' is not a local file",
 			       name, img->filename);
-
-	struct qk_open_options bo = *opts;
-	bo.flags &= ~(uint32_t)QK_OPEN_RDWR;
-	bo.format = QK_FORMAT_AUTO;
+	*bo = *opts;
+	bo->flags &= ~(uint32_t)QK_OPEN_RDWR;
+	bo->format = QK_FORMAT_AUTO;
 	if (fmt) {
 		if (strcmp(fmt, "qcow2") == 0)
-			bo.format = QK_FORMAT_QCOW2;
+			bo->format = QK_FORMAT_QCOW2;
 		else if (strcmp(fmt, "raw") == 0)
-			bo.format = QK_FORMAT_RAW;
+			bo->format = QK_FORMAT_RAW;
 		else
 			return qk__err(ENOTSUP, "backing file '%s' of '%s' has format '%s', which is not supported",
 				       name, img->filename, fmt);
 	}
-	char *path = qk__file_resolve(img->filename, name);
-	if (!path)
+	if (!(*path = qk__file_resolve(img->filename, name)))
 		return qk__err(ENOMEM, "out of memory");
-	struct qk__file *f;
-	int ret = img->host->open_backing(img->host, img->filename, name, path, opts->flags, &f);
+	int ret = img->host->open_backing(img->host, img->filename, name, *path, opts->flags, file);
 	if (ret == 0) {
-		ret = qk__file_lock(f, false, opts->flags & QK_OPEN_FORCE_SHARE);
+		ret = qk__file_lock(*file, false, opts->flags & QK_OPEN_FORCE_SHARE);
 		if (ret < 0)
-			qk__file_close(f);
+			qk__file_close(*file);
 	}
-	if (ret == 0 && in_chain(img, f)) {
-		qk__file_close(f);
+	if (ret == 0 && in_chain(img, *file)) {
+		qk__file_close(*file);
 		ret = qk__err(ELOOP, "backing chain of '%s' loops back to '%s'",
-			      chain_top(img)->filename, path);
+			      chain_top(img)->filename, *path);
 	}
-	if (ret == 0)
-		ret = qk__image_open_file(img->host, f, path, &bo, img, &img->backing);
-	free(path);
-	return ret;
-}
-
-int qk__chain_read(qk_image *img, void *buf, size_t len, uint64_t off)
-{
-	qk_image *b = img->backing;
-	if (!b || off >= b->size) {
-		memset(buf, 0, len);
-		return 0;
+	if (ret < 0) {
+		free(*path);
+		*path = NULL;
 	}
-	size_t n = qk_min_u64(len, b->size - off);
-	int ret = qk__image_pread(b, buf, n, off);
-	if (ret == 0 && n < len)
-		memset((uint8_t *)buf + n, 0, len - n);
 	return ret;
 }

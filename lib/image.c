@@ -107,6 +107,40 @@ void qk__image_free(qk_image *img)
 	free(img);
 }
 
+/* Reads where a layer has nothing (qk_image.read_below): from its backing
+ * image, zeros past that image's end or without one. */
+static int read_below(qk_image *img, void *buf, size_t len, uint64_t off)
+{
+	qk_image *b = img->backing;
+	if (!b || off >= b->size) {
+		memset(buf, 0, len);
+		return 0;
+	}
+	size_t n = qk_min_u64(len, b->size - off);
+	int ret = qk__image_pread(b, buf, n, off);
+	if (ret == 0 && n < len)
+		memset((uint8_t *)buf + n, 0, len - n);
+	return ret;
+}
+
+/* The backing image img names, opened below it (unless QK_OPEN_NO_BACKING). */
+static int open_backing(qk_image *img, const struct qk_open_options *opts)
+{
+	const char *name = NULL, *fmt = NULL;
+	if (img->drv->backing)
+		img->drv->backing(img, &name, &fmt);
+	if (!name || (opts->flags & QK_OPEN_NO_BACKING))
+		return 0;
+	struct qk__file *f;
+	struct qk_open_options bo;
+	char *path = NULL;
+	int ret = qk__chain_open_file(img, name, fmt, opts, &f, &path, &bo);
+	if (ret == 0)
+		ret = qk__image_open_file(img->host, f, path, &bo, img, &img->backing);
+	free(path);
+	return ret;
+}
+
 int qk__image_open_file(const struct qk__host *host, struct qk__file *file,
 			const char *filename, const struct qk_open_options *opts,
 			qk_image *overlay, qk_image **out)
@@ -121,6 +155,7 @@ int qk__image_open_file(const struct qk__host *host, struct qk__file *file,
 	}
 	img->file = file;
 	img->host = host;
+	img->read_below = read_below;
 	img->filename = name;
 	img->flags = opts->flags;
 	img->overlay = overlay;
@@ -155,6 +190,9 @@ int qk__image_open_file(const struct qk__host *host, struct qk__file *file,
 		img->drv = NULL;        /* open cleans up after itself */
 		goto fail;
 	}
+	ret = open_backing(img, opts);
+	if (ret < 0)
+		goto fail;
 	*out = img;
 	return 0;
 fail:

@@ -183,6 +183,14 @@ int qk__file_create_posix(const char *path, bool *created, struct qk__file **out
 /* Take QEMU's image lock (see qk__file_lock) on descriptor fd, which is
  * open for reading; `name` is for messages. */
 int qk__lock_fd(int fd, const char *name, bool write, bool force_share);
+/* Make f at least `to` bytes long, where [from, to) is space the caller has
+ * not written: left sparse (QK_PREALLOC_OFF, QK_PREALLOC_METADATA),
+ * reserved (QK_PREALLOC_FALLOC), or written with zeros (QK_PREALLOC_FULL).
+ * A longer file keeps its length. With from == 0 (a new, empty file) its
+ * first block is written, as QEMU's file driver does. Returns 0 or a
+ * negative errno (recorded): -EFBIG/-EINVAL for sizes the file system
+ * refuses, -ENOSPC, -EIO, -ENOTSUP (no preallocation here). */
+int qk__file_grow(struct qk__file *f, uint64_t from, uint64_t to, int prealloc);
 /* A name an image holds, resolved against the directory of the image file
  * `image_path`: absolute names as they are, relative ones against that
  * directory. A malloc'd path, or NULL (out of memory). */
@@ -223,6 +231,9 @@ struct qk__status {
 struct qk__driver {
 	const char *name;
 	qk_format format;
+	/* Create an image at `path` (qk_create; options complete, struct_size
+	 * current). */
+	int (*create)(const char *path, const struct qk_create_options *o);
 	/* Parse the image on img->file; fill img->size and the driver state. */
 	int (*open)(qk_image *img, const struct qk_open_options *opts);
 	void (*close)(qk_image *img);
@@ -254,6 +265,9 @@ struct qk__driver {
 	 * decides. [off, off+len) lies inside the image; len > 0. */
 	int (*block_status)(qk_image *img, uint64_t off, uint64_t len,
 			    struct qk__status *st);
+	/* The backing file the image names, as stored, and its format (each
+	 * NULL when absent); may be NULL for formats without backing files. */
+	void (*backing)(qk_image *img, const char **name, const char **format);
 	/* Fill the format-specific fields of *info. */
 	int (*get_info)(qk_image *img, struct qk_info *info);
 	int (*list_snapshots)(qk_image *img, const struct qk_snapshot **list, size_t *n);
@@ -275,6 +289,10 @@ struct qk_image {
 	uint32_t flags;          /* QK_OPEN_* */
 	uint64_t size;           /* virtual size */
 	const struct qk__host *host; /* opens the files the image names */
+	/* Reads [off, off+len) where this layer holds nothing: from the
+	 * backing chain, zeros past its end or without one (set by image.c:
+	 * the driver's way down the chain). */
+	int (*read_below)(qk_image *img, void *buf, size_t len, uint64_t off);
 	qk_image *backing;       /* NULL at the bottom */
 	qk_image *overlay;       /* the image above, NULL at the top */
 	uint32_t depth;          /* 0 for the top image of a chain */
@@ -296,13 +314,14 @@ int qk__probe(const uint8_t *buf, size_t len, uint64_t file_size, qk_format *fmt
 
 /* ---- chain.c: backing chains ----------------------------------------------- */
 
-/* Open the backing file `name` (format `fmt` or NULL to detect) below img,
- * enforcing the depth limit and refusing loops. */
-int qk__chain_open(qk_image *img, const char *name, const char *fmt,
-		   const struct qk_open_options *opts);
-/* Read [off, off+len) of the guest range where this layer has nothing: from
- * the backing image, zeros past its end or without one. */
-int qk__chain_read(qk_image *img, void *buf, size_t len, uint64_t off);
+/* Open the backing file `name` of img (format `fmt`, or NULL to detect),
+ * through img's host, read-only and locked, enforcing the depth limit and
+ * refusing loops (by device and inode). Returns 0 with *file, *path (the
+ * resolved name, malloc'd) and *bo (the options for the backing layer), or
+ * a negative errno (recorded; nothing to free). */
+int qk__chain_open_file(qk_image *img, const char *name, const char *fmt,
+			const struct qk_open_options *opts, struct qk__file **file, char **path,
+			struct qk_open_options *bo);
 
 /* ---- compress (qcow2/compress.c) ---------------------------------------------- */
 

@@ -3,6 +3,7 @@
 #include "internal.h"
 
 #include <errno.h>
+#include <unistd.h>
 
 /* The guest sees whole 512-byte sectors, as in QEMU: a file of 1000001
  * bytes is a 1000448-byte disk whose tail reads as zeros. */
@@ -84,9 +85,52 @@ static int raw_block_status(qk_image *img, uint64_t off, uint64_t len,
 	return 0;
 }
 
+/*
+ * A raw image: the file itself, `size` rounded up to whole sectors, as
+ * qemu-img's file driver does (truncate to 0 first, then grow with the
+ * requested preallocation).
+ */
+static int raw_create(const char *path, const struct qk_create_options *o)
+{
+	struct qk__file *f;
+	uint64_t size;
+	bool created;
+	int ret;
+
+	if (o->backing_file)
+		return qk__err(EINVAL, "Backing file not supported for file format 'raw'");
+	if (o->backing_format)
+		return qk__err(EINVAL, "Backing file format not supported for file format 'raw'");
+	if (o->data_file)
+		return qk__err(EINVAL, "External data files are not supported for file format 'raw'");
+	if (o->data_file_raw)
+		return qk__err(EINVAL, "data-file-raw is not supported for file format 'raw'");
+	if (o->preallocation == QK_PREALLOC_METADATA)
+		return qk__err(EINVAL, "Unsupported preallocation mode: metadata");
+	if (o->preallocation < QK_PREALLOC_OFF || o->preallocation > QK_PREALLOC_FULL)
+		return qk__err(EINVAL, "invalid parameter value: %d", o->preallocation);
+	/* 2^63 - 1 rounds past INT64_MAX; qk__create_grow says so as QEMU's
+	 * ftruncate does ("Invalid argument"). */
+	size = o->size > UINT64_MAX - 511 ? UINT64_MAX : (o->size + 511) & ~511ull;
+
+	ret = qk__file_create_posix(path, &created, &f);
+	if (ret < 0)
+		return ret;
+	ret = qk__file_set_size(f, 0);
+	if (ret == 0)
+		ret = qk__file_grow(f, 0, size, o->preallocation);
+	if (ret == 0 && o->preallocation != QK_PREALLOC_OFF)
+		ret = qk__file_sync(f);
+	qk__file_close(f);
+	if (ret < 0 && created)
+		unlink(path);
+	return ret;
+}
+
 const struct qk__driver qk__raw_driver = {
 	.name = "raw",
 	.format = QK_FORMAT_RAW,
+	.create = raw_create,
 	.open = raw_open,
 	.pread = raw_pread,
 	.pwrite = raw_pwrite,

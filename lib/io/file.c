@@ -631,42 +631,6 @@ const struct qk__host qk__posix_host = {
 	.open_data_file = posix_open_data_file,
 };
 
-char *qk__file_resolve(const char *image_path, const char *name)
-{
-	if (name[0] == '/')
-		return strdup(name);
-	const char *slash = strrchr(image_path, '/');
-	if (!slash)
-		return strdup(name);
-	size_t dir = (size_t)(slash - image_path) + 1;
-	size_t nlen = strlen(name);
-	char *p = malloc(dir + nlen + 1);
-	if (!p)
-		return NULL;
-	memcpy(p, image_path, dir);
-	memcpy(p + dir, name, nlen + 1);
-	return p;
-}
 
-int qk__file_allocate(struct qk__file *f, uint64_t off, uint64_t len)
-{
-	if (!f->ops->allocate)
-		return qk__err(ENOTSUP, "Could not preallocate new data: %s", strerror(ENOTSUP));
-	return f->ops->allocate(f, off, len);
-}
 
-bool qk__file_same(struct qk__file *a, struct qk__file *b)
-{
-	uint64_t da, ia, db, ib;
-	return qk__file_identity(a, &da, &ia) == 0 && qk__file_identity(b, &db, &ib) == 0 &&
-	       da == db && ia == ib;
-}
 
-void qk__file_close(struct qk__file *f)
-{
-	if (!f)
-		return;
-	f->ops->close(f);
-	free(f->path);
-	free(f);
-}

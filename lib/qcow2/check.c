@@ -634,17 +634,13 @@ int qk__qcow2_rebuild_refcounts(qk_image *img)
 		ret = qk__file_pwrite(img->file, blk, cs, boff);
 	}
 	if (ret == 0)
-		ret = qk__file_pwrite(img->file, table, tc * cs, (area + blocks) * cs);
-	if (ret == 0)
-		ret = qk__file_sync(img->file);
+		ret = qk__qcow2_write_durable(img, (area + blocks) * cs, table, tc * cs);
 	if (ret < 0)
 		goto out;
 	uint8_t hdr[12];
 	qk_put_be64(hdr, (area + blocks) * cs);
 	qk_put_be32(hdr + 8, (uint32_t)tc);
-	ret = qk__file_pwrite(img->file, hdr, sizeof hdr, HDR_RT_OFFSET);
-	if (ret == 0)
-		ret = qk__file_sync(img->file);
+	ret = qk__qcow2_write_durable(img, HDR_RT_OFFSET, hdr, sizeof hdr);
 	if (ret < 0)
 		goto out;
 	/* Switch the in-memory view to the new structure (and the metadata

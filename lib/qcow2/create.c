@@ -38,11 +38,6 @@
  * These belong in internal.h (a "create.c" section); until they move there
  * each file that uses them repeats the declarations.
  */
-int qk__create_open(const char *path, bool *created, struct qk__file **out);
-int qk__create_empty(struct qk__file *f);
-int qk__create_grow(struct qk__file *f, uint64_t from, uint64_t to, int prealloc);
-int qk__create_sync(struct qk__file *f);
-int qk__qcow2_create(const char *path, const struct qk_create_options *o);
 
 /* QEMU writes header_length 112: the compression type byte and padding. */
 #define V3_HEADER_LENGTH 112
@@ -907,7 +902,7 @@ static int write_image(struct qk__file *f, struct model *m, const uint8_t *heade
 	int ret;
 
 	if (m->prealloc_to > m->prealloc_from) {
-		ret = qk__create_grow(f, m->prealloc_from, m->prealloc_to, prealloc);
+		ret = qk__file_grow(f, m->prealloc_from, m->prealloc_to, prealloc);
 		if (ret < 0)
 			return ret;
 	}
@@ -1014,9 +1009,9 @@ static int write_image(struct qk__file *f, struct model *m, const uint8_t *heade
 	if ((ret = qk__file_get_size(f, &fsize)) < 0)
 		goto out;
 	if (fsize < m->file_end)
-		ret = qk__create_grow(f, m->file_end, m->file_end, QK_PREALLOC_OFF);
+		ret = qk__file_grow(f, m->file_end, m->file_end, QK_PREALLOC_OFF);
 	if (ret == 0)
-		ret = qk__create_sync(f);
+		ret = qk__file_sync(f);
 out:
 	free(buf);
 	free(live);
@@ -1037,19 +1032,19 @@ static int write_data_file(struct qk__file *f, const struct model *m,
 	int ret = 0;
 
 	if (prealloc == QK_PREALLOC_OFF) {
-		ret = qk__create_grow(f, 0, size, QK_PREALLOC_OFF);
+		ret = qk__file_grow(f, 0, size, QK_PREALLOC_OFF);
 	} else {
 		for (uint64_t off = m->tail_from; ret == 0 && off < m->tail_to; off += sizeof zeros)
 			ret = write_at(f, zeros,
 				       qk_min_u64(sizeof zeros, m->tail_to - off), off);
 		len = m->tail_to;
 		if (ret == 0 && m->grow_to > len)
-			ret = qk__create_grow(f, len, m->grow_to,
+			ret = qk__file_grow(f, len, m->grow_to,
 					      prealloc == QK_PREALLOC_METADATA ?
 					      QK_PREALLOC_OFF : prealloc);
 	}
 	if (ret == 0)
-		ret = qk__create_sync(f);
+		ret = qk__file_sync(f);
 	return ret;
 }
 
@@ -1116,7 +1111,7 @@ int qk__qcow2_create(const char *path, const struct qk_create_options *o)
 	build_header(header, &m, o, size, true);
 
 	/* Both files are opened and locked before either changes. */
-	ret = qk__create_open(path, &created, &f);
+	ret = qk__file_create_posix(path, &created, &f);
 	if (ret < 0) {
 		f = NULL;
 		goto out;
@@ -1136,18 +1131,18 @@ int qk__qcow2_create(const char *path, const struct qk_create_options *o)
 				      o->data_file);
 			goto out;
 		}
-		ret = qk__create_open(data_path, &df_created, &df);
+		ret = qk__file_create_posix(data_path, &df_created, &df);
 		if (ret < 0) {
 			df = NULL;
 			goto out;
 		}
-		ret = qk__create_empty(df);
+		ret = qk__file_set_size(df, 0);
 		if (ret == 0)
 			ret = write_data_file(df, &m, size, prealloc);
 		if (ret < 0)
 			goto out;
 	}
-	ret = qk__create_empty(f);
+	ret = qk__file_set_size(f, 0);
 	if (ret == 0)
 		ret = write_image(f, &m, header, prealloc);
 

@@ -13,52 +13,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* Default L2 cache: enough to map the whole disk, at most this (QEMU's
- * DEFAULT_L2_CACHE_MAX_SIZE on Linux). */
-#define DEFAULT_L2_CACHE_MAX (32ull << 20)
-
-/*
- * The one corruption path. On an image open for writing, the corrupt bit
- * is set in the header (so neither we nor QEMU write it again before a
- * repair; version 2 has no such bit) and every later write of this handle
- * fails; reads go on.
- */
-int qk__qcow2_corrupt(qk_image *img, const char *fmt, ...)
-{
-	struct qcow2 *q = qcow2_of(img);
-	char msg[384];
-	va_list ap;
-	va_start(ap, fmt);
-	vsnprintf(msg, sizeof msg, fmt, ap);
-	va_end(ap);
-	const char *marked = "";
-	if ((img->flags & QK_OPEN_RDWR) && !(img->flags & QK_OPEN_CHECK))
-		q->write_refused = true;
-	if ((img->flags & QK_OPEN_RDWR) && !(img->flags & QK_OPEN_CHECK) && q->version >= 3 &&
-	    !(q->incompat & INCOMPAT_CORRUPT)) {
-		uint8_t be[8];
-		qk_put_be64(be, q->incompat | INCOMPAT_CORRUPT);
-		if (qk__file_pwrite(img->file, be, 8, HDR_INCOMPAT) == 0 &&
-		    qk__file_sync(img->file) == 0)
-			marked = "; the image is now marked corrupt";
-		q->incompat |= INCOMPAT_CORRUPT;
-	}
-	return qk__err(EIO, "image '%s' is corrupt: %s%s", img->filename, msg, marked);
-}
-
-const char *qk__qcow2_feature_name(struct qcow2 *q, unsigned bit)
-{
-	static const char *const known[] = {
-		"dirty bit", "corrupt bit", "external data file",
-		"compression type", "extended L2 entries",
-	};
-	if (bit < 64 && q->feature_names[bit])
-		return q->feature_names[bit];
-	if (bit < sizeof known / sizeof known[0])
-		return known[bit];
-	return NULL;
-}
-
 /* Copy an on-disk string (no NUL) into a fresh C string, refusing NULs and
  * control characters, which no valid name holds. */
 static int dup_name(qk_image *img, const uint8_t *p, size_t len, const char *what,
@@ -218,56 +172,6 @@ static int check_incompat(qk_image *img, struct qcow2 *q)
 		       img->filename, names, (unsigned long long)unknown);
 }
 
-/*
- * Open the external data file (the image is open: its name and flags are
- * known): at open, or with QK_OPEN_DEFER_DATA at the first guest I/O, so
- * describing an image never touches the file it names. Read-write opens
- * lock it for writing (and open it read-only, with writes refused, when
- * confined). A data file that is the image file itself is refused: guest
- * data would land on metadata.
- */
-static int open_data_file(qk_image *img)
-{
-	struct qcow2 *q = qcow2_of(img);
-	bool rw = (img->flags & QK_OPEN_RDWR) && !(img->flags & QK_OPEN_CONFINE);
-	struct qk__file *f;
-	if (!q->data_file_name)
-		return qk__err(EINVAL, "'%s' needs an external data file but its header names none",
-			       img->filename);
-	int ret = img->host->open_data_file(img->host, img->filename, q->data_file_name,
-					    q->data_file_path, rw, img->flags, &f);
-	if (ret < 0)
-		return ret;
-	if (qk__file_same(f, img->file)) {
-		qk__file_close(f);
-		return qk__err(EPERM, "external data file '%s' of '%s' is the image file itself",
-			       q->data_file_name, img->filename);
-	}
-	ret = qk__file_lock(f, rw, img->flags & QK_OPEN_FORCE_SHARE);
-	if (ret < 0) {
-		qk__file_close(f);
-		return ret;
-	}
-	__atomic_store_n(&q->data_file, f, __ATOMIC_RELEASE);
-	return 0;
-}
-
-int qk__qcow2_data_file(qk_image *img, struct qk__file **f)
-{
-	struct qcow2 *q = qcow2_of(img);
-	int ret = 0;
-	/* Opened once, then only read: the common case takes no lock. */
-	*f = __atomic_load_n(&q->data_file, __ATOMIC_ACQUIRE);
-	if (*f)
-		return 0;
-	pthread_mutex_lock(&q->lock);
-	if (!q->data_file)
-		ret = open_data_file(img);
-	*f = q->data_file;
-	pthread_mutex_unlock(&q->lock);
-	return ret;
-}
-
 /* Read and check the active L1 table. */
 static int load_l1(qk_image *img, struct qcow2 *q)
 {
@@ -322,53 +226,6 @@ static int check_refcount_table(qk_image *img, struct qcow2 *q)
 		return qk__err(EINVAL, "reference count table offset 0x%llx of '%s' is invalid",
 			       (unsigned long long)q->rt_offset, img->filename);
 	return 0;
-}
-
-static int setup_l2_cache(qk_image *img, struct qcow2 *q, const struct qk_open_options *opts)
-{
-	uint64_t table_bytes = q->cluster_size;
-	/* Enough tables to map the whole disk: a larger cache is never used. */
-	uint64_t clusters = img->size / q->cluster_size + 1;
-	uint64_t full = clusters * q->l2_entry_size;   /* size < 2^63, no overflow */
-	full = (full + table_bytes - 1) / table_bytes * table_bytes;
-	uint64_t want = opts->l2_cache_size ? opts->l2_cache_size : DEFAULT_L2_CACHE_MAX;
-	want = qk_min_u64(want, full);
-	uint64_t slots = want / table_bytes;
-	if (slots < 2)
-		slots = 2;
-	if (slots > (1u << 24))
-		slots = 1u << 24;
-	int ret = qk__cache_init(&q->l2_cache, img->file, table_bytes, (uint32_t)slots,
-				 qk__qcow2_load_l2, img);
-	q->l2_cache.store = qk__qcow2_store_l2;
-	q->l2_cache.pre_write = qk__qcow2_pre_write_l2;
-	return ret;
-}
-
-static void qcow2_close(qk_image *img)
-{
-	struct qcow2 *q = qcow2_of(img);
-	if (!q)
-		return;
-	qk__cache_destroy(&q->l2_cache);
-	qk__qcow2_free_refcounts(q);
-	qk__qcow2_meta_free(q);
-	qk__file_close(q->data_file);
-	qk__qcow2_free_snapshots(q);
-	qk__qcow2_free_bitmaps(q);
-	for (unsigned i = 0; i < 64; i++)
-		free(q->feature_names[i]);
-	free(q->backing_file);
-	free(q->backing_format);
-	free(q->data_file_name);
-	free(q->full_backing_file);
-	free(q->data_file_path);
-	free(q->l1);
-	free(q->cbuf);
-	pthread_mutex_destroy(&q->lock);
-	pthread_mutex_destroy(&q->alloc_lock);
-	free(q);
-	img->drv_state = NULL;
 }
 
 /* Parse and check the fixed header fields in hdr (at least 104 bytes, the
@@ -436,51 +293,52 @@ static int parse_compression(qk_image *img, struct qcow2 *q, const uint8_t *hdr)
 	return 0;
 }
 
-static int qcow2_open(qk_image *img, const struct qk_open_options *opts)
+/*
+ * Parse the header of the image on img->file into q (allocated and set up
+ * by the driver): the fixed fields, the extensions (backing format, feature
+ * names, bitmaps, data file name), the backing file name, the L1 table and
+ * the snapshot table, each checked against its limits. Returns 0 or a
+ * negative errno (recorded); q keeps what was read, for the driver's close.
+ */
+int qk__qcow2_parse_header(qk_image *img, struct qcow2 *q, const struct qk_open_options *opts)
 {
-	struct qcow2 *q = calloc(1, sizeof *q);
-	if (!q)
-		return qk__err(ENOMEM, "out of memory");
-	pthread_mutex_init(&q->lock, NULL);
-	pthread_mutex_init(&q->alloc_lock, NULL);
-	img->drv_state = q;
 	uint8_t *hdr = NULL;
 	int ret = qk__file_get_size(img->file, &q->file_size);
 	if (ret < 0)
-		goto fail;
+		goto out;
 	if (q->file_size < HDR_V2_LENGTH) {
 		ret = qk__err(EINVAL, "'%s' is too short to be a qcow2 image (%llu bytes)",
 			      img->filename, (unsigned long long)q->file_size);
-		goto fail;
+		goto out;
 	}
 	uint8_t fixed[HDR_V3_MIN_LENGTH];
 	ret = qk__file_pread(img->file, fixed, sizeof fixed, 0);
 	if (ret < 0)
-		goto fail;
+		goto out;
 	if (qk_be32(fixed) != QCOW2_MAGIC) {
 		ret = qk__err(EINVAL, "'%s' is not a qcow2 image (bad magic)", img->filename);
-		goto fail;
+		goto out;
 	}
 	ret = parse_fixed(img, q, fixed);
 	if (ret < 0)
-		goto fail;
+		goto out;
 
 	/* Cluster 0 holds the header, extensions and backing name. */
 	hdr = malloc(q->cluster_size);
 	if (!hdr) {
 		ret = qk__err(ENOMEM, "out of memory");
-		goto fail;
+		goto out;
 	}
 	ret = qk__file_pread(img->file, hdr, q->cluster_size, 0);
 	if (ret < 0)
-		goto fail;
+		goto out;
 	if (q->file_size < q->header_length) {
 		ret = qk__err(EINVAL, "'%s' is truncated inside its header", img->filename);
-		goto fail;
+		goto out;
 	}
 	ret = parse_compression(img, q, hdr);
 	if (ret < 0)
-		goto fail;
+		goto out;
 
 	uint64_t backing_off = qk_be64(hdr + HDR_BACKING_OFFSET);
 	uint32_t backing_len = qk_be32(hdr + HDR_BACKING_SIZE);
@@ -488,43 +346,43 @@ static int qcow2_open(qk_image *img, const struct qk_open_options *opts)
 		if (backing_len > MAX_BACKING_NAME || backing_len == 0) {
 			ret = qk__err(EINVAL, "backing file name of '%s' has a bad length (%u bytes, at most %u)",
 				      img->filename, backing_len, MAX_BACKING_NAME);
-			goto fail;
+			goto out;
 		}
 		if (backing_off < q->header_length || backing_off > q->cluster_size ||
 		    backing_len > q->cluster_size - backing_off) {
 			ret = qk__err(EINVAL, "backing file name of '%s' (offset %llu, %u bytes) lies outside the header cluster",
 				      img->filename, (unsigned long long)backing_off, backing_len);
-			goto fail;
+			goto out;
 		}
 		ret = dup_name(img, hdr + backing_off, backing_len, "backing file name", &q->backing_file);
 		if (ret < 0)
-			goto fail;
+			goto out;
 	}
 	/* Version 2 images carry extensions too (from byte 72). */
 	ret = parse_extensions(img, q, hdr, q->header_length,
 			       backing_off ? backing_off : q->cluster_size);
 	if (ret < 0)
-		goto fail;
+		goto out;
 	ret = check_incompat(img, q);
 	if (ret < 0)
-		goto fail;
+		goto out;
 	if (q->crypt_method != CRYPT_NONE) {
 		ret = qk__err(ENOTSUP, "'%s' is encrypted (%s), which is not supported",
 			      img->filename, q->crypt_method == CRYPT_AES ? "AES" :
 			      q->crypt_method == CRYPT_LUKS ? "LUKS" : "unknown method");
-		goto fail;
+		goto out;
 	}
 	if ((q->incompat & INCOMPAT_CORRUPT) && (opts->flags & QK_OPEN_RDWR) &&
 	    !(opts->flags & QK_OPEN_CHECK)) {
 		ret = qk__err(EACCES, "'%s' is marked corrupt and cannot be opened read-write "
 			      "(repair it with check -r all)", img->filename);
-		goto fail;
+		goto out;
 	}
 	q->extl2 = q->incompat & INCOMPAT_EXTL2;
 	if (q->extl2 && q->cluster_bits < MIN_EXTL2_CLUSTER_BITS) {
 		ret = qk__err(EINVAL, "'%s' uses extended L2 entries with %llu-byte clusters (at least 16384 needed)",
 			      img->filename, (unsigned long long)q->cluster_size);
-		goto fail;
+		goto out;
 	}
 	q->l2_entry_size = q->extl2 ? 16 : 8;
 	q->l2_bits = q->cluster_bits - (q->extl2 ? 4 : 3);
@@ -532,133 +390,25 @@ static int qcow2_open(qk_image *img, const struct qk_open_options *opts)
 	if ((q->autoclear & AUTOCLEAR_DATA_RAW) && !(q->incompat & INCOMPAT_DATA_FILE)) {
 		ret = qk__err(EINVAL, "'%s' has the raw external data bit without an external data file",
 			      img->filename);
-		goto fail;
+		goto out;
 	}
 	ret = check_refcount_table(img, q);
 	if (ret < 0)
-		goto fail;
+		goto out;
 	ret = load_l1(img, q);
 	if (ret < 0)
-		goto fail;
+		goto out;
 	ret = qk__qcow2_read_snapshots(img);
 	if (ret < 0)
-		goto fail;
+		goto out;
 	q->has_data_file = q->incompat & INCOMPAT_DATA_FILE;
 	if (q->has_data_file && q->data_file_name &&
-	    !(q->data_file_path = qk__file_resolve(img->filename, q->data_file_name))) {
+	    !(q->data_file_path = qk__file_resolve(img->filename, q->data_file_name)))
 		ret = qk__err(ENOMEM, "out of memory");
-		goto fail;
-	}
-	if (q->has_data_file &&
-	    (!(opts->flags & QK_OPEN_DEFER_DATA) || (opts->flags & QK_OPEN_RDWR))) {
-		ret = open_data_file(img);
-		if (ret < 0)
-			goto fail;
-	}
-	ret = setup_l2_cache(img, q, opts);
-	if (ret < 0)
-		goto fail;
-	if ((q->incompat & INCOMPAT_DIRTY) && (opts->flags & QK_OPEN_RDWR) &&
-	    !(opts->flags & QK_OPEN_CHECK)) {
-		/* Refcounts may be stale (lazy refcounts and no clean close):
-		 * rebuild them before any write, as QEMU does. */
-		ret = qk__qcow2_rebuild_refcounts(img);
-		if (ret == 0)
-			ret = qk__qcow2_write_incompat(img, q->incompat & ~INCOMPAT_DIRTY);
-		if (ret < 0) {
-			ret = qk__err_prepend(-ret, "'%s' is dirty and its refcounts could not be rebuilt",
-					      img->filename);
-			goto fail;
-		}
-	}
-	if (q->backing_file) {
-		q->full_backing_file = qk__file_resolve(img->filename, q->backing_file);
-		if (!q->full_backing_file) {
-			ret = qk__err(ENOMEM, "out of memory");
-			goto fail;
-		}
-		if (!(opts->flags & QK_OPEN_NO_BACKING)) {
-			ret = qk__chain_open(img, q->backing_file, q->backing_format, opts);
-			if (ret < 0)
-				goto fail;
-		}
-	}
+	if (ret == 0 && q->backing_file &&
+	    !(q->full_backing_file = qk__file_resolve(img->filename, q->backing_file)))
+		ret = qk__err(ENOMEM, "out of memory");
+out:
 	free(hdr);
-	return 0;
-fail:
-	free(hdr);
-	qcow2_close(img);
 	return ret;
 }
-
-static int qcow2_get_info(qk_image *img, struct qk_info *info)
-{
-	struct qcow2 *q = qcow2_of(img);
-	info->cluster_size = (uint32_t)q->cluster_size;
-	info->qcow2_version = q->version;
-	info->refcount_bits = 1u << q->refcount_order;
-	info->compression_type = q->compression_type;
-	info->incompatible_features = q->incompat;
-	info->compatible_features = q->compat;
-	info->autoclear_features = q->autoclear;
-	info->dirty = !!(q->incompat & INCOMPAT_DIRTY);
-	info->corrupt = !!(q->incompat & INCOMPAT_CORRUPT);
-	info->lazy_refcounts = !!(q->compat & COMPAT_LAZY_REFCOUNTS);
-	info->extended_l2 = q->extl2;
-	info->data_file_raw = !!(q->autoclear & AUTOCLEAR_DATA_RAW);
-	info->bitmaps_consistent = !!(q->autoclear & AUTOCLEAR_BITMAPS);
-	info->encrypted = q->crypt_method != CRYPT_NONE;
-	info->backing_file = q->backing_file;
-	info->full_backing_file = q->full_backing_file;
-	info->backing_format = q->backing_format;
-	info->data_file = q->data_file_name;
-	info->nb_snapshots = q->n_snapshots;
-	info->nb_bitmaps = q->n_bitmaps;
-	/* actual_size is the image file's alone, as qemu-img reports it. */
-	return 0;
-}
-
-static int qcow2_list_snapshots(qk_image *img, const struct qk_snapshot **list, size_t *n)
-{
-	struct qcow2 *q = qcow2_of(img);
-	*list = q->snapshots;
-	*n = q->n_snapshots;
-	return 0;
-}
-
-static int qcow2_list_bitmaps(qk_image *img, const struct qk_bitmap **list, size_t *n)
-{
-	struct qcow2 *q = qcow2_of(img);
-	*list = q->bitmaps;
-	*n = q->n_bitmaps;
-	return 0;
-}
-
-static void qcow2_data_file(qk_image *img, struct qk__file **f, const char **path)
-{
-	struct qcow2 *q = qcow2_of(img);
-	*f = __atomic_load_n(&q->data_file, __ATOMIC_ACQUIRE);
-	*path = q->has_data_file ? q->data_file_path : NULL;
-}
-
-const struct qk__driver qk__qcow2_driver = {
-	.name = "qcow2",
-	.format = QK_FORMAT_QCOW2,
-	.open = qcow2_open,
-	.close = qcow2_close,
-	.pread = qk__qcow2_pread,
-	.pwrite = qk__qcow2_pwrite,
-	.write_compressed = qk__qcow2_write_compressed,
-	.check = qk__qcow2_check,
-	.forensic = qk__qcow2_forensic,
-	.flush = qk__qcow2_flush,
-	.mark_clean = qk__qcow2_mark_clean,
-	.resize = qk__qcow2_resize,
-	.discard = qk__qcow2_discard,
-	.write_zeroes = qk__qcow2_write_zeroes,
-	.block_status = qk__qcow2_block_status,
-	.get_info = qcow2_get_info,
-	.list_snapshots = qcow2_list_snapshots,
-	.list_bitmaps = qcow2_list_bitmaps,
-	.data_file = qcow2_data_file,
-};

@@ -350,7 +350,7 @@ int qk__qcow2_pread(qk_image *img, void *buf, size_t len, uint64_t off)
 		switch (r.type) {
 		case CT_UNALLOCATED:
 		case CT_UNALLOCATED_ALLOC:
-			ret = qk__chain_read(img, p, n, off);
+			ret = img->read_below(img, p, n, off);
 			break;
 		case CT_ZERO_PLAIN:
 		case CT_ZERO_ALLOC:

@@ -245,18 +245,17 @@ static int add_bitmaps(qk_image *img)
 	return ret;
 }
 
-/* Build the map from what the metadata names now. Image lock held. */
+/* Build the map from what the metadata names now. The refcount blocks are
+ * in it when the refcount table is loaded; refcount.c adds them when it
+ * loads the table later. Image lock held. */
 static int build(qk_image *img)
 {
 	struct qcow2 *q = qcow2_of(img);
-	int ret = qk__qcow2_load_refcounts(img);
-	if (ret < 0)
-		return ret;
 	qk__qcow2_meta_free(q);
-	ret = meta_add(q, 0, q->cluster_size, META_HEADER);
+	int ret = meta_add(q, 0, q->cluster_size, META_HEADER);
 	if (ret == 0)
 		ret = add_l1(img, q->l1_offset, q->l1_size, q->l1, META_L1);
-	if (ret == 0)
+	if (ret == 0 && q->rt)
 		ret = meta_add(q, q->rt_offset, (uint64_t)q->rt_clusters * q->cluster_size, META_REFTABLE);
 	for (uint64_t i = 0; ret == 0 && i < q->rt_entries; i++) {
 		uint64_t b = q->rt[i] & ~RT_RESERVED_MASK;

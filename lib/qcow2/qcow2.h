@@ -1,6 +1,7 @@
 /*
- * qcow2.h - the QCOW2 driver's state and the functions its files share.
- * Private to lib/qcow2/.
+ * qcow2.h - the QCOW2 driver's state and the functions its files share,
+ * private to lib/qcow2/. The sections follow the layers of lib/README.md,
+ * lowest first: a file calls only what the sections above its own declare.
  */
 #ifndef QK_QCOW2_H
 #define QK_QCOW2_H
@@ -10,21 +11,11 @@
 
 #define MAX_PENDING_PUNCH 64
 
-/* ---- cache.c: metadata table cache -----------------------------------------
- *
- * A fixed number of slots, each holding one table (an L2 table or a
- * refcount block) keyed by its host offset, evicted by the CLOCK
- * approximation of least recently used. Lookups hash the offset. A slot in
- * use (refs > 0) is never evicted. The cache has no lock of its own:
- * callers hold the image lock.
- *
- * Write ordering lives here, as in QEMU: a dirty table reaches the disk
- * only after the cache it depends on has been flushed (written and
- * synced), e.g. L2 tables after the refcount blocks that count their
- * clusters, and, when `sync_first` is set, after a sync of that file
- * (guest data before the L2 entry that exposes it). Eviction of a dirty
- * table flushes the whole cache, so the order holds there too.
- */
+struct qcow2;
+
+/* ---- types ----------------------------------------------------------------------- */
+
+/* cache.c: a metadata table cache (see the note at its functions). */
 struct qk__cache_slot {
 	uint64_t offset;       /* host offset of the table; 0 = empty */
 	bool recent;           /* used since the clock hand last passed */
@@ -55,32 +46,7 @@ struct qk__cache {
 	void *scratch;              /* entry_size bytes for store() */
 };
 
-int qk__cache_init(struct qk__cache *c, struct qk__file *file, size_t entry_size,
-		   uint32_t nslots, int (*load)(void *, void *, uint64_t), void *opaque);
-void qk__cache_destroy(struct qk__cache *c);
-/* Find or load the table at `offset`; *table points into the cache until
- * the matching qk__cache_put(offset). Returns 0 or a negative errno (-EBUSY
- * when every slot is in use). */
-int qk__cache_get(struct qk__cache *c, uint64_t offset, void **table);
-/* As qk__cache_get for a table that is new on disk: not read, zero-filled
- * and dirty. */
-int qk__cache_get_empty(struct qk__cache *c, uint64_t offset, void **table);
-void qk__cache_put(struct qk__cache *c, uint64_t offset);
-/* Mark the (held) table at `offset` changed. */
-void qk__cache_mark_dirty(struct qk__cache *c, uint64_t offset);
-/* Write every dirty table, dependencies first, then sync the file. */
-int qk__cache_flush(struct qk__cache *c);
-/* Forget the table at `offset` without writing it (it was freed). */
-void qk__cache_discard(struct qk__cache *c, uint64_t offset);
-/* Record that `c` must not be written before `dep` is flushed. */
-int qk__cache_set_dependency(struct qk__cache *c, struct qk__cache *dep);
-/* True when some table is dirty. */
-bool qk__cache_is_dirty(const struct qk__cache *c);
-
-/* ---- meta.c: the metadata map (overlap checks) ------------------------------- */
-
-struct qcow2;
-
+/* meta.c: the metadata map. */
 /* Kinds of metadata a host cluster may hold. */
 #define META_HEADER    (1u << 0)
 #define META_L1        (1u << 1)   /* the active L1 table */
@@ -98,42 +64,7 @@ struct qk__metamap {
 	uint64_t used;
 };
 
-/* Refuse (as corruption, naming both) `what` ("a data write", "a new
- * cluster", ...) to [off, off+len) when a cluster of it holds metadata
- * of a kind outside `allowed` (META_* bits; 0 for guest data). Builds the
- * map on first use. Image lock held. Returns 0, -EIO (recorded, the image
- * marked corrupt) or -ENOMEM. */
-int qk__qcow2_meta_check(qk_image *img, uint64_t off, uint64_t len, unsigned allowed,
-			 const char *what);
-/* The kinds of metadata outside `allowed` at the first cluster of
- * [off, off+len) that holds some (0: none; no map yet: 0), its offset in
- * *cluster_off: the overlap check without its message, for hot paths. */
-unsigned qk__qcow2_meta_hit(qk_image *img, uint64_t off, uint64_t len, unsigned allowed,
-			     uint64_t *cluster_off);
-/* Report what qk__qcow2_meta_hit found, as qk__qcow2_meta_check does. */
-int qk__qcow2_meta_refuse(qk_image *img, const char *what, uint64_t off, unsigned types,
-			  uint64_t cluster_off);
-/* The first host cluster of [first, first+n) (cluster indices) that
- * metadata names: 1 and *hit, or 0 when none does, or a negative errno
- * (the map could not be built). For placing new structures past the end of
- * the file where no table entry already points. Image lock held. */
-int qk__qcow2_meta_find(qk_image *img, uint64_t first, uint64_t n, uint64_t *hit);
-/* Build the map unless it is built (the first write of a handle). */
-int qk__qcow2_meta_ready(qk_image *img);
-/* A new reference of kind `type` to [off, off+len) (a table was written
- * there); a no-op until the map is built. Returns 0 or -ENOMEM. */
-int qk__qcow2_meta_add(qk_image *img, uint64_t off, uint64_t len, unsigned type);
-/* One reference to [off, off+len) is gone (the table there was dropped). */
-void qk__qcow2_meta_del(qk_image *img, uint64_t off, uint64_t len);
-/* Cache pre-write hooks (the overlap check of L2 tables and refcount
- * blocks): the table at `offset` may hold nothing but its own kind. */
-int qk__qcow2_pre_write_l2(void *opaque, uint64_t offset);
-int qk__qcow2_pre_write_refblock(void *opaque, uint64_t offset);
-/* Forget the map (the metadata changed wholesale); rebuilt when next needed. */
-void qk__qcow2_meta_invalidate(qk_image *img);
-void qk__qcow2_meta_free(struct qcow2 *q);
-
-/* ---- driver state ----------------------------------------------------------- */
+/* ---- the driver's state --------------------------------------------------- */
 
 /* What a guest unit (a cluster, or a subcluster with extended L2) is. */
 enum qk__ctype {
@@ -155,7 +86,7 @@ struct qcow2 {
 	struct { uint64_t off, len; } punch[MAX_PENDING_PUNCH];
 	uint32_t n_punch;
 	bool has_data_file;         /* incompatible bit 2: guest data elsewhere */
-	struct qk__file *data_file; /* that file once opened (header.c), or NULL */
+	struct qk__file *data_file; /* that file once opened (base.c), or NULL */
 
 	/* header */
 	uint32_t version;
@@ -237,29 +168,116 @@ static inline struct qcow2 *qcow2_of(qk_image *img)
 	return img->drv_state;
 }
 
-/* ---- header.c ----------------------------------------------------------------- */
-/* Report corrupt metadata found while reading: "<what> at offset N: ..." and
- * -EIO. (Writers will also mark the image corrupt here.) */
+static inline uint64_t qk__qcow2_compressed_offset(const struct qcow2 *q, uint64_t e)
+{
+	return e & ((1ull << (62 - (q->cluster_bits - 8))) - 1);
+}
+
+static inline uint64_t qk__qcow2_compressed_size(const struct qcow2 *q, uint64_t e)
+{
+	unsigned shift = 62 - (q->cluster_bits - 8);
+	uint64_t sectors = ((e >> shift) & ((1ull << (q->cluster_bits - 8)) - 1)) + 1;
+	return sectors * 512 - (qk__qcow2_compressed_offset(q, e) & 511);
+}
+
+/* ---- base.c: primitives -------------------------------------------------------- */
+/* The one corruption path: report corrupt metadata ("image 'X' is corrupt:
+ * <what> at offset N ...") and return -EIO. A handle open for writing
+ * refuses every later write, and a version 3 image gets its corrupt bit
+ * (so neither we nor QEMU write it before a repair). */
 int qk__qcow2_corrupt(qk_image *img, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-/* The external data file, opened on first use (read-only opens). Returns 0
- * or a negative errno (recorded). Takes the image lock. */
-int qk__qcow2_data_file(qk_image *img, struct qk__file **f);
+/* Write metadata bytes that later writes depend on (a header field, an L1
+ * or refcount table entry, a new table) and sync the file. 0 or a negative
+ * errno (recorded). */
+int qk__qcow2_write_durable(qk_image *img, uint64_t off, const void *buf, size_t len);
+/* Set the incompatible feature bits, durably, and remember them. */
+int qk__qcow2_write_incompat(qk_image *img, uint64_t incompat);
 /* A name for the incompatible bit `bit` (from the feature table, if any). */
 const char *qk__qcow2_feature_name(struct qcow2 *q, unsigned bit);
+/* The external data file, opened on first use (see driver.c). Returns 0 or
+ * a negative errno (recorded). Takes the image lock. */
+int qk__qcow2_data_file(qk_image *img, struct qk__file **f);
+/* Host offset and stored length of compressed L2 entry e (the one decoder
+ * of compressed descriptors). */
+static inline uint64_t qk__qcow2_compressed_offset(const struct qcow2 *q, uint64_t e);
+static inline uint64_t qk__qcow2_compressed_size(const struct qcow2 *q, uint64_t e);
 
-/* ---- snapshot.c / bitmap.c --------------------------------------------------- */
-int qk__qcow2_read_snapshots(qk_image *img);
-void qk__qcow2_free_snapshots(struct qcow2 *q);
-int qk__qcow2_read_bitmaps(qk_image *img, uint64_t dir_offset, uint64_t dir_size,
-			   uint32_t nb_bitmaps);
-void qk__qcow2_free_bitmaps(struct qcow2 *q);
-/* On the first write: load the enabled, consistent bitmaps and mark them
- * in use on disk. */
-int qk__qcow2_bitmaps_start(qk_image *img);
-/* Guest range [off, off+len) changed: set its bits. Image lock held. */
-void qk__qcow2_bitmaps_mark(qk_image *img, uint64_t off, uint64_t len);
-/* Write the changed bitmaps back and clear their in-use flags. */
-int qk__qcow2_bitmaps_store(qk_image *img);
+/* ---- cache.c: metadata table cache -----------------------------------------
+ *
+ * A fixed number of slots, each holding one table (an L2 table or a
+ * refcount block) keyed by its host offset, evicted by the CLOCK
+ * approximation of least recently used. Lookups hash the offset. A slot in
+ * use (refs > 0) is never evicted. The cache has no lock of its own:
+ * callers hold the image lock.
+ *
+ * Write ordering lives here, as in QEMU: a dirty table reaches the disk
+ * only after the cache it depends on has been flushed (written and
+ * synced), e.g. L2 tables after the refcount blocks that count their
+ * clusters, and, when `sync_first` is set, after a sync of that file
+ * (guest data before the L2 entry that exposes it). Eviction of a dirty
+ * table flushes the whole cache, so the order holds there too.
+ */
+
+int qk__cache_init(struct qk__cache *c, struct qk__file *file, size_t entry_size,
+		   uint32_t nslots, int (*load)(void *, void *, uint64_t), void *opaque);
+void qk__cache_destroy(struct qk__cache *c);
+/* Find or load the table at `offset`; *table points into the cache until
+ * the matching qk__cache_put(offset). Returns 0 or a negative errno (-EBUSY
+ * when every slot is in use). */
+int qk__cache_get(struct qk__cache *c, uint64_t offset, void **table);
+/* As qk__cache_get for a table that is new on disk: not read, zero-filled
+ * and dirty. */
+int qk__cache_get_empty(struct qk__cache *c, uint64_t offset, void **table);
+void qk__cache_put(struct qk__cache *c, uint64_t offset);
+/* Mark the (held) table at `offset` changed. */
+void qk__cache_mark_dirty(struct qk__cache *c, uint64_t offset);
+/* Write every dirty table, dependencies first, then sync the file. */
+int qk__cache_flush(struct qk__cache *c);
+/* Forget the table at `offset` without writing it (it was freed). */
+void qk__cache_discard(struct qk__cache *c, uint64_t offset);
+/* Record that `c` must not be written before `dep` is flushed. */
+int qk__cache_set_dependency(struct qk__cache *c, struct qk__cache *dep);
+/* True when some table is dirty. */
+bool qk__cache_is_dirty(const struct qk__cache *c);
+
+/* ---- meta.c: the metadata map (overlap checks) ------------------------------- */
+
+
+
+/* Refuse (as corruption, naming both) `what` ("a data write", "a new
+ * cluster", ...) to [off, off+len) when a cluster of it holds metadata
+ * of a kind outside `allowed` (META_* bits; 0 for guest data). Builds the
+ * map on first use. Image lock held. Returns 0, -EIO (recorded, the image
+ * marked corrupt) or -ENOMEM. */
+int qk__qcow2_meta_check(qk_image *img, uint64_t off, uint64_t len, unsigned allowed,
+			 const char *what);
+/* The kinds of metadata outside `allowed` at the first cluster of
+ * [off, off+len) that holds some (0: none; no map yet: 0), its offset in
+ * *cluster_off: the overlap check without its message, for hot paths. */
+unsigned qk__qcow2_meta_hit(qk_image *img, uint64_t off, uint64_t len, unsigned allowed,
+			     uint64_t *cluster_off);
+/* Report what qk__qcow2_meta_hit found, as qk__qcow2_meta_check does. */
+int qk__qcow2_meta_refuse(qk_image *img, const char *what, uint64_t off, unsigned types,
+			  uint64_t cluster_off);
+/* The first host cluster of [first, first+n) (cluster indices) that
+ * metadata names: 1 and *hit, or 0 when none does, or a negative errno
+ * (the map could not be built). For placing new structures past the end of
+ * the file where no table entry already points. Image lock held. */
+int qk__qcow2_meta_find(qk_image *img, uint64_t first, uint64_t n, uint64_t *hit);
+/* Build the map unless it is built (the first write of a handle). */
+int qk__qcow2_meta_ready(qk_image *img);
+/* A new reference of kind `type` to [off, off+len) (a table was written
+ * there); a no-op until the map is built. Returns 0 or -ENOMEM. */
+int qk__qcow2_meta_add(qk_image *img, uint64_t off, uint64_t len, unsigned type);
+/* One reference to [off, off+len) is gone (the table there was dropped). */
+void qk__qcow2_meta_del(qk_image *img, uint64_t off, uint64_t len);
+/* Cache pre-write hooks (the overlap check of L2 tables and refcount
+ * blocks): the table at `offset` may hold nothing but its own kind. */
+int qk__qcow2_pre_write_l2(void *opaque, uint64_t offset);
+int qk__qcow2_pre_write_refblock(void *opaque, uint64_t offset);
+/* Forget the map (the metadata changed wholesale); rebuilt when next needed. */
+void qk__qcow2_meta_invalidate(qk_image *img);
+void qk__qcow2_meta_free(struct qcow2 *q);
 
 /* ---- refcount.c --------------------------------------------------------------- */
 /* Load the refcount table (once); 0 or a negative errno. Image lock held. */
@@ -285,32 +303,6 @@ int qk__qcow2_alloc_clusters(qk_image *img, uint64_t n, uint64_t *offset);
  * reference. */
 int qk__qcow2_alloc_bytes(qk_image *img, uint64_t len, uint64_t *offset);
 void qk__qcow2_free_refcounts(struct qcow2 *q);
-
-/* ---- check.c ------------------------------------------------------------------ */
-/* Count every reference, correct the active COPIED flags, and write a new
- * refcount structure that matches (crash-safe switch). Metadata lock held
- * or the image not shared yet. */
-int qk__qcow2_rebuild_refcounts(qk_image *img);
-/* qk_forensic for qcow2. */
-int qk__qcow2_forensic(qk_image *img, int (*found)(void *opaque, const struct qk_forensic_item *it),
-		       void *opaque);
-/* qk_check for qcow2. */
-int qk__qcow2_check(qk_image *img, uint32_t flags, struct qk_check_result *res,
-		    void (*report)(void *, const char *), void *opaque);
-
-/* ---- write.c ------------------------------------------------------------------ */
-int qk__qcow2_pwrite(qk_image *img, const void *buf, size_t len, uint64_t off);
-int qk__qcow2_flush(qk_image *img);
-int qk__qcow2_write_compressed(qk_image *img, const void *buf, size_t len, uint64_t off);
-/* After a final flush: clear the dirty bit that lazy refcounts set. */
-int qk__qcow2_mark_clean(qk_image *img);
-/* Sync-write the incompatible feature bits. */
-int qk__qcow2_write_incompat(qk_image *img, uint64_t incompat);
-int qk__qcow2_discard(qk_image *img, uint64_t off, uint64_t len);
-int qk__qcow2_write_zeroes(qk_image *img, uint64_t off, uint64_t len, uint32_t flags);
-int qk__qcow2_resize(qk_image *img, uint64_t size, uint32_t flags);
-/* Cache store hook for L2 tables: host order to big-endian. */
-void qk__qcow2_store_l2(void *opaque, const void *table, void *out);
 
 /* ---- map.c -------------------------------------------------------------------- */
 int qk__qcow2_pread(qk_image *img, void *buf, size_t len, uint64_t off);
@@ -340,16 +332,57 @@ int qk__qcow2_check_entry(qk_image *img, uint64_t gc, uint64_t e, uint64_t bm);
 /* Compressed entry e's data must start inside the file (its content is
  * judged when it is inflated). Returns 0 or -EIO (recorded). Lock held. */
 int qk__qcow2_check_compressed(qk_image *img, uint64_t e);
-/* Host offset and stored length of compressed L2 entry e. */
-static inline uint64_t qk__qcow2_compressed_offset(const struct qcow2 *q, uint64_t e)
-{
-	return e & ((1ull << (62 - (q->cluster_bits - 8))) - 1);
-}
-static inline uint64_t qk__qcow2_compressed_size(const struct qcow2 *q, uint64_t e)
-{
-	unsigned shift = 62 - (q->cluster_bits - 8);
-	uint64_t sectors = ((e >> shift) & ((1ull << (q->cluster_bits - 8)) - 1)) + 1;
-	return sectors * 512 - (qk__qcow2_compressed_offset(q, e) & 511);
-}
+
+/* ---- snapshot.c / bitmap.c --------------------------------------------------- */
+int qk__qcow2_read_snapshots(qk_image *img);
+void qk__qcow2_free_snapshots(struct qcow2 *q);
+int qk__qcow2_read_bitmaps(qk_image *img, uint64_t dir_offset, uint64_t dir_size,
+			   uint32_t nb_bitmaps);
+void qk__qcow2_free_bitmaps(struct qcow2 *q);
+/* On the first write: load the enabled, consistent bitmaps and mark them
+ * in use on disk. */
+int qk__qcow2_bitmaps_start(qk_image *img);
+/* Guest range [off, off+len) changed: set its bits. Image lock held. */
+void qk__qcow2_bitmaps_mark(qk_image *img, uint64_t off, uint64_t len);
+/* Write the changed bitmaps back and clear their in-use flags. */
+int qk__qcow2_bitmaps_store(qk_image *img);
+
+/* ---- header.c: parsing ---------------------------------------------------------- */
+/*
+ * Parse the header of the image on img->file into q (zeroed, set up by the
+ * driver): the fixed fields, the extensions (backing format, feature names,
+ * bitmaps, data file name), the backing file name, the L1 table and the
+ * snapshot table, each checked against its limits. Returns 0 or a negative
+ * errno (recorded); q keeps what was read, for the driver's close.
+ */
+int qk__qcow2_parse_header(qk_image *img, struct qcow2 *q, const struct qk_open_options *opts);
+
+/* ---- write.c ------------------------------------------------------------------ */
+int qk__qcow2_pwrite(qk_image *img, const void *buf, size_t len, uint64_t off);
+int qk__qcow2_flush(qk_image *img);
+int qk__qcow2_write_compressed(qk_image *img, const void *buf, size_t len, uint64_t off);
+/* After a final flush: clear the dirty bit that lazy refcounts set. */
+int qk__qcow2_mark_clean(qk_image *img);
+int qk__qcow2_discard(qk_image *img, uint64_t off, uint64_t len);
+int qk__qcow2_write_zeroes(qk_image *img, uint64_t off, uint64_t len, uint32_t flags);
+int qk__qcow2_resize(qk_image *img, uint64_t size, uint32_t flags);
+/* Cache store hook for L2 tables: host order to big-endian. */
+void qk__qcow2_store_l2(void *opaque, const void *table, void *out);
+
+/* ---- create.c ----------------------------------------------------------------- */
+/* qk_create for qcow2 (the driver's create). */
+int qk__qcow2_create(const char *path, const struct qk_create_options *o);
+
+/* ---- check.c ------------------------------------------------------------------ */
+/* Count every reference, correct the active COPIED flags, and write a new
+ * refcount structure that matches (crash-safe switch). Metadata lock held
+ * or the image not shared yet. */
+int qk__qcow2_rebuild_refcounts(qk_image *img);
+/* qk_forensic for qcow2. */
+int qk__qcow2_forensic(qk_image *img, int (*found)(void *opaque, const struct qk_forensic_item *it),
+		       void *opaque);
+/* qk_check for qcow2. */
+int qk__qcow2_check(qk_image *img, uint32_t flags, struct qk_check_result *res,
+		    void (*report)(void *, const char *), void *opaque);
 
 #endif

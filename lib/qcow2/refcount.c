@@ -212,15 +212,6 @@ static uint32_t epb_bits(const struct qcow2 *q)
 	return q->cluster_bits + 3 - q->refcount_order;
 }
 
-/* Sync-write the header field(s) at `off` (bytes already big-endian). */
-static int write_header_field(qk_image *img, uint64_t off, const void *buf, size_t len)
-{
-	int ret = qk__file_pwrite(img->file, buf, len, off);
-	if (ret == 0)
-		ret = qk__file_sync(img->file);
-	return ret;
-}
-
 /*
  * Grow the refcount table so that it has an entry `rt_index`: a new area
  * of k blocks and the new table at cluster `area`, which lies past what
@@ -282,16 +273,14 @@ static int grow_reftable(qk_image *img, uint64_t rt_index, uint64_t area)
 		qk_put_be64(&nt[i], q->rt[i]);
 	for (uint64_t j = 0; j < k; j++)
 		qk_put_be64(&nt[r0 + j], (area + j) << q->cluster_bits);
-	ret = qk__file_pwrite(img->file, nt, tc * cs, table_off);
-	if (ret == 0)
-		ret = qk__file_sync(img->file);
+	ret = qk__qcow2_write_durable(img, table_off, nt, tc * cs);
 	if (ret < 0)
 		goto out;
 	/* Now the header: offset and cluster count in one write. */
 	uint8_t hdr[12];
 	qk_put_be64(hdr, table_off);
 	qk_put_be32(hdr + 8, (uint32_t)tc);
-	ret = write_header_field(img, HDR_RT_OFFSET, hdr, sizeof hdr);
+	ret = qk__qcow2_write_durable(img, HDR_RT_OFFSET, hdr, sizeof hdr);
 	if (ret < 0)
 		goto out;
 	uint64_t old_off = q->rt_offset, old_clusters = q->rt_clusters;
@@ -355,7 +344,7 @@ static int ensure_block(qk_image *img, uint64_t rt_index, bool *placed)
 		return ret;
 	uint8_t be[8];
 	qk_put_be64(be, boff);
-	ret = write_header_field(img, q->rt_offset + 8 * rt_index, be, 8);
+	ret = qk__qcow2_write_durable(img, q->rt_offset + 8 * rt_index, be, 8);
 	if (ret < 0)
 		return ret;
 	q->rt[rt_index] = boff;
@@ -518,7 +507,7 @@ static int place_blocks(qk_image *img, uint64_t start, uint64_t len, uint64_t m)
 		for (uint64_t i = 0; be && i < span; i++)
 			qk_put_be64(be + 8 * i, q->rt[r0 + i]);
 		if (be)
-			ret = write_header_field(img, q->rt_offset + 8 * r0, be, span * 8);
+			ret = qk__qcow2_write_durable(img, q->rt_offset + 8 * r0, be, span * 8);
 		free(be);
 	}
 	if (ret < 0) {
@@ -544,7 +533,8 @@ static int place_blocks(qk_image *img, uint64_t start, uint64_t len, uint64_t m)
  * clusters). When the refcount table itself is too short it grows first,
  * and the search starts again (the new area may take part of the run).
  *
- * Clusters past both the end of the file and everything this handle
+ * Clusters past both the end of the file (and the one cluster after it that
+ * a reference ending inside it may name) and everything this handle
  * allocated are free whatever their stored refcount: nothing can be stored
  * there, so a count is a leak (a crash leaves those), and honouring a
  * crafted block of such counts would push the allocation, and the file,
@@ -567,8 +557,10 @@ int qk__qcow2_alloc_clusters(qk_image *img, uint64_t n, uint64_t *offset)
 		return ret;
 	q->file_size = qk_max_u64(q->file_size, fsize);
 	for (;;) {
-		uint64_t eof = (qk_max_u64(q->file_size, q->alloc_end) + q->cluster_size - 1) >>
-			       q->cluster_bits;
+		/* The first cluster no reference can name: a reference may end
+		 * less than a cluster past the end of the file (QEMU counts it). */
+		uint64_t eof = ((qk_max_u64(q->file_size, q->alloc_end) + q->cluster_size - 1) >>
+				q->cluster_bits) + 1;
 		uint64_t start = q->free_hint, run = 0, need = n, m = 0, first_free = UINT64_MAX;
 		bool past_table = false;
 		for (uint64_t c = start; run < need; c++) {

@@ -71,9 +71,7 @@ static int prepare_write(qk_image *img)
 	if (q->version >= 3 && q->autoclear != keep) {
 		uint8_t be[8];
 		qk_put_be64(be, keep);
-		int ret = qk__file_pwrite(img->file, be, 8, HDR_AUTOCLEAR);
-		if (ret == 0)
-			ret = qk__file_sync(img->file);
+		int ret = qk__qcow2_write_durable(img, HDR_AUTOCLEAR, be, 8);
 		if (ret < 0)
 			return ret;
 		q->autoclear = keep;
@@ -89,19 +87,6 @@ static int prepare_write(qk_image *img)
 	}
 	q->write_ready = true;
 	return 0;
-}
-
-int qk__qcow2_write_incompat(qk_image *img, uint64_t incompat)
-{
-	struct qcow2 *q = qcow2_of(img);
-	uint8_t be[8];
-	qk_put_be64(be, incompat);
-	int ret = qk__file_pwrite(img->file, be, 8, HDR_INCOMPAT);
-	if (ret == 0)
-		ret = qk__file_sync(img->file);
-	if (ret == 0)
-		q->incompat = incompat;
-	return ret;
 }
 
 int qk__qcow2_mark_clean(qk_image *img)
@@ -164,9 +149,7 @@ static int l2_for_write(qk_image *img, uint64_t l1i, uint64_t *l2_off, uint64_t 
 	}
 	uint8_t be[8];
 	qk_put_be64(be, t | QCOW_OFLAG_COPIED);
-	ret = qk__file_pwrite(img->file, be, 8, q->l1_offset + 8 * l1i);
-	if (ret == 0)
-		ret = qk__file_sync(img->file);
+	ret = qk__qcow2_write_durable(img, q->l1_offset + 8 * l1i, be, 8);
 	if (ret < 0) {
 		qk__cache_put(&q->l2_cache, t);
 		return ret;
@@ -932,16 +915,12 @@ static int grow_l1(qk_image *img, uint64_t need)
 	for (uint64_t i = 0; i < q->l1_size; i++)
 		qk_put_be64(&nl1[i], q->l1[i]);
 	if (ret == 0)
-		ret = qk__file_pwrite(img->file, nl1, bytes, noff);
-	if (ret == 0)
-		ret = qk__file_sync(img->file);
+		ret = qk__qcow2_write_durable(img, noff, nl1, bytes);
 	uint8_t hdr[12];
 	qk_put_be32(hdr, (uint32_t)need);
 	qk_put_be64(hdr + 4, noff);
 	if (ret == 0)
-		ret = qk__file_pwrite(img->file, hdr, sizeof hdr, HDR_L1_SIZE);
-	if (ret == 0)
-		ret = qk__file_sync(img->file);
+		ret = qk__qcow2_write_durable(img, HDR_L1_SIZE, hdr, sizeof hdr);
 	if (ret < 0) {
 		free(nl1);
 		return ret;
@@ -958,16 +937,6 @@ static int grow_l1(qk_image *img, uint64_t need)
 	ret = qk__qcow2_meta_add(img, noff, bytes, META_L1);
 	if (ret == 0 && old_bytes)
 		ret = qk__qcow2_update_refcount(img, old_off, old_bytes, -1);
-	return ret;
-}
-
-static int write_size(qk_image *img, uint64_t size)
-{
-	uint8_t be[8];
-	qk_put_be64(be, size);
-	int ret = qk__file_pwrite(img->file, be, 8, HDR_SIZE);
-	if (ret == 0)
-		ret = qk__file_sync(img->file);
 	return ret;
 }
 
@@ -1009,8 +978,11 @@ int qk__qcow2_resize(qk_image *img, uint64_t size, uint32_t flags)
 	} else if (ret == 0 && need > q->l1_size) {
 		ret = grow_l1(img, need);
 	}
-	if (ret == 0)
-		ret = write_size(img, size);
+	if (ret == 0) {
+		uint8_t be[8];
+		qk_put_be64(be, size);
+		ret = qk__qcow2_write_durable(img, HDR_SIZE, be, 8);
+	}
 	if (ret == 0)
 		img->size = size;
 	pthread_mutex_unlock(&q->lock);

@@ -106,6 +106,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 			}
 			break;
 		}
+		if (getenv("FUZZ_TRACE"))       /* what ran, when looking at an input */
+			fprintf(stderr, "op %zu: kind %u off %llu len %llu -> %d %s\n", i, op[0] & 7,
+				(unsigned long long)off, (unsigned long long)len, ret,
+				ret < 0 ? qk_last_error() : "");
 		/* After an error the image may hold leaked clusters, no more:
 		 * the final check then only rules out corruptions. */
 		if (ret < 0)
@@ -119,6 +123,14 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 			struct qk_check_result res;
 			memset(&res, 0, sizeof res);
 			int ret = qk_check(again, 0, &res, NULL, NULL);
+			const char *dump = getenv("FUZZ_DUMP");
+			if (dump && (ret < 0 || res.corruptions)) {
+				FILE *o = fopen(dump, "wb");
+				if (o) {
+					fwrite(bytes, 1, len, o);
+					fclose(o);
+				}
+			}
 			FUZZ_ASSERT(ret == 0 && res.corruptions == 0 && res.check_errors == 0 &&
 				    (failed || res.leaks == 0),
 				    "after writes on a clean image: ret %d, %llu corruptions, %llu leaks, "

@@ -11,6 +11,7 @@
 #define QK_FUZZ_H
 
 #include <errno.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -56,6 +57,9 @@ static struct qk__file *fuzz_image_file;        /* the file the oracle watches *
 static uint8_t fuzz_meta[FUZZ_META_CLUSTERS / 8];
 static unsigned fuzz_meta_bits;                 /* cluster_bits of the parse */
 static int fuzz_meta_stale = 1;
+/* The NBD target writes from several threads: the oracle's state and the
+ * file's bytes it parses are looked at under this lock. */
+static pthread_mutex_t fuzz_meta_lock = PTHREAD_MUTEX_INITIALIZER;
 static uint64_t fuzz_meta_checks;               /* data writes judged (for tests) */
 
 /* Big-endian fields of d[0, n); bytes past the end read as zeros. */
@@ -157,12 +161,16 @@ static int fuzz_pwrite(struct qk__file *f, const void *buf, size_t len, uint64_t
 {
 	if (off > FUZZ_MAX_FILE || len > FUZZ_MAX_FILE - off)
 		return qk__err(ENOSPC, "fuzzed image would grow past %u bytes", FUZZ_MAX_FILE);
+	pthread_mutex_lock(&fuzz_meta_lock);
 	fuzz_meta_stale = 1;
-	return fuzz_mem_ops->pwrite(f, buf, len, off);
+	int ret = fuzz_mem_ops->pwrite(f, buf, len, off);
+	pthread_mutex_unlock(&fuzz_meta_lock);
+	return ret;
 }
 
 static int fuzz_pwrite_data(struct qk__file *f, const void *buf, size_t len, uint64_t off)
 {
+	pthread_mutex_lock(&fuzz_meta_lock);
 	if (f == fuzz_image_file && len && off < FUZZ_MAX_FILE) {
 		if (fuzz_meta_stale) {
 			size_t n;
@@ -188,6 +196,7 @@ static int fuzz_pwrite_data(struct qk__file *f, const void *buf, size_t len, uin
 		}
 		fuzz_meta_checks++;
 	}
+	pthread_mutex_unlock(&fuzz_meta_lock);
 	return fuzz_pwrite(f, buf, len, off);
 }
 
@@ -195,27 +204,36 @@ static int fuzz_set_size(struct qk__file *f, uint64_t size)
 {
 	if (size > FUZZ_MAX_FILE)
 		return qk__err(ENOSPC, "fuzzed image would grow past %u bytes", FUZZ_MAX_FILE);
+	pthread_mutex_lock(&fuzz_meta_lock);
 	fuzz_meta_stale = 1;
-	return fuzz_mem_ops->set_size(f, size);
+	int ret = fuzz_mem_ops->set_size(f, size);
+	pthread_mutex_unlock(&fuzz_meta_lock);
+	return ret;
 }
 
 static int fuzz_discard(struct qk__file *f, uint64_t off, uint64_t len)
 {
+	pthread_mutex_lock(&fuzz_meta_lock);
 	fuzz_meta_stale = 1;
-	return fuzz_mem_ops->discard(f, off, len);
+	int ret = fuzz_mem_ops->discard(f, off, len);
+	pthread_mutex_unlock(&fuzz_meta_lock);
+	return ret;
 }
 
 static int fuzz_zero_range(struct qk__file *f, uint64_t off, uint64_t len)
 {
+	pthread_mutex_lock(&fuzz_meta_lock);
 	fuzz_meta_stale = 1;
-	return fuzz_mem_ops->zero_range(f, off, len);
+	int ret = fuzz_mem_ops->zero_range(f, off, len);
+	pthread_mutex_unlock(&fuzz_meta_lock);
+	return ret;
 }
 
 static inline void fuzz_limit(struct qk__file *f)
 {
 	if (!fuzz_mem_ops) {
 		fuzz_mem_ops = f->ops;
-		fuzz_limited_ops = *f->ops;     /* same name: still a memory file */
+		fuzz_limited_ops = *f->ops;
 		fuzz_limited_ops.pwrite = fuzz_pwrite;
 		fuzz_limited_ops.pwrite_data = fuzz_pwrite_data;
 		fuzz_limited_ops.set_size = fuzz_set_size;
