@@ -12,7 +12,7 @@
  * reply) drop the connection. State set by earlier options (structured
  * replies, meta contexts) stays until GO/EXPORT_NAME; STARTTLS is refused,
  * so nothing is ever discarded.
- * Bounds: the whole handshake runs under one deadline (c->deadline, set
+ * Bounds: the whole handshake runs under one deadline (c->sock.deadline, set
  * by nbd_serve_conn), which every read and send here honours, so neither
  * a slow or silent client nor one that floods options without reading the
  * replies outlasts it. The memory it takes is the one option buffer
@@ -69,7 +69,7 @@ static int send_rep(struct nbd_conn *c, uint32_t opt, uint32_t type,
 	iov[0].iov_len = sizeof(h);
 	iov[1].iov_base = (void *)data;
 	iov[1].iov_len = len;
-	return nbd_send_iov(c, iov, len ? 2 : 1);
+	return nbd_send_iov(&c->sock, iov, len ? 2 : 1);
 }
 
 static int send_ack(struct nbd_conn *c, uint32_t opt)
@@ -142,7 +142,7 @@ static int opt_export_name(struct nbd_conn *c, const uint8_t *data,
 	memset(buf, 0, sizeof(buf));
 	nbd_put64(buf, c->size);
 	nbd_put16(buf + 8, nbd_tflags(c));
-	int r = nbd_send_all(c, buf,
+	int r = nbd_send_all(&c->sock, buf,
 			     c->no_zeroes ? 10 : sizeof(buf));
 	return r < 0 ? r : 1;
 }
@@ -356,9 +356,9 @@ int nbd_negotiate(struct nbd_conn *c)
 	nbd_put64(greet, NBD_MAGIC);
 	nbd_put64(greet + 8, NBD_OPTS_MAGIC);
 	nbd_put16(greet + 16, NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES);
-	if ((r = nbd_send_all(c, greet, sizeof(greet))) < 0)
+	if ((r = nbd_send_all(&c->sock, greet, sizeof(greet))) < 0)
 		return r;
-	if ((r = nbd_recv_all(c, hdr, 4)) < 0)
+	if ((r = nbd_recv_all(&c->sock, hdr, 4)) < 0)
 		return r == -EPIPE ? 0 : r;
 	cflags = nbd_get32(hdr);
 	if (cflags & ~(uint32_t)(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES))
@@ -371,7 +371,7 @@ int nbd_negotiate(struct nbd_conn *c)
 	for (;;) {
 		uint32_t opt, len;
 
-		r = nbd_recv_all(c, hdr, sizeof(hdr));
+		r = nbd_recv_all(&c->sock, hdr, sizeof(hdr));
 		if (r < 0) {
 			/* Leaving between options is allowed (if rude). */
 			r = r == -EPIPE ? 0 : r;
@@ -384,7 +384,7 @@ int nbd_negotiate(struct nbd_conn *c)
 		opt = nbd_get32(hdr + 8);
 		len = nbd_get32(hdr + 12);
 		if (len > NBD_MAX_OPTION_DATA) {
-			if ((r = nbd_recv_skip(c, len)) < 0)
+			if ((r = nbd_recv_skip(&c->sock, len)) < 0)
 				break;
 			if (opt == NBD_OPT_EXPORT_NAME) {
 				r = -EPROTO;    /* cannot be answered */
@@ -396,7 +396,7 @@ int nbd_negotiate(struct nbd_conn *c)
 				break;
 			continue;
 		}
-		if (len && (r = nbd_recv_all(c, data, len)) < 0)
+		if (len && (r = nbd_recv_all(&c->sock, data, len)) < 0)
 			break;
 
 		switch (opt) {

@@ -150,10 +150,10 @@ static void send_iov_locked(struct tx *t, struct iovec *iov, int n)
 	int r;
 
 	if (!atomic_load(&t->send_failed) &&
-	    (r = nbd_send_iov(t->c, iov, n)) < 0) {
+	    (r = nbd_send_iov(&t->c->sock, iov, n)) < 0) {
 		atomic_store(&t->send_failed, true);
 		t->send_error = r;
-		shutdown(t->c->fd, SHUT_RDWR);
+		shutdown(t->c->sock.fd, SHUT_RDWR);
 	}
 }
 
@@ -744,49 +744,43 @@ static void handle(struct tx *t, struct worker *w, const struct request *rq)
 
 /* ---- reading requests ------------------------------------------------------------- */
 
-/* Have at least `need` bytes (<= NBD_INBUF) in the input buffer, reading
- * what the socket has. Returns 0, -EPIPE at end of stream, or an errno. */
+/* Have at least `need` bytes (<= NBD_INBUF) in the input buffer, taking
+ * in what the socket has. Returns 0, -EPIPE at end of stream (what came
+ * before it stays in the buffer), or another negative errno. */
 static int fill(struct tx *t, size_t need)
 {
-	while (t->in_len - t->in_pos < need) {
-		ssize_t n;
+	size_t have = t->in_len - t->in_pos, got;
+	int r;
 
-		if (t->in_pos > 0) {
-			memmove(t->in, t->in + t->in_pos, t->in_len - t->in_pos);
-			t->in_len -= t->in_pos;
-			t->in_pos = 0;
-		}
-		/* About to wait for the client: it must have its replies. */
-		flush_out(t);
-		n = recv(t->c->fd, t->in + t->in_len, NBD_INBUF - t->in_len, 0);
-		if (n == 0)
-			return -EPIPE;
-		if (n < 0) {
-			if (errno == EINTR)
-				continue;
-			return errno == ECONNRESET ? -EPIPE : -errno;
-		}
-		t->in_len += (size_t)n;
+	if (have >= need)
+		return 0;
+	if (t->in_pos > 0) {
+		memmove(t->in, t->in + t->in_pos, have);
+		t->in_len = have;
+		t->in_pos = 0;
 	}
-	return 0;
+	/* About to wait for the client: it must have its replies. */
+	flush_out(t);
+	r = nbd_recv_some(&t->c->sock, t->in + t->in_len, need - have,
+			  NBD_INBUF - t->in_len, &got);
+	t->in_len += got;
+	return r;
 }
 
 /* Is another request already waiting? Looks at the buffer, then (without
  * blocking) at the socket. */
 static bool more_input(struct tx *t)
 {
-	ssize_t n;
+	size_t got;
+	int r;
 
 	if (t->in_len > t->in_pos)
 		return true;
 	t->in_pos = t->in_len = 0;
-	n = recv(t->c->fd, t->in, NBD_INBUF, MSG_DONTWAIT);
-	if (n > 0) {
-		t->in_len = (size_t)n;
-		return true;
-	}
+	r = nbd_recv_some(&t->c->sock, t->in, 0, NBD_INBUF, &got);
+	t->in_len = got;
 	/* End of stream or an error shows at the next fill(). */
-	return n == 0 || (errno != EAGAIN && errno != EWOULDBLOCK);
+	return r < 0 || got > 0;
 }
 
 /* Could the request take long? Then another thread goes on reading. */
@@ -842,7 +836,7 @@ static int read_request(struct tx *t, struct worker *w, struct request *rq)
 	memcpy(rq->payload, t->in + t->in_pos, have);
 	t->in_pos += have;
 	if (have < rq->length) {
-		r = nbd_recv_all(t->c, rq->payload + have, rq->length - have);
+		r = nbd_recv_all(&t->c->sock, rq->payload + have, rq->length - have);
 		if (r < 0)
 			/* EOF inside a request breaks the protocol. */
 			return r == -EPIPE ? -EPROTO : r;

@@ -1,6 +1,6 @@
 /*
- * server.c - socket helpers, one connection (nbd_serve_conn), and the
- * listening server (nbd_server_run).
+ * server.c - one connection (nbd_serve_conn), and the listening server
+ * (nbd_server_run).
  *
  * Design note. The listening thread owns everything but the connections:
  * it polls the listening sockets, a signalfd for SIGINT/SIGTERM, and an
@@ -12,8 +12,10 @@
  * - No client can hold a connection thread (and so an -e place) by
  *   misbehaving: the whole handshake must end within
  *   NBD_HANDSHAKE_LIMIT_MS, and in transmission a send waits at most
- *   NBD_SEND_STALL_MS for the client to take a byte. Only a client that
- *   reads its replies and sends whole requests stays, idle or not.
+ *   NBD_SEND_STALL_MS for the client to take a byte (nbd_serve_conn sets
+ *   them in the connection's struct nbd_sock; socket.c keeps them). Only a
+ *   client that reads its replies and sends whole requests stays, idle or
+ *   not.
  *   Connections do not wait on each other, so one stuck client never
  *   delays another's service.
  * - The listening thread never blocks but in poll(), and never spins:
@@ -32,7 +34,6 @@
  */
 #include <errno.h>
 #include <fcntl.h>
-#include <limits.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -118,141 +119,6 @@ static void read_test_limits(void)
 		send_stall_ms = (int)st;
 }
 
-/* ---- socket helpers ------------------------------------------------------------ */
-
-int64_t nbd_now_ms(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
-/*
- * Wait until `fd` is ready for `events`, or has an error or hang-up (which
- * the next recv or send reports), but not past the time `until`
- * (nbd_now_ms()). Returns 0, -ETIMEDOUT, or a negative errno from poll().
- */
-static int wait_ready(int fd, short events, int64_t until)
-{
-	for (;;) {
-		struct pollfd p = { fd, events, 0 };
-		int64_t left = until - nbd_now_ms();
-		int r;
-
-		if (left <= 0)
-			return -ETIMEDOUT;
-		r = poll(&p, 1, left < INT_MAX ? (int)left : INT_MAX);
-		if (r > 0)
-			return 0;
-		if (r < 0 && errno != EINTR)
-			return -errno;
-	}
-}
-
-int nbd_recv_all(struct nbd_conn *c, void *buf, size_t len)
-{
-	uint8_t *p = buf;
-
-	while (len > 0) {
-		ssize_t n;
-		int r;
-
-		/* Under a deadline, wait in poll() and then take what has
-		 * come without blocking: a blocking recv() could outlast the
-		 * deadline. Without one, block (transmission: the client may
-		 * think as long as it likes; shutdown() ends the wait). */
-		if (c->deadline && (r = wait_ready(c->fd, POLLIN, c->deadline)) < 0)
-			return r;
-		n = recv(c->fd, p, len, c->deadline ? MSG_DONTWAIT : 0);
-		if (n == 0)
-			return -EPIPE;
-		if (n < 0) {
-			if (errno == EINTR || (c->deadline && (errno == EAGAIN ||
-							       errno == EWOULDBLOCK)))
-				continue;
-			return errno == ECONNRESET ? -EPIPE : -errno;
-		}
-		p += n;
-		len -= (size_t)n;
-	}
-	return 0;
-}
-
-int nbd_recv_skip(struct nbd_conn *c, uint64_t len)
-{
-	uint8_t buf[4096];
-
-	while (len > 0) {
-		size_t n = len < sizeof(buf) ? (size_t)len : sizeof(buf);
-		int r = nbd_recv_all(c, buf, n);
-		if (r < 0)
-			return r;
-		len -= n;
-	}
-	return 0;
-}
-
-/*
- * The kernel is never left to block a send: sendmsg() takes what fits,
- * and a full socket is waited for in poll(), with an end: c->deadline, or
- * c->send_stall_ms after the client last took a byte. While the client
- * keeps up, this costs nothing over a blocking send; when the socket
- * fills, one poll() stands in for the sleep inside the kernel.
- */
-int nbd_send_iov(struct nbd_conn *c, struct iovec *iov, int n)
-{
-	int64_t until = 0;      /* give up then; 0 until the socket is full */
-
-	while (n > 0) {
-		struct msghdr m;
-		size_t want = 0;
-		ssize_t w;
-		int r;
-
-		memset(&m, 0, sizeof(m));
-		m.msg_iov = iov;
-		m.msg_iovlen = n < IOV_MAX ? (size_t)n : IOV_MAX;
-		for (size_t i = 0; i < m.msg_iovlen; i++)
-			want += iov[i].iov_len;
-		w = sendmsg(c->fd, &m, MSG_NOSIGNAL | MSG_DONTWAIT);
-		if (w < 0) {
-			if (errno == EINTR)
-				continue;
-			if (errno != EAGAIN && errno != EWOULDBLOCK)
-				return -errno;
-			w = 0;
-		}
-		if (w > 0)
-			until = 0;      /* progress: the stall clock restarts */
-		if ((size_t)w < want) {
-			if (until == 0)
-				until = c->deadline ? c->deadline
-						    : nbd_now_ms() + c->send_stall_ms;
-			if ((r = wait_ready(c->fd, POLLOUT, until)) < 0)
-				return r;
-		}
-		/* Skip what was written. */
-		while (n > 0 && (size_t)w >= iov->iov_len) {
-			w -= (ssize_t)iov->iov_len;
-			iov++;
-			n--;
-		}
-		if (n > 0) {
-			iov->iov_base = (uint8_t *)iov->iov_base + w;
-			iov->iov_len -= (size_t)w;
-		}
-	}
-	return 0;
-}
-
-int nbd_send_all(struct nbd_conn *c, const void *buf, size_t len)
-{
-	struct iovec iov = { (void *)buf, len };
-
-	return nbd_send_iov(c, &iov, 1);
-}
-
 /* ---- one connection ------------------------------------------------------------- */
 
 /* nbd_serve_conn, and whether the client got as far as transmission. */
@@ -264,14 +130,14 @@ static int serve_conn(int fd, qk_image *img, const struct nbd_export *exp,
 
 	pthread_once(&limits_once, read_test_limits);
 	memset(&c, 0, sizeof(c));
-	c.fd = fd;
+	c.sock.fd = fd;
 	c.img = img;
 	c.exp = exp;
 	c.size = qk_get_size(img);
-	c.send_stall_ms = send_stall_ms;
-	c.deadline = nbd_now_ms() + handshake_limit_ms;
+	c.sock.send_stall_ms = send_stall_ms;
+	c.sock.deadline = nbd_now_ms() + handshake_limit_ms;
 	r = nbd_negotiate(&c);
-	c.deadline = 0;
+	c.sock.deadline = 0;
 	*negotiated = r == 1;
 	if (r == 1)
 		r = nbd_transmission(&c);
