@@ -165,12 +165,22 @@ struct client {
 };
 
 struct server {
+	const struct nbd_server_config *cfg;
 	qk_image *img;
 	const struct nbd_export *exp;
 	pthread_mutex_t lock;
 	struct client *clients;
-	unsigned nclients;
+	unsigned nclients;      /* changed by the listening thread only */
 	int wake_fd;            /* eventfd: a client thread has ended */
+	int sig_fd;             /* signalfd: SIGINT, SIGTERM */
+	int lfds[NBD_MAX_LISTEN];
+	int nl;                 /* listening sockets in lfds */
+	bool pid_written;
+	bool served;            /* a client that reached transmission left */
+	bool stopping;          /* a signal came */
+	bool hard;              /* stopping, and the grace time has passed */
+	int64_t stop_hard;      /* stopping: shut sockets down then */
+	int64_t pause_until;    /* accept() paused until then, or 0 */
 };
 
 static void *client_main(void *arg)
@@ -192,8 +202,8 @@ static void *client_main(void *arg)
 }
 
 /* Join and free the clients that have ended. Returns how many did, and
- * sets *negotiated when one of them had reached transmission. */
-static unsigned reap(struct server *s, bool *negotiated)
+ * sets s->served when one of them had reached transmission. */
+static unsigned reap(struct server *s)
 {
 	struct client **pp = &s->clients;
 	unsigned n = 0;
@@ -207,7 +217,7 @@ static unsigned reap(struct server *s, bool *negotiated)
 		}
 		*pp = cl->next;
 		if (cl->negotiated)
-			*negotiated = true;
+			s->served = true;
 		pthread_mutex_unlock(&s->lock);
 		pthread_join(cl->tid, NULL);
 		close(cl->fd);
@@ -341,79 +351,129 @@ static bool accept_retry_now(int e)
 	}
 }
 
-int nbd_server_run(const struct nbd_server_config *cfg, qk_image *img,
-		   const struct nbd_export *exp, char *err, size_t errlen)
+/* Add a client thread serving `fd`. Returns 0, or -1 when out of memory
+ * or threads (then `fd` is closed). */
+static int start_client(struct server *s, int fd)
 {
-	struct server s;
-	int lfds[NBD_MAX_LISTEN], nl, sfd = -1, r = 0;
-	bool stopping = false, served = false, hard = false, pid_written = false;
-	int64_t stop_hard = 0;          /* stopping: shut sockets down then */
-	int64_t pause_until = 0;        /* accept() paused until then, or 0 */
-	sigset_t mask;
+	struct client *cl = calloc(1, sizeof(*cl));
 
-	memset(&s, 0, sizeof(s));
-	s.img = img;
-	s.exp = exp;
-	s.wake_fd = -1;
-	pthread_mutex_init(&s.lock, NULL);
-
-	/* Signals arrive through the signalfd only: every thread started
-	 * from here on inherits the blocked mask. */
-	sigemptyset(&mask);
-	sigaddset(&mask, SIGINT);
-	sigaddset(&mask, SIGTERM);
-	pthread_sigmask(SIG_BLOCK, &mask, NULL);
-	signal(SIGPIPE, SIG_IGN);
-
-	if (cfg->socket_path)
-		nl = listen_unix(cfg->socket_path, lfds, err, errlen);
-	else
-		nl = listen_tcp(cfg->bind_addr ? cfg->bind_addr : NBD_DEFAULT_ADDR,
-				cfg->port ? cfg->port : NBD_DEFAULT_PORT, lfds,
-				err, errlen);
-	if (nl < 0) {
-		pthread_mutex_destroy(&s.lock);
-		return nl;
+	if (cl == NULL) {
+		close(fd);
+		return -1;
 	}
-	sfd = signalfd(-1, &mask, SFD_CLOEXEC);
-	s.wake_fd = eventfd(0, EFD_CLOEXEC);
-	if (sfd < 0 || s.wake_fd < 0) {
-		r = -errno;
-		snprintf(err, errlen, "Could not set up the server: %s",
-			 strerror(-r));
-		goto out;
+	cl->s = s;
+	cl->fd = fd;
+	pthread_mutex_lock(&s->lock);
+	if (pthread_create(&cl->tid, NULL, client_main, cl) != 0) {
+		pthread_mutex_unlock(&s->lock);
+		close(fd);
+		free(cl);
+		return -1;
 	}
-	if (cfg->pid_file) {
-		if ((r = write_pid_file(cfg->pid_file, err, errlen)) < 0)
-			goto out;
-		pid_written = true;
-	}
+	cl->next = s->clients;
+	s->clients = cl;
+	s->nclients++;
+	pthread_mutex_unlock(&s->lock);
+	return 0;
+}
 
+/* Accept the clients waiting on the n listening sockets of pfd that poll()
+ * found ready, while there is room (max_clients). A shortage pauses
+ * accepting for NBD_ACCEPT_PAUSE_MS. */
+static void accept_clients(struct server *s, const struct pollfd *pfd, int n)
+{
+	for (int i = 0; i < n; i++) {
+		int fd, one = 1;
+
+		if (!(pfd[i].revents & POLLIN))
+			continue;
+		if (s->cfg->max_clients && s->nclients >= s->cfg->max_clients)
+			break;
+		fd = accept4(pfd[i].fd, NULL, NULL, SOCK_CLOEXEC);
+		if (fd < 0) {
+			if (accept_retry_now(errno))
+				continue;
+		} else {
+			if (!s->cfg->socket_path)
+				setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one,
+					   sizeof(one));
+			if (start_client(s, fd) == 0)
+				continue;
+		}
+		s->pause_until = nbd_now_ms() + NBD_ACCEPT_PAUSE_MS;
+		break;
+	}
+}
+
+/* Fill pfd with what the listening thread waits for: the signalfd, the
+ * eventfd, then the listening sockets unless stopping, full or paused.
+ * Returns the count; *timeout is when poll() must return to end the
+ * pause or the stop's grace time (-1: never). */
+static int poll_set(struct server *s, struct pollfd *pfd, int *timeout)
+{
+	bool room = s->cfg->max_clients == 0 ||
+		    s->nclients < s->cfg->max_clients;
+	int64_t now = nbd_now_ms(), wake = INT64_MAX;
+	int np = 0;
+
+	if (s->pause_until && now >= s->pause_until)
+		s->pause_until = 0;
+	pfd[np].fd = s->sig_fd;
+	pfd[np++].events = POLLIN;
+	pfd[np].fd = s->wake_fd;
+	pfd[np++].events = POLLIN;
+	if (!s->stopping && room && !s->pause_until)
+		for (int i = 0; i < s->nl; i++) {
+			pfd[np].fd = s->lfds[i];
+			pfd[np++].events = POLLIN;
+		}
+	if (s->stopping && !s->hard)
+		wake = s->stop_hard;
+	else if (!s->stopping && room && s->pause_until)
+		wake = s->pause_until;
+	*timeout = -1;
+	if (wake != INT64_MAX)
+		*timeout = wake - now < 1 ? 1 : (int)(wake - now);
+	return np;
+}
+
+/* The signalfd is readable: the first signal starts the stop. */
+static void on_signal(struct server *s)
+{
+	struct signalfd_siginfo si;
+
+	if (read(s->sig_fd, &si, sizeof(si)) > 0 && !s->stopping) {
+		s->stopping = true;
+		s->stop_hard = nbd_now_ms() + NBD_STOP_GRACE_MS;
+		shutdown_all(s, SHUT_RD);
+	}
+}
+
+/* The eventfd is readable: clients have ended. */
+static void on_client_gone(struct server *s)
+{
+	uint64_t v;
+
+	if (read(s->wake_fd, &v, sizeof(v)) < 0) {
+		/* Nothing to do: reap looks at the flags. */
+	}
+	/* A client gone is a descriptor free: try accept() again at once. */
+	if (reap(s) > 0)
+		s->pause_until = 0;
+}
+
+/*
+ * Serve until stopped (a signal and all clients gone) or, without -t,
+ * until the last client that reached transmission has gone. Returns 0, or
+ * a negative errno with a message in err[errlen] when poll() failed.
+ */
+static int serve_loop(struct server *s, char *err, size_t errlen)
+{
 	for (;;) {
 		struct pollfd pfd[2 + NBD_MAX_LISTEN];
-		bool room = cfg->max_clients == 0 || s.nclients < cfg->max_clients;
-		int64_t now = nbd_now_ms(), wake = INT64_MAX;
-		int np = 0, timeout = -1, pr;
+		int timeout, np = poll_set(s, pfd, &timeout), r;
 
-		if (pause_until && now >= pause_until)
-			pause_until = 0;
-		pfd[np].fd = sfd;
-		pfd[np++].events = POLLIN;
-		pfd[np].fd = s.wake_fd;
-		pfd[np++].events = POLLIN;
-		if (!stopping && room && !pause_until)
-			for (int i = 0; i < nl; i++) {
-				pfd[np].fd = lfds[i];
-				pfd[np++].events = POLLIN;
-			}
-		if (stopping && !hard)
-			wake = stop_hard;
-		else if (!stopping && room && pause_until)
-			wake = pause_until;
-		if (wake != INT64_MAX)
-			timeout = wake - now < 1 ? 1 : (int)(wake - now);
-		pr = poll(pfd, (nfds_t)np, timeout);
-		if (pr < 0) {
+		if (poll(pfd, (nfds_t)np, timeout) < 0) {
 			if (errno == EINTR)
 				continue;
 			if (errno == ENOMEM) {
@@ -425,103 +485,135 @@ int nbd_server_run(const struct nbd_server_config *cfg, qk_image *img,
 			}
 			r = -errno;
 			snprintf(err, errlen, "poll: %s", strerror(-r));
-			break;
+			return r;
 		}
-		if (pfd[0].revents & POLLIN) {
-			struct signalfd_siginfo si;
-			if (read(sfd, &si, sizeof(si)) > 0 && !stopping) {
-				stopping = true;
-				stop_hard = nbd_now_ms() + NBD_STOP_GRACE_MS;
-				shutdown_all(&s, SHUT_RD);
-			}
-		}
-		if (pfd[1].revents & POLLIN) {
-			uint64_t v;
-			if (read(s.wake_fd, &v, sizeof(v)) < 0) {
-				/* Nothing to do: reap looks at the flags. */
-			}
-			/* A client gone is a descriptor free: try accept()
-			 * again at once. */
-			if (reap(&s, &served) > 0)
-				pause_until = 0;
-		}
+		if (pfd[0].revents & POLLIN)
+			on_signal(s);
+		if (pfd[1].revents & POLLIN)
+			on_client_gone(s);
 		/* Only clients that got as far as transmission count: one
 		 * dropped in the handshake (a port scan, a silent or slow
 		 * client) must not end the service, as with qemu-nbd. */
-		if (s.nclients == 0 && (stopping || (served && !cfg->persistent)))
-			break;
-		if (stopping && !hard && nbd_now_ms() >= stop_hard) {
-			hard = true;
-			shutdown_all(&s, SHUT_RDWR);
+		if (s->nclients == 0 &&
+		    (s->stopping || (s->served && !s->cfg->persistent)))
+			return 0;
+		if (s->stopping && !s->hard && nbd_now_ms() >= s->stop_hard) {
+			s->hard = true;
+			shutdown_all(s, SHUT_RDWR);
 		}
-		for (int i = 2; i < np; i++) {
-			struct client *cl;
-			int fd, one = 1;
+		accept_clients(s, pfd + 2, np - 2);
+	}
+}
 
-			if (!(pfd[i].revents & POLLIN))
-				continue;
-			if (cfg->max_clients && s.nclients >= cfg->max_clients)
-				break;
-			fd = accept4(pfd[i].fd, NULL, NULL, SOCK_CLOEXEC);
-			if (fd < 0) {
-				if (accept_retry_now(errno))
-					continue;
-				pause_until = nbd_now_ms() + NBD_ACCEPT_PAUSE_MS;
-				break;
-			}
-			if (!cfg->socket_path)
-				setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one,
-					   sizeof(one));
-			cl = calloc(1, sizeof(*cl));
-			if (cl == NULL) {
-				close(fd);
-				pause_until = nbd_now_ms() + NBD_ACCEPT_PAUSE_MS;
-				break;
-			}
-			cl->s = &s;
-			cl->fd = fd;
-			pthread_mutex_lock(&s.lock);
-			if (pthread_create(&cl->tid, NULL, client_main, cl) != 0) {
-				pthread_mutex_unlock(&s.lock);
-				close(fd);
-				free(cl);
-				pause_until = nbd_now_ms() + NBD_ACCEPT_PAUSE_MS;
-				break;
-			}
-			cl->next = s.clients;
-			s.clients = cl;
-			s.nclients++;
-			pthread_mutex_unlock(&s.lock);
-		}
-	}
-	/* Only on a poll failure can clients remain: stop them first. */
-	if (s.nclients) {
-		shutdown_all(&s, SHUT_RDWR);
-		while (s.nclients) {
+/* After serve_loop: end the clients that remain (only after a poll
+ * failure can there be any), then flush a writable image. Returns r, or
+ * the flush's error when r is 0 (with its message in err[errlen]). */
+static int serve_end(struct server *s, int r, char *err, size_t errlen)
+{
+	if (s->nclients) {
+		shutdown_all(s, SHUT_RDWR);
+		while (s->nclients) {
 			uint64_t v;
-			if (read(s.wake_fd, &v, sizeof(v)) < 0 && errno != EINTR)
+			if (read(s->wake_fd, &v, sizeof(v)) < 0 && errno != EINTR)
 				break;
-			reap(&s, &served);
+			reap(s);
 		}
 	}
-	if (!exp->readonly) {
-		int fr = qk_flush(img);
+	if (!s->exp->readonly) {
+		int fr = qk_flush(s->img);
 		if (fr < 0 && r == 0) {
 			snprintf(err, errlen, "%s", qk_last_error());
 			r = fr;
 		}
 	}
-out:
-	for (int i = 0; i < nl; i++)
-		close(lfds[i]);
+	return r;
+}
+
+/* Listen as s->cfg says. Returns 0, or a negative errno with a message in
+ * err[errlen] (nothing is left open). */
+static int open_listeners(struct server *s, char *err, size_t errlen)
+{
+	const struct nbd_server_config *cfg = s->cfg;
+
 	if (cfg->socket_path)
-		unlink(cfg->socket_path);
-	if (pid_written)
-		unlink(cfg->pid_file);
-	if (sfd >= 0)
-		close(sfd);
-	if (s.wake_fd >= 0)
-		close(s.wake_fd);
+		s->nl = listen_unix(cfg->socket_path, s->lfds, err, errlen);
+	else
+		s->nl = listen_tcp(cfg->bind_addr ? cfg->bind_addr : NBD_DEFAULT_ADDR,
+				   cfg->port ? cfg->port : NBD_DEFAULT_PORT,
+				   s->lfds, err, errlen);
+	return s->nl < 0 ? s->nl : 0;
+}
+
+/* Once listening: the signalfd (for the signals in `mask`), the eventfd,
+ * the pid file. Returns 0, or a negative errno with a message in
+ * err[errlen] (what was made is undone by close_server). */
+static int open_events(struct server *s, const sigset_t *mask,
+		       char *err, size_t errlen)
+{
+	int r;
+
+	s->sig_fd = signalfd(-1, mask, SFD_CLOEXEC);
+	s->wake_fd = eventfd(0, EFD_CLOEXEC);
+	if (s->sig_fd < 0 || s->wake_fd < 0) {
+		r = -errno;
+		snprintf(err, errlen, "Could not set up the server: %s",
+			 strerror(-r));
+		return r;
+	}
+	if (s->cfg->pid_file) {
+		if ((r = write_pid_file(s->cfg->pid_file, err, errlen)) < 0)
+			return r;
+		s->pid_written = true;
+	}
+	return 0;
+}
+
+/* Undo open_listeners and open_events: the Unix socket and the pid file
+ * are removed. */
+static void close_server(struct server *s)
+{
+	for (int i = 0; i < s->nl; i++)
+		close(s->lfds[i]);
+	if (s->cfg->socket_path)
+		unlink(s->cfg->socket_path);
+	if (s->pid_written)
+		unlink(s->cfg->pid_file);
+	if (s->sig_fd >= 0)
+		close(s->sig_fd);
+	if (s->wake_fd >= 0)
+		close(s->wake_fd);
+}
+
+int nbd_server_run(const struct nbd_server_config *cfg, qk_image *img,
+		   const struct nbd_export *exp, char *err, size_t errlen)
+{
+	struct server s;
+	sigset_t mask;
+	int r;
+
+	memset(&s, 0, sizeof(s));
+	s.cfg = cfg;
+	s.img = img;
+	s.exp = exp;
+	s.wake_fd = -1;
+	s.sig_fd = -1;
+	pthread_mutex_init(&s.lock, NULL);
+
+	/* Signals arrive through the signalfd only: every thread started
+	 * from here on inherits the blocked mask. */
+	sigemptyset(&mask);
+	sigaddset(&mask, SIGINT);
+	sigaddset(&mask, SIGTERM);
+	pthread_sigmask(SIG_BLOCK, &mask, NULL);
+	signal(SIGPIPE, SIG_IGN);
+
+	if ((r = open_listeners(&s, err, errlen)) < 0) {
+		pthread_mutex_destroy(&s.lock);
+		return r;
+	}
+	if ((r = open_events(&s, &mask, err, errlen)) == 0)
+		r = serve_end(&s, serve_loop(&s, err, errlen), err, errlen);
+	close_server(&s);
 	pthread_mutex_destroy(&s.lock);
 	return r;
 }
