@@ -402,7 +402,8 @@ static int run_option(struct nbd_conn *c, uint32_t opt, const uint8_t *data,
 		return opt_meta_context(c, opt, data, len);
 	default:
 		return send_err(c, opt, NBD_REP_ERR_UNSUP,
-				"Unsupported option %u (%s)", opt, opt_name(opt));
+				"Unsupported option %u (%s)", opt,
+				opt_name(opt));
 	}
 }
 

@@ -756,7 +756,8 @@ static void handle(struct tx *t, struct worker *w, const struct request *rq)
 		cmd_read(t, w, rq);
 		return;
 	case NBD_CMD_WRITE:
-		finish_write(t, rq, len ? qk_pwrite(img, rq->payload, len, off) : 0);
+		finish_write(t, rq,
+			     len ? qk_pwrite(img, rq->payload, len, off) : 0);
 		return;
 	case NBD_CMD_FLUSH:
 		reply_result(t, rq, qk_flush(img));

@@ -534,13 +534,13 @@ static int serve_end(struct server *s, int r, char *err, size_t errlen)
 static int open_listeners(struct server *s, char *err, size_t errlen)
 {
 	const struct nbd_server_config *cfg = s->cfg;
+	const char *addr = cfg->bind_addr ? cfg->bind_addr : NBD_DEFAULT_ADDR;
+	const char *port = cfg->port ? cfg->port : NBD_DEFAULT_PORT;
 
 	if (cfg->socket_path)
 		s->nl = listen_unix(cfg->socket_path, s->lfds, err, errlen);
 	else
-		s->nl = listen_tcp(cfg->bind_addr ? cfg->bind_addr : NBD_DEFAULT_ADDR,
-				   cfg->port ? cfg->port : NBD_DEFAULT_PORT,
-				   s->lfds, err, errlen);
+		s->nl = listen_tcp(addr, port, s->lfds, err, errlen);
 	return s->nl < 0 ? s->nl : 0;
 }
 
