@@ -587,6 +587,10 @@ static size_t bs_finish(const struct request *rq, struct bs_chunk *b,
 _Static_assert(2 * NBD_BS_CHUNK_MAX <= NBD_KEEP_BUF,
 	       "BLOCK_STATUS chunks must fit in a worker's kept buffer");
 
+/* BLOCK_STATUS: one chunk per selected context, each with the extents of
+ * at most NBD_BS_MAX_EXTENTS library extents (one with REQ_ONE) from the
+ * request's offset on; a block status failure after the first extent
+ * ends the reply early instead of failing it. */
 static void cmd_block_status(struct tx *t, struct worker *w,
 			     const struct request *rq)
 {
