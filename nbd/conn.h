@@ -1,7 +1,7 @@
 /*
  * conn.h - private to nbd/: one client connection, shared by the
  * handshake (handshake.c) and transmission (request.c) phases, and the
- * socket and byte-order helpers both use.
+ * byte-order helpers both use. Their socket calls are in socket.h.
  *
  * SPDX-License-Identifier: MIT
  */
@@ -12,10 +12,10 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
-#include <sys/uio.h>
 
 #include "protocol.h"
 #include "server.h"
+#include "socket.h"
 
 /* Context ids handed out by SET_META_CONTEXT (the same as qemu-nbd's). */
 #define NBD_CTX_ID_ALLOCATION 0
@@ -26,17 +26,10 @@
 #define NBD_MAX_PAYLOAD       (32u << 20)
 
 struct nbd_conn {
-	int fd;
+	struct nbd_sock sock;     /* its deadline is set for the handshake */
 	qk_image *img;
 	const struct nbd_export *exp;
 	uint64_t size;            /* export size in bytes */
-
-	/* How long the socket helpers below may wait. While `deadline` is
-	 * set (the handshake) every receive and send must end by then;
-	 * after it (0) a receive waits as long as the client likes, and a
-	 * send gives up once the client has taken nothing for send_stall_ms. */
-	int64_t deadline;         /* nbd_now_ms() time, or 0 */
-	int send_stall_ms;
 
 	/* Set by the handshake. */
 	bool no_zeroes;           /* client agreed to NBD_FLAG_C_NO_ZEROES */
@@ -56,22 +49,6 @@ int nbd_negotiate(struct nbd_conn *c);
 
 /* request.c: serve requests until the client leaves; see nbd_serve_conn. */
 int nbd_transmission(struct nbd_conn *c);
-
-/* CLOCK_MONOTONIC in milliseconds, the clock of nbd_conn.deadline. */
-int64_t nbd_now_ms(void);
-
-/* Read exactly len bytes from c->fd. Returns 0, -EPIPE at end of stream
- * (also after part of the bytes), -ETIMEDOUT when c->deadline passes
- * first, or another negative errno. */
-int nbd_recv_all(struct nbd_conn *c, void *buf, size_t len);
-/* Read and drop len bytes (as nbd_recv_all). */
-int nbd_recv_skip(struct nbd_conn *c, uint64_t len);
-/* Write all of iov[0..n) to c->fd (n may exceed IOV_MAX; iov is
- * modified). Never raises SIGPIPE. Returns 0, -ETIMEDOUT when c->deadline
- * passes first or the client takes no byte for c->send_stall_ms, or
- * another negative errno. Callers serialise sends themselves. */
-int nbd_send_iov(struct nbd_conn *c, struct iovec *iov, int n);
-int nbd_send_all(struct nbd_conn *c, const void *buf, size_t len);
 
 static inline void nbd_put16(uint8_t *p, uint16_t v)
 {

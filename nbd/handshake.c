@@ -12,7 +12,7 @@
  * reply) drop the connection. State set by earlier options (structured
  * replies, meta contexts) stays until GO/EXPORT_NAME; STARTTLS is refused,
  * so nothing is ever discarded.
- * Bounds: the whole handshake runs under one deadline (c->deadline, set
+ * Bounds: the whole handshake runs under one deadline (c->sock.deadline, set
  * by nbd_serve_conn), which every read and send here honours, so neither
  * a slow or silent client nor one that floods options without reading the
  * replies outlasts it. The memory it takes is the one option buffer
@@ -69,7 +69,7 @@ static int send_rep(struct nbd_conn *c, uint32_t opt, uint32_t type,
 	iov[0].iov_len = sizeof(h);
 	iov[1].iov_base = (void *)data;
 	iov[1].iov_len = len;
-	return nbd_send_iov(c, iov, len ? 2 : 1);
+	return nbd_send_iov(&c->sock, iov, len ? 2 : 1);
 }
 
 static int send_ack(struct nbd_conn *c, uint32_t opt)
@@ -130,6 +130,17 @@ static void printable(char *out, size_t outlen, const uint8_t *s, size_t len)
 	out[i] = '\0';
 }
 
+/* The error reply to an option naming an export that is not ours. */
+static int send_unknown_export(struct nbd_conn *c, uint32_t opt,
+			       const uint8_t *name, size_t len)
+{
+	char shown[80];
+
+	printable(shown, sizeof(shown), name, len);
+	return send_err(c, opt, NBD_REP_ERR_UNKNOWN, "export '%s' not present",
+			shown);
+}
+
 /* EXPORT_NAME: no option reply; the export's size and flags, or a dropped
  * connection for an unknown name. */
 static int opt_export_name(struct nbd_conn *c, const uint8_t *data,
@@ -142,7 +153,7 @@ static int opt_export_name(struct nbd_conn *c, const uint8_t *data,
 	memset(buf, 0, sizeof(buf));
 	nbd_put64(buf, c->size);
 	nbd_put16(buf + 8, nbd_tflags(c));
-	int r = nbd_send_all(c, buf,
+	int r = nbd_send_all(&c->sock, buf,
 			     c->no_zeroes ? 10 : sizeof(buf));
 	return r < 0 ? r : 1;
 }
@@ -180,7 +191,6 @@ static int opt_info_go(struct nbd_conn *c, uint32_t opt, const uint8_t *data,
 	uint16_t nreq;
 	bool want_name = false, want_desc = false;
 	uint8_t buf[14];
-	char shown[80];
 	int r;
 
 	if (len < 6 || (nlen = nbd_get32(data)) > len - 6)
@@ -193,11 +203,8 @@ static int opt_info_go(struct nbd_conn *c, uint32_t opt, const uint8_t *data,
 	if (nlen > NBD_MAX_STRING)
 		return send_err(c, opt, NBD_REP_ERR_INVALID,
 				"export name too long");
-	if (!export_matches(c, data + 4, nlen)) {
-		printable(shown, sizeof(shown), data + 4, nlen);
-		return send_err(c, opt, NBD_REP_ERR_UNKNOWN,
-				"export '%s' not present", shown);
-	}
+	if (!export_matches(c, data + 4, nlen))
+		return send_unknown_export(c, opt, data + 4, nlen);
 	for (uint16_t i = 0; i < nreq; i++) {
 		uint16_t t = nbd_get16(data + 6 + nlen + 2u * i);
 		if (t == NBD_INFO_NAME)
@@ -276,7 +283,6 @@ static int opt_meta_context(struct nbd_conn *c, uint32_t opt,
 	bool list = opt == NBD_OPT_LIST_META_CONTEXT;
 	bool alloc = false, depth = false;
 	uint32_t nlen, nq, pos;
-	char shown[80];
 	int r;
 
 	if (!list && !c->structured)
@@ -308,11 +314,8 @@ static int opt_meta_context(struct nbd_conn *c, uint32_t opt,
 	if (pos != len)
 		return send_err(c, opt, NBD_REP_ERR_INVALID,
 				"unexpected data after the queries");
-	if (!export_matches(c, data + 4, nlen)) {
-		printable(shown, sizeof(shown), data + 4, nlen);
-		return send_err(c, opt, NBD_REP_ERR_UNKNOWN,
-				"export '%s' not present", shown);
-	}
+	if (!export_matches(c, data + 4, nlen))
+		return send_unknown_export(c, opt, data + 4, nlen);
 	if (list && nq == 0) {
 		alloc = true;
 		depth = c->exp->allocation_depth;
@@ -346,109 +349,133 @@ static const char *opt_name(uint32_t opt)
 	}
 }
 
-int nbd_negotiate(struct nbd_conn *c)
+static int opt_starttls(struct nbd_conn *c, uint32_t len)
 {
-	uint8_t greet[18], hdr[16];
-	uint8_t *data = NULL;
+	if (len)
+		return send_err(c, NBD_OPT_STARTTLS, NBD_REP_ERR_INVALID,
+				"OPT_STARTTLS should not have length");
+	return send_err(c, NBD_OPT_STARTTLS, NBD_REP_ERR_UNSUP,
+			"TLS is not supported");
+}
+
+static int opt_structured_reply(struct nbd_conn *c, uint32_t len)
+{
+	uint32_t opt = NBD_OPT_STRUCTURED_REPLY;
+
+	if (len)
+		return send_err(c, opt, NBD_REP_ERR_INVALID,
+				"OPT_STRUCTURED_REPLY should not have length");
+	if (c->structured)
+		return send_err(c, opt, NBD_REP_ERR_INVALID,
+				"structured reply already negotiated");
+	c->structured = true;
+	return send_ack(c, opt);
+}
+
+/* What next_option() returns when the client left by the rules (ABORT,
+ * or end of stream between options); nbd_negotiate() returns 0 then. */
+#define NBD_LEFT 2
+
+/* Answer option `opt` whose `len` bytes of data are in `data`. Returns as
+ * next_option(). */
+static int run_option(struct nbd_conn *c, uint32_t opt, const uint8_t *data,
+		      uint32_t len)
+{
+	switch (opt) {
+	case NBD_OPT_EXPORT_NAME:
+		return opt_export_name(c, data, len);
+	case NBD_OPT_ABORT:
+		/* The client may already have closed: ignore errors. */
+		(void)send_ack(c, opt);
+		return NBD_LEFT;
+	case NBD_OPT_LIST:
+		return opt_list(c, len);
+	case NBD_OPT_STARTTLS:
+		return opt_starttls(c, len);
+	case NBD_OPT_INFO:
+	case NBD_OPT_GO:
+		return opt_info_go(c, opt, data, len);
+	case NBD_OPT_STRUCTURED_REPLY:
+		return opt_structured_reply(c, len);
+	case NBD_OPT_LIST_META_CONTEXT:
+	case NBD_OPT_SET_META_CONTEXT:
+		return opt_meta_context(c, opt, data, len);
+	default:
+		return send_err(c, opt, NBD_REP_ERR_UNSUP,
+				"Unsupported option %u (%s)", opt,
+				opt_name(opt));
+	}
+}
+
+/*
+ * Read the next option, its data into `data` (NBD_MAX_OPTION_DATA bytes),
+ * and answer it. Data longer than that is skipped unread and answered with
+ * ERR_TOO_BIG. Returns 0 to go on haggling, 1 when the client chose the
+ * export (transmission follows), NBD_LEFT when it left by the rules,
+ * -EPROTO when it broke them, or another negative errno from the socket.
+ */
+static int next_option(struct nbd_conn *c, uint8_t *data)
+{
+	uint8_t hdr[16];
+	uint32_t opt, len;
+	int r;
+
+	r = nbd_recv_all(&c->sock, hdr, sizeof(hdr));
+	if (r < 0)
+		/* Leaving between options is allowed (if rude). */
+		return r == -EPIPE ? NBD_LEFT : r;
+	if (nbd_get64(hdr) != NBD_OPTS_MAGIC)
+		return -EPROTO;
+	opt = nbd_get32(hdr + 8);
+	len = nbd_get32(hdr + 12);
+	if (len > NBD_MAX_OPTION_DATA) {
+		if ((r = nbd_recv_skip(&c->sock, len)) < 0)
+			return r;
+		if (opt == NBD_OPT_EXPORT_NAME)
+			return -EPROTO;         /* cannot be answered */
+		return send_err(c, opt, NBD_REP_ERR_TOO_BIG,
+				"option data too long (%u bytes)", len);
+	}
+	if (len && (r = nbd_recv_all(&c->sock, data, len)) < 0)
+		return r;
+	return run_option(c, opt, data, len);
+}
+
+/* Send the greeting and take the client's flags. Returns 1 to go on to
+ * the options, 0 when the client left before sending its flags, -EPROTO
+ * for flags we do not know, or another negative errno. */
+static int greet(struct nbd_conn *c)
+{
+	uint8_t buf[18], cf[4];
 	uint32_t cflags;
 	int r;
 
-	nbd_put64(greet, NBD_MAGIC);
-	nbd_put64(greet + 8, NBD_OPTS_MAGIC);
-	nbd_put16(greet + 16, NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES);
-	if ((r = nbd_send_all(c, greet, sizeof(greet))) < 0)
+	nbd_put64(buf, NBD_MAGIC);
+	nbd_put64(buf + 8, NBD_OPTS_MAGIC);
+	nbd_put16(buf + 16, NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES);
+	if ((r = nbd_send_all(&c->sock, buf, sizeof(buf))) < 0)
 		return r;
-	if ((r = nbd_recv_all(c, hdr, 4)) < 0)
+	if ((r = nbd_recv_all(&c->sock, cf, sizeof(cf))) < 0)
 		return r == -EPIPE ? 0 : r;
-	cflags = nbd_get32(hdr);
+	cflags = nbd_get32(cf);
 	if (cflags & ~(uint32_t)(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES))
 		return -EPROTO;
 	c->no_zeroes = cflags & NBD_FLAG_C_NO_ZEROES;
+	return 1;
+}
 
+int nbd_negotiate(struct nbd_conn *c)
+{
+	uint8_t *data;
+	int r;
+
+	if ((r = greet(c)) <= 0)
+		return r;
 	data = malloc(NBD_MAX_OPTION_DATA);
 	if (data == NULL)
 		return -ENOMEM;
-	for (;;) {
-		uint32_t opt, len;
-
-		r = nbd_recv_all(c, hdr, sizeof(hdr));
-		if (r < 0) {
-			/* Leaving between options is allowed (if rude). */
-			r = r == -EPIPE ? 0 : r;
-			break;
-		}
-		if (nbd_get64(hdr) != NBD_OPTS_MAGIC) {
-			r = -EPROTO;
-			break;
-		}
-		opt = nbd_get32(hdr + 8);
-		len = nbd_get32(hdr + 12);
-		if (len > NBD_MAX_OPTION_DATA) {
-			if ((r = nbd_recv_skip(c, len)) < 0)
-				break;
-			if (opt == NBD_OPT_EXPORT_NAME) {
-				r = -EPROTO;    /* cannot be answered */
-				break;
-			}
-			r = send_err(c, opt, NBD_REP_ERR_TOO_BIG,
-				     "option data too long (%u bytes)", len);
-			if (r < 0)
-				break;
-			continue;
-		}
-		if (len && (r = nbd_recv_all(c, data, len)) < 0)
-			break;
-
-		switch (opt) {
-		case NBD_OPT_EXPORT_NAME:
-			r = opt_export_name(c, data, len);
-			break;
-		case NBD_OPT_ABORT:
-			/* The client may already have closed: ignore errors. */
-			(void)send_ack(c, opt);
-			r = 0;
-			goto out;
-		case NBD_OPT_LIST:
-			r = opt_list(c, len);
-			break;
-		case NBD_OPT_STARTTLS:
-			r = len ? send_err(c, opt, NBD_REP_ERR_INVALID,
-					   "OPT_STARTTLS should not have length")
-				: send_err(c, opt, NBD_REP_ERR_UNSUP,
-					   "TLS is not supported");
-			break;
-		case NBD_OPT_INFO:
-		case NBD_OPT_GO:
-			r = opt_info_go(c, opt, data, len);
-			break;
-		case NBD_OPT_STRUCTURED_REPLY:
-			if (len)
-				r = send_err(c, opt, NBD_REP_ERR_INVALID,
-					     "OPT_STRUCTURED_REPLY should not "
-					     "have length");
-			else if (c->structured)
-				r = send_err(c, opt, NBD_REP_ERR_INVALID,
-					     "structured reply already "
-					     "negotiated");
-			else {
-				c->structured = true;
-				r = send_ack(c, opt);
-			}
-			break;
-		case NBD_OPT_LIST_META_CONTEXT:
-		case NBD_OPT_SET_META_CONTEXT:
-			r = opt_meta_context(c, opt, data, len);
-			break;
-		default:
-			r = send_err(c, opt, NBD_REP_ERR_UNSUP,
-				     "Unsupported option %u (%s)", opt,
-				     opt_name(opt));
-			break;
-		}
-		if (r != 0)
-			break;
-	}
-out:
+	while ((r = next_option(c, data)) == 0)
+		;
 	free(data);
-	return r;
+	return r == NBD_LEFT ? 0 : r;
 }

@@ -142,19 +142,22 @@ struct tx {
  * tx.out (it is the leader, running pipelined requests one by one). */
 static _Thread_local struct tx *corking;
 
-/* Send under send_lock. A failure (the client gone, or taking nothing
- * for the send stall limit) ends the connection: later replies are
- * dropped, and the socket is shut down, which wakes the reader. */
-static void send_iov_locked(struct tx *t, struct iovec *iov, int n)
+/* Send iov[0..n) now, under send_lock. A failure (the client gone, or
+ * taking nothing for the send stall limit) ends the connection: later
+ * replies are dropped, and the socket is shut down, which wakes the
+ * reader. */
+static void send_now(struct tx *t, struct iovec *iov, int n)
 {
 	int r;
 
+	pthread_mutex_lock(&t->send_lock);
 	if (!atomic_load(&t->send_failed) &&
-	    (r = nbd_send_iov(t->c, iov, n)) < 0) {
+	    (r = nbd_send_iov(&t->c->sock, iov, n)) < 0) {
 		atomic_store(&t->send_failed, true);
 		t->send_error = r;
-		shutdown(t->c->fd, SHUT_RDWR);
+		shutdown(t->c->sock.fd, SHUT_RDWR);
 	}
+	pthread_mutex_unlock(&t->send_lock);
 }
 
 /* Send the replies held back in t->out. Only the leader calls this. */
@@ -166,16 +169,14 @@ static void flush_out(struct tx *t)
 		return;
 	iov.iov_base = t->out;
 	iov.iov_len = t->out_len;
-	pthread_mutex_lock(&t->send_lock);
-	send_iov_locked(t, &iov, 1);
-	pthread_mutex_unlock(&t->send_lock);
+	send_now(t, &iov, 1);
 	t->out_len = 0;
 }
 
 /* Send one whole reply, or, while corking, add it to t->out, which goes
  * out in one piece once no more requests are waiting (one send and one
  * wake-up of the client for a batch of small replies). */
-static void send_locked(struct tx *t, struct iovec *iov, int n)
+static void send_reply(struct tx *t, struct iovec *iov, int n)
 {
 	if (corking == t) {
 		size_t len = 0;
@@ -192,9 +193,7 @@ static void send_locked(struct tx *t, struct iovec *iov, int n)
 			return;
 		}
 	}
-	pthread_mutex_lock(&t->send_lock);
-	send_iov_locked(t, iov, n);
-	pthread_mutex_unlock(&t->send_lock);
+	send_now(t, iov, n);
 }
 
 static void put_simple(uint8_t *h, uint64_t cookie, uint32_t err)
@@ -222,7 +221,7 @@ static void reply_ok(struct tx *t, const struct request *rq)
 	/* Simple replies are fine for everything but READ and BLOCK_STATUS,
 	 * structured or not. */
 	put_simple(h, rq->cookie, 0);
-	send_locked(t, &iov, 1);
+	send_reply(t, &iov, 1);
 }
 
 /* A failure: an ERROR chunk with the message when structured replies were
@@ -241,7 +240,7 @@ static void reply_err(struct tx *t, const struct request *rq, uint32_t err,
 		put_simple(h, rq->cookie, err);
 		iov.iov_base = h;
 		iov.iov_len = NBD_SIMPLE_REPLY_SIZE;
-		send_locked(t, &iov, 1);
+		send_reply(t, &iov, 1);
 		return;
 	}
 	va_start(ap, fmt);
@@ -257,7 +256,7 @@ static void reply_err(struct tx *t, const struct request *rq, uint32_t err,
 	nbd_put16(h + NBD_CHUNK_HEADER_SIZE + 4, (uint16_t)n);
 	iov.iov_base = h;
 	iov.iov_len = NBD_CHUNK_HEADER_SIZE + 6 + (size_t)n;
-	send_locked(t, &iov, 1);
+	send_reply(t, &iov, 1);
 }
 
 /* The NBD error value for a library failure. */
@@ -280,6 +279,26 @@ static void reply_lib_err(struct tx *t, const struct request *rq, int ret)
 	const char *msg = qk_last_error();
 
 	reply_err(t, rq, nbd_errno(ret), "%s", msg[0] ? msg : strerror(-ret));
+}
+
+/* Answer a request that needs no data back: success, or the library's
+ * error when `ret` < 0. */
+static void reply_result(struct tx *t, const struct request *rq, int ret)
+{
+	if (ret < 0)
+		reply_lib_err(t, rq, ret);
+	else
+		reply_ok(t, rq);
+}
+
+/* The header of an OFFSET_DATA chunk carrying `len` bytes read at `off`
+ * (NBD_CHUNK_HEADER_SIZE + 8 bytes at h). */
+static void put_data_chunk(uint8_t *h, uint64_t cookie, bool done,
+			   uint64_t off, uint32_t len)
+{
+	put_chunk(h, cookie, done ? NBD_REPLY_FLAG_DONE : 0,
+		  NBD_REPLY_TYPE_OFFSET_DATA, 8 + len);
+	nbd_put64(h + NBD_CHUNK_HEADER_SIZE, off);
 }
 
 /* ---- commands ------------------------------------------------------------------ */
@@ -397,6 +416,19 @@ static void put_big(struct worker *w)
 	w->charge = 0;
 }
 
+/* get_buf() for the data of READ `rq`, `len` bytes; when none can be had
+ * the request is answered with ENOMEM and NULL returned. */
+static uint8_t *get_read_buf(struct tx *t, struct worker *w,
+			     const struct request *rq, size_t len)
+{
+	uint8_t *buf = get_buf(w, len);
+
+	if (buf == NULL)
+		reply_err(t, rq, NBD_ENOMEM, "out of memory for a %u-byte read",
+			  rq->length);
+	return buf;
+}
+
 /*
  * A structured read that may take several chunks: split into data and
  * holes by block status, each hole a HOLE chunk and each data piece DATA
@@ -416,12 +448,10 @@ static void read_streamed(struct tx *t, struct worker *w,
 	uint8_t *buf;
 	int n, r;
 
-	buf = get_buf(w, rq->length < NBD_READ_PIECE ? rq->length : NBD_READ_PIECE);
-	if (buf == NULL) {
-		reply_err(t, rq, NBD_ENOMEM, "out of memory for a %u-byte read",
-			  rq->length);
+	buf = get_read_buf(t, w, rq, rq->length < NBD_READ_PIECE ?
+					      rq->length : NBD_READ_PIECE);
+	if (buf == NULL)
 		return;
-	}
 	n = split_read(t, rq->offset, rq->length, p);
 	for (int i = 0; i < n; i++) {
 		uint64_t pos = p[i].off, end = p[i].off + p[i].len;
@@ -433,7 +463,7 @@ static void read_streamed(struct tx *t, struct worker *w,
 			nbd_put32(h + NBD_CHUNK_HEADER_SIZE + 8, (uint32_t)p[i].len);
 			iov[0].iov_base = h;
 			iov[0].iov_len = NBD_CHUNK_HEADER_SIZE + 12;
-			send_locked(t, iov, 1);
+			send_reply(t, iov, 1);
 			continue;
 		}
 		while (pos < end) {
@@ -449,19 +479,19 @@ static void read_streamed(struct tx *t, struct worker *w,
 				reply_lib_err(t, rq, r);
 				return;
 			}
-			put_chunk(h, rq->cookie, last ? NBD_REPLY_FLAG_DONE : 0,
-				  NBD_REPLY_TYPE_OFFSET_DATA, 8 + len);
-			nbd_put64(h + NBD_CHUNK_HEADER_SIZE, pos);
+			put_data_chunk(h, rq->cookie, last, pos, len);
 			iov[0].iov_base = h;
 			iov[0].iov_len = NBD_CHUNK_HEADER_SIZE + 8;
 			iov[1].iov_base = buf;
 			iov[1].iov_len = len;
-			send_locked(t, iov, 2);
+			send_reply(t, iov, 2);
 			pos += len;
 		}
 	}
 }
 
+/* READ: one reply (a simple one, or one data chunk), or the chunks of
+ * read_streamed(). */
 static void cmd_read(struct tx *t, struct worker *w, const struct request *rq)
 {
 	struct nbd_conn *c = t->c;
@@ -470,6 +500,11 @@ static void cmd_read(struct tx *t, struct worker *w, const struct request *rq)
 	uint8_t *buf;
 	int r;
 
+	if (rq->length > NBD_MAX_PAYLOAD) {
+		reply_err(t, rq, NBD_EINVAL, "len (%u) is larger than max len (%u)",
+			  rq->length, NBD_MAX_PAYLOAD);
+		return;
+	}
 	if (rq->length == 0) {
 		/* Nothing to read: a NONE chunk (or an empty simple reply). */
 		if (c->structured)
@@ -480,7 +515,7 @@ static void cmd_read(struct tx *t, struct worker *w, const struct request *rq)
 		iov[0].iov_base = h;
 		iov[0].iov_len = c->structured ? NBD_CHUNK_HEADER_SIZE
 					       : NBD_SIMPLE_REPLY_SIZE;
-		send_locked(t, iov, 1);
+		send_reply(t, iov, 1);
 		return;
 	}
 	/* Small reads go out as one data chunk: looking for holes would
@@ -490,21 +525,16 @@ static void cmd_read(struct tx *t, struct worker *w, const struct request *rq)
 		read_streamed(t, w, rq);
 		return;
 	}
-	buf = get_buf(w, rq->length);
-	if (buf == NULL) {
-		reply_err(t, rq, NBD_ENOMEM, "out of memory for a %u-byte read",
-			  rq->length);
+	buf = get_read_buf(t, w, rq, rq->length);
+	if (buf == NULL)
 		return;
-	}
 	r = qk_pread(c->img, buf, rq->length, rq->offset);
 	if (r < 0) {
 		reply_lib_err(t, rq, r);
 		return;
 	}
 	if (c->structured) {
-		put_chunk(h, rq->cookie, NBD_REPLY_FLAG_DONE,
-			  NBD_REPLY_TYPE_OFFSET_DATA, 8 + rq->length);
-		nbd_put64(h + NBD_CHUNK_HEADER_SIZE, rq->offset);
+		put_data_chunk(h, rq->cookie, true, rq->offset, rq->length);
 		iov[0].iov_len = NBD_CHUNK_HEADER_SIZE + 8;
 	} else {
 		put_simple(h, rq->cookie, 0);
@@ -513,7 +543,7 @@ static void cmd_read(struct tx *t, struct worker *w, const struct request *rq)
 	iov[0].iov_base = h;
 	iov[1].iov_base = buf;
 	iov[1].iov_len = rq->length;
-	send_locked(t, iov, 2);
+	send_reply(t, iov, 2);
 }
 
 /* Longest BLOCK_STATUS chunk: header, context id, extents. */
@@ -557,6 +587,10 @@ static size_t bs_finish(const struct request *rq, struct bs_chunk *b,
 _Static_assert(2 * NBD_BS_CHUNK_MAX <= NBD_KEEP_BUF,
 	       "BLOCK_STATUS chunks must fit in a worker's kept buffer");
 
+/* BLOCK_STATUS: one chunk per selected context, each with the extents of
+ * at most NBD_BS_MAX_EXTENTS library extents (one with REQ_ONE) from the
+ * request's offset on; a block status failure after the first extent
+ * ends the reply early instead of failing it. */
 static void cmd_block_status(struct tx *t, struct worker *w,
 			     const struct request *rq)
 {
@@ -572,6 +606,14 @@ static void cmd_block_status(struct tx *t, struct worker *w,
 	uint8_t *buf;
 	int r, k = 0;
 
+	if (nctx == 0) {
+		reply_err(t, rq, NBD_EINVAL, "CMD_BLOCK_STATUS not negotiated");
+		return;
+	}
+	if (rq->length == 0) {
+		reply_err(t, rq, NBD_EINVAL, "zero-length block status");
+		return;
+	}
 	buf = get_buf(w, nctx * chunk_max);
 	if (buf == NULL) {
 		reply_err(t, rq, NBD_ENOMEM, "out of memory for block status");
@@ -614,7 +656,7 @@ static void cmd_block_status(struct tx *t, struct worker *w,
 		iov[k].iov_base = depth.p;
 		iov[k++].iov_len = bs_finish(rq, &depth, NBD_CTX_ID_DEPTH, true);
 	}
-	send_locked(t, iov, k);
+	send_reply(t, iov, k);
 }
 
 /* After a write-type command: FUA makes it durable before the reply. */
@@ -622,10 +664,25 @@ static void finish_write(struct tx *t, const struct request *rq, int r)
 {
 	if (r >= 0 && (rq->flags & NBD_CMD_FLAG_FUA))
 		r = qk_flush(t->c->img);
-	if (r < 0)
-		reply_lib_err(t, rq, r);
-	else
-		reply_ok(t, rq);
+	reply_result(t, rq, r);
+}
+
+static void cmd_write_zeroes(struct tx *t, const struct request *rq)
+{
+	uint32_t zflags = 0;
+	int r;
+
+	if (!(rq->flags & NBD_CMD_FLAG_NO_HOLE))
+		zflags |= QK_ZERO_MAY_UNMAP;
+	if (rq->flags & NBD_CMD_FLAG_FAST_ZERO)
+		zflags |= QK_ZERO_NO_FALLBACK;
+	r = rq->length ? qk_write_zeroes(t->c->img, rq->offset, rq->length,
+					 zflags) : 0;
+	if (r == -ENOTSUP && (rq->flags & NBD_CMD_FLAG_FAST_ZERO)) {
+		reply_err(t, rq, NBD_ENOTSUP, "fast zero not possible here");
+		return;
+	}
+	finish_write(t, rq, r);
 }
 
 static const char *cmd_name(uint16_t type)
@@ -653,33 +710,31 @@ static uint16_t allowed_flags(const struct nbd_conn *c, uint16_t type)
 	}
 }
 
-/* Validate and run one request, and answer it. */
-static void handle(struct tx *t, struct worker *w, const struct request *rq)
+/* The checks every command passes before it runs: a known command, its
+ * flags, writes on a writable export, the range within the export. Returns
+ * true when the request was refused (and answered). */
+static bool refuse(struct tx *t, const struct request *rq)
 {
 	struct nbd_conn *c = t->c;
 	uint64_t off = rq->offset, len = rq->length;
 	bool past_end = off > c->size || len > c->size - off;
 	bool writes = rq->type == NBD_CMD_WRITE || rq->type == NBD_CMD_TRIM ||
 		      rq->type == NBD_CMD_WRITE_ZEROES;
-	uint32_t zflags;
-	int r;
 
-	if (gone(t))
-		return;
 	if (rq->type > NBD_CMD_BLOCK_STATUS || rq->type == NBD_CMD_CACHE) {
 		reply_err(t, rq, NBD_EINVAL, "invalid request type (%u) received",
 			  rq->type);
-		return;
+		return true;
 	}
 	if (rq->flags & ~allowed_flags(c, rq->type)) {
 		reply_err(t, rq, NBD_EINVAL, "unsupported flags for %s (got 0x%x)",
 			  cmd_name(rq->type), rq->flags);
-		return;
+		return true;
 	}
 	if (writes && c->exp->readonly) {
 		reply_err(t, rq, NBD_EPERM, "%s on a read-only export",
 			  cmd_name(rq->type));
-		return;
+		return true;
 	}
 	if (rq->type != NBD_CMD_FLUSH && past_end) {
 		reply_err(t, rq, rq->type == NBD_CMD_WRITE ||
@@ -687,56 +742,37 @@ static void handle(struct tx *t, struct worker *w, const struct request *rq)
 			  "operation past EOF; From: %llu, Len: %llu, Size: %llu",
 			  (unsigned long long)off, (unsigned long long)len,
 			  (unsigned long long)c->size);
-		return;
+		return true;
 	}
+	return false;
+}
 
+/* Validate and run one request, and answer it. */
+static void handle(struct tx *t, struct worker *w, const struct request *rq)
+{
+	qk_image *img = t->c->img;
+	uint64_t off = rq->offset, len = rq->length;
+
+	if (gone(t) || refuse(t, rq))
+		return;
 	switch (rq->type) {
 	case NBD_CMD_READ:
-		if (len > NBD_MAX_PAYLOAD) {
-			reply_err(t, rq, NBD_EINVAL, "len (%llu) is larger than "
-				  "max len (%u)", (unsigned long long)len,
-				  NBD_MAX_PAYLOAD);
-			return;
-		}
 		cmd_read(t, w, rq);
 		return;
 	case NBD_CMD_WRITE:
-		r = len ? qk_pwrite(c->img, rq->payload, len, off) : 0;
-		finish_write(t, rq, r);
+		finish_write(t, rq,
+			     len ? qk_pwrite(img, rq->payload, len, off) : 0);
 		return;
 	case NBD_CMD_FLUSH:
-		r = qk_flush(c->img);
-		if (r < 0)
-			reply_lib_err(t, rq, r);
-		else
-			reply_ok(t, rq);
+		reply_result(t, rq, qk_flush(img));
 		return;
 	case NBD_CMD_TRIM:
-		r = len ? qk_discard(c->img, off, len) : 0;
-		finish_write(t, rq, r);
+		finish_write(t, rq, len ? qk_discard(img, off, len) : 0);
 		return;
 	case NBD_CMD_WRITE_ZEROES:
-		zflags = 0;
-		if (!(rq->flags & NBD_CMD_FLAG_NO_HOLE))
-			zflags |= QK_ZERO_MAY_UNMAP;
-		if (rq->flags & NBD_CMD_FLAG_FAST_ZERO)
-			zflags |= QK_ZERO_NO_FALLBACK;
-		r = len ? qk_write_zeroes(c->img, off, len, zflags) : 0;
-		if (r == -ENOTSUP && (rq->flags & NBD_CMD_FLAG_FAST_ZERO)) {
-			reply_err(t, rq, NBD_ENOTSUP, "fast zero not possible here");
-			return;
-		}
-		finish_write(t, rq, r);
+		cmd_write_zeroes(t, rq);
 		return;
 	case NBD_CMD_BLOCK_STATUS:
-		if (!c->ctx_allocation && !c->ctx_depth) {
-			reply_err(t, rq, NBD_EINVAL, "CMD_BLOCK_STATUS not negotiated");
-			return;
-		}
-		if (len == 0) {
-			reply_err(t, rq, NBD_EINVAL, "zero-length block status");
-			return;
-		}
 		cmd_block_status(t, w, rq);
 		return;
 	}
@@ -744,49 +780,43 @@ static void handle(struct tx *t, struct worker *w, const struct request *rq)
 
 /* ---- reading requests ------------------------------------------------------------- */
 
-/* Have at least `need` bytes (<= NBD_INBUF) in the input buffer, reading
- * what the socket has. Returns 0, -EPIPE at end of stream, or an errno. */
+/* Have at least `need` bytes (<= NBD_INBUF) in the input buffer, taking
+ * in what the socket has. Returns 0, -EPIPE at end of stream (what came
+ * before it stays in the buffer), or another negative errno. */
 static int fill(struct tx *t, size_t need)
 {
-	while (t->in_len - t->in_pos < need) {
-		ssize_t n;
+	size_t have = t->in_len - t->in_pos, got;
+	int r;
 
-		if (t->in_pos > 0) {
-			memmove(t->in, t->in + t->in_pos, t->in_len - t->in_pos);
-			t->in_len -= t->in_pos;
-			t->in_pos = 0;
-		}
-		/* About to wait for the client: it must have its replies. */
-		flush_out(t);
-		n = recv(t->c->fd, t->in + t->in_len, NBD_INBUF - t->in_len, 0);
-		if (n == 0)
-			return -EPIPE;
-		if (n < 0) {
-			if (errno == EINTR)
-				continue;
-			return errno == ECONNRESET ? -EPIPE : -errno;
-		}
-		t->in_len += (size_t)n;
+	if (have >= need)
+		return 0;
+	if (t->in_pos > 0) {
+		memmove(t->in, t->in + t->in_pos, have);
+		t->in_len = have;
+		t->in_pos = 0;
 	}
-	return 0;
+	/* About to wait for the client: it must have its replies. */
+	flush_out(t);
+	r = nbd_recv_some(&t->c->sock, t->in + t->in_len, need - have,
+			  NBD_INBUF - t->in_len, &got);
+	t->in_len += got;
+	return r;
 }
 
 /* Is another request already waiting? Looks at the buffer, then (without
  * blocking) at the socket. */
 static bool more_input(struct tx *t)
 {
-	ssize_t n;
+	size_t got;
+	int r;
 
 	if (t->in_len > t->in_pos)
 		return true;
 	t->in_pos = t->in_len = 0;
-	n = recv(t->c->fd, t->in, NBD_INBUF, MSG_DONTWAIT);
-	if (n > 0) {
-		t->in_len = (size_t)n;
-		return true;
-	}
+	r = nbd_recv_some(&t->c->sock, t->in, 0, NBD_INBUF, &got);
+	t->in_len = got;
 	/* End of stream or an error shows at the next fill(). */
-	return n == 0 || (errno != EAGAIN && errno != EWOULDBLOCK);
+	return r < 0 || got > 0;
 }
 
 /* Could the request take long? Then another thread goes on reading. */
@@ -842,7 +872,7 @@ static int read_request(struct tx *t, struct worker *w, struct request *rq)
 	memcpy(rq->payload, t->in + t->in_pos, have);
 	t->in_pos += have;
 	if (have < rq->length) {
-		r = nbd_recv_all(t->c, rq->payload + have, rq->length - have);
+		r = nbd_recv_all(&t->c->sock, rq->payload + have, rq->length - have);
 		if (r < 0)
 			/* EOF inside a request breaks the protocol. */
 			return r == -EPIPE ? -EPROTO : r;

@@ -1,6 +1,6 @@
 /*
- * server.c - socket helpers, one connection (nbd_serve_conn), and the
- * listening server (nbd_server_run).
+ * server.c - one connection (nbd_serve_conn), and the listening server
+ * (nbd_server_run).
  *
  * Design note. The listening thread owns everything but the connections:
  * it polls the listening sockets, a signalfd for SIGINT/SIGTERM, and an
@@ -12,8 +12,10 @@
  * - No client can hold a connection thread (and so an -e place) by
  *   misbehaving: the whole handshake must end within
  *   NBD_HANDSHAKE_LIMIT_MS, and in transmission a send waits at most
- *   NBD_SEND_STALL_MS for the client to take a byte. Only a client that
- *   reads its replies and sends whole requests stays, idle or not.
+ *   NBD_SEND_STALL_MS for the client to take a byte (nbd_serve_conn sets
+ *   them in the connection's struct nbd_sock; socket.c keeps them). Only a
+ *   client that reads its replies and sends whole requests stays, idle or
+ *   not.
  *   Connections do not wait on each other, so one stuck client never
  *   delays another's service.
  * - The listening thread never blocks but in poll(), and never spins:
@@ -32,7 +34,6 @@
  */
 #include <errno.h>
 #include <fcntl.h>
-#include <limits.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -118,141 +119,6 @@ static void read_test_limits(void)
 		send_stall_ms = (int)st;
 }
 
-/* ---- socket helpers ------------------------------------------------------------ */
-
-int64_t nbd_now_ms(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
-/*
- * Wait until `fd` is ready for `events`, or has an error or hang-up (which
- * the next recv or send reports), but not past the time `until`
- * (nbd_now_ms()). Returns 0, -ETIMEDOUT, or a negative errno from poll().
- */
-static int wait_ready(int fd, short events, int64_t until)
-{
-	for (;;) {
-		struct pollfd p = { fd, events, 0 };
-		int64_t left = until - nbd_now_ms();
-		int r;
-
-		if (left <= 0)
-			return -ETIMEDOUT;
-		r = poll(&p, 1, left < INT_MAX ? (int)left : INT_MAX);
-		if (r > 0)
-			return 0;
-		if (r < 0 && errno != EINTR)
-			return -errno;
-	}
-}
-
-int nbd_recv_all(struct nbd_conn *c, void *buf, size_t len)
-{
-	uint8_t *p = buf;
-
-	while (len > 0) {
-		ssize_t n;
-		int r;
-
-		/* Under a deadline, wait in poll() and then take what has
-		 * come without blocking: a blocking recv() could outlast the
-		 * deadline. Without one, block (transmission: the client may
-		 * think as long as it likes; shutdown() ends the wait). */
-		if (c->deadline && (r = wait_ready(c->fd, POLLIN, c->deadline)) < 0)
-			return r;
-		n = recv(c->fd, p, len, c->deadline ? MSG_DONTWAIT : 0);
-		if (n == 0)
-			return -EPIPE;
-		if (n < 0) {
-			if (errno == EINTR || (c->deadline && (errno == EAGAIN ||
-							       errno == EWOULDBLOCK)))
-				continue;
-			return errno == ECONNRESET ? -EPIPE : -errno;
-		}
-		p += n;
-		len -= (size_t)n;
-	}
-	return 0;
-}
-
-int nbd_recv_skip(struct nbd_conn *c, uint64_t len)
-{
-	uint8_t buf[4096];
-
-	while (len > 0) {
-		size_t n = len < sizeof(buf) ? (size_t)len : sizeof(buf);
-		int r = nbd_recv_all(c, buf, n);
-		if (r < 0)
-			return r;
-		len -= n;
-	}
-	return 0;
-}
-
-/*
- * The kernel is never left to block a send: sendmsg() takes what fits,
- * and a full socket is waited for in poll(), with an end: c->deadline, or
- * c->send_stall_ms after the client last took a byte. While the client
- * keeps up, this costs nothing over a blocking send; when the socket
- * fills, one poll() stands in for the sleep inside the kernel.
- */
-int nbd_send_iov(struct nbd_conn *c, struct iovec *iov, int n)
-{
-	int64_t until = 0;      /* give up then; 0 until the socket is full */
-
-	while (n > 0) {
-		struct msghdr m;
-		size_t want = 0;
-		ssize_t w;
-		int r;
-
-		memset(&m, 0, sizeof(m));
-		m.msg_iov = iov;
-		m.msg_iovlen = n < IOV_MAX ? (size_t)n : IOV_MAX;
-		for (size_t i = 0; i < m.msg_iovlen; i++)
-			want += iov[i].iov_len;
-		w = sendmsg(c->fd, &m, MSG_NOSIGNAL | MSG_DONTWAIT);
-		if (w < 0) {
-			if (errno == EINTR)
-				continue;
-			if (errno != EAGAIN && errno != EWOULDBLOCK)
-				return -errno;
-			w = 0;
-		}
-		if (w > 0)
-			until = 0;      /* progress: the stall clock restarts */
-		if ((size_t)w < want) {
-			if (until == 0)
-				until = c->deadline ? c->deadline
-						    : nbd_now_ms() + c->send_stall_ms;
-			if ((r = wait_ready(c->fd, POLLOUT, until)) < 0)
-				return r;
-		}
-		/* Skip what was written. */
-		while (n > 0 && (size_t)w >= iov->iov_len) {
-			w -= (ssize_t)iov->iov_len;
-			iov++;
-			n--;
-		}
-		if (n > 0) {
-			iov->iov_base = (uint8_t *)iov->iov_base + w;
-			iov->iov_len -= (size_t)w;
-		}
-	}
-	return 0;
-}
-
-int nbd_send_all(struct nbd_conn *c, const void *buf, size_t len)
-{
-	struct iovec iov = { (void *)buf, len };
-
-	return nbd_send_iov(c, &iov, 1);
-}
-
 /* ---- one connection ------------------------------------------------------------- */
 
 /* nbd_serve_conn, and whether the client got as far as transmission. */
@@ -264,14 +130,14 @@ static int serve_conn(int fd, qk_image *img, const struct nbd_export *exp,
 
 	pthread_once(&limits_once, read_test_limits);
 	memset(&c, 0, sizeof(c));
-	c.fd = fd;
+	c.sock.fd = fd;
 	c.img = img;
 	c.exp = exp;
 	c.size = qk_get_size(img);
-	c.send_stall_ms = send_stall_ms;
-	c.deadline = nbd_now_ms() + handshake_limit_ms;
+	c.sock.send_stall_ms = send_stall_ms;
+	c.sock.deadline = nbd_now_ms() + handshake_limit_ms;
 	r = nbd_negotiate(&c);
-	c.deadline = 0;
+	c.sock.deadline = 0;
 	*negotiated = r == 1;
 	if (r == 1)
 		r = nbd_transmission(&c);
@@ -299,12 +165,22 @@ struct client {
 };
 
 struct server {
+	const struct nbd_server_config *cfg;
 	qk_image *img;
 	const struct nbd_export *exp;
 	pthread_mutex_t lock;
 	struct client *clients;
-	unsigned nclients;
+	unsigned nclients;      /* changed by the listening thread only */
 	int wake_fd;            /* eventfd: a client thread has ended */
+	int sig_fd;             /* signalfd: SIGINT, SIGTERM */
+	int lfds[NBD_MAX_LISTEN];
+	int nl;                 /* listening sockets in lfds */
+	bool pid_written;
+	bool served;            /* a client that reached transmission left */
+	bool stopping;          /* a signal came */
+	bool hard;              /* stopping, and the grace time has passed */
+	int64_t stop_hard;      /* stopping: shut sockets down then */
+	int64_t pause_until;    /* accept() paused until then, or 0 */
 };
 
 static void *client_main(void *arg)
@@ -326,8 +202,8 @@ static void *client_main(void *arg)
 }
 
 /* Join and free the clients that have ended. Returns how many did, and
- * sets *negotiated when one of them had reached transmission. */
-static unsigned reap(struct server *s, bool *negotiated)
+ * sets s->served when one of them had reached transmission. */
+static unsigned reap(struct server *s)
 {
 	struct client **pp = &s->clients;
 	unsigned n = 0;
@@ -341,7 +217,7 @@ static unsigned reap(struct server *s, bool *negotiated)
 		}
 		*pp = cl->next;
 		if (cl->negotiated)
-			*negotiated = true;
+			s->served = true;
 		pthread_mutex_unlock(&s->lock);
 		pthread_join(cl->tid, NULL);
 		close(cl->fd);
@@ -475,79 +351,129 @@ static bool accept_retry_now(int e)
 	}
 }
 
-int nbd_server_run(const struct nbd_server_config *cfg, qk_image *img,
-		   const struct nbd_export *exp, char *err, size_t errlen)
+/* Add a client thread serving `fd`. Returns 0, or -1 when out of memory
+ * or threads (then `fd` is closed). */
+static int start_client(struct server *s, int fd)
 {
-	struct server s;
-	int lfds[NBD_MAX_LISTEN], nl, sfd = -1, r = 0;
-	bool stopping = false, served = false, hard = false, pid_written = false;
-	int64_t stop_hard = 0;          /* stopping: shut sockets down then */
-	int64_t pause_until = 0;        /* accept() paused until then, or 0 */
-	sigset_t mask;
+	struct client *cl = calloc(1, sizeof(*cl));
 
-	memset(&s, 0, sizeof(s));
-	s.img = img;
-	s.exp = exp;
-	s.wake_fd = -1;
-	pthread_mutex_init(&s.lock, NULL);
-
-	/* Signals arrive through the signalfd only: every thread started
-	 * from here on inherits the blocked mask. */
-	sigemptyset(&mask);
-	sigaddset(&mask, SIGINT);
-	sigaddset(&mask, SIGTERM);
-	pthread_sigmask(SIG_BLOCK, &mask, NULL);
-	signal(SIGPIPE, SIG_IGN);
-
-	if (cfg->socket_path)
-		nl = listen_unix(cfg->socket_path, lfds, err, errlen);
-	else
-		nl = listen_tcp(cfg->bind_addr ? cfg->bind_addr : NBD_DEFAULT_ADDR,
-				cfg->port ? cfg->port : NBD_DEFAULT_PORT, lfds,
-				err, errlen);
-	if (nl < 0) {
-		pthread_mutex_destroy(&s.lock);
-		return nl;
+	if (cl == NULL) {
+		close(fd);
+		return -1;
 	}
-	sfd = signalfd(-1, &mask, SFD_CLOEXEC);
-	s.wake_fd = eventfd(0, EFD_CLOEXEC);
-	if (sfd < 0 || s.wake_fd < 0) {
-		r = -errno;
-		snprintf(err, errlen, "Could not set up the server: %s",
-			 strerror(-r));
-		goto out;
+	cl->s = s;
+	cl->fd = fd;
+	pthread_mutex_lock(&s->lock);
+	if (pthread_create(&cl->tid, NULL, client_main, cl) != 0) {
+		pthread_mutex_unlock(&s->lock);
+		close(fd);
+		free(cl);
+		return -1;
 	}
-	if (cfg->pid_file) {
-		if ((r = write_pid_file(cfg->pid_file, err, errlen)) < 0)
-			goto out;
-		pid_written = true;
-	}
+	cl->next = s->clients;
+	s->clients = cl;
+	s->nclients++;
+	pthread_mutex_unlock(&s->lock);
+	return 0;
+}
 
+/* Accept the clients waiting on the n listening sockets of pfd that poll()
+ * found ready, while there is room (max_clients). A shortage pauses
+ * accepting for NBD_ACCEPT_PAUSE_MS. */
+static void accept_clients(struct server *s, const struct pollfd *pfd, int n)
+{
+	for (int i = 0; i < n; i++) {
+		int fd, one = 1;
+
+		if (!(pfd[i].revents & POLLIN))
+			continue;
+		if (s->cfg->max_clients && s->nclients >= s->cfg->max_clients)
+			break;
+		fd = accept4(pfd[i].fd, NULL, NULL, SOCK_CLOEXEC);
+		if (fd < 0) {
+			if (accept_retry_now(errno))
+				continue;
+		} else {
+			if (!s->cfg->socket_path)
+				setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one,
+					   sizeof(one));
+			if (start_client(s, fd) == 0)
+				continue;
+		}
+		s->pause_until = nbd_now_ms() + NBD_ACCEPT_PAUSE_MS;
+		break;
+	}
+}
+
+/* Fill pfd with what the listening thread waits for: the signalfd, the
+ * eventfd, then the listening sockets unless stopping, full or paused.
+ * Returns the count; *timeout is when poll() must return to end the
+ * pause or the stop's grace time (-1: never). */
+static int poll_set(struct server *s, struct pollfd *pfd, int *timeout)
+{
+	bool room = s->cfg->max_clients == 0 ||
+		    s->nclients < s->cfg->max_clients;
+	int64_t now = nbd_now_ms(), wake = INT64_MAX;
+	int np = 0;
+
+	if (s->pause_until && now >= s->pause_until)
+		s->pause_until = 0;
+	pfd[np].fd = s->sig_fd;
+	pfd[np++].events = POLLIN;
+	pfd[np].fd = s->wake_fd;
+	pfd[np++].events = POLLIN;
+	if (!s->stopping && room && !s->pause_until)
+		for (int i = 0; i < s->nl; i++) {
+			pfd[np].fd = s->lfds[i];
+			pfd[np++].events = POLLIN;
+		}
+	if (s->stopping && !s->hard)
+		wake = s->stop_hard;
+	else if (!s->stopping && room && s->pause_until)
+		wake = s->pause_until;
+	*timeout = -1;
+	if (wake != INT64_MAX)
+		*timeout = wake - now < 1 ? 1 : (int)(wake - now);
+	return np;
+}
+
+/* The signalfd is readable: the first signal starts the stop. */
+static void on_signal(struct server *s)
+{
+	struct signalfd_siginfo si;
+
+	if (read(s->sig_fd, &si, sizeof(si)) > 0 && !s->stopping) {
+		s->stopping = true;
+		s->stop_hard = nbd_now_ms() + NBD_STOP_GRACE_MS;
+		shutdown_all(s, SHUT_RD);
+	}
+}
+
+/* The eventfd is readable: clients have ended. */
+static void on_client_gone(struct server *s)
+{
+	uint64_t v;
+
+	if (read(s->wake_fd, &v, sizeof(v)) < 0) {
+		/* Nothing to do: reap looks at the flags. */
+	}
+	/* A client gone is a descriptor free: try accept() again at once. */
+	if (reap(s) > 0)
+		s->pause_until = 0;
+}
+
+/*
+ * Serve until stopped (a signal and all clients gone) or, without -t,
+ * until the last client that reached transmission has gone. Returns 0, or
+ * a negative errno with a message in err[errlen] when poll() failed.
+ */
+static int serve_loop(struct server *s, char *err, size_t errlen)
+{
 	for (;;) {
 		struct pollfd pfd[2 + NBD_MAX_LISTEN];
-		bool room = cfg->max_clients == 0 || s.nclients < cfg->max_clients;
-		int64_t now = nbd_now_ms(), wake = INT64_MAX;
-		int np = 0, timeout = -1, pr;
+		int timeout, np = poll_set(s, pfd, &timeout), r;
 
-		if (pause_until && now >= pause_until)
-			pause_until = 0;
-		pfd[np].fd = sfd;
-		pfd[np++].events = POLLIN;
-		pfd[np].fd = s.wake_fd;
-		pfd[np++].events = POLLIN;
-		if (!stopping && room && !pause_until)
-			for (int i = 0; i < nl; i++) {
-				pfd[np].fd = lfds[i];
-				pfd[np++].events = POLLIN;
-			}
-		if (stopping && !hard)
-			wake = stop_hard;
-		else if (!stopping && room && pause_until)
-			wake = pause_until;
-		if (wake != INT64_MAX)
-			timeout = wake - now < 1 ? 1 : (int)(wake - now);
-		pr = poll(pfd, (nfds_t)np, timeout);
-		if (pr < 0) {
+		if (poll(pfd, (nfds_t)np, timeout) < 0) {
 			if (errno == EINTR)
 				continue;
 			if (errno == ENOMEM) {
@@ -559,103 +485,135 @@ int nbd_server_run(const struct nbd_server_config *cfg, qk_image *img,
 			}
 			r = -errno;
 			snprintf(err, errlen, "poll: %s", strerror(-r));
-			break;
+			return r;
 		}
-		if (pfd[0].revents & POLLIN) {
-			struct signalfd_siginfo si;
-			if (read(sfd, &si, sizeof(si)) > 0 && !stopping) {
-				stopping = true;
-				stop_hard = nbd_now_ms() + NBD_STOP_GRACE_MS;
-				shutdown_all(&s, SHUT_RD);
-			}
-		}
-		if (pfd[1].revents & POLLIN) {
-			uint64_t v;
-			if (read(s.wake_fd, &v, sizeof(v)) < 0) {
-				/* Nothing to do: reap looks at the flags. */
-			}
-			/* A client gone is a descriptor free: try accept()
-			 * again at once. */
-			if (reap(&s, &served) > 0)
-				pause_until = 0;
-		}
+		if (pfd[0].revents & POLLIN)
+			on_signal(s);
+		if (pfd[1].revents & POLLIN)
+			on_client_gone(s);
 		/* Only clients that got as far as transmission count: one
 		 * dropped in the handshake (a port scan, a silent or slow
 		 * client) must not end the service, as with qemu-nbd. */
-		if (s.nclients == 0 && (stopping || (served && !cfg->persistent)))
-			break;
-		if (stopping && !hard && nbd_now_ms() >= stop_hard) {
-			hard = true;
-			shutdown_all(&s, SHUT_RDWR);
+		if (s->nclients == 0 &&
+		    (s->stopping || (s->served && !s->cfg->persistent)))
+			return 0;
+		if (s->stopping && !s->hard && nbd_now_ms() >= s->stop_hard) {
+			s->hard = true;
+			shutdown_all(s, SHUT_RDWR);
 		}
-		for (int i = 2; i < np; i++) {
-			struct client *cl;
-			int fd, one = 1;
+		accept_clients(s, pfd + 2, np - 2);
+	}
+}
 
-			if (!(pfd[i].revents & POLLIN))
-				continue;
-			if (cfg->max_clients && s.nclients >= cfg->max_clients)
-				break;
-			fd = accept4(pfd[i].fd, NULL, NULL, SOCK_CLOEXEC);
-			if (fd < 0) {
-				if (accept_retry_now(errno))
-					continue;
-				pause_until = nbd_now_ms() + NBD_ACCEPT_PAUSE_MS;
-				break;
-			}
-			if (!cfg->socket_path)
-				setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one,
-					   sizeof(one));
-			cl = calloc(1, sizeof(*cl));
-			if (cl == NULL) {
-				close(fd);
-				pause_until = nbd_now_ms() + NBD_ACCEPT_PAUSE_MS;
-				break;
-			}
-			cl->s = &s;
-			cl->fd = fd;
-			pthread_mutex_lock(&s.lock);
-			if (pthread_create(&cl->tid, NULL, client_main, cl) != 0) {
-				pthread_mutex_unlock(&s.lock);
-				close(fd);
-				free(cl);
-				pause_until = nbd_now_ms() + NBD_ACCEPT_PAUSE_MS;
-				break;
-			}
-			cl->next = s.clients;
-			s.clients = cl;
-			s.nclients++;
-			pthread_mutex_unlock(&s.lock);
-		}
-	}
-	/* Only on a poll failure can clients remain: stop them first. */
-	if (s.nclients) {
-		shutdown_all(&s, SHUT_RDWR);
-		while (s.nclients) {
+/* After serve_loop: end the clients that remain (only after a poll
+ * failure can there be any), then flush a writable image. Returns r, or
+ * the flush's error when r is 0 (with its message in err[errlen]). */
+static int serve_end(struct server *s, int r, char *err, size_t errlen)
+{
+	if (s->nclients) {
+		shutdown_all(s, SHUT_RDWR);
+		while (s->nclients) {
 			uint64_t v;
-			if (read(s.wake_fd, &v, sizeof(v)) < 0 && errno != EINTR)
+			if (read(s->wake_fd, &v, sizeof(v)) < 0 && errno != EINTR)
 				break;
-			reap(&s, &served);
+			reap(s);
 		}
 	}
-	if (!exp->readonly) {
-		int fr = qk_flush(img);
+	if (!s->exp->readonly) {
+		int fr = qk_flush(s->img);
 		if (fr < 0 && r == 0) {
 			snprintf(err, errlen, "%s", qk_last_error());
 			r = fr;
 		}
 	}
-out:
-	for (int i = 0; i < nl; i++)
-		close(lfds[i]);
+	return r;
+}
+
+/* Listen as s->cfg says. Returns 0, or a negative errno with a message in
+ * err[errlen] (nothing is left open). */
+static int open_listeners(struct server *s, char *err, size_t errlen)
+{
+	const struct nbd_server_config *cfg = s->cfg;
+	const char *addr = cfg->bind_addr ? cfg->bind_addr : NBD_DEFAULT_ADDR;
+	const char *port = cfg->port ? cfg->port : NBD_DEFAULT_PORT;
+
 	if (cfg->socket_path)
-		unlink(cfg->socket_path);
-	if (pid_written)
-		unlink(cfg->pid_file);
-	if (sfd >= 0)
-		close(sfd);
-	if (s.wake_fd >= 0)
-		close(s.wake_fd);
+		s->nl = listen_unix(cfg->socket_path, s->lfds, err, errlen);
+	else
+		s->nl = listen_tcp(addr, port, s->lfds, err, errlen);
+	return s->nl < 0 ? s->nl : 0;
+}
+
+/* Once listening: the signalfd (for the signals in `mask`), the eventfd,
+ * the pid file. Returns 0, or a negative errno with a message in
+ * err[errlen] (what was made is undone by close_server). */
+static int open_events(struct server *s, const sigset_t *mask,
+		       char *err, size_t errlen)
+{
+	int r;
+
+	s->sig_fd = signalfd(-1, mask, SFD_CLOEXEC);
+	s->wake_fd = eventfd(0, EFD_CLOEXEC);
+	if (s->sig_fd < 0 || s->wake_fd < 0) {
+		r = -errno;
+		snprintf(err, errlen, "Could not set up the server: %s",
+			 strerror(-r));
+		return r;
+	}
+	if (s->cfg->pid_file) {
+		if ((r = write_pid_file(s->cfg->pid_file, err, errlen)) < 0)
+			return r;
+		s->pid_written = true;
+	}
+	return 0;
+}
+
+/* Undo open_listeners and open_events: the Unix socket and the pid file
+ * are removed. */
+static void close_server(struct server *s)
+{
+	for (int i = 0; i < s->nl; i++)
+		close(s->lfds[i]);
+	if (s->cfg->socket_path)
+		unlink(s->cfg->socket_path);
+	if (s->pid_written)
+		unlink(s->cfg->pid_file);
+	if (s->sig_fd >= 0)
+		close(s->sig_fd);
+	if (s->wake_fd >= 0)
+		close(s->wake_fd);
+}
+
+int nbd_server_run(const struct nbd_server_config *cfg, qk_image *img,
+		   const struct nbd_export *exp, char *err, size_t errlen)
+{
+	struct server s;
+	sigset_t mask;
+	int r;
+
+	memset(&s, 0, sizeof(s));
+	s.cfg = cfg;
+	s.img = img;
+	s.exp = exp;
+	s.wake_fd = -1;
+	s.sig_fd = -1;
+	pthread_mutex_init(&s.lock, NULL);
+
+	/* Signals arrive through the signalfd only: every thread started
+	 * from here on inherits the blocked mask. */
+	sigemptyset(&mask);
+	sigaddset(&mask, SIGINT);
+	sigaddset(&mask, SIGTERM);
+	pthread_sigmask(SIG_BLOCK, &mask, NULL);
+	signal(SIGPIPE, SIG_IGN);
+
+	if ((r = open_listeners(&s, err, errlen)) < 0) {
+		pthread_mutex_destroy(&s.lock);
+		return r;
+	}
+	if ((r = open_events(&s, &mask, err, errlen)) == 0)
+		r = serve_end(&s, serve_loop(&s, err, errlen), err, errlen);
+	close_server(&s);
 	pthread_mutex_destroy(&s.lock);
 	return r;
 }
