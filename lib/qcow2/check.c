@@ -261,172 +261,284 @@ static int check_copied_entry(qk_image *img, struct refs *r, uint64_t e, uint64_
 	return ret;
 }
 
-/* Count an L1 table, its L2 tables and their data clusters. */
-static int count_l1(qk_image *img, struct refs *r, uint64_t l1_off, uint32_t l1_size,
-		    const uint64_t *l1_mem)
+/*
+ * The table walker that check, rebuild and forensic share: walk_l1 goes
+ * over one L1 table and its L2 tables (counting the references they hold as
+ * tables) and hands each L2 entry to a callback, which counts what the
+ * entry references and, in check mode, judges it. The walker and its caller
+ * are inlined where each mode calls them with its own callback, so the
+ * per-entry call is direct.
+ */
+/* What a walk knows for one L1 table. Callbacks get it by value: inlined
+ * into the walker, its fields stay in registers across the stores into the
+ * counts (which may alias anything, being bytes). */
+struct walk {
+	qk_image *img;
+	struct refs *r;
+	uint8_t *cell;          /* r->cell */
+	const uint8_t *one;     /* r->one: check mode only */
+	uint64_t fsize, n;      /* r->fsize, r->n */
+	unsigned cb;            /* cluster_bits */
+	bool active;            /* the active L1 table (else a snapshot's) */
+	bool plain;             /* no data file, no extended L2: the inline path applies */
+};
+
+/* Where a walk is, and the check's statistics of the L2 table at hand
+ * (contiguity is counted per L2 table, as QEMU counts it). */
+struct walk_pos {
+	uint64_t first_guest;   /* guest offset of entry 0 of the table */
+	uint64_t prev, alloc, frag, comp;
+};
+
+/* A callback: entry j (e, and its subcluster bitmap bm with extended L2)
+ * of the L2 table at hand. 0, or a negative errno that ends the walk. */
+typedef int (*walk_entry_fn)(const struct walk w, struct walk_pos *p, uint64_t j, uint64_t e,
+			     uint64_t bm);
+
+/* Count a data cluster at host offset `host` (aligned): the common case,
+ * a cluster inside the file, inline. */
+static inline __attribute__((always_inline)) int count_data(const struct walk w, uint64_t host)
+{
+	uint64_t hc = host >> w.cb;
+	if (host + (1ull << w.cb) <= w.fsize && hc < w.n) {
+		uint8_t v = w.cell[hc];
+		if ((v & CNT_MASK) < CNT_BIG - 1) {
+			w.cell[hc] = (uint8_t)((v + 1) | DATA_USED);
+			return 0;
+		}
+		return cnt_inc_slow(w.r, hc, DATA_USED);
+	}
+	return add_ref(w.img, w.r, host, 1ull << w.cb, DATA_CLUSTER);
+}
+
+/* Count the bytes a compressed entry references. */
+static int count_compressed(qk_image *img, struct refs *r, uint64_t e)
 {
 	struct qcow2 *q = qcow2_of(img);
-	uint64_t cs = q->cluster_size;
-	int ret = add_ref(img, r, l1_off, (uint64_t)l1_size * 8, "L1 table");
+	return add_ref(img, r, qk__qcow2_compressed_offset(q, e), qk__qcow2_compressed_size(q, e),
+		       COMPRESSED_CLUSTER);
+}
+
+/* Rebuild's callback: count every reference the entry holds (a data file
+ * holds the data of an image that has one: nothing to count there). */
+static inline __attribute__((always_inline)) int count_entry(const struct walk w, struct walk_pos *p, uint64_t j, uint64_t e,
+			      uint64_t bm)
+{
+	uint64_t host = e & L2E_OFFSET_MASK;
+	(void)bm;
+	if (e & QCOW_OFLAG_COMPRESSED)
+		return count_compressed(w.img, w.r, e);
+	if (!host || qcow2_of(w.img)->has_data_file)
+		return 0;
+	if (host & ((1ull << w.cb) - 1))
+		return problem(w.img, w.r, "data cluster offset 0x%llx unaligned (guest offset 0x%llx)",
+			       (unsigned long long)host,
+			       (unsigned long long)(p->first_guest + (j << w.cb)));
+	return count_data(w, host);
+}
+
+/* An allocated active cluster, for the check's statistics. */
+static inline __attribute__((always_inline)) void count_stats(struct walk_pos *p, uint64_t host, uint64_t cs, bool compressed)
+{
+	p->alloc++;
+	if (compressed) {
+		p->comp++;
+		p->frag++;
+		return;
+	}
+	if (p->prev && host != p->prev + cs)
+		p->frag++;
+	p->prev = host;
+}
+
+/* COPIED of an active entry e of a data cluster hc inside the counts, when
+ * the pre-pass did not find its refcount to be 1 or the flag is clear. */
+static inline __attribute__((always_inline)) int judge_copied(const struct walk w, uint64_t e, uint64_t hc)
+{
+	if (!w.one || (((w.one[hc / 8] >> (hc % 8)) & 1) && (e & QCOW_OFLAG_COPIED)))
+		return 0;
+	return check_copied_entry(w.img, w.r, e, hc);
+}
+
+/* Judge and count any entry, as check does (the inline path of
+ * check_entry takes plain data clusters inside the file). Problems are
+ * reported and counted (check and forensic modes), and what they concern
+ * is not counted. */
+static int check_entry_slow(qk_image *img, struct refs *r, bool active, uint64_t guest,
+			    uint64_t e, uint64_t bm, struct walk_pos *p)
+{
+	struct qcow2 *q = qcow2_of(img);
+	uint64_t cs = q->cluster_size, host = e & L2E_OFFSET_MASK;
+	unsigned long long g = (unsigned long long)guest;
+	int ret = 0;
+	if ((q->extl2 || (e & QCOW_OFLAG_COMPRESSED)) &&
+	    (ret = check_entry_bits(img, r, e, bm, guest)) < 0)
+		return ret;
+	if (e & QCOW_OFLAG_COMPRESSED) {
+		if (e & QCOW_OFLAG_COPIED)
+			ret = problem(img, r, "compressed cluster at guest offset 0x%llx has the COPIED flag", g);
+		if (ret == 0)
+			ret = count_compressed(img, r, e);
+		if (active)
+			count_stats(p, 0, cs, true);
+		return ret;
+	}
+	if (e & L2E_RESERVED_MASK)
+		return problem(img, r, "L2 entry of guest offset 0x%llx (0x%016llx) has reserved bits set",
+			       g, (unsigned long long)e);
+	if (active && q->has_data_file && (host || (e & QCOW_OFLAG_COPIED)) && host != guest)
+		return problem(img, r, "L2 entry of guest offset 0x%llx maps offset 0x%llx of the "
+			       "external data file (it must map the guest offset)", g,
+			       (unsigned long long)host);
+	if (!host || q->has_data_file)
+		return 0;
+	if (host & (cs - 1))
+		return problem(img, r, "data cluster offset 0x%llx unaligned (guest offset 0x%llx)",
+			       (unsigned long long)host, g);
+	if (active && host >= r->fsize)
+		r->past_data = true;
+	struct walk w = { .img = img, .r = r, .cell = r->cell, .one = r->one, .fsize = r->fsize,
+			  .n = r->n, .cb = q->cluster_bits, .active = active };
+	uint64_t hc = host >> q->cluster_bits;
+	ret = count_data(w, host);
+	if (ret == 0 && active && hc < r->n)
+		ret = judge_copied(w, e, hc);
+	if (active)
+		count_stats(p, host, cs, false);
+	return ret;
+}
+
+/* Check's callback: count, judge the entry, and for the active table the
+ * COPIED flag and the statistics. A standard data cluster inside the file
+ * (nearly every entry) takes the inline path. */
+static inline __attribute__((always_inline)) int check_entry(const struct walk w, struct walk_pos *p, uint64_t j, uint64_t e,
+			      uint64_t bm)
+{
+	uint64_t cs = 1ull << w.cb, host = e & L2E_OFFSET_MASK;
+	const uint64_t fast_bad = QCOW_OFLAG_COMPRESSED | L2E_RESERVED_MASK | ((cs - 1) & L2E_OFFSET_MASK);
+	if ((e & fast_bad) || !host || host + cs > w.fsize || !w.plain)
+		return check_entry_slow(w.img, w.r, w.active, p->first_guest + (j << w.cb), e, bm, p);
+	int ret = count_data(w, host);
+	if (ret == 0 && w.active)
+		ret = judge_copied(w, e, host >> w.cb);
+	if (w.active)
+		count_stats(p, host, cs, false);
+	return ret;
+}
+
+/* Forensic's callback: judge and count as check does, and note who
+ * references the data. */
+static int forensic_entry(const struct walk w, struct walk_pos *p, uint64_t j, uint64_t e,
+			  uint64_t bm)
+{
+	struct qcow2 *q = qcow2_of(w.img);
+	uint64_t guest = p->first_guest + (j << w.cb), host = e & L2E_OFFSET_MASK;
+	int ret = check_entry_slow(w.img, w.r, w.active, guest, e, bm, p);
 	if (ret < 0)
 		return ret;
-	uint64_t *l1 = (uint64_t *)l1_mem;
-	if (!l1) {
-		if ((uint64_t)l1_size * 8 > MAX_L1_BYTES || (l1_off & (cs - 1)))
-			return qk__qcow2_corrupt(img, "snapshot L1 table at 0x%llx is invalid",
-						 (unsigned long long)l1_off);
-		l1 = malloc((uint64_t)l1_size * 8 + 8);
-		if (!l1)
-			return qk__err(ENOMEM, "out of memory");
-		ret = qk__file_pread(img->file, l1, (uint64_t)l1_size * 8, l1_off);
-		if (ret < 0)
-			goto out;
-		qk_be64_table_to_host(l1, l1_size);
+	if (e & QCOW_OFLAG_COMPRESSED)      /* always counted */
+		return note_data(w.img, w.r, qk__qcow2_compressed_offset(q, e) & ~(q->cluster_size - 1),
+				 guest, w.active);
+	if (host && !q->has_data_file && !(host & (q->cluster_size - 1)) && !(e & L2E_RESERVED_MASK))
+		return note_data(w.img, w.r, host, guest, w.active);
+	return 0;                           /* nothing counted: nothing to note */
+}
+
+/* Read the L1 table of l1_size entries at l1_off into *out (host order,
+ * malloc'd): a snapshot's, whose offset and size were not checked at open. */
+static int read_l1(qk_image *img, uint64_t l1_off, uint32_t l1_size, uint64_t **out)
+{
+	struct qcow2 *q = qcow2_of(img);
+	if ((uint64_t)l1_size * 8 > MAX_L1_BYTES || (l1_off & (q->cluster_size - 1)))
+		return qk__qcow2_corrupt(img, "snapshot L1 table at 0x%llx is invalid",
+					 (unsigned long long)l1_off);
+	uint64_t *l1 = malloc((uint64_t)l1_size * 8 + 8);
+	if (!l1)
+		return qk__err(ENOMEM, "out of memory");
+	int ret = qk__file_pread(img->file, l1, (uint64_t)l1_size * 8, l1_off);
+	if (ret < 0) {
+		free(l1);
+		return ret;
 	}
-	uint64_t *l2 = malloc(cs);
-	if (!l2) {
+	qk_be64_table_to_host(l1, l1_size);
+	*out = l1;
+	return 0;
+}
+
+/* The L2 table that L1 entry i names, judged (check mode reports the
+ * problems and goes on): its offset, or 0 when there is none to walk. */
+static uint64_t l2_to_walk(qk_image *img, struct refs *r, uint32_t i, uint64_t l1e, int *ret)
+{
+	struct qcow2 *q = qcow2_of(img);
+	uint64_t l2_off = l1e & L1E_OFFSET_MASK;
+	if (r->res && (l1e & L1E_RESERVED_MASK))
+		*ret = problem(img, r, "L1 entry %u (0x%016llx) has reserved bits set", i,
+			       (unsigned long long)l1e);
+	if (!l2_off || *ret < 0)
+		return 0;
+	if (l2_off & (q->cluster_size - 1)) {
+		*ret = problem(img, r, "L2 table offset 0x%llx unaligned (L1 index %u)",
+			       (unsigned long long)l2_off, i);
+		return 0;
+	}
+	if (r->res && (l2_off >> q->cluster_bits) >= r->n) {
+		*ret = problem(img, r, "L2 table at offset 0x%llx lies past the end of the file",
+			       (unsigned long long)l2_off);
+		return 0;
+	}
+	return l2_off;
+}
+
+/* Walk an L1 table (l1_mem, or read from l1_off for a snapshot), count
+ * the references of the L1 and its L2 tables, and hand each L2 entry of
+ * the guest range to fn. */
+static inline __attribute__((always_inline)) int
+walk_l1(qk_image *img, struct refs *r, uint64_t l1_off, uint32_t l1_size, const uint64_t *l1_mem,
+	walk_entry_fn fn)
+{
+	struct qcow2 *q = qcow2_of(img);
+	uint64_t cs = q->cluster_size, entries = 1ull << q->l2_bits;
+	const uint64_t *l1 = l1_mem;
+	uint64_t *own = NULL, *l2 = NULL;
+	int ret = add_ref(img, r, l1_off, (uint64_t)l1_size * 8, "L1 table");
+	if (ret == 0 && !l1 && (ret = read_l1(img, l1_off, l1_size, &own)) == 0)
+		l1 = own;
+	if (ret == 0 && !(l2 = malloc(cs)))
 		ret = qk__err(ENOMEM, "out of memory");
-		goto out;
-	}
-	unsigned shift = 62 - (q->cluster_bits - 8);
-	uint64_t entries = 1ull << q->l2_bits;
-	bool active = l1_mem != NULL;
-	struct qk_check_result *res = r->res;
-	uint8_t *const cell = r->cell;
-	const uint8_t *const one = r->one;
-	const uint64_t fsize = r->fsize;
-	const unsigned cb = q->cluster_bits;
-	const bool ext = q->extl2;
-	/* The fast path takes entries with none of these bits, in images
-	 * where an entry needs nothing more than a count (and COPIED). */
-	const uint64_t fast_bad = QCOW_OFLAG_COMPRESSED | L2E_RESERVED_MASK | ((cs - 1) & L2E_OFFSET_MASK);
-	const bool fast_ok = !q->has_data_file && !r->kind && !(res && ext);
+	const struct walk w = { .img = img, .r = r, .cell = r->cell, .one = r->one, .fsize = r->fsize,
+				.n = r->n, .cb = q->cluster_bits, .active = l1_mem != NULL,
+				.plain = !q->has_data_file && !q->extl2 };
+	struct walk_pos p;
 	for (uint32_t i = 0; i < l1_size && ret == 0; i++) {
-		uint64_t l2_off = l1[i] & L1E_OFFSET_MASK;
-		if (res && (l1[i] & L1E_RESERVED_MASK))
-			ret = problem(img, r, "L1 entry %u (0x%016llx) has reserved bits set", i,
-				      (unsigned long long)l1[i]);
-		if (!l2_off || ret < 0)
+		uint64_t l2_off = l2_to_walk(img, r, i, l1[i], &ret);
+		if (!l2_off)
 			continue;
-		if (l2_off & (cs - 1)) {
-			ret = problem(img, r, "L2 table offset 0x%llx unaligned (L1 index %u)",
-				      (unsigned long long)l2_off, i);
-			continue;
-		}
-		if (res && (l2_off >> q->cluster_bits) >= r->n) {
-			ret = problem(img, r, "L2 table at offset 0x%llx lies past the end of the file",
-				      (unsigned long long)l2_off);
-			continue;
-		}
 		ret = add_ref(img, r, l2_off, cs, L2_TABLE);
 		if (ret == 0)
 			ret = qk__file_pread(img->file, l2, cs, l2_off);
 		if (ret < 0)
 			break;
 		qk_be64_table_to_host(l2, cs / 8);
-		/* The hot loop keeps its state in locals: stores through the
-		 * byte table would otherwise make the compiler reload every
-		 * field of *r and *q after each one. */
-		uint64_t prev = 0;      /* contiguity is counted per L2 table, as QEMU */
-		uint64_t alloc = 0, frag = 0, comp = 0;
+		memset(&p, 0, sizeof p);
+		p.first_guest = ((uint64_t)i << q->l2_bits) << q->cluster_bits;
 		uint64_t jmax = entries;
-		uint64_t first_guest = ((uint64_t)i << q->l2_bits) << cb;
-		if (active)
-			jmax = first_guest >= img->size ? 0 :
-			       qk_min_u64(entries, ((img->size - first_guest) + cs - 1) >> cb);
-		for (uint64_t j = 0; j < jmax && ret == 0; j++) {
-			uint64_t e = ext ? l2[2 * j] : l2[j];
-			uint64_t host = e & L2E_OFFSET_MASK;
-			if (!(e & fast_bad) && host && host + cs <= fsize && fast_ok) {
-				/* The common case: a standard data cluster inside the
-				 * file, nothing to note per entry. */
-				uint64_t hc = host >> cb;
-				uint8_t v = cell[hc];
-				if ((v & CNT_MASK) < CNT_BIG - 1)
-					cell[hc] = (uint8_t)((v + 1) | DATA_USED);
-				else if ((ret = cnt_inc_slow(r, hc, DATA_USED)) < 0)
-					break;
-				if (active && one && !(((one[hc / 8] >> (hc % 8)) & 1) && (e & QCOW_OFLAG_COPIED)) &&
-				    (ret = check_copied_entry(img, r, e, hc)) < 0)
-					break;
-				if (active && res) {
-					alloc++;
-					if (prev && host != prev + cs)
-						frag++;
-					prev = host;
-				}
-				continue;
-			}
-			uint64_t guest = first_guest + (j << cb);
-			if (res && (ext || (e & QCOW_OFLAG_COMPRESSED)) &&
-			    (ret = check_entry_bits(img, r, e, ext ? l2[2 * j + 1] : 0, guest)) < 0)
-				break;
-			if (e & QCOW_OFLAG_COMPRESSED) {
-				uint64_t coff = e & ((1ull << shift) - 1);
-				uint64_t sectors = ((e >> shift) & ((1ull << (cb - 8)) - 1)) + 1;
-				if (res && (e & QCOW_OFLAG_COPIED))
-					ret = problem(img, r, "compressed cluster at guest offset 0x%llx has "
-						      "the COPIED flag", (unsigned long long)guest);
-				if (ret == 0)
-					ret = add_ref(img, r, coff, sectors * 512 - (coff & 511),
-						      COMPRESSED_CLUSTER);
-				if (ret == 0 && r->kind)
-					ret = note_data(img, r, coff & ~(cs - 1), guest, active);
-				if (res && active) {
-					alloc++;
-					comp++;
-					frag++;
-				}
-				continue;
-			}
-			if (res && (e & L2E_RESERVED_MASK)) {
-				ret = problem(img, r, "L2 entry of guest offset 0x%llx (0x%016llx) has reserved "
-					      "bits set", (unsigned long long)guest, (unsigned long long)e);
-				continue;
-			}
-			if (res && active && q->has_data_file && (host || (e & QCOW_OFLAG_COPIED)) &&
-			    host != guest) {
-				ret = problem(img, r, "L2 entry of guest offset 0x%llx maps offset 0x%llx of the "
-					      "external data file (it must map the guest offset)",
-					      (unsigned long long)guest, (unsigned long long)host);
-				continue;
-			}
-			if (host && !q->has_data_file) {
-				if (host & (cs - 1)) {
-					ret = problem(img, r, "data cluster offset 0x%llx unaligned (guest offset 0x%llx)",
-						      (unsigned long long)host, (unsigned long long)guest);
-					continue;
-				}
-				if (active && host >= fsize)
-					r->past_data = true;
-				uint64_t hc = host >> cb;
-				if (host + cs <= fsize && hc < r->n)
-					ret = cnt_inc(r, hc, DATA_USED);
-				else
-					ret = add_ref(img, r, host, cs, DATA_CLUSTER);
-				if (ret == 0 && active && one && hc < r->n &&
-				    !(((one[hc / 8] >> (hc % 8)) & 1) && (e & QCOW_OFLAG_COPIED)))
-					ret = check_copied_entry(img, r, e, hc);
-				if (ret == 0 && r->kind)
-					ret = note_data(img, r, host, guest, active);
-				if (res && active) {
-					alloc++;
-					if (prev && host != prev + cs)
-						frag++;
-					prev = host;
-				}
-			}
-		}
-		if (res) {
-			res->allocated_clusters += alloc;
-			res->fragmented_clusters += frag;
-			res->compressed_clusters += comp;
+		if (w.active)
+			jmax = p.first_guest >= img->size ? 0 :
+			       qk_min_u64(entries, ((img->size - p.first_guest) + cs - 1) >> q->cluster_bits);
+		if (q->extl2)
+			for (uint64_t j = 0; j < jmax && ret == 0; j++)
+				ret = fn(w, &p, j, l2[2 * j], l2[2 * j + 1]);
+		else
+			for (uint64_t j = 0; j < jmax && ret == 0; j++)
+				ret = fn(w, &p, j, l2[j], 0);
+		if (r->res) {
+			r->res->allocated_clusters += p.alloc;
+			r->res->fragmented_clusters += p.frag;
+			r->res->compressed_clusters += p.comp;
 		}
 	}
 	free(l2);
-out:
-	if (l1 != l1_mem)
-		free(l1);
+	free(own);
 	return ret;
 }
 
@@ -457,8 +569,10 @@ static int count_bitmaps(qk_image *img, struct refs *r)
 	return ret;
 }
 
-/* Count every reference in the image except the refcount structure's own. */
-static int count_references(qk_image *img, struct refs *r)
+/* Count every reference in the image except the refcount structure's own,
+ * each L2 entry through fn. */
+static inline __attribute__((always_inline)) int
+count_references(qk_image *img, struct refs *r, walk_entry_fn fn)
 {
 	struct qcow2 *q = qcow2_of(img);
 	uint64_t fsize;
@@ -485,11 +599,11 @@ static int count_references(qk_image *img, struct refs *r)
 		ret = problem(img, r, "%u internal snapshots in an image with an external data file",
 			      q->nb_snapshots);
 	if (ret == 0)
-		ret = count_l1(img, r, q->l1_offset, q->l1_size, q->l1);
+		ret = walk_l1(img, r, q->l1_offset, q->l1_size, q->l1, fn);
 	if (ret == 0 && q->nb_snapshots)
 		ret = add_ref(img, r, q->snapshots_offset, q->snapshots_bytes, "snapshot table");
 	for (uint32_t i = 0; ret == 0 && i < q->n_snapshots; i++)
-		ret = count_l1(img, r, q->snapshots[i].l1_table_offset, q->snapshots[i].l1_size, NULL);
+		ret = walk_l1(img, r, q->snapshots[i].l1_table_offset, q->snapshots[i].l1_size, NULL, fn);
 	if (ret == 0 && q->n_bitmaps)
 		ret = count_bitmaps(img, r);
 	return ret;
@@ -558,7 +672,7 @@ int qk__qcow2_rebuild_refcounts(qk_image *img)
 	uint64_t max = order == 6 ? UINT64_MAX : (1ull << (1u << order)) - 1;
 	uint8_t *blk = NULL;
 	uint64_t *table = NULL;
-	int ret = count_references(img, &r);
+	int ret = count_references(img, &r, count_entry);
 	if (ret < 0)
 		goto out;
 	take_tail(&r);
@@ -910,7 +1024,7 @@ static int check_pass_body(qk_image *img, struct qk_check_result *res,
 		if (ret < 0)
 			return ret;
 	}
-	ret = count_references(img, r);
+	ret = count_references(img, r, check_entry);
 	if (ret == 0)
 		ret = count_refcount_structure(img, r);
 	if (ret == 0)
@@ -1219,7 +1333,7 @@ int qk__qcow2_forensic(qk_image *img, int (*found)(void *opaque, const struct qk
 	if (ret == 0 && !q->rt)
 		ret = qk__qcow2_get_refcount(img, 0, &(uint64_t){ 0 });
 	if (ret == 0)
-		ret = count_references(img, &r);
+		ret = count_references(img, &r, forensic_entry);
 	if (ret == 0)
 		ret = count_refcount_structure(img, &r);
 	if (ret == 0)
