@@ -892,13 +892,98 @@ static void fill_refblock(uint8_t *b, const struct model *m, uint64_t first)
 /* Write the model: data area first (so its preallocation never covers
  * metadata written after it), header, refcount table and blocks, L1, L2
  * tables, zeros over clusters QEMU wrote and abandoned, then the length. */
-static int write_image(struct qk__file *f, struct model *m, const uint8_t *header,
-		       int prealloc)
+/* The refcount table and its blocks (marked in `live`). buf: a cluster or
+ * the table, whichever is larger. */
+static int write_refcounts(struct qk__file *f, const struct model *m, uint8_t *buf, uint8_t *live)
+{
+	uint64_t i, cs = m->cs;
+	for (i = 0; i < m->rt_size; i++)
+		qk_put_be64(buf + i * 8, m->rt[i] << m->cbits);
+	int ret = write_at(f, buf, m->rt_size * 8, m->rt_cluster << m->cbits);
+	for (i = 0; ret == 0 && i < m->rt_size * 8 / cs; i++)
+		bit_put(live, m->rt_cluster + i, true);
+	for (i = 0; ret == 0 && i < m->rt_size; i++) {
+		if (m->rt[i] == 0)
+			continue;
+		fill_refblock(buf, m, i << m->rb_bits);
+		ret = write_at(f, buf, cs, m->rt[i] << m->cbits);
+		bit_put(live, m->rt[i], true);
+	}
+	return ret;
+}
+
+/* The L1 table and the L2 tables with the preallocated runs (marked in
+ * `live`). buf: a cluster. */
+static int write_tables(struct qk__file *f, const struct model *m, uint8_t *buf, uint8_t *live)
 {
 	uint64_t i, cs = m->cs, l2_entries = 1ull << m->l2_bits;
 	size_t esize = (size_t)(cs >> m->l2_bits), r = 0;
+	int ret = 0;
+	if (m->l1_size > 0) {
+		uint8_t *l1 = malloc((size_t)m->l1_size * 8);
+		if (!l1)
+			return qk__err(ENOMEM, "out of memory");
+		for (i = 0; i < m->l1_size; i++)
+			qk_put_be64(l1 + i * 8, m->l1[i] ? (m->l1[i] << m->cbits) | QCOW_OFLAG_COPIED : 0);
+		ret = write_at(f, l1, m->l1_size * 8, m->l1_cluster << m->cbits);
+		free(l1);
+		for (i = 0; ret == 0 && i < div_round_up(m->l1_size * 8, cs); i++)
+			bit_put(live, m->l1_cluster + i, true);
+	}
+	for (i = 0; ret == 0 && i < m->l1_size; i++) {
+		if (m->l1[i] == 0)
+			continue;
+		memset(buf, 0, (size_t)cs);
+		for (; r < m->nruns && m->runs[r].guest >> m->l2_bits == i; r++) {
+			const struct run *run = &m->runs[r];
+			for (uint64_t k = 0; k < run->n; k++) {
+				uint64_t e = (run->guest + k) & (l2_entries - 1);
+				qk_put_be64(buf + e * esize,
+					    ((run->host + k) << m->cbits) | QCOW_OFLAG_COPIED);
+			}
+		}
+		ret = write_at(f, buf, cs, m->l1[i] << m->cbits);
+		bit_put(live, m->l1[i], true);
+	}
+	return ret;
+}
+
+/* Free clusters of moved refcount tables keep their last entries; every
+ * other cluster this create wrote that nothing uses now is zeroed. */
+static int write_leftovers(struct qk__file *f, const struct model *m, uint8_t *buf, uint8_t *live)
+{
+	uint64_t i, cs = m->cs, per = cs / 8;
+	int ret = 0;
+	for (size_t t = 0; ret == 0 && t < m->nold; t++) {
+		const struct old_table *o = &m->old[t];
+		for (i = 0; ret == 0 && i < div_round_up(o->size * 8, cs); i++) {
+			uint64_t c = o->cluster + i;
+			if (!bit_get(m->written, c) || bit_get(live, c) || get_rc(m, c))
+				continue;
+			for (uint64_t k = 0; k < per; k++)
+				qk_put_be64(buf + k * 8, i * per + k < o->size ?
+					    o->rt[i * per + k] << m->cbits : 0);
+			ret = write_at(f, buf, cs, c << m->cbits);
+			bit_put(live, c, true);
+		}
+	}
+	memset(buf, 0, (size_t)cs);
+	for (i = 0; ret == 0 && i < m->cap; i += 8) {
+		uint8_t stale = m->written[i >> 3] & (uint8_t)~live[i >> 3];
+		for (unsigned k = 0; ret == 0 && stale != 0; k++, stale >>= 1)
+			if (stale & 1)
+				ret = write_at(f, buf, cs, (i + k) << m->cbits);
+	}
+	if (ret == 0 && !m->data_file && m->tail_to > m->tail_from)
+		ret = write_at(f, buf, m->tail_to - m->tail_from, m->tail_from);
+	return ret;
+}
+
+static int write_image(struct qk__file *f, struct model *m, const uint8_t *header,
+		       int prealloc)
+{
+	uint64_t cs = m->cs, fsize;
 	uint8_t *buf = NULL, *live = NULL;
-	uint64_t fsize;
 	int ret;
 
 	if (m->prealloc_to > m->prealloc_from) {
@@ -913,102 +998,16 @@ static int write_image(struct qk__file *f, struct model *m, const uint8_t *heade
 		goto out;
 	}
 	ret = write_at(f, header, cs, 0);
-	if (ret < 0)
-		goto out;
 	bit_put(live, 0, true);
-
-	for (i = 0; i < m->rt_size; i++)
-		qk_put_be64(buf + i * 8, m->rt[i] << m->cbits);
-	ret = write_at(f, buf, m->rt_size * 8, m->rt_cluster << m->cbits);
-	if (ret < 0)
-		goto out;
-	for (i = 0; i < m->rt_size * 8 / cs; i++)
-		bit_put(live, m->rt_cluster + i, true);
-
-	for (i = 0; i < m->rt_size; i++) {
-		if (m->rt[i] == 0)
-			continue;
-		fill_refblock(buf, m, i << m->rb_bits);
-		ret = write_at(f, buf, cs, m->rt[i] << m->cbits);
-		if (ret < 0)
-			goto out;
-		bit_put(live, m->rt[i], true);
-	}
-
-	if (m->l1_size > 0) {
-		uint8_t *l1 = malloc((size_t)m->l1_size * 8);
-		if (!l1) {
-			ret = qk__err(ENOMEM, "out of memory");
-			goto out;
-		}
-		for (i = 0; i < m->l1_size; i++)
-			qk_put_be64(l1 + i * 8, m->l1[i] ? (m->l1[i] << m->cbits) | QCOW_OFLAG_COPIED : 0);
-		ret = write_at(f, l1, m->l1_size * 8, m->l1_cluster << m->cbits);
-		free(l1);
-		if (ret < 0)
-			goto out;
-		for (i = 0; i < div_round_up(m->l1_size * 8, cs); i++)
-			bit_put(live, m->l1_cluster + i, true);
-	}
-
-	for (i = 0; i < m->l1_size; i++) {
-		if (m->l1[i] == 0)
-			continue;
-		memset(buf, 0, (size_t)cs);
-		for (; r < m->nruns && m->runs[r].guest >> m->l2_bits == i; r++) {
-			const struct run *run = &m->runs[r];
-			for (uint64_t k = 0; k < run->n; k++) {
-				uint64_t e = (run->guest + k) & (l2_entries - 1);
-				qk_put_be64(buf + e * esize,
-					    ((run->host + k) << m->cbits) | QCOW_OFLAG_COPIED);
-			}
-		}
-		ret = write_at(f, buf, cs, m->l1[i] << m->cbits);
-		if (ret < 0)
-			goto out;
-		bit_put(live, m->l1[i], true);
-	}
-
-	/* Free clusters of moved refcount tables keep their last entries. */
-	for (size_t t = 0; t < m->nold; t++) {
-		const struct old_table *o = &m->old[t];
-		uint64_t per = cs / 8;
-
-		for (i = 0; i < div_round_up(o->size * 8, cs); i++) {
-			uint64_t c = o->cluster + i;
-			if (!bit_get(m->written, c) || bit_get(live, c) || get_rc(m, c))
-				continue;
-			for (uint64_t k = 0; k < per; k++)
-				qk_put_be64(buf + k * 8, i * per + k < o->size ?
-					    o->rt[i * per + k] << m->cbits : 0);
-			ret = write_at(f, buf, cs, c << m->cbits);
-			if (ret < 0)
-				goto out;
-			bit_put(live, c, true);
-		}
-	}
-
-	memset(buf, 0, (size_t)cs);
-	for (i = 0; i < m->cap; i += 8) {
-		uint8_t stale = m->written[i >> 3] & (uint8_t)~live[i >> 3];
-		for (unsigned k = 0; stale != 0; k++, stale >>= 1) {
-			if (!(stale & 1))
-				continue;
-			ret = write_at(f, buf, cs, (i + k) << m->cbits);
-			if (ret < 0)
-				goto out;
-		}
-	}
-
-	if (!m->data_file && m->tail_to > m->tail_from) {
-		ret = write_at(f, buf, m->tail_to - m->tail_from, m->tail_from);
-		if (ret < 0)
-			goto out;
-	}
-
-	if ((ret = qk__file_get_size(f, &fsize)) < 0)
-		goto out;
-	if (fsize < m->file_end)
+	if (ret == 0)
+		ret = write_refcounts(f, m, buf, live);
+	if (ret == 0)
+		ret = write_tables(f, m, buf, live);
+	if (ret == 0)
+		ret = write_leftovers(f, m, buf, live);
+	if (ret == 0)
+		ret = qk__file_get_size(f, &fsize);
+	if (ret == 0 && fsize < m->file_end)
 		ret = qk__file_grow(f, m->file_end, m->file_end, QK_PREALLOC_OFF);
 	if (ret == 0)
 		ret = qk__file_sync(f);
