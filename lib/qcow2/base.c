@@ -115,11 +115,11 @@ int qk__qcow2_data_file(qk_image *img, struct qk__file **f)
 	*f = __atomic_load_n(&q->data_file, __ATOMIC_ACQUIRE);
 	if (*f)
 		return 0;
-	pthread_mutex_lock(&q->lock);
+	qk__qcow2_lock(q);
 	if (!q->data_file)
 		ret = open_data_file(img);
 	*f = q->data_file;
-	pthread_mutex_unlock(&q->lock);
+	qk__qcow2_unlock(q);
 	return ret;
 }
 

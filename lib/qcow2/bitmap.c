@@ -266,7 +266,7 @@ int qk__qcow2_bitmaps_store(qk_image *img)
 	int ret = 0;
 	if (!q->n_tracked)
 		return 0;
-	pthread_mutex_lock(&q->lock);
+	qk__qcow2_lock(q);
 	for (uint32_t k = 0; ret == 0 && k < q->n_tracked; k++) {
 		struct qk__tracked_bitmap *t = &q->tracked[k];
 		const struct qk_bitmap *b = &q->bitmaps[t->index];
@@ -312,6 +312,6 @@ int qk__qcow2_bitmaps_store(qk_image *img)
 		ret = qk__file_sync(img->file);
 	if (ret == 0)
 		free_tracked(q);
-	pthread_mutex_unlock(&q->lock);
+	qk__qcow2_unlock(q);
 	return ret;
 }

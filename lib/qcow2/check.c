@@ -1239,7 +1239,7 @@ int qk__qcow2_check(qk_image *img, uint32_t flags, struct qk_check_result *res,
 	int ret = q->has_data_file ? qk__qcow2_data_file(img, &df) : 0;
 	if (ret < 0)
 		return ret;
-	pthread_mutex_lock(&q->lock);
+	qk__qcow2_lock(q);
 	ret = check_pass(img, res, report, opaque, &r);
 	if (ret < 0 || !(flags & (QK_CHECK_FIX_LEAKS | QK_CHECK_FIX_ERRORS)) ||
 	    (res->leaks == 0 && res->corruptions == 0))
@@ -1299,7 +1299,7 @@ int qk__qcow2_check(qk_image *img, uint32_t flags, struct qk_check_result *res,
 	}
 out:
 	free_refs(&r);
-	pthread_mutex_unlock(&q->lock);
+	qk__qcow2_unlock(q);
 	return ret;
 }
 
@@ -1320,7 +1320,7 @@ int qk__qcow2_forensic(qk_image *img, int (*found)(void *opaque, const struct qk
 	uint8_t *buf = malloc(cs);
 	if (!buf)
 		return qk__err(ENOMEM, "out of memory");
-	pthread_mutex_lock(&q->lock);
+	qk__qcow2_lock(q);
 	uint64_t fsize;
 	int ret = qk__file_get_size(img->file, &fsize);
 	if (ret == 0) {
@@ -1358,7 +1358,7 @@ int qk__qcow2_forensic(qk_image *img, int (*found)(void *opaque, const struct qk
 		}
 	}
 	restore_reftable(img, &r);
-	pthread_mutex_unlock(&q->lock);
+	qk__qcow2_unlock(q);
 	free(r.past);
 	free_counts(&r);
 	free(r.kind);

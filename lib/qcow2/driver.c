@@ -69,9 +69,11 @@ static void qcow2_close(qk_image *img)
 static int repair_dirty(qk_image *img)
 {
 	struct qcow2 *q = qcow2_of(img);
+	qk__qcow2_lock(q);      /* nobody else has the image yet: for the asserts */
 	int ret = qk__qcow2_rebuild_refcounts(img);
 	if (ret == 0)
 		ret = qk__qcow2_write_incompat(img, q->incompat & ~INCOMPAT_DIRTY);
+	qk__qcow2_unlock(q);
 	if (ret < 0)
 		ret = qk__err_prepend(-ret, "'%s' is dirty and its refcounts could not be rebuilt",
 				      img->filename);

@@ -81,6 +81,7 @@ static bool past_eof(qk_image *img, uint64_t off)
 int qk__qcow2_l2_table(qk_image *img, uint64_t l1i, uint64_t *l2_off)
 {
 	struct qcow2 *q = qcow2_of(img);
+	QK_LOCK_HELD(q);
 	*l2_off = 0;
 	if (l1i >= q->l1_size)
 		return 0;
@@ -110,6 +111,7 @@ int qk__qcow2_l2_table(qk_image *img, uint64_t l1i, uint64_t *l2_off)
 int qk__qcow2_check_compressed(qk_image *img, uint64_t e)
 {
 	struct qcow2 *q = qcow2_of(img);
+	QK_LOCK_HELD(q);
 	uint64_t coff = qk__qcow2_compressed_offset(q, e);
 	if (coff > MAX_HOST_OFFSET || past_eof(img, coff))
 		return qk__qcow2_corrupt(img, "compressed cluster data at host offset 0x%llx lies past the end of the file",
@@ -120,6 +122,7 @@ int qk__qcow2_check_compressed(qk_image *img, uint64_t e)
 int qk__qcow2_check_entry(qk_image *img, uint64_t gc, uint64_t e, uint64_t bm)
 {
 	struct qcow2 *q = qcow2_of(img);
+	QK_LOCK_HELD(q);
 	unsigned long long guest = (unsigned long long)(gc << q->cluster_bits);
 	if (e & QCOW_OFLAG_COMPRESSED) {
 		if (q->has_data_file)
@@ -236,7 +239,7 @@ static int get_run(qk_image *img, uint64_t off, uint64_t len, bool status, struc
 	memset(r, 0, sizeof *r);
 	r->status = status;
 
-	pthread_mutex_lock(&q->lock);
+	qk__qcow2_lock(q);
 	while (r->bytes < len) {
 		uint64_t cur = off + r->bytes;
 		uint64_t cluster = cur >> q->cluster_bits;
@@ -273,7 +276,7 @@ static int get_run(qk_image *img, uint64_t off, uint64_t len, bool status, struc
 		if (more == 0)
 			break;
 	}
-	pthread_mutex_unlock(&q->lock);
+	qk__qcow2_unlock(q);
 	if (ret == 0 && r->bytes > len)
 		r->bytes = len;
 	return ret;
@@ -286,14 +289,14 @@ static int read_compressed(qk_image *img, uint64_t e, uint64_t in, void *buf, si
 	struct qcow2 *q = qcow2_of(img);
 	size_t cs = q->cluster_size;
 
-	pthread_mutex_lock(&q->lock);
+	qk__qcow2_lock(q);
 	if (q->cbuf_valid && q->cbuf_entry == e) {
 		memcpy(buf, q->cbuf + in, n);
-		pthread_mutex_unlock(&q->lock);
+		qk__qcow2_unlock(q);
 		return 0;
 	}
 	int ret = qk__qcow2_check_compressed(img, e);
-	pthread_mutex_unlock(&q->lock);
+	qk__qcow2_unlock(q);
 	if (ret < 0)
 		return ret;
 
@@ -317,12 +320,12 @@ static int read_compressed(qk_image *img, uint64_t e, uint64_t in, void *buf, si
 	if (ret < 0)
 		goto out;
 	memcpy(buf, dst + in, n);
-	pthread_mutex_lock(&q->lock);
+	qk__qcow2_lock(q);
 	uint8_t *old = q->cbuf;
 	q->cbuf = dst;
 	q->cbuf_entry = e;
 	q->cbuf_valid = true;
-	pthread_mutex_unlock(&q->lock);
+	qk__qcow2_unlock(q);
 	dst = old;
 out:
 	free(src);
@@ -409,12 +412,12 @@ int qk__qcow2_block_status(qk_image *img, uint64_t off, uint64_t len, struct qk_
 		if (ret < 0)
 			return ret;
 	}
-	pthread_mutex_lock(&q->lock);
+	qk__qcow2_lock(q);
 	if (!q->prealloc_checked) {
 		q->metadata_prealloc = detect_metadata_prealloc(img);
 		q->prealloc_checked = true;
 	}
-	pthread_mutex_unlock(&q->lock);
+	qk__qcow2_unlock(q);
 	int ret = get_run(img, off, len, true, &r);
 	if (ret < 0)
 		return ret;

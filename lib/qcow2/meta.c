@@ -154,12 +154,14 @@ static void remove_slot(struct qk__metamap *m, uint64_t hole)
 int qk__qcow2_meta_add(qk_image *img, uint64_t off, uint64_t len, unsigned type)
 {
 	struct qcow2 *q = qcow2_of(img);
+	QK_LOCK_HELD(q);
 	return q->meta_ready ? meta_add(q, off, len, type) : 0;
 }
 
 void qk__qcow2_meta_del(qk_image *img, uint64_t off, uint64_t len)
 {
 	struct qcow2 *q = qcow2_of(img);
+	QK_LOCK_HELD(q);
 	struct qk__metamap *m = &q->meta;
 	if (!q->meta_ready || len == 0)
 		return;
@@ -251,6 +253,7 @@ static int add_bitmaps(qk_image *img)
 static int build(qk_image *img)
 {
 	struct qcow2 *q = qcow2_of(img);
+	QK_LOCK_HELD(q);
 	qk__qcow2_meta_free(q);
 	int ret = meta_add(q, 0, q->cluster_size, META_HEADER);
 	if (ret == 0)
@@ -291,6 +294,7 @@ unsigned qk__qcow2_meta_hit(qk_image *img, uint64_t off, uint64_t len, unsigned 
 			     uint64_t *cluster_off)
 {
 	struct qcow2 *q = qcow2_of(img);
+	QK_LOCK_HELD(q);
 	const struct qk__metamap *m = &q->meta;
 	if (len == 0 || !q->meta_ready)
 		return 0;

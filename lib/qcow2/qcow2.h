@@ -6,6 +6,8 @@
 #ifndef QK_QCOW2_H
 #define QK_QCOW2_H
 
+#include <assert.h>
+
 #include "internal.h"
 #include "qcow2/format.h"
 
@@ -79,6 +81,7 @@ enum qk__ctype {
 
 struct qcow2 {
 	pthread_mutex_t lock;       /* metadata: L1, cache, compressed cache */
+	pthread_t lock_owner;       /* who holds `lock` (assertions only) */
 	pthread_mutex_t alloc_lock; /* serialises allocating writes (write.c) */
 	bool write_ready;           /* prepare_write done */
 	uint64_t snapshots_bytes;   /* length of the snapshot table */
@@ -167,6 +170,28 @@ static inline struct qcow2 *qcow2_of(qk_image *img)
 {
 	return img->drv_state;
 }
+
+/* The image lock (q->lock), with its owner recorded in builds with
+ * assertions (the sanitizer build that make test runs), so functions that
+ * need it held can say so: QK_LOCK_HELD(q). */
+static inline void qk__qcow2_lock(struct qcow2 *q)
+{
+	pthread_mutex_lock(&q->lock);
+#ifndef NDEBUG
+	__atomic_store_n(&q->lock_owner, pthread_self(), __ATOMIC_RELAXED);
+#endif
+}
+
+static inline void qk__qcow2_unlock(struct qcow2 *q)
+{
+#ifndef NDEBUG
+	__atomic_store_n(&q->lock_owner, (pthread_t)0, __ATOMIC_RELAXED);
+#endif
+	pthread_mutex_unlock(&q->lock);
+}
+
+#define QK_LOCK_HELD(q) \
+	assert(pthread_equal(__atomic_load_n(&(q)->lock_owner, __ATOMIC_RELAXED), pthread_self()))
 
 static inline uint64_t qk__qcow2_compressed_offset(const struct qcow2 *q, uint64_t e)
 {

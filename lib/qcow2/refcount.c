@@ -114,6 +114,7 @@ static uint64_t rb_entry(const uint8_t *rb, uint64_t i, uint32_t order)
 int qk__qcow2_get_refcount(qk_image *img, uint64_t cluster, uint64_t *rc)
 {
 	struct qcow2 *q = qcow2_of(img);
+	QK_LOCK_HELD(q);
 	int lret = qk__qcow2_load_refcounts(img);
 	if (lret < 0)
 		return lret;
@@ -222,6 +223,7 @@ static uint32_t epb_bits(const struct qcow2 *q)
 static int grow_reftable(qk_image *img, uint64_t rt_index, uint64_t area)
 {
 	struct qcow2 *q = qcow2_of(img);
+	QK_LOCK_HELD(q);
 	uint64_t cs = q->cluster_size;
 	uint32_t eb = epb_bits(q);
 	uint64_t old = q->rt_entries;
@@ -313,6 +315,7 @@ out:
 static int ensure_block(qk_image *img, uint64_t rt_index, bool *placed)
 {
 	struct qcow2 *q = qcow2_of(img);
+	QK_LOCK_HELD(q);
 	if (rt_index >= q->rt_entries) {
 		int ret = grow_reftable(img, rt_index, q->rt_entries << epb_bits(q));
 		if (ret < 0)
@@ -360,6 +363,7 @@ static int ensure_block(qk_image *img, uint64_t rt_index, bool *placed)
 static int block_of(qk_image *img, uint64_t c, uint64_t *boff_out, void **rb, uint64_t *i)
 {
 	struct qcow2 *q = qcow2_of(img);
+	QK_LOCK_HELD(q);
 	uint32_t eb = epb_bits(q);
 	uint64_t rt_index = c >> eb;
 	bool placed = false;
@@ -390,6 +394,7 @@ static void refcount_set_to(struct qcow2 *q, uint64_t c, uint64_t v)
 int qk__qcow2_update_refcount(qk_image *img, uint64_t offset, uint64_t length, int delta)
 {
 	struct qcow2 *q = qcow2_of(img);
+	QK_LOCK_HELD(q);
 	if (length == 0)
 		return 0;
 	int lret = qk__qcow2_load_refcounts(img);
@@ -435,6 +440,7 @@ int qk__qcow2_update_refcount(qk_image *img, uint64_t offset, uint64_t length, i
 int qk__qcow2_set_refcount(qk_image *img, uint64_t cluster, uint64_t value)
 {
 	struct qcow2 *q = qcow2_of(img);
+	QK_LOCK_HELD(q);
 	if (value > rc_max(q))
 		return qk__err(ERANGE, "refcount %llu does not fit %u-bit refcounts",
 			       (unsigned long long)value, 1u << q->refcount_order);
@@ -481,6 +487,7 @@ static uint64_t missing_blocks(const struct qcow2 *q, uint64_t start, uint64_t l
 static int place_blocks(qk_image *img, uint64_t start, uint64_t len, uint64_t m)
 {
 	struct qcow2 *q = qcow2_of(img);
+	QK_LOCK_HELD(q);
 	uint32_t eb = epb_bits(q);
 	uint64_t r0 = start >> eb, r1 = (start + len - 1) >> eb, next = start;
 	int ret = 0;
@@ -545,6 +552,7 @@ static int place_blocks(qk_image *img, uint64_t start, uint64_t len, uint64_t m)
 int qk__qcow2_alloc_clusters(qk_image *img, uint64_t n, uint64_t *offset)
 {
 	struct qcow2 *q = qcow2_of(img);
+	QK_LOCK_HELD(q);
 	int ret = qk__qcow2_load_refcounts(img);
 	if (ret < 0)
 		return ret;
@@ -626,6 +634,7 @@ int qk__qcow2_alloc_clusters(qk_image *img, uint64_t n, uint64_t *offset)
 int qk__qcow2_alloc_bytes(qk_image *img, uint64_t len, uint64_t *offset)
 {
 	struct qcow2 *q = qcow2_of(img);
+	QK_LOCK_HELD(q);
 	uint64_t cs = q->cluster_size, off = q->free_byte, rc = 0;
 	if (len == 0 || len > cs)
 		return qk__err(EINVAL, "compressed allocation of %llu bytes", (unsigned long long)len);

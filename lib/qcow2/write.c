@@ -41,6 +41,7 @@ void qk__qcow2_store_l2(void *opaque, const void *table, void *out)
 static int prepare_write(qk_image *img)
 {
 	struct qcow2 *q = qcow2_of(img);
+	QK_LOCK_HELD(q);
 	if ((q->incompat & INCOMPAT_CORRUPT) || q->write_refused)
 		return qk__err(EIO, "'%s' is marked corrupt: no more writes until it is repaired",
 			       img->filename);
@@ -113,6 +114,7 @@ int qk__qcow2_mark_clean(qk_image *img)
 static int l2_for_write(qk_image *img, uint64_t l1i, uint64_t *l2_off, uint64_t **table)
 {
 	struct qcow2 *q = qcow2_of(img);
+	QK_LOCK_HELD(q);
 	uint64_t l1e = q->l1[l1i], old;
 	int ret = qk__qcow2_l2_table(img, l1i, &old);
 	if (ret < 0)
@@ -177,6 +179,7 @@ static int l2_for_write(qk_image *img, uint64_t l1i, uint64_t *l2_off, uint64_t 
 static int release_entry(qk_image *img, uint64_t e)
 {
 	struct qcow2 *q = qcow2_of(img);
+	QK_LOCK_HELD(q);
 	uint64_t host = e & L2E_OFFSET_MASK;
 	if (!(e & QCOW_OFLAG_COMPRESSED) && (!host || q->has_data_file))
 		return 0;       /* nothing counted: no ordering to ask for */
@@ -207,6 +210,7 @@ static uint64_t l2_slot(const struct qcow2 *q, uint64_t gc)
 static int get_entry(qk_image *img, uint64_t gc, struct entry *en)
 {
 	struct qcow2 *q = qcow2_of(img);
+	QK_LOCK_HELD(q);
 	uint64_t l2_off;
 	en->e = en->bm = 0;
 	int ret = qk__qcow2_l2_table(img, gc >> q->l2_bits, &l2_off);
@@ -251,6 +255,7 @@ static bool entry_owned(const struct qcow2 *q, const struct entry *en, uint64_t 
 static int data_target_ok(qk_image *img, uint64_t host, uint64_t gc)
 {
 	struct qcow2 *q = qcow2_of(img);
+	QK_LOCK_HELD(q);
 	uint64_t at;
 	if (q->has_data_file)
 		return 0;
@@ -304,6 +309,7 @@ static int set_entry(qk_image *img, uint64_t gc, uint64_t ne, uint64_t nbm, bool
 		     struct qk__file *sync_first)
 {
 	struct qcow2 *q = qcow2_of(img);
+	QK_LOCK_HELD(q);
 	uint64_t l2_off = 0, *t = NULL;
 	int ret = l2_for_write(img, gc >> q->l2_bits, &l2_off, &t);
 	if (ret < 0)
@@ -367,18 +373,18 @@ static int write_slow(qk_image *img, uint64_t gc, uint64_t in, const uint8_t *da
 	struct qk__file *df = q->data_file ? q->data_file : img->file;
 	struct entry en;
 	uint64_t host;
-	pthread_mutex_lock(&q->lock);
+	qk__qcow2_lock(q);
 	int ret = get_entry(img, gc, &en);
-	pthread_mutex_unlock(&q->lock);
+	qk__qcow2_unlock(q);
 	if (ret < 0)
 		return ret;
 	bool owned = entry_owned(q, &en, &host);
 	bool holds = (en.e & QCOW_OFLAG_COMPRESSED) || (en.e & L2E_OFFSET_MASK) ||
 		     (q->has_data_file && (en.e & QCOW_OFLAG_COPIED));
 	if (owned) {
-		pthread_mutex_lock(&q->lock);
+		qk__qcow2_lock(q);
 		ret = data_target_ok(img, host, gc);
-		pthread_mutex_unlock(&q->lock);
+		qk__qcow2_unlock(q);
 		if (ret < 0)
 			return ret;
 	}
@@ -405,10 +411,10 @@ static int write_slow(qk_image *img, uint64_t gc, uint64_t in, const uint8_t *da
 		/* A new host cluster: identity in a data file, else allocated. */
 		host = start;
 		if (!q->has_data_file) {
-			pthread_mutex_lock(&q->lock);
+			qk__qcow2_lock(q);
 			uint64_t end = q->file_size;
 			ret = qk__qcow2_alloc_clusters(img, 1, &host);
-			pthread_mutex_unlock(&q->lock);
+			qk__qcow2_unlock(q);
 			if (ret < 0)
 				return ret;
 			fresh = host >= end;    /* past the end of the file */
@@ -432,7 +438,7 @@ static int write_slow(qk_image *img, uint64_t gc, uint64_t in, const uint8_t *da
 		}
 	}
 	ret = qk__file_pwrite_data(df, buf + wlo, wend - wlo, host + wlo);
-	pthread_mutex_lock(&q->lock);
+	qk__qcow2_lock(q);
 	if (ret < 0) {
 		if (!owned && !q->has_data_file)
 			qk__qcow2_update_refcount(img, host, cs, -1);   /* best effort: else a leak */
@@ -448,7 +454,7 @@ static int write_slow(qk_image *img, uint64_t gc, uint64_t in, const uint8_t *da
 	}
 	ret = set_entry(img, gc, host | QCOW_OFLAG_COPIED, nbm, false, df);
 out:
-	pthread_mutex_unlock(&q->lock);
+	qk__qcow2_unlock(q);
 	return ret;
 }
 
@@ -468,7 +474,7 @@ static int write_whole(qk_image *img, uint64_t gc, const uint8_t *data, size_t l
 	uint64_t cs = q->cluster_size, k = 0, host = 0;
 	*done = 0;
 	pthread_mutex_lock(&q->alloc_lock);
-	pthread_mutex_lock(&q->lock);
+	qk__qcow2_lock(q);
 	int ret = 0;
 	while (k < MAX_RUN && (k + 1) * cs <= len && ((gc + k + 1) << q->cluster_bits) <= img->size) {
 		uint64_t h;
@@ -480,11 +486,11 @@ static int write_whole(qk_image *img, uint64_t gc, const uint8_t *data, size_t l
 	}
 	if (ret == 0 && k >= 2)
 		ret = qk__qcow2_alloc_clusters(img, k, &host);
-	pthread_mutex_unlock(&q->lock);
+	qk__qcow2_unlock(q);
 	if (ret < 0 || k < 2)
 		goto out;
 	ret = qk__file_pwrite_data(img->file, data, k * cs, host);
-	pthread_mutex_lock(&q->lock);
+	qk__qcow2_lock(q);
 	if (ret < 0) {
 		qk__qcow2_update_refcount(img, host, k * cs, -1);      /* best effort: else a leak */
 	} else {
@@ -497,7 +503,7 @@ static int write_whole(qk_image *img, uint64_t gc, const uint8_t *data, size_t l
 		if (ret == 0)
 			*done = (size_t)(k * cs);
 	}
-	pthread_mutex_unlock(&q->lock);
+	qk__qcow2_unlock(q);
 out:
 	pthread_mutex_unlock(&q->alloc_lock);
 	return ret;
@@ -509,20 +515,20 @@ int qk__qcow2_pwrite(qk_image *img, const void *buf, size_t len, uint64_t off)
 	const uint8_t *p = buf;
 	uint8_t *cbuf = NULL;
 	int ret = 0;
-	pthread_mutex_lock(&q->lock);
+	qk__qcow2_lock(q);
 	ret = prepare_write(img);
 	if (ret == 0)
 		qk__qcow2_bitmaps_mark(img, off, len);
-	pthread_mutex_unlock(&q->lock);
+	qk__qcow2_unlock(q);
 	while (ret == 0 && len > 0) {
 		uint64_t gc = off >> q->cluster_bits;
 		uint64_t in = off & (q->cluster_size - 1);
 		size_t n = qk_min_u64(len, q->cluster_size - in);
 		uint64_t host;
 		bool owned;
-		pthread_mutex_lock(&q->lock);
+		qk__qcow2_lock(q);
 		ret = owned_host(img, gc, in, n, &host, &owned);
-		pthread_mutex_unlock(&q->lock);
+		qk__qcow2_unlock(q);
 		if (ret < 0)
 			break;
 		if (!owned && in == 0 && !q->has_data_file && len >= 2 * q->cluster_size) {
@@ -541,9 +547,9 @@ int qk__qcow2_pwrite(qk_image *img, const void *buf, size_t len, uint64_t off)
 		if (!owned) {
 			pthread_mutex_lock(&q->alloc_lock);
 			/* Another writer may have allocated it meanwhile. */
-			pthread_mutex_lock(&q->lock);
+			qk__qcow2_lock(q);
 			ret = owned_host(img, gc, in, n, &host, &owned);
-			pthread_mutex_unlock(&q->lock);
+			qk__qcow2_unlock(q);
 			if (ret == 0 && !owned) {
 				if (!cbuf && !(cbuf = malloc(q->cluster_size)))
 					ret = qk__err(ENOMEM, "out of memory");
@@ -583,13 +589,13 @@ int qk__qcow2_write_compressed(qk_image *img, const void *buf, size_t len, uint6
 		return qk__err(ENOTSUP, "compressed writes to '%s' are not possible: its data is "
 			       "in an external data file", img->filename);
 	struct entry en;
-	pthread_mutex_lock(&q->lock);
+	qk__qcow2_lock(q);
 	int ret = prepare_write(img);
 	if (ret == 0)
 		ret = get_entry(img, off >> q->cluster_bits, &en);   /* sound before we allocate */
 	if (ret == 0)
 		qk__qcow2_bitmaps_mark(img, off, len);
-	pthread_mutex_unlock(&q->lock);
+	qk__qcow2_unlock(q);
 	if (ret < 0)
 		return ret;
 	uint8_t *in = NULL, *out = malloc(cs);
@@ -614,12 +620,12 @@ int qk__qcow2_write_compressed(qk_image *img, const void *buf, size_t len, uint6
 	uint64_t gc = off >> q->cluster_bits, coff = 0;
 	if (ret == 0) {
 		pthread_mutex_lock(&q->alloc_lock);
-		pthread_mutex_lock(&q->lock);
+		qk__qcow2_lock(q);
 		ret = qk__qcow2_alloc_bytes(img, (uint64_t)clen, &coff);
-		pthread_mutex_unlock(&q->lock);
+		qk__qcow2_unlock(q);
 		if (ret == 0)
 			ret = qk__file_pwrite_data(img->file, out, (size_t)clen, coff);
-		pthread_mutex_lock(&q->lock);
+		qk__qcow2_lock(q);
 		if (ret < 0 && coff) {
 			qk__qcow2_update_refcount(img, coff, (uint64_t)clen, -1); /* else a leak */
 		} else if (ret == 0) {
@@ -631,7 +637,7 @@ int qk__qcow2_write_compressed(qk_image *img, const void *buf, size_t len, uint6
 			q->cbuf_valid = false;  /* an old entry may name these bytes */
 			ret = set_entry(img, gc, ne, 0, true, img->file);
 		}
-		pthread_mutex_unlock(&q->lock);
+		qk__qcow2_unlock(q);
 		pthread_mutex_unlock(&q->alloc_lock);
 	}
 	free(in);
@@ -644,6 +650,7 @@ int qk__qcow2_write_compressed(qk_image *img, const void *buf, size_t len, uint6
 static int queue_punch(qk_image *img, uint64_t off, uint64_t len)
 {
 	struct qcow2 *q = qcow2_of(img);
+	QK_LOCK_HELD(q);
 	if (q->n_punch && q->punch[q->n_punch - 1].off + q->punch[q->n_punch - 1].len == off) {
 		q->punch[q->n_punch - 1].len += len;
 		return 0;
@@ -663,6 +670,7 @@ static int queue_punch(qk_image *img, uint64_t off, uint64_t len)
 static int flush_locked(qk_image *img)
 {
 	struct qcow2 *q = qcow2_of(img);
+	QK_LOCK_HELD(q);
 	int ret = 0;
 	if (q->write_refused) {
 		/* Corruption was found: nothing more reaches the disk. What the
@@ -716,9 +724,9 @@ static int flush_locked(qk_image *img)
 int qk__qcow2_flush(qk_image *img)
 {
 	struct qcow2 *q = qcow2_of(img);
-	pthread_mutex_lock(&q->lock);
+	qk__qcow2_lock(q);
 	int ret = flush_locked(img);
-	pthread_mutex_unlock(&q->lock);
+	qk__qcow2_unlock(q);
 	return ret;
 }
 
@@ -745,7 +753,7 @@ int qk__qcow2_discard(qk_image *img, uint64_t off, uint64_t len)
 	if (q->autoclear & AUTOCLEAR_DATA_RAW)
 		return 0;       /* the raw data file must keep its bytes: a hint ignored */
 	pthread_mutex_lock(&q->alloc_lock);
-	pthread_mutex_lock(&q->lock);
+	qk__qcow2_lock(q);
 	int ret = prepare_write(img);
 	if (ret == 0)
 		qk__qcow2_bitmaps_mark(img, off, len);
@@ -769,7 +777,7 @@ int qk__qcow2_discard(qk_image *img, uint64_t off, uint64_t len)
 		}
 		ret = set_entry(img, gc, ne, nbm, true, NULL);
 	}
-	pthread_mutex_unlock(&q->lock);
+	qk__qcow2_unlock(q);
 	pthread_mutex_unlock(&q->alloc_lock);
 	return ret;
 }
@@ -807,6 +815,7 @@ static int zero_subclusters(qk_image *img, uint64_t gc, uint64_t a, uint64_t b, 
 			    uint64_t *hi)
 {
 	struct qcow2 *q = qcow2_of(img);
+	QK_LOCK_HELD(q);
 	uint64_t scs = 1ull << q->sc_bits, start = gc << q->cluster_bits;
 	uint64_t cl_end = qk_min_u64(start + q->cluster_size, img->size);
 	*lo = (a + scs - 1) & ~(scs - 1);
@@ -849,7 +858,7 @@ int qk__qcow2_write_zeroes(qk_image *img, uint64_t off, uint64_t len, uint32_t f
 	uint64_t parts[4][2] = { { off, head_end }, { 0, 0 }, { tail_start, off + len }, { 0, 0 } };
 
 	pthread_mutex_lock(&q->alloc_lock);
-	pthread_mutex_lock(&q->lock);
+	qk__qcow2_lock(q);
 	int ret = prepare_write(img);
 	if (ret == 0)
 		qk__qcow2_bitmaps_mark(img, off, len);
@@ -884,7 +893,7 @@ int qk__qcow2_write_zeroes(qk_image *img, uint64_t off, uint64_t len, uint32_t f
 		parts[3][0] = hi;
 		parts[3][1] = off + len;
 	}
-	pthread_mutex_unlock(&q->lock);
+	qk__qcow2_unlock(q);
 	pthread_mutex_unlock(&q->alloc_lock);
 	for (int i = 0; i < 4 && ret == 0; i++)
 		if (parts[i][1] > parts[i][0])
@@ -900,6 +909,7 @@ int qk__qcow2_write_zeroes(qk_image *img, uint64_t off, uint64_t len, uint32_t f
 static int grow_l1(qk_image *img, uint64_t need)
 {
 	struct qcow2 *q = qcow2_of(img);
+	QK_LOCK_HELD(q);
 	uint64_t cs = q->cluster_size;
 	if (need * 8 > MAX_L1_BYTES)
 		return qk__err(EFBIG, "'%s' cannot grow: the L1 table would pass %llu entries",
@@ -960,7 +970,7 @@ int qk__qcow2_resize(qk_image *img, uint64_t size, uint32_t flags)
 			       "area would show the backing file's data (compat=1.1 images can)",
 			       img->filename);
 	pthread_mutex_lock(&q->alloc_lock);
-	pthread_mutex_lock(&q->lock);
+	qk__qcow2_lock(q);
 	int ret = prepare_write(img);
 	uint64_t per_l1 = cs << q->l2_bits;
 	uint64_t need = size / per_l1 + (size % per_l1 != 0);
@@ -985,7 +995,7 @@ int qk__qcow2_resize(qk_image *img, uint64_t size, uint32_t flags)
 	}
 	if (ret == 0)
 		img->size = size;
-	pthread_mutex_unlock(&q->lock);
+	qk__qcow2_unlock(q);
 	pthread_mutex_unlock(&q->alloc_lock);
 	if (ret < 0 || size <= old)
 		return ret;
