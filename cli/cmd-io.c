@@ -43,35 +43,42 @@ static const char *const later_cmds[] = {
 	"wait_break", "sigraise", "help", NULL,
 };
 
-/* qemu-io's cvtnum(): a size with suffixes, at most INT64_MAX. */
-static int io_cvtnum(const char *s, int64_t *out)
+/* ---- arguments ------------------------------------------------------- */
+
+/* Parse a size argument as qemu-io's cvtnum() (suffixes, at most
+ * INT64_MAX), saying on stdout what is wrong with it; 0 or -1. */
+static int num_arg(const char *arg, int64_t *out)
 {
 	uint64_t v;
-	int r = cli_parse_size(s, &v);
+	int r = cli_parse_size(arg, &v);
 
+	if (r == -EINVAL)
+		printf("Parsing error: non-numeric argument, or "
+		       "extraneous/unrecognized suffix -- %s\n", arg);
+	else if (r == -ERANGE)
+		printf("Parsing error: argument too large -- %s\n", arg);
+	else if (r < 0)
+		printf("Parsing error: %s\n", arg);
 	if (r < 0)
-		return r;
+		return -1;
 	*out = (int64_t)v;
 	return 0;
 }
 
-static void print_cvtnum_err(int rc, const char *arg)
+/*
+ * The "off len" operands of read, write and discard: args[0] and args[1],
+ * each a size (num_arg). The length may not pass REQUEST_MAX_BYTES
+ * ("length cannot exceed N<note>, given LEN") unless `note` is NULL.
+ * Returns 0, or -1 after qemu-io's message.
+ */
+static int off_len(char **args, int64_t *offset, int64_t *len,
+		   const char *note)
 {
-	if (rc == -EINVAL)
-		printf("Parsing error: non-numeric argument, or "
-		       "extraneous/unrecognized suffix -- %s\n", arg);
-	else if (rc == -ERANGE)
-		printf("Parsing error: argument too large -- %s\n", arg);
-	else
-		printf("Parsing error: %s\n", arg);
-}
-
-/* Parse a size argument, saying what is wrong with it; 0 or -1. */
-static int num_arg(const char *arg, int64_t *out)
-{
-	int r = io_cvtnum(arg, out);
-	if (r < 0) {
-		print_cvtnum_err(r, arg);
+	if (num_arg(args[0], offset) < 0 || num_arg(args[1], len) < 0)
+		return -1;
+	if (note != NULL && (uint64_t)*len > REQUEST_MAX_BYTES) {
+		printf("length cannot exceed %llu%s, given %s\n",
+		       REQUEST_MAX_BYTES, note, args[1]);
 		return -1;
 	}
 	return 0;
@@ -101,10 +108,52 @@ static void getopt_error(const char *cmd, int c)
 		fprintf(stderr, "%s: invalid option -- '%c'\n", cmd, optopt);
 }
 
-static void read_usage(void)
+/*
+ * getopt() for an io command (set optind = 0 before the first call).
+ * Returns the next option, -1 after the last, or 0 for an option getopt
+ * refused, after its message on stderr and `usage` on stdout.
+ */
+static int io_getopt(int argc, char **argv, const char *optstring,
+		     const char *usage)
 {
-	printf("read [-abCqv] [-P pattern [-s off] [-l len]] off len -- "
-	       "reads a number of bytes at a specified offset\n");
+	int c = getopt(argc, argv, optstring);
+
+	if (c == '?' || c == ':') {
+		getopt_error(argv[0], c);
+		printf("%s\n", usage);
+		return 0;
+	}
+	return c;
+}
+
+/* The usage lines qemu-io prints for a command's wrong arguments. */
+static const char read_usage[] =
+	"read [-abCqv] [-P pattern [-s off] [-l len]] off len -- "
+	"reads a number of bytes at a specified offset";
+static const char write_usage[] =
+	"write [-bcCfnquz] [-P pattern | -s source_file] off len -- "
+	"writes a number of bytes at a specified offset";
+static const char writev_usage[] =
+	"writev [-Cfq] [-P pattern] off len [len..] -- writes a number "
+	"of bytes at a specified offset";
+static const char discard_usage[] =
+	"discard [-Cq] off len -- discards a number of bytes at a "
+	"specified offset";
+
+/* ---- buffers and reports ------------------------------------------------- */
+
+/* A 4 KiB aligned buffer (so -n / -t none work) of `len` bytes, each
+ * `fill`; NULL after "out of memory". */
+static unsigned char *io_buffer(uint64_t len, int fill)
+{
+	unsigned char *buf = NULL;
+
+	if (posix_memalign((void **)&buf, 4096, len ? (size_t)len : 1)) {
+		cli_error("out of memory");
+		return NULL;
+	}
+	memset(buf, fill, (size_t)len);
+	return buf;
 }
 
 /* qemu-io's dump_buffer() for read -v. */
@@ -144,119 +193,156 @@ static void print_report(const char *op, double secs, int64_t offset,
 	}
 }
 
-/*
- * read [-Cqv] [-P pattern [-s off] [-l len]] off len, as qemu-io.
- * Returns 0, or -1 when the command failed (message already printed).
- */
-static int io_read(struct io_state *st, int argc, char **argv)
+/* A library call failed: its one-line message on stderr, after what
+ * stdout already holds. Returns -1. */
+static int lib_failed(int r)
 {
-	bool cflag = false, qflag = false, vflag = false, pflag = false;
-	bool sflag = false, lflag = false;
-	int64_t offset, count, pat_off = 0, pat_count = 0;
-	int pattern = 0, c, r, ret = 0;
-	unsigned char *buf = NULL;
-	double t0, secs;
+	fflush(stdout);
+	cli_lib_error(r);
+	return -1;
+}
+
+/*
+ * The end of a timed request of `count` bytes at `offset` that returned
+ * `r`: the library's message if it failed, else qemu-io's report of
+ * operation `op` unless -q (`qflag`; `cflag` is -C). Returns 0 or -1.
+ */
+static int report_done(int r, const char *op, double secs, int64_t offset,
+		       int64_t count, bool qflag, bool cflag)
+{
+	if (r < 0)
+		return lib_failed(r);
+	if (!qflag)
+		print_report(op, secs, offset, count, count, 1, cflag);
+	return 0;
+}
+
+/* ---- read ------------------------------------------------------------------- */
+
+/* read's options. */
+struct read_opts {
+	bool cflag, qflag, vflag;      /* -C, -q, -v */
+	bool pflag, sflag, lflag;      /* -P, -s, -l */
+	int pattern;
+	int64_t pat_off, pat_count;    /* -s, -l */
+};
+
+/* Parse read's options into *o and check the operand count. Returns 0, or
+ * -1 after qemu-io's message. */
+static int read_options(int argc, char **argv, struct read_opts *o)
+{
+	int c;
 
 	optind = 0;
-	while ((c = getopt(argc, argv, ":bCl:pP:qs:vE")) != -1) {
+	while ((c = io_getopt(argc, argv, ":bCl:pP:qs:vE", read_usage)) > 0) {
 		switch (c) {
 		case 'b':
 			printf("read -b (VM state) is not supported yet\n");
 			return -1;
 		case 'C':
-			cflag = true;
+			o->cflag = true;
 			break;
 		case 'E':
 		case 'p':
 			/* registered buffers / pread: no meaning here */
 			break;
 		case 'l':
-			lflag = true;
-			if (num_arg(optarg, &pat_count) < 0)
+			o->lflag = true;
+			if (num_arg(optarg, &o->pat_count) < 0)
 				return -1;
 			break;
 		case 'P':
-			if ((pattern = parse_pattern(optarg)) < 0)
+			if ((o->pattern = parse_pattern(optarg)) < 0)
 				return -1;
-			pflag = true;
+			o->pflag = true;
 			break;
 		case 'q':
-			qflag = true;
+			o->qflag = true;
 			break;
 		case 's':
-			sflag = true;
-			if (num_arg(optarg, &pat_off) < 0)
+			o->sflag = true;
+			if (num_arg(optarg, &o->pat_off) < 0)
 				return -1;
 			break;
 		case 'v':
-			vflag = true;
+			o->vflag = true;
 			break;
-		default:
-			getopt_error(argv[0], c);
-			read_usage();
+		}
+	}
+	if (c == 0)
+		return -1;
+	if (optind != argc - 2) {
+		printf("%s\n", read_usage);
+		return -1;
+	}
+	return 0;
+}
+
+/* read -P: the bytes read at `offset` hold the pattern over the checked
+ * range. Returns 0, or -1 after naming the range (stdout, as qemu-io) and
+ * the first wrong byte (stderr). */
+static int verify_pattern(const unsigned char *buf, int64_t offset,
+			  const struct read_opts *o)
+{
+	for (int64_t i = 0; i < o->pat_count; i++) {
+		if (buf[o->pat_off + i] != o->pattern) {
+			printf("Pattern verification failed at offset "
+			       "%" PRId64 ", %" PRId64 " bytes\n",
+			       offset + o->pat_off, o->pat_count);
+			/* qemu-io names only the range; say which byte, on
+			 * stderr so stdout stays qemu's. */
+			fflush(stdout);
+			cli_error("read -P: first mismatch at offset "
+				  "%" PRId64 ": 0x%02x, expected 0x%02x",
+				  offset + o->pat_off + i,
+				  buf[o->pat_off + i], o->pattern);
 			return -1;
 		}
 	}
-	if (optind != argc - 2) {
-		read_usage();
+	return 0;
+}
+
+/*
+ * read [-Cqv] [-P pattern [-s off] [-l len]] off len, as qemu-io.
+ * Returns 0, or -1 when the command failed (message already printed).
+ */
+static int io_read(struct io_state *st, int argc, char **argv)
+{
+	struct read_opts o = { .pattern = 0 };
+	int64_t offset, count;
+	int r, ret = 0;
+	unsigned char *buf;
+	double t0, secs;
+
+	if (read_options(argc, argv, &o) < 0 ||
+	    off_len(argv + optind, &offset, &count, "") < 0)
+		return -1;
+	if (!o.pflag && (o.lflag || o.sflag)) {
+		printf("%s\n", read_usage);
 		return -1;
 	}
-	if (num_arg(argv[optind], &offset) < 0)
-		return -1;
-	if (num_arg(argv[optind + 1], &count) < 0)
-		return -1;
-	if ((uint64_t)count > REQUEST_MAX_BYTES) {
-		printf("length cannot exceed %llu, given %s\n",
-		       REQUEST_MAX_BYTES, argv[optind + 1]);
-		return -1;
-	}
-	if (!pflag && (lflag || sflag)) {
-		read_usage();
-		return -1;
-	}
-	if (!lflag)
-		pat_count = count - pat_off;
-	if (pat_count < 0 || pat_count + pat_off > count) {
+	if (!o.lflag)
+		o.pat_count = count - o.pat_off;
+	if (o.pat_count < 0 || o.pat_count + o.pat_off > count) {
 		printf("pattern verification range exceeds end of read data\n");
 		return -1;
 	}
 
-	if (posix_memalign((void **)&buf, 4096, count ? (size_t)count : 1)) {
-		cli_error("out of memory");
+	if ((buf = io_buffer((uint64_t)count, 0xab)) == NULL)
 		return -1;
-	}
-	memset(buf, 0xab, (size_t)count);
 	t0 = cli_now();
 	r = qk_pread(st->img, buf, (size_t)count, (uint64_t)offset);
 	secs = cli_now() - t0;
 	if (r < 0) {
-		fflush(stdout);
-		cli_lib_error(r);
 		free(buf);
-		return -1;
+		return lib_failed(r);
 	}
-	if (pflag) {
-		for (int64_t i = 0; i < pat_count; i++) {
-			if (buf[pat_off + i] != pattern) {
-				printf("Pattern verification failed at offset "
-				       "%" PRId64 ", %" PRId64 " bytes\n",
-				       offset + pat_off, pat_count);
-				/* qemu-io names only the range; say which
-				 * byte, on stderr so stdout stays qemu's. */
-				fflush(stdout);
-				cli_error("read -P: first mismatch at offset "
-					  "%" PRId64 ": 0x%02x, expected 0x%02x",
-					  offset + pat_off + i,
-					  buf[pat_off + i], pattern);
-				ret = -1;
-				break;
-			}
-		}
-	}
-	if (!qflag) {
-		if (vflag)
+	if (o.pflag)
+		ret = verify_pattern(buf, offset, &o);
+	if (!o.qflag) {
+		if (o.vflag)
 			dump_buffer(buf, (uint64_t)offset, (uint64_t)count);
-		print_report("read", secs, offset, count, count, 1, cflag);
+		print_report("read", secs, offset, count, count, 1, o.cflag);
 	}
 	free(buf);
 	return ret;
@@ -325,14 +411,7 @@ static int io_length(struct io_state *st, int argc, char **argv)
 	return 0;
 }
 
-/* A library call failed: its one-line message on stderr, after what
- * stdout already holds. Returns -1. */
-static int lib_failed(int r)
-{
-	fflush(stdout);
-	cli_lib_error(r);
-	return -1;
-}
+/* ---- write, writev, discard ------------------------------------------------- */
 
 /* Complete a write with -f (FUA): the data must be durable now. */
 static int fua_flush(struct io_state *st, bool fua)
@@ -343,12 +422,6 @@ static int fua_flush(struct io_state *st, bool fua)
 		return 0;
 	r = qk_flush(st->img);
 	return r < 0 ? r : 0;
-}
-
-static void write_usage(void)
-{
-	printf("write [-bcCfnquz] [-P pattern | -s source_file] off len -- "
-	       "writes a number of bytes at a specified offset\n");
 }
 
 /*
@@ -417,6 +490,92 @@ static int write_compressed(qk_image *img, const unsigned char *buf,
 	return 0;
 }
 
+/* write's options. */
+struct write_opts {
+	bool bflag, cflag, Cflag, qflag;   /* -b, -c, -C, -q */
+	bool Pflag, zflag, sflag, fua;     /* -P, -z, -s, -f */
+	bool no_fallback, unmap;           /* -n, -u */
+	const char *source;                /* -s */
+	int pattern;
+};
+
+/* Parse write's options into *o and check the operand count and the
+ * option combinations, in qemu-io's order. Returns 0, or -1 after
+ * qemu-io's message. */
+static int write_options(int argc, char **argv, struct write_opts *o)
+{
+	int c;
+
+	optind = 0;
+	while ((c = io_getopt(argc, argv, ":bcCfnpP:qs:uz", write_usage)) > 0) {
+		switch (c) {
+		case 'b':
+			o->bflag = true;
+			break;
+		case 'c':
+			o->cflag = true;
+			break;
+		case 'C':
+			o->Cflag = true;
+			break;
+		case 'f':
+			o->fua = true;
+			break;
+		case 'n':
+			o->no_fallback = true;
+			break;
+		case 'p':
+			break;  /* ignored, as by qemu-io */
+		case 'P':
+			if ((o->pattern = parse_pattern(optarg)) < 0)
+				return -1;
+			o->Pflag = true;
+			break;
+		case 'q':
+			o->qflag = true;
+			break;
+		case 's':
+			o->sflag = true;
+			o->source = optarg;
+			break;
+		case 'u':
+			o->unmap = true;
+			break;
+		case 'z':
+			o->zflag = true;
+			break;
+		}
+	}
+	if (c == 0)
+		return -1;
+	if (optind != argc - 2) {
+		printf("%s\n", write_usage);
+		return -1;
+	}
+	if (o->bflag && o->zflag) {
+		printf("-b and -z cannot be specified at the same time\n");
+		return -1;
+	}
+	if (o->fua && (o->bflag || o->cflag)) {
+		printf("-f and -b or -c cannot be specified at the same time\n");
+		return -1;
+	}
+	if (o->no_fallback && !o->zflag) {
+		printf("-n requires -z to be specified\n");
+		return -1;
+	}
+	if (o->unmap && !o->zflag) {
+		printf("-u requires -z to be specified\n");
+		return -1;
+	}
+	if ((int)o->zflag + (int)o->Pflag + (int)o->sflag > 1) {
+		printf("Only one of -z, -P, and -s can be specified at the "
+		       "same time\n");
+		return -1;
+	}
+	return 0;
+}
+
 /*
  * write [-bcCfnquz] [-P pattern | -s source_file] off len, as qemu-io:
  * -z makes the range read as zeros (qk_write_zeroes; -u may unmap, -n
@@ -426,94 +585,17 @@ static int write_compressed(qk_image *img, const unsigned char *buf,
  */
 static int io_write(struct io_state *st, int argc, char **argv)
 {
-	bool bflag = false, cflag = false, Cflag = false, qflag = false;
-	bool Pflag = false, zflag = false, sflag = false, fua = false;
-	bool no_fallback = false, unmap = false;
-	const char *source = NULL;
+	struct write_opts o = { .pattern = 0xcd };
 	int64_t offset, count;
-	int pattern = 0xcd, c, r;
 	unsigned char *buf = NULL;
 	double t0, secs;
+	int r;
 
-	optind = 0;
-	while ((c = getopt(argc, argv, ":bcCfnpP:qs:uz")) != -1) {
-		switch (c) {
-		case 'b':
-			bflag = true;
-			break;
-		case 'c':
-			cflag = true;
-			break;
-		case 'C':
-			Cflag = true;
-			break;
-		case 'f':
-			fua = true;
-			break;
-		case 'n':
-			no_fallback = true;
-			break;
-		case 'p':
-			break;  /* ignored, as by qemu-io */
-		case 'P':
-			if ((pattern = parse_pattern(optarg)) < 0)
-				return -1;
-			Pflag = true;
-			break;
-		case 'q':
-			qflag = true;
-			break;
-		case 's':
-			sflag = true;
-			source = optarg;
-			break;
-		case 'u':
-			unmap = true;
-			break;
-		case 'z':
-			zflag = true;
-			break;
-		default:
-			getopt_error(argv[0], c);
-			write_usage();
-			return -1;
-		}
-	}
-	if (optind != argc - 2) {
-		write_usage();
+	if (write_options(argc, argv, &o) < 0 ||
+	    off_len(argv + optind, &offset, &count,
+		    o.no_fallback ? NULL : " without -n") < 0)
 		return -1;
-	}
-	if (bflag && zflag) {
-		printf("-b and -z cannot be specified at the same time\n");
-		return -1;
-	}
-	if (fua && (bflag || cflag)) {
-		printf("-f and -b or -c cannot be specified at the same time\n");
-		return -1;
-	}
-	if (no_fallback && !zflag) {
-		printf("-n requires -z to be specified\n");
-		return -1;
-	}
-	if (unmap && !zflag) {
-		printf("-u requires -z to be specified\n");
-		return -1;
-	}
-	if ((int)zflag + (int)Pflag + (int)sflag > 1) {
-		printf("Only one of -z, -P, and -s can be specified at the "
-		       "same time\n");
-		return -1;
-	}
-	if (num_arg(argv[optind], &offset) < 0)
-		return -1;
-	if (num_arg(argv[optind + 1], &count) < 0)
-		return -1;
-	if ((uint64_t)count > REQUEST_MAX_BYTES && !no_fallback) {
-		printf("length cannot exceed %llu without -n, given %s\n",
-		       REQUEST_MAX_BYTES, argv[optind + 1]);
-		return -1;
-	}
-	if (bflag || cflag) {
+	if (o.bflag || o.cflag) {
 		if (offset % 512) {
 			printf("%" PRId64 " is not a sector-aligned value for "
 			       "'offset'\n", offset);
@@ -525,50 +607,66 @@ static int io_write(struct io_state *st, int argc, char **argv)
 			return -1;
 		}
 	}
-	if (bflag) {
+	if (o.bflag) {
 		cli_error("io: write -b (VM state) is not supported yet");
 		return -1;
 	}
 
-	if (!zflag) {
-		if (sflag) {
-			buf = alloc_from_file(source, (size_t)count);
-			if (buf == NULL)
-				return -1;
-		} else {
-			if (posix_memalign((void **)&buf, 4096,
-					   count ? (size_t)count : 1)) {
-				cli_error("out of memory");
-				return -1;
-			}
-			memset(buf, pattern, (size_t)count);
-		}
-	}
+	if (o.sflag)
+		buf = alloc_from_file(o.source, (size_t)count);
+	else if (!o.zflag)
+		buf = io_buffer((uint64_t)count, o.pattern);
+	if (buf == NULL && !o.zflag)
+		return -1;
 	t0 = cli_now();
-	if (zflag)
+	if (o.zflag)
 		r = qk_write_zeroes(st->img, (uint64_t)offset, (uint64_t)count,
-				    (unmap ? QK_ZERO_MAY_UNMAP : 0) |
-				    (no_fallback ? QK_ZERO_NO_FALLBACK : 0));
-	else if (cflag)
+				    (o.unmap ? QK_ZERO_MAY_UNMAP : 0) |
+				    (o.no_fallback ? QK_ZERO_NO_FALLBACK : 0));
+	else if (o.cflag)
 		r = write_compressed(st->img, buf, (uint64_t)count,
 				     (uint64_t)offset);
 	else
 		r = qk_pwrite(st->img, buf, (size_t)count, (uint64_t)offset);
 	if (r == 0)
-		r = fua_flush(st, fua);
+		r = fua_flush(st, o.fua);
 	secs = cli_now() - t0;
 	free(buf);
-	if (r < 0)
-		return lib_failed(r);
-	if (!qflag)
-		print_report("wrote", secs, offset, count, count, 1, Cflag);
-	return 0;
+	return report_done(r, "wrote", secs, offset, count, o.qflag, o.Cflag);
 }
 
-static void writev_usage(void)
+/*
+ * writev's lengths, args[0..nr): each a size of at most REQUEST_MAX_BYTES,
+ * all of them together too. Returns the vector (lengths set, bases not;
+ * free it) and their sum in *total, or NULL after qemu-io's message.
+ */
+static struct iovec *writev_lengths(char **args, int nr, uint64_t *total)
 {
-	printf("writev [-Cfq] [-P pattern] off len [len..] -- writes a number "
-	       "of bytes at a specified offset\n");
+	struct iovec *iov = cli_xcalloc((size_t)nr, sizeof(*iov));
+
+	*total = 0;
+	for (int i = 0; i < nr; i++) {
+		int64_t len;
+
+		if (num_arg(args[i], &len) < 0)
+			goto fail;
+		if ((uint64_t)len > REQUEST_MAX_BYTES) {
+			printf("Argument '%s' exceeds maximum size %llu\n",
+			       args[i], REQUEST_MAX_BYTES);
+			goto fail;
+		}
+		if (*total > REQUEST_MAX_BYTES - (uint64_t)len) {
+			printf("The total number of bytes exceed the maximum "
+			       "size %llu\n", REQUEST_MAX_BYTES);
+			goto fail;
+		}
+		iov[i].iov_len = (size_t)len;
+		*total += (uint64_t)len;
+	}
+	return iov;
+fail:
+	free(iov);
+	return NULL;
 }
 
 /* writev [-Cfq] [-P pattern] off len [len..], as qemu-io: one write
@@ -579,13 +677,13 @@ static int io_writev(struct io_state *st, int argc, char **argv)
 	bool Cflag = false, qflag = false, fua = false;
 	int pattern = 0xcd, c, r, nr;
 	int64_t offset;
-	uint64_t total = 0;
+	uint64_t total;
 	struct iovec *iov;
-	unsigned char *buf = NULL;
+	unsigned char *buf;
 	double t0, secs;
 
 	optind = 0;
-	while ((c = getopt(argc, argv, ":CfqP:")) != -1) {
+	while ((c = io_getopt(argc, argv, ":CfqP:", writev_usage)) > 0) {
 		switch (c) {
 		case 'C':
 			Cflag = true;
@@ -600,52 +698,25 @@ static int io_writev(struct io_state *st, int argc, char **argv)
 			if ((pattern = parse_pattern(optarg)) < 0)
 				return -1;
 			break;
-		default:
-			getopt_error(argv[0], c);
-			writev_usage();
-			return -1;
 		}
 	}
+	if (c == 0)
+		return -1;
 	if (optind > argc - 2) {
-		writev_usage();
+		printf("%s\n", writev_usage);
 		return -1;
 	}
 	if (num_arg(argv[optind], &offset) < 0)
 		return -1;
 	optind++;
 	nr = argc - optind;
-	iov = cli_xcalloc((size_t)nr, sizeof(*iov));
-	for (int i = 0; i < nr; i++) {
-		const char *arg = argv[optind + i];
-		int64_t len;
-
-		if ((r = io_cvtnum(arg, &len)) < 0) {
-			print_cvtnum_err(r, arg);
-			free(iov);
-			return -1;
-		}
-		if ((uint64_t)len > REQUEST_MAX_BYTES) {
-			printf("Argument '%s' exceeds maximum size %llu\n", arg,
-			       REQUEST_MAX_BYTES);
-			free(iov);
-			return -1;
-		}
-		if (total > REQUEST_MAX_BYTES - (uint64_t)len) {
-			printf("The total number of bytes exceed the maximum "
-			       "size %llu\n", REQUEST_MAX_BYTES);
-			free(iov);
-			return -1;
-		}
-		iov[i].iov_len = (size_t)len;
-		total += (uint64_t)len;
-	}
+	if ((iov = writev_lengths(argv + optind, nr, &total)) == NULL)
+		return -1;
 	/* One buffer, cut into the requested pieces. */
-	if (posix_memalign((void **)&buf, 4096, total ? (size_t)total : 1)) {
+	if ((buf = io_buffer(total, pattern)) == NULL) {
 		free(iov);
-		cli_error("out of memory");
 		return -1;
 	}
-	memset(buf, pattern, (size_t)total);
 	for (size_t i = 0, at = 0; i < (size_t)nr; i++) {
 		iov[i].iov_base = buf + at;
 		at += iov[i].iov_len;
@@ -657,18 +728,8 @@ static int io_writev(struct io_state *st, int argc, char **argv)
 	secs = cli_now() - t0;
 	free(buf);
 	free(iov);
-	if (r < 0)
-		return lib_failed(r);
-	if (!qflag)
-		print_report("wrote", secs, offset, (int64_t)total,
-			     (int64_t)total, 1, Cflag);
-	return 0;
-}
-
-static void discard_usage(void)
-{
-	printf("discard [-Cq] off len -- discards a number of bytes at a "
-	       "specified offset\n");
+	return report_done(r, "wrote", secs, offset, (int64_t)total, qflag,
+			   Cflag);
 }
 
 /* discard [-Cq] off len, as qemu-io with -d unmap: whole clusters in the
@@ -681,7 +742,7 @@ static int io_discard(struct io_state *st, int argc, char **argv)
 	double t0, secs;
 
 	optind = 0;
-	while ((c = getopt(argc, argv, ":Cq")) != -1) {
+	while ((c = io_getopt(argc, argv, ":Cq", discard_usage)) > 0) {
 		switch (c) {
 		case 'C':
 			Cflag = true;
@@ -689,34 +750,23 @@ static int io_discard(struct io_state *st, int argc, char **argv)
 		case 'q':
 			qflag = true;
 			break;
-		default:
-			getopt_error(argv[0], c);
-			discard_usage();
-			return -1;
 		}
 	}
+	if (c == 0)
+		return -1;
 	if (optind != argc - 2) {
-		discard_usage();
+		printf("%s\n", discard_usage);
 		return -1;
 	}
-	if (num_arg(argv[optind], &offset) < 0)
+	if (off_len(argv + optind, &offset, &bytes, "") < 0)
 		return -1;
-	if (num_arg(argv[optind + 1], &bytes) < 0)
-		return -1;
-	if ((uint64_t)bytes > REQUEST_MAX_BYTES) {
-		printf("length cannot exceed %llu, given %s\n",
-		       REQUEST_MAX_BYTES, argv[optind + 1]);
-		return -1;
-	}
 	t0 = cli_now();
 	r = qk_discard(st->img, (uint64_t)offset, (uint64_t)bytes);
 	secs = cli_now() - t0;
-	if (r < 0)
-		return lib_failed(r);
-	if (!qflag)
-		print_report("discard", secs, offset, bytes, bytes, 1, Cflag);
-	return 0;
+	return report_done(r, "discard", secs, offset, bytes, qflag, Cflag);
 }
+
+/* ---- the command table ------------------------------------------------------ */
 
 /* flush and aio_flush: every completed write made durable. */
 static int io_flush(struct io_state *st, int argc, char **argv)
@@ -840,7 +890,18 @@ out:
 	return ret;
 }
 
-int cmd_io(int argc, char **argv)
+/* io's command line. */
+struct io_args {
+	struct cli_opts o;
+	const char **cmds;        /* -c, in order */
+	int ncmds;
+	bool readonly;            /* -r */
+	bool direct;              /* -n, -t none */
+};
+
+/* Parse io's options into *a. Returns CLI_GO, or the exit status after
+ * --help or a message. */
+static int parse_args(int argc, char **argv, struct io_args *a)
 {
 	static const struct option longopts[] = {
 		{ "help", no_argument, NULL, 'h' },
@@ -859,38 +920,25 @@ int cmd_io(int argc, char **argv)
 		{ "force-share", no_argument, NULL, 'U' },
 		{ NULL, 0, NULL, 0 },
 	};
-	const char *fmtname = NULL;
-	const char **cmds = cli_xcalloc((size_t)argc + 1, sizeof(*cmds));
-	int ncmds = 0, c, failed = 0;
-	bool readonly = false, direct = false, writes = false;
-	uint32_t flags = 0;
-	struct io_state st = { 0 };
-	qk_format fmt;
-	int ret = CLI_EXIT_FAILURE;
+	int c;
 
-	while ((c = getopt_long(argc, argv, ":hc:f:rsnCmki:t:d:T:U", longopts,
-				NULL)) != -1) {
+	while ((c = cli_getopt(&a->o, argc, argv, ":hc:f:rsnCmki:t:d:T:U",
+			       longopts)) > 0) {
 		switch (c) {
 		case 'c':
-			cmds[ncmds++] = optarg;
-			break;
-		case 'f':
-			fmtname = optarg;
+			a->cmds[a->ncmds++] = optarg;
 			break;
 		case 'r':
-			readonly = true;
+			a->readonly = true;
 			break;
 		case 'n':
-			direct = true;
+			a->direct = true;
 			break;
 		case 't':
-			if (cli_parse_cache(optarg, &direct) < 0) {
+			if (cli_parse_cache(optarg, &a->direct) < 0) {
 				cli_error("Invalid cache option: %s", optarg);
-				goto out;
+				return CLI_EXIT_FAILURE;
 			}
-			break;
-		case 'U':
-			flags |= QK_OPEN_FORCE_SHARE;
 			break;
 		case 'm':
 		case 'k':
@@ -899,11 +947,9 @@ int cmd_io(int argc, char **argv)
 			 * QEMU internals */
 			break;
 		case 'i':
-			if (strcmp(optarg, "threads") != 0 &&
-			    strcmp(optarg, "native") != 0 &&
-			    strcmp(optarg, "io_uring") != 0) {
+			if (cli_parse_aio(optarg) < 0) {
 				cli_error("Invalid aio option: %s", optarg);
-				goto out;
+				return CLI_EXIT_FAILURE;
 			}
 			break;
 		case 'd':
@@ -912,87 +958,114 @@ int cmd_io(int argc, char **argv)
 			    strcmp(optarg, "unmap") != 0 &&
 			    strcmp(optarg, "on") != 0) {
 				cli_error("Invalid discard option: %s", optarg);
-				goto out;
+				return CLI_EXIT_FAILURE;
 			}
 			break;
 		case 's':
 			cli_error("io: -s (snapshot mode) is not supported yet");
-			goto out;
+			return CLI_EXIT_FAILURE;
 		case 'C':
 			cli_error("io: -C (copy-on-read) is not supported yet");
-			goto out;
-		case 'h':
-			cli_print_usage(stdout, cli_find_command("io"));
-			ret = CLI_EXIT_OK;
-			goto out;
-		default:
-			ret = cli_bad_option("io", c, argv, CLI_EXIT_FAILURE);
-			goto out;
+			return CLI_EXIT_FAILURE;
 		}
 	}
-	if (optind != argc - 1) {
-		ret = cli_usage_error("io", CLI_EXIT_FAILURE,
-				      "Expecting one image file name");
-		goto out;
-	}
-	if (cli_parse_format(fmtname, &fmt) < 0)
-		goto out;
-	for (int i = 0; i < ncmds; i++) {
+	return c < 0 ? a->o.status : CLI_GO;
+}
+
+/* Whether one of the -c commands writes. */
+static bool any_writes(const struct io_args *a)
+{
+	for (int i = 0; i < a->ncmds; i++) {
 		char first[32] = "";
 		const struct io_cmd *ct;
 
-		if (sscanf(cmds[i], " %31s", first) == 1 &&
+		if (sscanf(a->cmds[i], " %31s", first) == 1 &&
 		    (ct = find_cmd(first)) != NULL && ct->writes)
-			writes = true;
+			return true;
 	}
+	return false;
+}
+
+/* No -c: run the commands of standard input, one per line (with a prompt
+ * on a terminal), until its end or quit. Returns true if any failed. */
+static bool run_stdin(struct io_state *st)
+{
+	char *line = NULL;
+	size_t cap = 0;
+	ssize_t n;
+	bool tty = isatty(STDIN_FILENO), failed = false;
+
+	while (!st->quit) {
+		if (tty) {
+			printf("qcowkit io> ");
+			fflush(stdout);
+		}
+		if ((n = getline(&line, &cap, stdin)) < 0)
+			break;
+		while (n > 0 && (line[n - 1] == '\n' || line[n - 1] == '\r'))
+			line[--n] = '\0';
+		if (run_command(st, line) < 0)
+			failed = true;
+	}
+	free(line);
+	return failed;
+}
+
+/* Open `file` as the commands need and run them all. Returns the exit
+ * status: 1 if any command failed. */
+static int run_io(const struct io_args *a, const char *file, qk_format fmt)
+{
+	struct io_state st = { 0 };
+	uint32_t flags = a->o.open_flags;
+	bool failed = false;
+	int r;
+
 	/* With -c, writable only when a command needs it, so reads never
 	 * lock out other readers; commands from standard input are not
 	 * known in advance, so the image is writable unless -r (as qemu-io
 	 * opens it). */
-	if ((writes || ncmds == 0) && !readonly)
+	if ((a->ncmds == 0 || any_writes(a)) && !a->readonly)
 		flags |= QK_OPEN_RDWR;
-	if (direct)
+	if (a->direct)
 		flags |= QK_OPEN_DIRECT;
-	if (cli_open(argv[optind], fmt, flags, &st.img) < 0)
-		goto out;
+	if (cli_open(file, fmt, flags, &st.img) < 0)
+		return CLI_EXIT_FAILURE;
 	st.readonly = !(flags & QK_OPEN_RDWR);
 
-	if (ncmds > 0) {
-		for (int i = 0; i < ncmds && !st.quit; i++)
-			if (run_command(&st, cmds[i]) < 0)
-				failed = 1;
-	} else {
-		/* No -c: commands from standard input, one per line. */
-		char *line = NULL;
-		size_t cap = 0;
-		ssize_t n;
-		bool tty = isatty(STDIN_FILENO);
-
-		while (!st.quit) {
-			if (tty) {
-				printf("qcowkit io> ");
-				fflush(stdout);
-			}
-			if ((n = getline(&line, &cap, stdin)) < 0)
-				break;
-			while (n > 0 && (line[n - 1] == '\n' ||
-					 line[n - 1] == '\r'))
-				line[--n] = '\0';
-			if (run_command(&st, line) < 0)
-				failed = 1;
-		}
-		free(line);
-	}
+	if (a->ncmds == 0)
+		failed = run_stdin(&st);
+	for (int i = 0; i < a->ncmds && !st.quit; i++)
+		if (run_command(&st, a->cmds[i]) < 0)
+			failed = true;
 	/* Closing a writable image flushes it: a failure there fails the
 	 * command too. */
-	c = qk_close(st.img);
-	if (c < 0) {
+	r = qk_close(st.img);
+	if (r < 0) {
 		fflush(stdout);
-		cli_lib_error(c);
-		failed = 1;
+		cli_lib_error(r);
+		failed = true;
 	}
-	ret = failed ? CLI_EXIT_FAILURE : CLI_EXIT_OK;
+	return failed ? CLI_EXIT_FAILURE : CLI_EXIT_OK;
+}
+
+int cmd_io(int argc, char **argv)
+{
+	struct io_args a = {
+		.o = { .cmd = "io", .usage_code = CLI_EXIT_FAILURE },
+		.cmds = cli_xcalloc((size_t)argc + 1, sizeof(*a.cmds)),
+	};
+	const char *file;
+	qk_format fmt;
+	int ret = parse_args(argc, argv, &a);
+
+	if (ret != CLI_GO)
+		goto out;
+	ret = CLI_EXIT_FAILURE;
+	if ((file = cli_one_image(&a.o, argc, argv)) == NULL)
+		ret = a.o.status;
+	else if (cli_parse_format(a.o.fmtname, &fmt) == 0)
+		ret = run_io(&a, file, fmt);
 out:
-	free(cmds);
+	free(a.cmds);
 	return ret;
 }
