@@ -126,7 +126,8 @@ int check_forensic(qk_image *img, const struct check_forensic *a);
 /*
  * A command's option parsing, and the options the image commands share.
  * A command sets `cmd` and `usage_code` (and any default), reads its
- * options with cli_getopt(), then takes its operands (cli_one_image()).
+ * options with cli_getopt(), then takes its operands (a command on one
+ * image with cli_one_image()).
  */
 struct cli_opts {
 	const char *cmd;          /* the command's name, for messages */
@@ -142,13 +143,17 @@ struct cli_opts {
  * own options:
  *   'f'  -f FMT: o->fmtname = FMT (cli_parse_format() checks it later);
  *   'U'  -U, --force-share: QK_OPEN_FORCE_SHARE added to o->open_flags;
+ *   'i'  -i AIO, --aio=AIO (qemu-img bench, qemu-io): a mode
+ *        cli_parse_aio() knows, else "Invalid aio option: AIO" and stop
+ *        with CLI_EXIT_FAILURE;
  *   'h'  -h, --help: the command's usage on stdout;
  *   an option getopt refused ('?', ':'): one line, as cli_bad_option().
  * Only what `optstring` and `longopts` list can arrive, so a command
- * without -f or -U never has them taken. Returns the next option for the
- * command (> 0); 0 after the last option (argv[optind] is the first
+ * without -f, -U or -i never has them taken. Returns the next option for
+ * the command (> 0); 0 after the last option (argv[optind] is the first
  * operand); or -1 when the command must return o->status now:
- * CLI_EXIT_OK after the usage, o->usage_code after the error.
+ * CLI_EXIT_OK after the usage, o->usage_code (or as said above) after an
+ * error.
  */
 int cli_getopt(struct cli_opts *o, int argc, char **argv,
 	       const char *optstring, const struct option *longopts);
@@ -166,11 +171,13 @@ int cli_option_end(const char *cmd, int opt, char **argv, int code);
 #define CLI_GO (-1)
 
 /*
- * The operand of a command on one image: argv[optind] when it is the one
- * argument left after the options. Otherwise NULL after "Expecting one
- * image file name", with o->status = o->usage_code.
+ * The end of the option parsing of a command on one image, whose last
+ * cli_getopt() returned `c`: the image operand, argv[optind], when c is 0
+ * and that is the one argument left. Otherwise NULL with o->status set:
+ * by cli_getopt() (c < 0), or to o->usage_code after "Expecting one image
+ * file name".
  */
-const char *cli_one_image(struct cli_opts *o, int argc, char **argv);
+const char *cli_one_image(struct cli_opts *o, int c, int argc, char **argv);
 
 /*
  * Parse a size the way qemu-img does (qemu_strtosz): a decimal or 0x hex

@@ -131,10 +131,11 @@ struct bench_args {
 	bool write;               /* -w */
 	bool random;              /* --random */
 	uint64_t seed;            /* --random=SEED */
+	const char *file;
 };
 
-/* Parse bench's options into *a. Returns CLI_GO, or the exit status after
- * --help or a message. */
+/* Parse bench's command line into *a. Returns CLI_GO, or the exit status
+ * after --help or a message. */
 static int parse_args(int argc, char **argv, struct bench_args *a)
 {
 	enum { OPT_PATTERN = 256, OPT_FLUSH_INTERVAL, OPT_NO_DRAIN,
@@ -169,12 +170,6 @@ static int parse_args(int argc, char **argv, struct bench_args *a)
 			break;
 		case 'n':
 			/* native AIO in qemu-img; threads here */
-			break;
-		case 'i':
-			if (cli_parse_aio(optarg) < 0) {
-				cli_error("Invalid aio option: %s", optarg);
-				return CLI_EXIT_FAILURE;
-			}
 			break;
 		case 'o':
 			if (cli_cvtnum("offset", optarg, 0, INT64_MAX,
@@ -226,7 +221,8 @@ static int parse_args(int argc, char **argv, struct bench_args *a)
 			break;
 		}
 	}
-	return c < 0 ? a->o.status : CLI_GO;
+	a->file = cli_one_image(&a->o, c, argc, argv);
+	return a->file != NULL ? CLI_GO : a->o.status;
 }
 
 /* Run the requests of `b` on `depth` threads (at most MAX_THREADS, at
@@ -272,15 +268,12 @@ int cmd_bench(int argc, char **argv)
 		.o = { .cmd = "bench", .usage_code = CLI_EXIT_FAILURE },
 		.count = 75000, .depth = 64, .bufsize = 4096, .seed = 1,
 	};
-	const char *file;
 	struct bench b;
 	qk_format fmt;
 	int ret;
 
 	if ((ret = parse_args(argc, argv, &a)) != CLI_GO)
 		return ret;
-	if ((file = cli_one_image(&a.o, argc, argv)) == NULL)
-		return a.o.status;
 	if (a.flush_interval && !a.write) {
 		cli_error("--flush-interval is only available in write tests");
 		return CLI_EXIT_FAILURE;
@@ -288,7 +281,7 @@ int cmd_bench(int argc, char **argv)
 	if (cli_parse_format(a.o.fmtname, &fmt) < 0)
 		return CLI_EXIT_FAILURE;
 	memset(&b, 0, sizeof(b));
-	if (cli_open(file, fmt, a.o.open_flags |
+	if (cli_open(a.file, fmt, a.o.open_flags |
 		     (a.write ? QK_OPEN_RDWR : 0) |
 		     (a.direct ? QK_OPEN_DIRECT : 0), &b.img) < 0)
 		return CLI_EXIT_FAILURE;

@@ -115,8 +115,8 @@ struct check_args {
 	uint32_t fix;              /* -r: QK_CHECK_FIX_* */
 };
 
-/* Parse check's options into *a. Returns CLI_GO, or the exit status after
- * --help or a message. */
+/* Parse check's command line into *a. Returns CLI_GO, or the exit status
+ * after --help or a message. */
 static int parse_args(int argc, char **argv, struct check_args *a)
 {
 	enum { OPT_MAX_FILES = 256, OPT_MAX_BYTES };
@@ -177,7 +177,8 @@ static int parse_args(int argc, char **argv, struct check_args *a)
 			break;
 		}
 	}
-	return c < 0 ? a->o.status : CLI_GO;
+	a->fa.file = cli_one_image(&a->o, c, argc, argv);
+	return a->fa.file != NULL ? CLI_GO : a->o.status;
 }
 
 /* Check (and with a->fix repair) the open image and report as qemu-img
@@ -233,8 +234,6 @@ int cmd_check(int argc, char **argv)
 
 	if ((ret = parse_args(argc, argv, &a)) != CLI_GO)
 		return ret;
-	if ((a.fa.file = cli_one_image(&a.o, argc, argv)) == NULL)
-		return a.o.status;
 	if (cli_parse_format(a.o.fmtname, &fmt) < 0)
 		return CLI_EXIT_FAILURE;
 	if (a.fa.extract != NULL && !a.forensic)

@@ -108,22 +108,72 @@ static void getopt_error(const char *cmd, int c)
 		fprintf(stderr, "%s: invalid option -- '%c'\n", cmd, optopt);
 }
 
+/* The options io's commands share; each takes those its optstring
+ * lists. */
+struct io_flags {
+	bool Cflag;               /* -C: the report as one line of numbers */
+	bool qflag;               /* -q: no report */
+	bool fua;                 /* -f: FUA, durable before it completes */
+	bool Pflag;               /* -P BYTE */
+	int pattern;
+};
+
 /*
- * getopt() for an io command (set optind = 0 before the first call).
- * Returns the next option, -1 after the last, or 0 for an option getopt
- * refused, after its message on stderr and `usage` on stdout.
+ * getopt() for an io command (set optind = 0 before the first call),
+ * taking the shared -C, -q, -f and -P into *f. Returns the next option for
+ * the command, -1 after the last, or 0 when the command fails: an option
+ * getopt refused (its message on stderr, `usage` on stdout) or a bad -P
+ * byte (parse_pattern()'s message).
  */
 static int io_getopt(int argc, char **argv, const char *optstring,
-		     const char *usage)
+		     const char *usage, struct io_flags *f)
 {
-	int c = getopt(argc, argv, optstring);
+	int c;
 
-	if (c == '?' || c == ':') {
-		getopt_error(argv[0], c);
-		printf("%s\n", usage);
-		return 0;
+	while ((c = getopt(argc, argv, optstring)) != -1) {
+		switch (c) {
+		case 'C':
+			f->Cflag = true;
+			break;
+		case 'q':
+			f->qflag = true;
+			break;
+		case 'f':
+			f->fua = true;
+			break;
+		case 'P':
+			if ((f->pattern = parse_pattern(optarg)) < 0)
+				return 0;
+			f->Pflag = true;
+			break;
+		case '?':
+		case ':':
+			getopt_error(argv[0], c);
+			printf("%s\n", usage);
+			return 0;
+		default:
+			return c;
+		}
 	}
-	return c;
+	return -1;
+}
+
+/*
+ * After an io command's option loop ended with `c` (io_getopt()): true
+ * when no option was refused and `min` to `max` operands follow (max -1:
+ * any number); false otherwise, after `usage` for a wrong count.
+ */
+static bool io_operands(int c, int argc, int min, int max, const char *usage)
+{
+	int n = argc - optind;
+
+	if (c == 0)
+		return false;
+	if (n < min || (max >= 0 && n > max)) {
+		printf("%s\n", usage);
+		return false;
+	}
+	return true;
 }
 
 /* The usage lines qemu-io prints for a command's wrong arguments. */
@@ -205,15 +255,15 @@ static int lib_failed(int r)
 /*
  * The end of a timed request of `count` bytes at `offset` that returned
  * `r`: the library's message if it failed, else qemu-io's report of
- * operation `op` unless -q (`qflag`; `cflag` is -C). Returns 0 or -1.
+ * operation `op` as -q and -C in `f` say. Returns 0 or -1.
  */
 static int report_done(int r, const char *op, double secs, int64_t offset,
-		       int64_t count, bool qflag, bool cflag)
+		       int64_t count, const struct io_flags *f)
 {
 	if (r < 0)
 		return lib_failed(r);
-	if (!qflag)
-		print_report(op, secs, offset, count, count, 1, cflag);
+	if (!f->qflag)
+		print_report(op, secs, offset, count, count, 1, f->Cflag);
 	return 0;
 }
 
@@ -221,9 +271,8 @@ static int report_done(int r, const char *op, double secs, int64_t offset,
 
 /* read's options. */
 struct read_opts {
-	bool cflag, qflag, vflag;      /* -C, -q, -v */
-	bool pflag, sflag, lflag;      /* -P, -s, -l */
-	int pattern;
+	struct io_flags f;             /* -C, -q, -P */
+	bool vflag, sflag, lflag;      /* -v, -s, -l */
 	int64_t pat_off, pat_count;    /* -s, -l */
 };
 
@@ -234,14 +283,12 @@ static int read_options(int argc, char **argv, struct read_opts *o)
 	int c;
 
 	optind = 0;
-	while ((c = io_getopt(argc, argv, ":bCl:pP:qs:vE", read_usage)) > 0) {
+	while ((c = io_getopt(argc, argv, ":bCl:pP:qs:vE", read_usage,
+			      &o->f)) > 0) {
 		switch (c) {
 		case 'b':
 			printf("read -b (VM state) is not supported yet\n");
 			return -1;
-		case 'C':
-			o->cflag = true;
-			break;
 		case 'E':
 		case 'p':
 			/* registered buffers / pread: no meaning here */
@@ -250,14 +297,6 @@ static int read_options(int argc, char **argv, struct read_opts *o)
 			o->lflag = true;
 			if (num_arg(optarg, &o->pat_count) < 0)
 				return -1;
-			break;
-		case 'P':
-			if ((o->pattern = parse_pattern(optarg)) < 0)
-				return -1;
-			o->pflag = true;
-			break;
-		case 'q':
-			o->qflag = true;
 			break;
 		case 's':
 			o->sflag = true;
@@ -269,12 +308,8 @@ static int read_options(int argc, char **argv, struct read_opts *o)
 			break;
 		}
 	}
-	if (c == 0)
+	if (!io_operands(c, argc, 2, 2, read_usage))
 		return -1;
-	if (optind != argc - 2) {
-		printf("%s\n", read_usage);
-		return -1;
-	}
 	return 0;
 }
 
@@ -285,7 +320,7 @@ static int verify_pattern(const unsigned char *buf, int64_t offset,
 			  const struct read_opts *o)
 {
 	for (int64_t i = 0; i < o->pat_count; i++) {
-		if (buf[o->pat_off + i] != o->pattern) {
+		if (buf[o->pat_off + i] != o->f.pattern) {
 			printf("Pattern verification failed at offset "
 			       "%" PRId64 ", %" PRId64 " bytes\n",
 			       offset + o->pat_off, o->pat_count);
@@ -295,7 +330,7 @@ static int verify_pattern(const unsigned char *buf, int64_t offset,
 			cli_error("read -P: first mismatch at offset "
 				  "%" PRId64 ": 0x%02x, expected 0x%02x",
 				  offset + o->pat_off + i,
-				  buf[o->pat_off + i], o->pattern);
+				  buf[o->pat_off + i], o->f.pattern);
 			return -1;
 		}
 	}
@@ -308,7 +343,7 @@ static int verify_pattern(const unsigned char *buf, int64_t offset,
  */
 static int io_read(struct io_state *st, int argc, char **argv)
 {
-	struct read_opts o = { .pattern = 0 };
+	struct read_opts o = { .f = { .pattern = 0 } };
 	int64_t offset, count;
 	int r, ret = 0;
 	unsigned char *buf;
@@ -317,7 +352,7 @@ static int io_read(struct io_state *st, int argc, char **argv)
 	if (read_options(argc, argv, &o) < 0 ||
 	    off_len(argv + optind, &offset, &count, "") < 0)
 		return -1;
-	if (!o.pflag && (o.lflag || o.sflag)) {
+	if (!o.f.Pflag && (o.lflag || o.sflag)) {
 		printf("%s\n", read_usage);
 		return -1;
 	}
@@ -337,12 +372,12 @@ static int io_read(struct io_state *st, int argc, char **argv)
 		free(buf);
 		return lib_failed(r);
 	}
-	if (o.pflag)
+	if (o.f.Pflag)
 		ret = verify_pattern(buf, offset, &o);
-	if (!o.qflag) {
+	if (!o.f.qflag) {
 		if (o.vflag)
 			dump_buffer(buf, (uint64_t)offset, (uint64_t)count);
-		print_report("read", secs, offset, count, count, 1, o.cflag);
+		print_report("read", secs, offset, count, count, 1, o.f.Cflag);
 	}
 	free(buf);
 	return ret;
@@ -492,11 +527,10 @@ static int write_compressed(qk_image *img, const unsigned char *buf,
 
 /* write's options. */
 struct write_opts {
-	bool bflag, cflag, Cflag, qflag;   /* -b, -c, -C, -q */
-	bool Pflag, zflag, sflag, fua;     /* -P, -z, -s, -f */
+	struct io_flags f;                 /* -C, -q, -f, -P */
+	bool bflag, cflag, zflag, sflag;   /* -b, -c, -z, -s */
 	bool no_fallback, unmap;           /* -n, -u */
 	const char *source;                /* -s */
-	int pattern;
 };
 
 /* Parse write's options into *o and check the operand count and the
@@ -507,7 +541,8 @@ static int write_options(int argc, char **argv, struct write_opts *o)
 	int c;
 
 	optind = 0;
-	while ((c = io_getopt(argc, argv, ":bcCfnpP:qs:uz", write_usage)) > 0) {
+	while ((c = io_getopt(argc, argv, ":bcCfnpP:qs:uz", write_usage,
+			      &o->f)) > 0) {
 		switch (c) {
 		case 'b':
 			o->bflag = true;
@@ -515,25 +550,11 @@ static int write_options(int argc, char **argv, struct write_opts *o)
 		case 'c':
 			o->cflag = true;
 			break;
-		case 'C':
-			o->Cflag = true;
-			break;
-		case 'f':
-			o->fua = true;
-			break;
 		case 'n':
 			o->no_fallback = true;
 			break;
 		case 'p':
 			break;  /* ignored, as by qemu-io */
-		case 'P':
-			if ((o->pattern = parse_pattern(optarg)) < 0)
-				return -1;
-			o->Pflag = true;
-			break;
-		case 'q':
-			o->qflag = true;
-			break;
 		case 's':
 			o->sflag = true;
 			o->source = optarg;
@@ -546,17 +567,13 @@ static int write_options(int argc, char **argv, struct write_opts *o)
 			break;
 		}
 	}
-	if (c == 0)
+	if (!io_operands(c, argc, 2, 2, write_usage))
 		return -1;
-	if (optind != argc - 2) {
-		printf("%s\n", write_usage);
-		return -1;
-	}
 	if (o->bflag && o->zflag) {
 		printf("-b and -z cannot be specified at the same time\n");
 		return -1;
 	}
-	if (o->fua && (o->bflag || o->cflag)) {
+	if (o->f.fua && (o->bflag || o->cflag)) {
 		printf("-f and -b or -c cannot be specified at the same time\n");
 		return -1;
 	}
@@ -568,7 +585,7 @@ static int write_options(int argc, char **argv, struct write_opts *o)
 		printf("-u requires -z to be specified\n");
 		return -1;
 	}
-	if ((int)o->zflag + (int)o->Pflag + (int)o->sflag > 1) {
+	if ((int)o->zflag + (int)o->f.Pflag + (int)o->sflag > 1) {
 		printf("Only one of -z, -P, and -s can be specified at the "
 		       "same time\n");
 		return -1;
@@ -585,7 +602,7 @@ static int write_options(int argc, char **argv, struct write_opts *o)
  */
 static int io_write(struct io_state *st, int argc, char **argv)
 {
-	struct write_opts o = { .pattern = 0xcd };
+	struct write_opts o = { .f = { .pattern = 0xcd } };
 	int64_t offset, count;
 	unsigned char *buf = NULL;
 	double t0, secs;
@@ -615,7 +632,7 @@ static int io_write(struct io_state *st, int argc, char **argv)
 	if (o.sflag)
 		buf = alloc_from_file(o.source, (size_t)count);
 	else if (!o.zflag)
-		buf = io_buffer((uint64_t)count, o.pattern);
+		buf = io_buffer((uint64_t)count, o.f.pattern);
 	if (buf == NULL && !o.zflag)
 		return -1;
 	t0 = cli_now();
@@ -629,10 +646,10 @@ static int io_write(struct io_state *st, int argc, char **argv)
 	else
 		r = qk_pwrite(st->img, buf, (size_t)count, (uint64_t)offset);
 	if (r == 0)
-		r = fua_flush(st, o.fua);
+		r = fua_flush(st, o.f.fua);
 	secs = cli_now() - t0;
 	free(buf);
-	return report_done(r, "wrote", secs, offset, count, o.qflag, o.Cflag);
+	return report_done(r, "wrote", secs, offset, count, &o.f);
 }
 
 /*
@@ -674,8 +691,8 @@ fail:
  * pattern. */
 static int io_writev(struct io_state *st, int argc, char **argv)
 {
-	bool Cflag = false, qflag = false, fua = false;
-	int pattern = 0xcd, c, r, nr;
+	struct io_flags f = { .pattern = 0xcd };
+	int c, r, nr;
 	int64_t offset;
 	uint64_t total;
 	struct iovec *iov;
@@ -683,29 +700,10 @@ static int io_writev(struct io_state *st, int argc, char **argv)
 	double t0, secs;
 
 	optind = 0;
-	while ((c = io_getopt(argc, argv, ":CfqP:", writev_usage)) > 0) {
-		switch (c) {
-		case 'C':
-			Cflag = true;
-			break;
-		case 'f':
-			fua = true;
-			break;
-		case 'q':
-			qflag = true;
-			break;
-		case 'P':
-			if ((pattern = parse_pattern(optarg)) < 0)
-				return -1;
-			break;
-		}
-	}
-	if (c == 0)
+	while ((c = io_getopt(argc, argv, ":CfqP:", writev_usage, &f)) > 0)
+		;	/* only the shared options */
+	if (!io_operands(c, argc, 2, -1, writev_usage))
 		return -1;
-	if (optind > argc - 2) {
-		printf("%s\n", writev_usage);
-		return -1;
-	}
 	if (num_arg(argv[optind], &offset) < 0)
 		return -1;
 	optind++;
@@ -713,7 +711,7 @@ static int io_writev(struct io_state *st, int argc, char **argv)
 	if ((iov = writev_lengths(argv + optind, nr, &total)) == NULL)
 		return -1;
 	/* One buffer, cut into the requested pieces. */
-	if ((buf = io_buffer(total, pattern)) == NULL) {
+	if ((buf = io_buffer(total, f.pattern)) == NULL) {
 		free(iov);
 		return -1;
 	}
@@ -724,46 +722,33 @@ static int io_writev(struct io_state *st, int argc, char **argv)
 	t0 = cli_now();
 	r = qk_pwritev(st->img, iov, nr, (uint64_t)offset);
 	if (r == 0)
-		r = fua_flush(st, fua);
+		r = fua_flush(st, f.fua);
 	secs = cli_now() - t0;
 	free(buf);
 	free(iov);
-	return report_done(r, "wrote", secs, offset, (int64_t)total, qflag,
-			   Cflag);
+	return report_done(r, "wrote", secs, offset, (int64_t)total, &f);
 }
 
 /* discard [-Cq] off len, as qemu-io with -d unmap: whole clusters in the
  * range are deallocated (qk_discard). */
 static int io_discard(struct io_state *st, int argc, char **argv)
 {
-	bool Cflag = false, qflag = false;
+	struct io_flags f = { .pattern = 0 };
 	int64_t offset, bytes;
 	int c, r;
 	double t0, secs;
 
 	optind = 0;
-	while ((c = io_getopt(argc, argv, ":Cq", discard_usage)) > 0) {
-		switch (c) {
-		case 'C':
-			Cflag = true;
-			break;
-		case 'q':
-			qflag = true;
-			break;
-		}
-	}
-	if (c == 0)
+	while ((c = io_getopt(argc, argv, ":Cq", discard_usage, &f)) > 0)
+		;	/* only the shared options */
+	if (!io_operands(c, argc, 2, 2, discard_usage))
 		return -1;
-	if (optind != argc - 2) {
-		printf("%s\n", discard_usage);
-		return -1;
-	}
 	if (off_len(argv + optind, &offset, &bytes, "") < 0)
 		return -1;
 	t0 = cli_now();
 	r = qk_discard(st->img, (uint64_t)offset, (uint64_t)bytes);
 	secs = cli_now() - t0;
-	return report_done(r, "discard", secs, offset, bytes, qflag, Cflag);
+	return report_done(r, "discard", secs, offset, bytes, &f);
 }
 
 /* ---- the command table ------------------------------------------------------ */
@@ -897,10 +882,11 @@ struct io_args {
 	int ncmds;
 	bool readonly;            /* -r */
 	bool direct;              /* -n, -t none */
+	const char *file;
 };
 
-/* Parse io's options into *a. Returns CLI_GO, or the exit status after
- * --help or a message. */
+/* Parse io's command line into *a. Returns CLI_GO, or the exit status
+ * after --help or a message. */
 static int parse_args(int argc, char **argv, struct io_args *a)
 {
 	static const struct option longopts[] = {
@@ -946,12 +932,6 @@ static int parse_args(int argc, char **argv, struct io_args *a)
 			/* buffers are always aligned; AIO and tracing are
 			 * QEMU internals */
 			break;
-		case 'i':
-			if (cli_parse_aio(optarg) < 0) {
-				cli_error("Invalid aio option: %s", optarg);
-				return CLI_EXIT_FAILURE;
-			}
-			break;
 		case 'd':
 			if (strcmp(optarg, "ignore") != 0 &&
 			    strcmp(optarg, "off") != 0 &&
@@ -969,7 +949,8 @@ static int parse_args(int argc, char **argv, struct io_args *a)
 			return CLI_EXIT_FAILURE;
 		}
 	}
-	return c < 0 ? a->o.status : CLI_GO;
+	a->file = cli_one_image(&a->o, c, argc, argv);
+	return a->file != NULL ? CLI_GO : a->o.status;
 }
 
 /* Whether one of the -c commands writes. */
@@ -1011,9 +992,9 @@ static bool run_stdin(struct io_state *st)
 	return failed;
 }
 
-/* Open `file` as the commands need and run them all. Returns the exit
+/* Open the image as the commands need and run them all. Returns the exit
  * status: 1 if any command failed. */
-static int run_io(const struct io_args *a, const char *file, qk_format fmt)
+static int run_io(const struct io_args *a, qk_format fmt)
 {
 	struct io_state st = { 0 };
 	uint32_t flags = a->o.open_flags;
@@ -1028,7 +1009,7 @@ static int run_io(const struct io_args *a, const char *file, qk_format fmt)
 		flags |= QK_OPEN_RDWR;
 	if (a->direct)
 		flags |= QK_OPEN_DIRECT;
-	if (cli_open(file, fmt, flags, &st.img) < 0)
+	if (cli_open(a->file, fmt, flags, &st.img) < 0)
 		return CLI_EXIT_FAILURE;
 	st.readonly = !(flags & QK_OPEN_RDWR);
 
@@ -1054,18 +1035,12 @@ int cmd_io(int argc, char **argv)
 		.o = { .cmd = "io", .usage_code = CLI_EXIT_FAILURE },
 		.cmds = cli_xcalloc((size_t)argc + 1, sizeof(*a.cmds)),
 	};
-	const char *file;
 	qk_format fmt;
 	int ret = parse_args(argc, argv, &a);
 
-	if (ret != CLI_GO)
-		goto out;
-	ret = CLI_EXIT_FAILURE;
-	if ((file = cli_one_image(&a.o, argc, argv)) == NULL)
-		ret = a.o.status;
-	else if (cli_parse_format(a.o.fmtname, &fmt) == 0)
-		ret = run_io(&a, file, fmt);
-out:
+	if (ret == CLI_GO)
+		ret = cli_parse_format(a.o.fmtname, &fmt) < 0 ?
+		      CLI_EXIT_FAILURE : run_io(&a, fmt);
 	free(a.cmds);
 	return ret;
 }

@@ -195,7 +195,7 @@ int cmd_map(int argc, char **argv)
 			break;
 		}
 	}
-	if (c < 0 || (file = cli_one_image(&o, argc, argv)) == NULL)
+	if ((file = cli_one_image(&o, c, argc, argv)) == NULL)
 		return o.status;
 	if (cli_parse_format(o.fmtname, &fmt) < 0)
 		return CLI_EXIT_FAILURE;

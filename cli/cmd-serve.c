@@ -42,6 +42,7 @@ struct serve_args {
 	struct nbd_server_config cfg;
 	struct nbd_export exp;
 	bool direct;              /* -n, --cache=none: bypass the page cache */
+	const char *file;
 };
 
 /* An export name or description, at most 4096 bytes as the NBD protocol
@@ -56,8 +57,8 @@ static int export_string(const char *arg, const char *what, const char **out)
 	return 0;
 }
 
-/* Parse serve's options into *a. Returns CLI_GO, or the exit status after
- * --help or a message. */
+/* Parse serve's command line into *a. Returns CLI_GO, or the exit status
+ * after --help or a message. */
 static int parse_args(int argc, char **argv, struct serve_args *a)
 {
 	static const struct option longopts[] = {
@@ -143,12 +144,13 @@ static int parse_args(int argc, char **argv, struct serve_args *a)
 			break;
 		}
 	}
-	return c < 0 ? a->o.status : CLI_GO;
+	a->file = cli_one_image(&a->o, c, argc, argv);
+	return a->file != NULL ? CLI_GO : a->o.status;
 }
 
-/* Open `file` and serve it until the server stops. Returns the exit
+/* Open the image and serve it until the server stops. Returns the exit
  * status. */
-static int serve(struct serve_args *a, const char *file, qk_format fmt)
+static int serve(struct serve_args *a, qk_format fmt)
 {
 	qk_image *img = NULL;
 	sigset_t mask;
@@ -162,7 +164,7 @@ static int serve(struct serve_args *a, const char *file, qk_format fmt)
 	sigaddset(&mask, SIGTERM);
 	pthread_sigmask(SIG_BLOCK, &mask, NULL);
 
-	if (cli_open(file, fmt,
+	if (cli_open(a->file, fmt,
 		     (a->exp.readonly ? 0 : QK_OPEN_RDWR) |
 		     (a->direct ? QK_OPEN_DIRECT : 0), &img) < 0)
 		return CLI_EXIT_FAILURE;
@@ -184,14 +186,11 @@ int cmd_serve(int argc, char **argv)
 		.cfg = { .max_clients = 1 },
 		.exp = { .name = "", .allocation_depth = true },
 	};
-	const char *file;
 	qk_format fmt;
 	int ret;
 
 	if ((ret = parse_args(argc, argv, &a)) != CLI_GO)
 		return ret;
-	if ((file = cli_one_image(&a.o, argc, argv)) == NULL)
-		return a.o.status;
 	if (a.cfg.socket_path && (a.cfg.port || a.cfg.bind_addr)) {
 		cli_error("-p and -b are not allowed with -k");
 		return CLI_EXIT_FAILURE;
@@ -201,5 +200,5 @@ int cmd_serve(int argc, char **argv)
 	a.exp.multi_conn = a.cfg.max_clients != 1 || a.exp.readonly;
 	if (cli_parse_format(a.o.fmtname, &fmt) < 0)
 		return CLI_EXIT_FAILURE;
-	return serve(&a, file, fmt);
+	return serve(&a, fmt);
 }

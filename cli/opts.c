@@ -221,6 +221,13 @@ int cli_getopt(struct cli_opts *o, int argc, char **argv,
 		case 'U':
 			o->open_flags |= QK_OPEN_FORCE_SHARE;
 			break;
+		case 'i':
+			if (cli_parse_aio(optarg) < 0) {
+				cli_error("Invalid aio option: %s", optarg);
+				o->status = CLI_EXIT_FAILURE;
+				return -1;
+			}
+			break;
 		case 'h':
 		case '?':
 		case ':':
@@ -243,8 +250,10 @@ int cli_option_end(const char *cmd, int opt, char **argv, int code)
 	return cli_bad_option(cmd, opt, argv, code);
 }
 
-const char *cli_one_image(struct cli_opts *o, int argc, char **argv)
+const char *cli_one_image(struct cli_opts *o, int c, int argc, char **argv)
 {
+	if (c < 0)
+		return NULL;
 	if (optind != argc - 1) {
 		o->status = cli_usage_error(o->cmd, o->usage_code,
 					    "Expecting one image file name");
