@@ -134,6 +134,7 @@ struct cli_opts {
 	int usage_code;           /* exit status of a usage error */
 	const char *fmtname;      /* -f FMT as given; NULL without -f */
 	uint32_t open_flags;      /* QK_OPEN_FORCE_SHARE after -U */
+	bool json;                /* --output=json */
 	int status;               /* exit status once parsing says stop */
 };
 
@@ -146,10 +147,13 @@ struct cli_opts {
  *   'i'  -i AIO, --aio=AIO (qemu-img bench, qemu-io): a mode
  *        cli_parse_aio() knows, else "Invalid aio option: AIO" and stop
  *        with CLI_EXIT_FAILURE;
+ *   the long option named "output" (whatever value `longopts` gives it):
+ *        --output=human|json into o->json, else cli_parse_output()'s
+ *        message and stop with CLI_EXIT_FAILURE;
  *   'h'  -h, --help: the command's usage on stdout;
  *   an option getopt refused ('?', ':'): one line, as cli_bad_option().
  * Only what `optstring` and `longopts` list can arrive, so a command
- * without -f, -U or -i never has them taken. Returns the next option for
+ * without -f, -U, -i or --output never has them taken. Returns the next option for
  * the command (> 0); 0 after the last option (argv[optind] is the first
  * operand); or -1 when the command must return o->status now:
  * CLI_EXIT_OK after the usage, o->usage_code (or as said above) after an

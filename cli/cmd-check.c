@@ -110,7 +110,6 @@ struct check_args {
 	struct check_forensic fa;  /* --extract and its limits */
 	bool forensic;             /* --forensic */
 	bool limits;               /* an --extract-max-* was given */
-	bool json;                 /* --output=json */
 	bool quiet;                /* -q */
 	uint32_t fix;              /* -r: QK_CHECK_FIX_* */
 };
@@ -145,10 +144,6 @@ static int parse_args(int argc, char **argv, struct check_args *a)
 						       "Unknown option value for -r (expecting 'leaks' or 'all'): %s",
 						       optarg);
 			}
-			break;
-		case 'O':
-			if (cli_parse_output(optarg, &a->json) < 0)
-				return CLI_EXIT_FAILURE;
 			break;
 		case 'T':
 			break;  /* cache mode of the checked image: page cache */
@@ -201,7 +196,7 @@ static int run_check(qk_image *img, const struct check_args *a)
 	}
 	qk_get_info(img, &info);
 	if (!a->quiet) {
-		if (a->json)
+		if (a->o.json)
 			print_json(&r, a->fa.file, qk_format_name(info.format));
 		else
 			print_human(&r);
@@ -250,7 +245,7 @@ int cmd_check(int argc, char **argv)
 		return CLI_EXIT_FAILURE;
 	if (!a.forensic)
 		return run_check(img, &a);
-	a.fa.json = a.json;
+	a.fa.json = a.o.json;
 	ret = check_forensic(img, &a.fa);
 	qk_close(img);
 	return ret;

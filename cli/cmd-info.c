@@ -251,24 +251,16 @@ int cmd_info(int argc, char **argv)
 	};
 	struct cli_opts o = { .cmd = "info", .usage_code = CLI_EXIT_FAILURE };
 	const char *file;
-	bool json = false, chain = false;
+	bool chain = false;
 	qk_format fmt;
 	qk_image *img;
 	struct image_report *reports = NULL;
 	size_t n = 0;
 	int c, ret = CLI_EXIT_OK;
 
-	while ((c = cli_getopt(&o, argc, argv, ":f:hU", longopts)) > 0) {
-		switch (c) {
-		case OPT_OUTPUT:
-			if (cli_parse_output(optarg, &json) < 0)
-				return CLI_EXIT_FAILURE;
-			break;
-		case OPT_BACKING_CHAIN:
+	while ((c = cli_getopt(&o, argc, argv, ":f:hU", longopts)) > 0)
+		if (c == OPT_BACKING_CHAIN)
 			chain = true;
-			break;
-		}
-	}
 	if ((file = cli_one_image(&o, c, argc, argv)) == NULL)
 		return o.status;
 	if (cli_parse_format(o.fmtname, &fmt) < 0)
@@ -296,7 +288,7 @@ int cmd_info(int argc, char **argv)
 			break;
 	}
 	if (ret == CLI_EXIT_OK)
-		print_reports(reports, n, json, chain);
+		print_reports(reports, n, o.json, chain);
 	for (size_t i = 0; i < n; i++)
 		qj_free(reports[i].format_specific);
 	free(reports);

@@ -170,7 +170,7 @@ int cmd_map(int argc, char **argv)
 	};
 	struct cli_opts o = { .cmd = "map", .usage_code = CLI_EXIT_FAILURE };
 	const char *file;
-	bool json = false, have_max = false;
+	bool have_max = false;
 	uint64_t start = 0, max_len = 0, end;
 	qk_format fmt;
 	qk_image *img;
@@ -178,10 +178,6 @@ int cmd_map(int argc, char **argv)
 
 	while ((c = cli_getopt(&o, argc, argv, ":f:hU", longopts)) > 0) {
 		switch (c) {
-		case OPT_OUTPUT:
-			if (cli_parse_output(optarg, &json) < 0)
-				return CLI_EXIT_FAILURE;
-			break;
 		case OPT_START_OFFSET:
 			if (cli_cvtnum("start offset", optarg, 0, INT64_MAX,
 				       &start) < 0)
@@ -205,7 +201,7 @@ int cmd_map(int argc, char **argv)
 	end = qk_get_size(img);
 	if (have_max && max_len < end && start <= end - max_len)
 		end = start + max_len;
-	ret = print_map(img, start, end, json);
+	ret = print_map(img, start, end, o.json);
 	qk_close(img);
 	return ret;
 }

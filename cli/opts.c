@@ -211,9 +211,21 @@ int cli_parse_output(const char *arg, bool *json)
 int cli_getopt(struct cli_opts *o, int argc, char **argv,
 	       const char *optstring, const struct option *longopts)
 {
-	int c;
+	int c, i = -1;
 
-	while ((c = getopt_long(argc, argv, optstring, longopts, NULL)) != -1) {
+	while ((c = getopt_long(argc, argv, optstring, longopts, &i)) != -1) {
+		/* i names the long option just taken (getopt_long leaves it
+		 * alone for a short one or an error). */
+		if (c != '?' && c != ':' && i >= 0 &&
+		    strcmp(longopts[i].name, "output") == 0) {
+			i = -1;
+			if (cli_parse_output(optarg, &o->json) < 0) {
+				o->status = CLI_EXIT_FAILURE;
+				return -1;
+			}
+			continue;
+		}
+		i = -1;
 		switch (c) {
 		case 'f':
 			o->fmtname = optarg;
