@@ -3,8 +3,10 @@
  *
  * The CLI reaches the library only through the public header qcowkit.h.
  * Layout: main.c (command table, dispatch), cmd-<name>.c (one command
- * each), opts.c (option values: sizes, formats, -o lists, opening images),
- * output.c (qemu-compatible text and JSON output, progress).
+ * each; a long one parses into a struct <name>_args in parse_args() and
+ * runs in functions named for their step), opts.c (the option parsing the
+ * commands share, option values: sizes, formats, -o lists, opening
+ * images), output.c (qemu-compatible text and JSON output, progress).
  *
  * Error convention: every failure prints exactly one line to stderr,
  * "qcowkit: <message>"; for library failures <message> is qk_last_error()
@@ -153,9 +155,9 @@ struct cli_opts {
  *   'h'  -h, --help: the command's usage on stdout;
  *   an option getopt refused ('?', ':'): one line, as cli_bad_option().
  * Only what `optstring` and `longopts` list can arrive, so a command
- * without -f, -U, -i or --output never has them taken. Returns the next option for
- * the command (> 0); 0 after the last option (argv[optind] is the first
- * operand); or -1 when the command must return o->status now:
+ * without -f, -U, -i or --output never has them taken. Returns the next
+ * option for the command (> 0); 0 after the last option (argv[optind] is
+ * the first operand); or -1 when the command must return o->status now:
  * CLI_EXIT_OK after the usage, o->usage_code (or as said above) after an
  * error.
  */
