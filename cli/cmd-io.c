@@ -52,17 +52,18 @@ static int num_arg(const char *arg, int64_t *out)
 	uint64_t v;
 	int r = cli_parse_size(arg, &v);
 
+	if (r == 0) {
+		*out = (int64_t)v;
+		return 0;
+	}
 	if (r == -EINVAL)
 		printf("Parsing error: non-numeric argument, or "
 		       "extraneous/unrecognized suffix -- %s\n", arg);
 	else if (r == -ERANGE)
 		printf("Parsing error: argument too large -- %s\n", arg);
-	else if (r < 0)
+	else
 		printf("Parsing error: %s\n", arg);
-	if (r < 0)
-		return -1;
-	*out = (int64_t)v;
-	return 0;
+	return -1;
 }
 
 /*
