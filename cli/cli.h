@@ -3,8 +3,10 @@
  *
  * The CLI reaches the library only through the public header qcowkit.h.
  * Layout: main.c (command table, dispatch), cmd-<name>.c (one command
- * each), opts.c (option values: sizes, formats, -o lists, opening images),
- * output.c (qemu-compatible text and JSON output, progress).
+ * each; a long one parses into a struct <name>_args in parse_args() and
+ * runs in functions named for their step), opts.c (the option parsing the
+ * commands share, option values: sizes, formats, -o lists, opening
+ * images), output.c (qemu-compatible text and JSON output, progress).
  *
  * Error convention: every failure prints exactly one line to stderr,
  * "qcowkit: <message>"; for library failures <message> is qk_last_error()
@@ -15,6 +17,7 @@
 #ifndef QCOWKIT_CLI_H
 #define QCOWKIT_CLI_H
 
+#include <getopt.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -123,6 +126,66 @@ int check_forensic(qk_image *img, const struct check_forensic *a);
 /* ---- opts.c ------------------------------------------------------------ */
 
 /*
+ * A command's option parsing, and the options the image commands share.
+ * A command sets `cmd` and `usage_code` (and any default), reads its
+ * options with cli_getopt(), then takes its operands (a command on one
+ * image with cli_one_image()).
+ */
+struct cli_opts {
+	const char *cmd;          /* the command's name, for messages */
+	int usage_code;           /* exit status of a usage error */
+	const char *fmtname;      /* -f FMT as given; NULL without -f */
+	uint32_t open_flags;      /* QK_OPEN_FORCE_SHARE after -U */
+	bool json;                /* --output=json */
+	int status;               /* exit status once parsing says stop */
+};
+
+/*
+ * getopt_long() over a command's argv (argv[0] is its name), taking here
+ * what every command does alike, so that its own switch lists only its
+ * own options:
+ *   'f'  -f FMT: o->fmtname = FMT (cli_parse_format() checks it later);
+ *   'U'  -U, --force-share: QK_OPEN_FORCE_SHARE added to o->open_flags;
+ *   'i'  -i AIO, --aio=AIO (qemu-img bench, qemu-io): a mode
+ *        cli_parse_aio() knows, else "Invalid aio option: AIO" and stop
+ *        with CLI_EXIT_FAILURE;
+ *   the long option named "output" (whatever value `longopts` gives it):
+ *        --output=human|json into o->json, else cli_parse_output()'s
+ *        message and stop with CLI_EXIT_FAILURE;
+ *   'h'  -h, --help: the command's usage on stdout;
+ *   an option getopt refused ('?', ':'): one line, as cli_bad_option().
+ * Only what `optstring` and `longopts` list can arrive, so a command
+ * without -f, -U, -i or --output never has them taken. Returns the next
+ * option for the command (> 0); 0 after the last option (argv[optind] is
+ * the first operand); or -1 when the command must return o->status now:
+ * CLI_EXIT_OK after the usage, o->usage_code (or as said above) after an
+ * error.
+ */
+int cli_getopt(struct cli_opts *o, int argc, char **argv,
+	       const char *optstring, const struct option *longopts);
+
+/*
+ * The end of an option switch, for a command that runs getopt itself:
+ * 'h' prints the usage of `cmd` on stdout and returns CLI_EXIT_OK; any
+ * other `opt` is one getopt refused, reported by cli_bad_option(), and
+ * `code` is returned.
+ */
+int cli_option_end(const char *cmd, int opt, char **argv, int code);
+
+/* Returned by a command's own option parsing when the command goes on;
+ * any other value is the exit status to return now. */
+#define CLI_GO (-1)
+
+/*
+ * The end of the option parsing of a command on one image, whose last
+ * cli_getopt() returned `c`: the image operand, argv[optind], when c is 0
+ * and that is the one argument left. Otherwise NULL with o->status set:
+ * by cli_getopt() (c < 0), or to o->usage_code after "Expecting one image
+ * file name".
+ */
+const char *cli_one_image(struct cli_opts *o, int c, int argc, char **argv);
+
+/*
  * Parse a size the way qemu-img does (qemu_strtosz): a decimal or 0x hex
  * integer, an optional decimal fraction (only with a suffix other than B),
  * an optional suffix B, K, M, G, T, P, E (either case; powers of 1024).
@@ -153,6 +216,11 @@ int cli_parse_output(const char *arg, bool *json);
 /* Cache modes as qemu-img -t: sets *direct. Returns 0, or -1 if unknown
  * (nothing printed). */
 int cli_parse_cache(const char *mode, bool *direct);
+
+/* AIO modes as qemu-img -i and qemu-nbd --aio (threads, native,
+ * io_uring; all of them run as threads here). Returns 0, or -1 if
+ * unknown (nothing printed). */
+int cli_parse_aio(const char *mode);
 
 /* One "key=value" item of an -o list. */
 struct cli_kv {
@@ -287,6 +355,14 @@ void progress_init(struct cli_progress *p, bool enabled, float min_skip);
  * is added to the current value (qemu_progress_print). */
 void progress_print(struct cli_progress *p, float delta, int max);
 void progress_end(struct cli_progress *p);
+/*
+ * Run fn(arg) on n threads (cli_run_threads()) under progress `p`, which
+ * the caller has started: afterwards 100% is printed unless *failed (read
+ * once the threads are done), and the progress line is ended either way.
+ * Returns 0, or -1 when no thread could start (message printed).
+ */
+int cli_run_progress(unsigned n, void *(*fn)(void *), void *arg,
+		     struct cli_progress *p, const bool *failed);
 
 /* Monotonic time in seconds. */
 double cli_now(void);

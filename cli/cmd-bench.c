@@ -122,7 +122,21 @@ static bool parse_count(const char *s, uint64_t max, uint64_t *out)
 	return cli_parse_uint(s, out) == 0 && *out <= max;
 }
 
-int cmd_bench(int argc, char **argv)
+/* bench's command line. */
+struct bench_args {
+	struct cli_opts o;
+	uint64_t count, depth, bufsize, step, offset;
+	uint64_t flush_interval, pattern;
+	bool direct;              /* -t none */
+	bool write;               /* -w */
+	bool random;              /* --random */
+	uint64_t seed;            /* --random=SEED */
+	const char *file;
+};
+
+/* Parse bench's command line into *a. Returns CLI_GO, or the exit status
+ * after --help or a message. */
+static int parse_args(int argc, char **argv, struct bench_args *a)
 {
 	enum { OPT_PATTERN = 256, OPT_FLUSH_INTERVAL, OPT_NO_DRAIN,
 	       OPT_RANDOM };
@@ -136,86 +150,61 @@ int cmd_bench(int argc, char **argv)
 		{ "force-share", no_argument, NULL, 'U' },
 		{ NULL, 0, NULL, 0 },
 	};
-	const char *fmtname = NULL;
-	uint64_t count = 75000, depth = 64, bufsize = 4096, step = 0;
-	uint64_t offset = 0, flush_interval = 0, pattern = 0;
-	bool direct = false, is_write = false;
-	uint32_t flags = 0;
-	struct bench b;
-	unsigned nthreads;
-	qk_format fmt;
-	double t0, secs;
-	int c, ret = CLI_EXIT_FAILURE;
+	int c;
 
-	memset(&b, 0, sizeof(b));
-	b.seed = 1;
-	while ((c = getopt_long(argc, argv, ":hc:d:f:ni:o:qs:S:t:wU", longopts,
-				NULL)) != -1) {
+	while ((c = cli_getopt(&a->o, argc, argv, ":hc:d:f:ni:o:qs:S:t:wU",
+			       longopts)) > 0) {
 		switch (c) {
 		case 'c':
-			if (!parse_count(optarg, INT_MAX, &count)) {
+			if (!parse_count(optarg, INT_MAX, &a->count)) {
 				cli_error("Invalid request count specified");
 				return CLI_EXIT_FAILURE;
 			}
 			break;
 		case 'd':
-			if (!parse_count(optarg, INT_MAX, &depth) ||
-			    depth == 0) {
+			if (!parse_count(optarg, INT_MAX, &a->depth) ||
+			    a->depth == 0) {
 				cli_error("Invalid queue depth specified");
 				return CLI_EXIT_FAILURE;
 			}
 			break;
-		case 'f':
-			fmtname = optarg;
-			break;
 		case 'n':
 			/* native AIO in qemu-img; threads here */
 			break;
-		case 'i':
-			if (strcmp(optarg, "threads") != 0 &&
-			    strcmp(optarg, "native") != 0 &&
-			    strcmp(optarg, "io_uring") != 0) {
-				cli_error("Invalid aio option: %s", optarg);
-				return CLI_EXIT_FAILURE;
-			}
-			break;
 		case 'o':
 			if (cli_cvtnum("offset", optarg, 0, INT64_MAX,
-				       &offset) < 0)
+				       &a->offset) < 0)
 				return CLI_EXIT_FAILURE;
 			break;
 		case 'q':
 			break;
 		case 's':
 			if (cli_cvtnum("buffer size", optarg, 0, INT_MAX,
-				       &bufsize) < 0)
+				       &a->bufsize) < 0)
 				return CLI_EXIT_FAILURE;
 			break;
 		case 'S':
 			if (cli_cvtnum("step_size", optarg, 0, INT_MAX,
-				       &step) < 0)
+				       &a->step) < 0)
 				return CLI_EXIT_FAILURE;
 			break;
 		case 't':
-			if (cli_parse_cache(optarg, &direct) < 0) {
+			if (cli_parse_cache(optarg, &a->direct) < 0) {
 				cli_error("Invalid cache mode");
 				return CLI_EXIT_FAILURE;
 			}
 			break;
 		case 'w':
-			is_write = true;
-			break;
-		case 'U':
-			flags |= QK_OPEN_FORCE_SHARE;
+			a->write = true;
 			break;
 		case OPT_PATTERN:
-			if (!parse_count(optarg, 0xff, &pattern)) {
+			if (!parse_count(optarg, 0xff, &a->pattern)) {
 				cli_error("Invalid pattern byte specified");
 				return CLI_EXIT_FAILURE;
 			}
 			break;
 		case OPT_FLUSH_INTERVAL:
-			if (!parse_count(optarg, INT_MAX, &flush_interval)) {
+			if (!parse_count(optarg, INT_MAX, &a->flush_interval)) {
 				cli_error("Invalid flush interval specified");
 				return CLI_EXIT_FAILURE;
 			}
@@ -223,82 +212,100 @@ int cmd_bench(int argc, char **argv)
 		case OPT_NO_DRAIN:
 			break;
 		case OPT_RANDOM:
-			b.random = true;
+			a->random = true;
 			if (optarg != NULL && cli_parse_uint(optarg,
-							     &b.seed) < 0) {
+							     &a->seed) < 0) {
 				cli_error("Invalid random seed specified");
 				return CLI_EXIT_FAILURE;
 			}
 			break;
-		case 'h':
-			cli_print_usage(stdout, cli_find_command("bench"));
-			return CLI_EXIT_OK;
-		default:
-			return cli_bad_option("bench", c, argv,
-					      CLI_EXIT_FAILURE);
 		}
 	}
-	if (optind != argc - 1)
-		return cli_usage_error("bench", CLI_EXIT_FAILURE,
-				       "Expecting one image file name");
-	if (flush_interval && !is_write) {
-		cli_error("--flush-interval is only available in write tests");
-		return CLI_EXIT_FAILURE;
-	}
-	if (is_write)
-		flags |= QK_OPEN_RDWR;
-	b.write = is_write;
-	b.pattern = (int)pattern;
-	b.flush_interval = flush_interval;
-	if (cli_parse_format(fmtname, &fmt) < 0)
-		return CLI_EXIT_FAILURE;
-	if (direct)
-		flags |= QK_OPEN_DIRECT;
-	if (cli_open(argv[optind], fmt, flags, &b.img) < 0)
-		return CLI_EXIT_FAILURE;
+	a->file = cli_one_image(&a->o, c, argc, argv);
+	return a->file != NULL ? CLI_GO : a->o.status;
+}
 
-	b.image_size = qk_get_size(b.img);
-	b.bufsize = bufsize;
-	b.step = step ? step : bufsize;
-	b.offset = offset;
-	b.count = count;
-	atomic_init(&b.next, 0);
-	atomic_init(&b.failed, false);
-	pthread_mutex_init(&b.lock, NULL);
-	if (b.random && bufsize > b.image_size) {
-		cli_error("bench: --random needs an image of at least one "
-			  "request (%llu bytes)", (unsigned long long)bufsize);
-		goto out;
-	}
+/* Run the requests of `b` on `depth` threads (at most MAX_THREADS, at
+ * most one per request) and print qemu-img bench's lines. Returns the exit
+ * status. */
+static int run_bench(struct bench *b, uint64_t depth)
+{
+	unsigned nthreads;
+	double t0, secs;
 
 	printf("Sending %d %s requests, %d bytes each, %d in parallel "
-	       "(starting at offset %lld, step size %d)\n", (int)count,
-	       is_write ? "write" : "read", (int)bufsize, (int)depth, (long long)offset,
-	       (int)b.step);
-	if (b.random)
+	       "(starting at offset %lld, step size %d)\n", (int)b->count,
+	       b->write ? "write" : "read", (int)b->bufsize, (int)depth,
+	       (long long)b->offset, (int)b->step);
+	if (b->random)
 		printf("Using random %d-byte aligned offsets (seed %llu)\n",
-		       (int)bufsize, (unsigned long long)b.seed);
+		       (int)b->bufsize, (unsigned long long)b->seed);
 	fflush(stdout);
 
 	nthreads = depth > MAX_THREADS ? MAX_THREADS : (unsigned)depth;
-	if (count < nthreads)
-		nthreads = count ? (unsigned)count : 1;
+	if (b->count < nthreads)
+		nthreads = b->count ? (unsigned)b->count : 1;
 	t0 = cli_now();
-	if (cli_run_threads(nthreads, bench_worker, &b) < 0)
-		goto out;
+	if (cli_run_threads(nthreads, bench_worker, b) < 0)
+		return CLI_EXIT_FAILURE;
 	secs = cli_now() - t0;
 
-	if (atomic_load(&b.failed)) {
-		cli_error("%s", b.errmsg);
-		goto out;
+	if (atomic_load(&b->failed)) {
+		cli_error("%s", b->errmsg);
+		return CLI_EXIT_FAILURE;
 	}
 	printf("Run completed in %3.3f seconds.\n", secs);
 	if (secs > 0)
 		printf("Throughput: %.2f MiB/s, %.0f ops/s\n",
-		       (double)count * (double)bufsize / secs / 1048576.0,
-		       (double)count / secs);
-	ret = CLI_EXIT_OK;
-out:
+		       (double)b->count * (double)b->bufsize / secs / 1048576.0,
+		       (double)b->count / secs);
+	return CLI_EXIT_OK;
+}
+
+int cmd_bench(int argc, char **argv)
+{
+	struct bench_args a = {
+		.o = { .cmd = "bench", .usage_code = CLI_EXIT_FAILURE },
+		.count = 75000, .depth = 64, .bufsize = 4096, .seed = 1,
+	};
+	struct bench b;
+	qk_format fmt;
+	int ret;
+
+	if ((ret = parse_args(argc, argv, &a)) != CLI_GO)
+		return ret;
+	if (a.flush_interval && !a.write) {
+		cli_error("--flush-interval is only available in write tests");
+		return CLI_EXIT_FAILURE;
+	}
+	if (cli_parse_format(a.o.fmtname, &fmt) < 0)
+		return CLI_EXIT_FAILURE;
+	memset(&b, 0, sizeof(b));
+	if (cli_open(a.file, fmt, a.o.open_flags |
+		     (a.write ? QK_OPEN_RDWR : 0) |
+		     (a.direct ? QK_OPEN_DIRECT : 0), &b.img) < 0)
+		return CLI_EXIT_FAILURE;
+
+	b.image_size = qk_get_size(b.img);
+	b.bufsize = a.bufsize;
+	b.step = a.step ? a.step : a.bufsize;
+	b.offset = a.offset;
+	b.count = a.count;
+	b.random = a.random;
+	b.seed = a.seed;
+	b.write = a.write;
+	b.pattern = (int)a.pattern;
+	b.flush_interval = a.flush_interval;
+	atomic_init(&b.next, 0);
+	atomic_init(&b.failed, false);
+	pthread_mutex_init(&b.lock, NULL);
+	if (b.random && b.bufsize > b.image_size) {
+		cli_error("bench: --random needs an image of at least one "
+			  "request (%llu bytes)", (unsigned long long)b.bufsize);
+		ret = CLI_EXIT_FAILURE;
+	} else {
+		ret = run_bench(&b, a.depth);
+	}
 	pthread_mutex_destroy(&b.lock);
 	qk_close(b.img);
 	return ret;

@@ -104,7 +104,19 @@ static void print_json(const struct qk_check_result *r, const char *file,
 	qj_free(d);
 }
 
-int cmd_check(int argc, char **argv)
+/* check's command line. */
+struct check_args {
+	struct cli_opts o;
+	struct check_forensic fa;  /* --extract and its limits */
+	bool forensic;             /* --forensic */
+	bool limits;               /* an --extract-max-* was given */
+	bool quiet;                /* -q */
+	uint32_t fix;              /* -r: QK_CHECK_FIX_* */
+};
+
+/* Parse check's command line into *a. Returns CLI_GO, or the exit status
+ * after --help or a message. */
+static int parse_args(int argc, char **argv, struct check_args *a)
 {
 	enum { OPT_MAX_FILES = 256, OPT_MAX_BYTES };
 	static const struct option longopts[] = {
@@ -118,102 +130,60 @@ int cmd_check(int argc, char **argv)
 		{ "extract-max-bytes", required_argument, NULL, OPT_MAX_BYTES },
 		{ NULL, 0, NULL, 0 },
 	};
-	const char *fmtname = NULL, *file;
-	struct check_forensic fa = {
-		.max_files = CHECK_EXTRACT_MAX_FILES,
-		.max_bytes = CHECK_EXTRACT_MAX_BYTES,
-	};
-	bool forensic = false, limits = false;
-	bool json = false, quiet = false;
-	uint32_t fix = 0, oflags = QK_OPEN_CHECK;
-	struct qk_check_result r;
-	struct qk_info info;
-	qk_format fmt;
-	qk_image *img;
-	int c, ret;
+	int c;
 
-	while ((c = getopt_long(argc, argv, ":hf:r:T:qU", longopts,
-				NULL)) != -1) {
+	while ((c = cli_getopt(&a->o, argc, argv, ":hf:r:T:qU", longopts)) > 0) {
 		switch (c) {
-		case 'f':
-			fmtname = optarg;
-			break;
 		case 'r':
 			if (strcmp(optarg, "leaks") == 0) {
-				fix = QK_CHECK_FIX_LEAKS;
+				a->fix = QK_CHECK_FIX_LEAKS;
 			} else if (strcmp(optarg, "all") == 0) {
-				fix = QK_CHECK_FIX_LEAKS | QK_CHECK_FIX_ERRORS;
+				a->fix = QK_CHECK_FIX_LEAKS | QK_CHECK_FIX_ERRORS;
 			} else {
 				return cli_usage_error("check", CLI_EXIT_FAILURE,
 						       "Unknown option value for -r (expecting 'leaks' or 'all'): %s",
 						       optarg);
 			}
 			break;
-		case 'O':
-			if (cli_parse_output(optarg, &json) < 0)
-				return CLI_EXIT_FAILURE;
-			break;
 		case 'T':
 			break;  /* cache mode of the checked image: page cache */
 		case 'q':
-			quiet = true;
-			break;
-		case 'U':
-			oflags |= QK_OPEN_FORCE_SHARE;
+			a->quiet = true;
 			break;
 		case 'F':
-			forensic = true;
+			a->forensic = true;
 			break;
 		case 'X':
-			fa.extract = optarg;
+			a->fa.extract = optarg;
 			break;
 		case OPT_MAX_FILES:
-			if (cli_parse_uint(optarg, &fa.max_files) < 0 ||
-			    fa.max_files == 0)
+			if (cli_parse_uint(optarg, &a->fa.max_files) < 0 ||
+			    a->fa.max_files == 0)
 				return cli_usage_error("check", CLI_EXIT_FAILURE,
 						       "--extract-max-files needs a count of at least 1: %s",
 						       optarg);
-			limits = true;
+			a->limits = true;
 			break;
 		case OPT_MAX_BYTES:
 			if (cli_cvtnum("--extract-max-bytes", optarg, 1,
-				       INT64_MAX, &fa.max_bytes) < 0)
+				       INT64_MAX, &a->fa.max_bytes) < 0)
 				return CLI_EXIT_FAILURE;
-			limits = true;
+			a->limits = true;
 			break;
-		case 'h':
-			cli_print_usage(stdout, cli_find_command("check"));
-			return CLI_EXIT_OK;
-		default:
-			return cli_bad_option("check", c, argv, CLI_EXIT_FAILURE);
 		}
 	}
-	if (optind != argc - 1)
-		return cli_usage_error("check", CLI_EXIT_FAILURE,
-				       "Expecting one image file name");
-	file = argv[optind];
-	if (cli_parse_format(fmtname, &fmt) < 0)
-		return CLI_EXIT_FAILURE;
-	if (fa.extract != NULL && !forensic)
-		return cli_usage_error("check", CLI_EXIT_FAILURE, "--extract needs --forensic");
-	if (limits && fa.extract == NULL)
-		return cli_usage_error("check", CLI_EXIT_FAILURE,
-				       "--extract-max-files and --extract-max-bytes need --extract");
-	if (forensic && fix)
-		return cli_usage_error("check", CLI_EXIT_FAILURE,
-				       "--forensic does not repair: leave out -r");
-	if (fix)
-		oflags |= QK_OPEN_RDWR;
-	if (cli_open(file, fmt, oflags, &img) < 0)
-		return CLI_EXIT_FAILURE;
-	if (forensic) {
-		fa.file = file;
-		fa.json = json;
-		ret = check_forensic(img, &fa);
-		qk_close(img);
-		return ret;
-	}
-	ret = qk_check(img, fix, &r, report_line, NULL);
+	a->fa.file = cli_one_image(&a->o, c, argc, argv);
+	return a->fa.file != NULL ? CLI_GO : a->o.status;
+}
+
+/* Check (and with a->fix repair) the open image and report as qemu-img
+ * check. Closes `img`. Returns the exit status. */
+static int run_check(qk_image *img, const struct check_args *a)
+{
+	struct qk_check_result r;
+	struct qk_info info;
+	int ret = qk_check(img, a->fix, &r, report_line, NULL);
+
 	if (ret == -ENOTSUP) {
 		cli_error("This image format does not support checks");
 		qk_close(img);
@@ -225,9 +195,9 @@ int cmd_check(int argc, char **argv)
 		return CLI_EXIT_FAILURE;
 	}
 	qk_get_info(img, &info);
-	if (!quiet) {
-		if (json)
-			print_json(&r, file, qk_format_name(info.format));
+	if (!a->quiet) {
+		if (a->o.json)
+			print_json(&r, a->fa.file, qk_format_name(info.format));
 		else
 			print_human(&r);
 	}
@@ -243,4 +213,40 @@ int cmd_check(int argc, char **argv)
 	if (r.leaks)
 		return EXIT_LEAKS;
 	return CLI_EXIT_OK;
+}
+
+int cmd_check(int argc, char **argv)
+{
+	struct check_args a = {
+		.o = { .cmd = "check", .usage_code = CLI_EXIT_FAILURE,
+		       .open_flags = QK_OPEN_CHECK },
+		.fa = { .max_files = CHECK_EXTRACT_MAX_FILES,
+			.max_bytes = CHECK_EXTRACT_MAX_BYTES },
+	};
+	qk_format fmt;
+	qk_image *img;
+	int ret;
+
+	if ((ret = parse_args(argc, argv, &a)) != CLI_GO)
+		return ret;
+	if (cli_parse_format(a.o.fmtname, &fmt) < 0)
+		return CLI_EXIT_FAILURE;
+	if (a.fa.extract != NULL && !a.forensic)
+		return cli_usage_error("check", CLI_EXIT_FAILURE, "--extract needs --forensic");
+	if (a.limits && a.fa.extract == NULL)
+		return cli_usage_error("check", CLI_EXIT_FAILURE,
+				       "--extract-max-files and --extract-max-bytes need --extract");
+	if (a.forensic && a.fix)
+		return cli_usage_error("check", CLI_EXIT_FAILURE,
+				       "--forensic does not repair: leave out -r");
+	if (a.fix)
+		a.o.open_flags |= QK_OPEN_RDWR;
+	if (cli_open(a.fa.file, fmt, a.o.open_flags, &img) < 0)
+		return CLI_EXIT_FAILURE;
+	if (!a.forensic)
+		return run_check(img, &a);
+	a.fa.json = a.o.json;
+	ret = check_forensic(img, &a.fa);
+	qk_close(img);
+	return ret;
 }

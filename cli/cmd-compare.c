@@ -224,22 +224,19 @@ int cmd_compare(int argc, char **argv)
 		{ "force-share", no_argument, NULL, 'U' },
 		{ NULL, 0, NULL, 0 },
 	};
-	const char *fmtname[2] = { NULL, NULL };
+	struct cli_opts o = { .cmd = "compare",
+			      .usage_code = CLI_EXIT_CMP_ERROR };
+	const char *fmtname2 = NULL;
 	bool strict = false, progress = false, direct = false;
-	uint32_t flags = 0;
 	struct compare c;
 	qk_format fmt[2];
 	int opt, ret = CLI_EXIT_CMP_ERROR;
 
 	memset(&c, 0, sizeof(c));
-	while ((opt = getopt_long(argc, argv, ":hf:F:T:pqsU", longopts,
-				  NULL)) != -1) {
+	while ((opt = cli_getopt(&o, argc, argv, ":hf:F:T:pqsU", longopts)) > 0) {
 		switch (opt) {
-		case 'f':
-			fmtname[0] = optarg;
-			break;
 		case 'F':
-			fmtname[1] = optarg;
+			fmtname2 = optarg;
 			break;
 		case 'T':
 			if (cli_parse_cache(optarg, &direct) < 0) {
@@ -257,32 +254,25 @@ int cmd_compare(int argc, char **argv)
 		case 's':
 			strict = true;
 			break;
-		case 'U':
-			flags |= QK_OPEN_FORCE_SHARE;
-			break;
-		case 'h':
-			cli_print_usage(stdout, cli_find_command("compare"));
-			return CLI_EXIT_OK;
-		default:
-			return cli_bad_option("compare", opt, argv,
-					      CLI_EXIT_CMP_ERROR);
 		}
 	}
+	if (opt < 0)
+		return o.status;
 	if (c.quiet)
 		progress = false;
 	if (optind != argc - 2)
 		return cli_usage_error("compare", CLI_EXIT_CMP_ERROR,
 				       "Expecting two image file names");
-	if (cli_parse_format(fmtname[0], &fmt[0]) < 0 ||
-	    cli_parse_format(fmtname[1], &fmt[1]) < 0)
+	if (cli_parse_format(o.fmtname, &fmt[0]) < 0 ||
+	    cli_parse_format(fmtname2, &fmt[1]) < 0)
 		return CLI_EXIT_CMP_ERROR;
 	if (direct)
-		flags |= QK_OPEN_DIRECT;
+		o.open_flags |= QK_OPEN_DIRECT;
 
 	progress_init(&c.prog, progress, 2.0f);
 	for (int k = 0; k < 2; k++) {
 		c.s[k].name = argv[optind + k];
-		if (cli_open(c.s[k].name, fmt[k], flags, &c.s[k].img) < 0)
+		if (cli_open(c.s[k].name, fmt[k], o.open_flags, &c.s[k].img) < 0)
 			goto out;
 		c.s[k].size = qk_get_size(c.s[k].img);
 		if (posix_memalign((void **)&c.buf[k], 4096, IO_BUF_SIZE)) {

@@ -509,7 +509,55 @@ static int unsupported(const char *what)
 	return CLI_EXIT_FAILURE;
 }
 
-int cmd_convert(int argc, char **argv)
+/* convert's command line. */
+struct convert_args {
+	struct cli_opts o;        /* -f, -U: of the source */
+	const char *out_fmt;      /* -O, "raw" by default */
+	const char *backing;      /* -B */
+	const char *backing_fmt;  /* -F */
+	char *olist;              /* every -o, joined (malloc'd) */
+	bool compress;            /* -c */
+	bool progress;            /* -p (and not -q) */
+	bool quiet;               /* -q */
+	bool skip_create;         /* -n */
+	bool target_is_zero;      /* --target-is-zero */
+	bool direct;              /* -T none: read the source around the page cache */
+	bool target_direct;       /* -t none: write the target so too */
+	bool target_unsafe;       /* -t unsafe, the default: never flushed */
+	bool workers_given;       /* -m */
+	uint64_t nworkers;        /* -m */
+	uint64_t sparse;          /* -S bytes, 0 = allocate everything */
+};
+
+/* -S: 0 or a multiple of 512 up to 16 MiB. Returns 0, or -1 after
+ * qemu-img's message. */
+static int parse_sparse(const char *arg, uint64_t *sparse)
+{
+	if (cli_parse_size(arg, sparse) < 0 || *sparse % 512 != 0 ||
+	    *sparse > (16u << 20)) {
+		cli_error("Invalid buffer size for sparse output specified. "
+			  "Valid sizes are multiples of 512 up to 16777216. "
+			  "Select 0 to disable sparse detection (fully "
+			  "allocates output).");
+		return -1;
+	}
+	return 0;
+}
+
+/* -m: 1 to MAX_WORKERS. Returns 0, or -1 after qemu-img's message. */
+static int parse_workers(const char *arg, uint64_t *n)
+{
+	if (cli_parse_uint(arg, n) < 0 || *n < 1 || *n > MAX_WORKERS) {
+		cli_error("Invalid number of coroutines. Allowed number of "
+			  "coroutines is between 1 and %d", MAX_WORKERS);
+		return -1;
+	}
+	return 0;
+}
+
+/* Parse convert's options into *a. Returns CLI_GO, or the exit status after
+ * --help or a message. */
+static int parse_args(int argc, char **argv, struct convert_args *a)
 {
 	enum { OPT_TARGET_IS_ZERO = 256, OPT_UNSUPPORTED };
 	static const struct option longopts[] = {
@@ -523,273 +571,263 @@ int cmd_convert(int argc, char **argv)
 		{ "object", required_argument, NULL, OPT_UNSUPPORTED },
 		{ NULL, 0, NULL, 0 },
 	};
-	const char *fmtname = NULL, *out_fmt = "raw", *src_path, *dst_path;
-	const char *backing = NULL, *backing_fmt = NULL;
-	char *olist = NULL;
-	bool compress = false, target_unsafe = true, workers_given = false;
-	bool progress = false, quiet = false, skip_create = false;
-	bool target_is_zero = false, direct = false, target_direct = false;
-	uint64_t sparse = 4096, nworkers = DEFAULT_WORKERS;
-	uint32_t flags = 0;
-	struct convert_job j;
-	struct stat st_dst;
-	qk_format fmt;
-	int c, ret = CLI_EXIT_FAILURE;
+	int c;
 
-	while ((c = getopt_long(argc, argv, ":hf:O:B:CcF:o:l:S:pt:T:qnm:WUr:",
-				longopts, NULL)) != -1) {
+	while ((c = cli_getopt(&a->o, argc, argv,
+			       ":hf:O:B:CcF:o:l:S:pt:T:qnm:WUr:", longopts)) > 0) {
 		switch (c) {
-		case 'f':
-			fmtname = optarg;
-			break;
 		case 'O':
-			out_fmt = optarg;
+			a->out_fmt = optarg;
 			break;
 		case 'p':
-			progress = true;
+			a->progress = true;
 			break;
 		case 'q':
-			quiet = true;
+			a->quiet = true;
 			break;
 		case 'n':
-			skip_create = true;
+			a->skip_create = true;
 			break;
 		case 'W':
 			/* Pieces are always written out of order. */
 			break;
-		case 'U':
-			flags |= QK_OPEN_FORCE_SHARE;
-			break;
 		case 'S':
-			if (cli_parse_size(optarg, &sparse) < 0 ||
-			    sparse % 512 != 0 || sparse > (16u << 20)) {
-				cli_error("Invalid buffer size for sparse output "
-					  "specified. Valid sizes are multiples "
-					  "of 512 up to 16777216. Select 0 to "
-					  "disable sparse detection (fully "
-					  "allocates output).");
-				goto out_early;
-			}
+			if (parse_sparse(optarg, &a->sparse) < 0)
+				return CLI_EXIT_FAILURE;
 			break;
 		case 'm':
-			workers_given = true;
-			if (cli_parse_uint(optarg, &nworkers) < 0 ||
-			    nworkers < 1 || nworkers > MAX_WORKERS) {
-				cli_error("Invalid number of coroutines. Allowed "
-					  "number of coroutines is between 1 "
-					  "and %d", MAX_WORKERS);
-				goto out_early;
-			}
+			a->workers_given = true;
+			if (parse_workers(optarg, &a->nworkers) < 0)
+				return CLI_EXIT_FAILURE;
 			break;
 		case 't':
 			/* Target cache mode. By default the target is
 			 * written through the page cache and never flushed,
 			 * as with qemu-img's default "unsafe". */
-			target_unsafe = strcmp(optarg, "unsafe") == 0;
-			if (cli_parse_cache(optarg, &target_direct) < 0) {
+			a->target_unsafe = strcmp(optarg, "unsafe") == 0;
+			if (cli_parse_cache(optarg, &a->target_direct) < 0) {
 				cli_error("Invalid cache option: %s", optarg);
-				goto out_early;
+				return CLI_EXIT_FAILURE;
 			}
 			break;
 		case 'T':
-			if (cli_parse_cache(optarg, &direct) < 0) {
+			if (cli_parse_cache(optarg, &a->direct) < 0) {
 				cli_error("Invalid source cache option: %s",
 					  optarg);
-				goto out_early;
+				return CLI_EXIT_FAILURE;
 			}
 			break;
 		case OPT_TARGET_IS_ZERO:
-			target_is_zero = true;
+			a->target_is_zero = true;
 			break;
 		case 'c':
-			compress = true;
+			a->compress = true;
 			break;
 		case 'B':
-			backing = optarg;
+			a->backing = optarg;
 			break;
 		case 'F':
-			backing_fmt = optarg;
+			a->backing_fmt = optarg;
 			break;
 		case 'o':
-			cli_append_opts(&olist, optarg);
+			cli_append_opts(&a->olist, optarg);
 			break;
 		case 'l':
-			unsupported("converting a snapshot (-l)");
-			goto out_early;
+			return unsupported("converting a snapshot (-l)");
 		case 'C':
-			unsupported("copy offloading (-C)");
-			goto out_early;
+			return unsupported("copy offloading (-C)");
 		case 'r':
-			unsupported("rate limiting (-r)");
-			goto out_early;
+			return unsupported("rate limiting (-r)");
 		case OPT_UNSUPPORTED:
-			unsupported(argv[optind - 1]);
-			goto out_early;
-		case 'h':
-			cli_print_usage(stdout, cli_find_command("convert"));
-			free(olist);
-			return CLI_EXIT_OK;
-		default:
-			cli_bad_option("convert", c, argv, CLI_EXIT_FAILURE);
-			goto out_early;
+			return unsupported(argv[optind - 1]);
 		}
 	}
-	if (argc - optind < 2) {
-		free(olist);
+	return c < 0 ? a->o.status : CLI_GO;
+}
+
+/* The operands, and the combinations of options refused, in qemu-img's
+ * order. Returns CLI_GO, or the exit status after a message. */
+static int check_args(int argc, const struct convert_args *a)
+{
+	if (argc - optind < 2)
 		return cli_usage_error("convert", CLI_EXIT_FAILURE,
 				       "Expecting a source and a target file "
 				       "name");
+	if (argc - optind > 2)
+		return unsupported("concatenating several source images");
+	if (strcmp(a->out_fmt, "raw") != 0 && strcmp(a->out_fmt, "qcow2") != 0) {
+		cli_error("Unknown file format '%s'", a->out_fmt);
+		return CLI_EXIT_FAILURE;
 	}
-	if (argc - optind > 2) {
-		unsupported("concatenating several source images");
-		goto out_early;
-	}
-	if (strcmp(out_fmt, "raw") != 0 && strcmp(out_fmt, "qcow2") != 0) {
-		cli_error("Unknown file format '%s'", out_fmt);
-		goto out_early;
-	}
-	if (strcmp(out_fmt, "raw") == 0) {
-		if (backing != NULL) {
+	if (strcmp(a->out_fmt, "raw") == 0) {
+		if (a->backing != NULL) {
 			cli_error("Backing file not supported for file format 'raw'");
-			goto out_early;
+			return CLI_EXIT_FAILURE;
 		}
-		if (compress) {
+		if (a->compress) {
 			cli_error("Compression not supported for this file format");
-			goto out_early;
+			return CLI_EXIT_FAILURE;
 		}
-		if (olist != NULL) {
-			unsupported("target options (-o) for raw output");
-			goto out_early;
-		}
+		if (a->olist != NULL)
+			return unsupported("target options (-o) for raw output");
 	}
-	if (target_is_zero && !skip_create) {
+	if (a->target_is_zero && !a->skip_create) {
 		cli_error("--target-is-zero requires use of -n flag");
-		goto out_early;
+		return CLI_EXIT_FAILURE;
 	}
-	if (cli_parse_format(fmtname, &fmt) < 0)
-		goto out_early;
-	src_path = argv[optind];
-	dst_path = argv[optind + 1];
-	if (quiet)
-		progress = false;
-	if (direct)
-		flags |= QK_OPEN_DIRECT;
+	return CLI_GO;
+}
+
+/* convert -O qcow2 of the open source `src` (convert-qcow2.c). Returns the
+ * exit status. */
+static int to_qcow2(const struct convert_args *a, qk_image *src,
+		    const char *dst_path)
+{
+	struct convert_qcow2 q = {
+		.src = src, .dst_path = dst_path, .olist = a->olist,
+		.backing = a->backing, .backing_fmt = a->backing_fmt,
+		.compress = a->compress, .skip_create = a->skip_create,
+		.target_is_zero = a->target_is_zero, .progress = a->progress,
+		.quiet = a->quiet, .sparse = a->sparse,
+		.workers = a->workers_given ? (unsigned)a->nworkers : qcow2_workers(),
+		.open_flags = (a->target_direct ? QK_OPEN_DIRECT : 0) |
+			      (a->target_unsafe ? QK_OPEN_UNSAFE : 0),
+	};
+
+	return convert_qcow2(&q);
+}
+
+/*
+ * Open and lock the raw target into j->fd and make it ready for the copy
+ * of j->size bytes. A target this call creates is sized, reads as zero
+ * (j->zero_init) and has its first block allocated, as qemu-img's raw
+ * create leaves it; an existing one (-n, a device) must be large enough,
+ * and reads as zero only with --target-is-zero. Returns 0, or -1 after a
+ * message.
+ */
+static int prepare_target(struct convert_job *j, const struct convert_args *a,
+			  const char *dst_path)
+{
+	struct stat st;
+
+	j->fd = open_target(dst_path, !a->skip_create);
+	if (j->fd < 0)
+		return -1;
+	if (fstat(j->fd, &st) < 0) {
+		cli_error("Could not stat '%s': %s", dst_path, strerror(errno));
+		return -1;
+	}
+	if (!S_ISREG(st.st_mode) || a->skip_create) {
+		/* An existing target (-n, a device) may hold old data. */
+		off_t end = lseek(j->fd, 0, SEEK_END);
+
+		if (end >= 0 && (uint64_t)end < j->size) {
+			cli_error("output file is smaller than input file");
+			return -1;
+		}
+		j->zero_init = a->target_is_zero;
+		return 0;
+	}
+	if (ftruncate(j->fd, (off_t)j->size) < 0) {
+		cli_error("Could not resize '%s': %s", dst_path,
+			  strerror(errno));
+		return -1;
+	}
+	j->zero_init = true;
+	/* qemu-img's raw create allocates the first block (so that O_DIRECT
+	 * alignment probing works later); do the same so the two tools
+	 * leave identical allocation maps. */
+	if (j->size > 0) {
+		static const char zeros[4096];
+		uint64_t n = j->size < 4096 ? 512 : 4096;
+		int r = pwrite_all(j->fd, zeros, n < j->size ? n : j->size, 0);
+
+		if (r < 0) {
+			cli_error("Could not write to '%s': %s", dst_path,
+				  strerror(-r));
+			return -1;
+		}
+	}
+	return 0;
+}
+
+/* How the workers write (see the design note). -t none / directsync:
+ * around the page cache through a second, O_DIRECT descriptor, as
+ * qemu-img does (if the file system refuses O_DIRECT, they fall back
+ * silently). Otherwise a fresh target is filled through a shared mapping;
+ * without one, pwrite() does the same job slower. */
+static void choose_write_path(struct convert_job *j,
+			      const struct convert_args *a,
+			      const char *dst_path)
+{
+	void *m;
+	struct sigaction sa;
+
+	if (a->target_direct) {
+		j->dfd = open(dst_path, O_WRONLY | O_CLOEXEC | O_DIRECT);
+		return;
+	}
+	if (!j->zero_init || j->size == 0 || j->size > MAP_MAX)
+		return;
+	m = mmap(NULL, (size_t)j->size, PROT_READ | PROT_WRITE, MAP_SHARED,
+		 j->fd, 0);
+	if (m == MAP_FAILED)
+		return;
+	memset(&sa, 0, sizeof(sa));
+	sa.sa_handler = on_sigbus;
+	sigaction(SIGBUS, &sa, NULL);
+	j->map = m;
+	/* O_DIRECT source reads into file pages, and holes finer than a
+	 * page, are left to the buffered path. */
+	j->map_read_ok = !a->direct && j->sparse % 4096 == 0;
+}
+
+/* Copy on a->nworkers threads, showing progress with -p. Returns 0, or
+ * -1 after a message. */
+static int copy(struct convert_job *j, const struct convert_args *a)
+{
+	progress_init(&j->prog, a->progress, 1.0f);
+	progress_print(&j->prog, 0, 100);
+	if (a->progress) {
+		int r = count_work(j, &j->work_total);
+
+		if (r < 0) {
+			progress_end(&j->prog);
+			cli_lib_error(r);
+			return -1;
+		}
+	}
+	if (cli_run_progress((unsigned)a->nworkers, worker, j, &j->prog,
+			     &j->failed) < 0)
+		return -1;
+	if (j->failed) {
+		cli_error("%s", j->errmsg);
+		return -1;
+	}
+	return 0;
+}
+
+/* convert -O raw of the open source `src` into `dst_path`. Returns the
+ * exit status. */
+static int to_raw(const struct convert_args *a, qk_image *src,
+		  const char *dst_path)
+{
+	struct convert_job j;
+	int ret = CLI_EXIT_FAILURE;
 
 	memset(&j, 0, sizeof(j));
+	j.src = src;
 	j.fd = -1;
 	j.dfd = -1;
 	atomic_init(&j.direct_ok, true);
-	j.sparse = sparse;
+	j.sparse = a->sparse;
+	j.size = qk_get_size(src);
 	pthread_mutex_init(&j.lock, NULL);
-	if (cli_open(src_path, fmt, flags, &j.src) < 0)
+	if (prepare_target(&j, a, dst_path) < 0)
 		goto out;
-	/* Writing a file the source reads would lose it under our feet. */
-	if (cli_check_target(j.src, dst_path) < 0)
+	choose_write_path(&j, a, dst_path);
+	if (copy(&j, a) < 0)
 		goto out;
-	j.size = qk_get_size(j.src);
-	if (strcmp(out_fmt, "qcow2") == 0) {
-		struct convert_qcow2 a = {
-			.src = j.src, .dst_path = dst_path, .olist = olist,
-			.backing = backing, .backing_fmt = backing_fmt,
-			.compress = compress, .skip_create = skip_create,
-			.target_is_zero = target_is_zero, .progress = progress,
-			.quiet = quiet, .sparse = sparse,
-			.workers = workers_given ? (unsigned)nworkers : qcow2_workers(),
-			.open_flags = (target_direct ? QK_OPEN_DIRECT : 0) |
-				      (target_unsafe ? QK_OPEN_UNSAFE : 0),
-		};
-
-		ret = convert_qcow2(&a);
-		goto out;
-	}
-
-	j.fd = open_target(dst_path, !skip_create);
-	if (j.fd < 0)
-		goto out;
-	if (fstat(j.fd, &st_dst) < 0) {
-		cli_error("Could not stat '%s': %s", dst_path, strerror(errno));
-		goto out;
-	}
-	if (S_ISREG(st_dst.st_mode) && !skip_create) {
-		if (ftruncate(j.fd, (off_t)j.size) < 0) {
-			cli_error("Could not resize '%s': %s", dst_path,
-				  strerror(errno));
-			goto out;
-		}
-		j.zero_init = true;
-		/* qemu-img's raw create allocates the first block (so that
-		 * O_DIRECT alignment probing works later); do the same so
-		 * the two tools leave identical allocation maps. */
-		if (j.size > 0) {
-			static const char zeros[4096];
-			uint64_t n = j.size < 4096 ? 512 : 4096;
-			int r = pwrite_all(j.fd, zeros, n < j.size ? n : j.size,
-					   0);
-
-			if (r < 0) {
-				cli_error("Could not write to '%s': %s",
-					  dst_path, strerror(-r));
-				goto out;
-			}
-		}
-	} else {
-		/* An existing target (-n, a device) may hold old data. */
-		off_t end = lseek(j.fd, 0, SEEK_END);
-
-		if (end >= 0 && (uint64_t)end < j.size) {
-			cli_error("output file is smaller than input file");
-			goto out;
-		}
-		j.zero_init = target_is_zero;
-	}
-
-	/* -t none / directsync: write around the page cache, as qemu-img
-	 * does; if the file system refuses O_DIRECT, fall back silently.
-	 * Otherwise fill a fresh target through a shared mapping (see the
-	 * design note); without one, pwrite() does the same job slower. */
-	if (target_direct) {
-		j.dfd = open(dst_path, O_WRONLY | O_CLOEXEC | O_DIRECT);
-	} else if (j.zero_init && j.size > 0 && j.size <= MAP_MAX) {
-		void *m = mmap(NULL, (size_t)j.size, PROT_READ | PROT_WRITE,
-			       MAP_SHARED, j.fd, 0);
-
-		if (m != MAP_FAILED) {
-			struct sigaction sa;
-
-			memset(&sa, 0, sizeof(sa));
-			sa.sa_handler = on_sigbus;
-			sigaction(SIGBUS, &sa, NULL);
-			j.map = m;
-			/* O_DIRECT source reads into file pages, and holes
-			 * finer than a page, are left to the buffered path. */
-			j.map_read_ok = !direct && j.sparse % 4096 == 0;
-		}
-	}
-
-	progress_init(&j.prog, progress, 1.0f);
-	progress_print(&j.prog, 0, 100);
-	if (progress) {
-		int r = count_work(&j, &j.work_total);
-
-		if (r < 0) {
-			progress_end(&j.prog);
-			cli_lib_error(r);
-			goto out;
-		}
-	}
-
-	if (cli_run_threads((unsigned)nworkers, worker, &j) < 0) {
-		progress_end(&j.prog);
-		goto out;
-	}
-
-	if (!j.failed)
-		progress_print(&j.prog, 100, 0);
-	progress_end(&j.prog);
-	if (j.failed) {
-		cli_error("%s", j.errmsg);
-		goto out;
-	}
 	if (j.map != NULL) {
 		munmap(j.map, (size_t)j.size);
 		j.map = NULL;
@@ -809,11 +847,43 @@ out:
 		close(j.dfd);
 	if (j.fd >= 0)
 		close(j.fd);
-	qk_close(j.src);
 	pthread_mutex_destroy(&j.lock);
-	free(olist);
 	return ret;
-out_early:
-	free(olist);
-	return CLI_EXIT_FAILURE;
+}
+
+int cmd_convert(int argc, char **argv)
+{
+	struct convert_args a = {
+		.o = { .cmd = "convert", .usage_code = CLI_EXIT_FAILURE },
+		.out_fmt = "raw", .target_unsafe = true,
+		.nworkers = DEFAULT_WORKERS, .sparse = 4096,
+	};
+	const char *dst_path;
+	qk_image *src = NULL;
+	qk_format fmt;
+	int ret = parse_args(argc, argv, &a);
+
+	if (ret != CLI_GO || (ret = check_args(argc, &a)) != CLI_GO)
+		goto out;
+	ret = CLI_EXIT_FAILURE;
+	if (cli_parse_format(a.o.fmtname, &fmt) < 0)
+		goto out;
+	if (a.quiet)
+		a.progress = false;
+	if (a.direct)
+		a.o.open_flags |= QK_OPEN_DIRECT;
+	dst_path = argv[optind + 1];
+	if (cli_open(argv[optind], fmt, a.o.open_flags, &src) < 0)
+		goto out;
+	/* Writing a file the source reads would lose it under our feet. */
+	if (cli_check_target(src, dst_path) < 0)
+		goto out;
+	if (strcmp(a.out_fmt, "qcow2") == 0)
+		ret = to_qcow2(&a, src, dst_path);
+	else
+		ret = to_raw(&a, src, dst_path);
+out:
+	qk_close(src);
+	free(a.olist);
+	return ret;
 }

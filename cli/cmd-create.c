@@ -405,155 +405,198 @@ static int to_create_options(struct create_opts *c, qk_format fmt,
 	return 0;
 }
 
-int cmd_create(int argc, char **argv)
+/* create's command line. */
+struct create_args {
+	struct cli_opts o;        /* o.fmtname: -f, "raw" by default */
+	const char *base;         /* -b */
+	const char *base_fmt;     /* -F */
+	char *olist;              /* every -o, joined (malloc'd) */
+	bool unsafe;              /* -u */
+	bool quiet;               /* -q */
+	const char *file;         /* the operands */
+	uint64_t size;
+	bool have_size;
+};
+
+/* Parse create's options into *a. Returns CLI_GO, or the exit status after
+ * --help or a message. */
+static int parse_args(int argc, char **argv, struct create_args *a)
 {
 	static const struct option longopts[] = {
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
-	const char *fmt_name = "raw", *base = NULL, *base_fmt = NULL, *file;
-	char *olist = NULL;
-	bool unsafe = false, quiet = false;
-	struct create_opts c;
-	struct qk_create_options o;
-	struct opt_val *bf, *bfmt, *size;
-	qk_format fmt;
-	uint64_t pos_size = 0;
-	bool have_size = false;
-	int opt, ret = CLI_EXIT_FAILURE;
+	int opt;
 
-	memset(&c, 0, sizeof c);
-	while ((opt = getopt_long(argc, argv, ":F:b:f:ho:qu", longopts, NULL)) != -1) {
+	while ((opt = cli_getopt(&a->o, argc, argv, ":F:b:f:ho:qu", longopts)) > 0) {
 		switch (opt) {
-		case 'f':
-			fmt_name = optarg;
-			break;
 		case 'b':
-			base = optarg;
+			a->base = optarg;
 			break;
 		case 'F':
-			base_fmt = optarg;
+			a->base_fmt = optarg;
 			break;
 		case 'u':
-			unsafe = true;
+			a->unsafe = true;
 			break;
 		case 'q':
-			quiet = true;
+			a->quiet = true;
 			break;
 		case 'o':
-			cli_append_opts(&olist, optarg);
+			cli_append_opts(&a->olist, optarg);
 			break;
-		case 'h':
-			cli_print_usage(stdout, cli_find_command("create"));
-			free(olist);
-			return CLI_EXIT_OK;
-		default:
-			free(olist);
-			return cli_bad_option("create", opt, argv, CLI_EXIT_FAILURE);
 		}
 	}
+	return opt < 0 ? a->o.status : CLI_GO;
+}
+
+/* The operands FILE [SIZE] into *a. Returns CLI_GO, or the exit status
+ * after a message. */
+static int parse_operands(int argc, char **argv, struct create_args *a)
+{
+	if (optind >= argc)
+		return cli_usage_error("create", CLI_EXIT_FAILURE, "Expecting image file name");
+	a->file = argv[optind++];
+	if (optind < argc) {
+		if (cli_cvtnum("image size", argv[optind], 0, INT64_MAX, &a->size) < 0)
+			return CLI_EXIT_FAILURE;
+		a->have_size = true;
+		optind++;
+	}
+	if (optind < argc)
+		return cli_usage_error("create", CLI_EXIT_FAILURE, "Unexpected argument: %s",
+				       argv[optind]);
+	return CLI_GO;
+}
+
+/* -o help: the options of format `fmt_name`. Returns the exit status. */
+static int options_help(struct create_opts *c, const char *fmt_name)
+{
+	qk_format fmt;
+
+	if (cli_parse_format(fmt_name, &fmt) < 0)
+		return CLI_EXIT_FAILURE;
+	use_descs(c, fmt);
+	print_help(c, qk_format_name(fmt));
+	return CLI_EXIT_OK;
+}
+
+/*
+ * Put the SIZE operand and -b/-F into the option values, and check the
+ * backing file as qemu-img does: named once, not the image itself, not
+ * empty, and (without -u) present, with a format, and giving the size when
+ * none was given. Returns 0, or -1 after a message.
+ */
+static int set_size_and_backing(struct create_opts *c, const struct create_args *a)
+{
+	struct opt_val *bf = get(c, "backing_file"), *bfmt = get(c, "backing_fmt");
+	struct opt_val *size = get(c, "size");
+	uint64_t bsize;
+
+	if (size->set && a->have_size) {
+		cli_error("The image size must be specified only once");
+		return -1;
+	}
+	if (a->have_size) {
+		size->set = true;
+		size->num = a->size;
+	}
+	if (a->base != NULL) {
+		if (bf == NULL) {
+			cli_error("Backing file not supported for file format '%s'", a->o.fmtname);
+			return -1;
+		}
+		set_str(c, "backing_file", a->base);
+	}
+	if (a->base_fmt != NULL) {
+		if (bfmt == NULL) {
+			cli_error("Backing file format not supported for file format '%s'",
+				  a->o.fmtname);
+			return -1;
+		}
+		set_str(c, "backing_fmt", a->base_fmt);
+	}
+	if (bf == NULL || !bf->set)
+		return 0;
+	if (strcmp(bf->str, a->file) == 0) {
+		cli_error("Error: Trying to create an image with the same filename "
+			  "as the backing file");
+		return -1;
+	}
+	if (bf->str[0] == '\0') {
+		cli_error("Expected backing file name, got empty string");
+		return -1;
+	}
+	if (a->unsafe) {
+		if (!bfmt->set) {
+			cli_error("Backing file specified without backing format");
+			return -1;
+		}
+		return 0;
+	}
+	if (probe_backing(a->file, bf->str, bfmt->set ? bfmt->str : NULL,
+			  &bsize, !bfmt->set) < 0)
+		return -1;
+	if (!size->set) {
+		size->set = true;
+		size->num = bsize;
+	}
+	return 0;
+}
+
+/* Create the image `a` describes, into option values `c` (empty). Returns
+ * the exit status. */
+static int create(struct create_args *a, struct create_opts *c, int argc, char **argv)
+{
+	struct qk_create_options o;
+	qk_format fmt;
+	int r;
 
 	/* qemu-img's order: help, the file name, the size, then the format
 	 * and the option list. */
-	if (olist != NULL && wants_help(olist)) {
-		if (cli_parse_format(fmt_name, &fmt) < 0)
-			goto out;
-		use_descs(&c, fmt);
-		print_help(&c, qk_format_name(fmt));
-		ret = CLI_EXIT_OK;
-		goto out;
-	}
-	if (optind >= argc) {
-		ret = cli_usage_error("create", CLI_EXIT_FAILURE, "Expecting image file name");
-		goto out;
-	}
-	file = argv[optind++];
-	if (optind < argc) {
-		if (cli_cvtnum("image size", argv[optind], 0, INT64_MAX, &pos_size) < 0)
-			goto out;
-		have_size = true;
-		optind++;
-	}
-	if (optind < argc) {
-		ret = cli_usage_error("create", CLI_EXIT_FAILURE, "Unexpected argument: %s",
-				      argv[optind]);
-		goto out;
-	}
-	if (cli_parse_format(fmt_name, &fmt) < 0)
-		goto out;
-	use_descs(&c, fmt);
-	if (olist != NULL && parse_options(&c, olist) < 0)
-		goto out;
-
-	size = get(&c, "size");
-	if (size->set && have_size) {
-		cli_error("The image size must be specified only once");
-		goto out;
-	}
-	if (have_size) {
-		size->set = true;
-		size->num = pos_size;
-	}
-	bf = get(&c, "backing_file");
-	bfmt = get(&c, "backing_fmt");
-	if (base != NULL) {
-		if (bf == NULL) {
-			cli_error("Backing file not supported for file format '%s'", fmt_name);
-			goto out;
-		}
-		set_str(&c, "backing_file", base);
-	}
-	if (base_fmt != NULL) {
-		if (bfmt == NULL) {
-			cli_error("Backing file format not supported for file format '%s'",
-				  fmt_name);
-			goto out;
-		}
-		set_str(&c, "backing_fmt", base_fmt);
-	}
-	if (bf != NULL && bf->set) {
-		if (strcmp(bf->str, file) == 0) {
-			cli_error("Error: Trying to create an image with the same filename "
-				  "as the backing file");
-			goto out;
-		}
-		if (bf->str[0] == '\0') {
-			cli_error("Expected backing file name, got empty string");
-			goto out;
-		}
-		if (!unsafe) {
-			uint64_t bsize;
-
-			if (probe_backing(file, bf->str, bfmt->set ? bfmt->str : NULL,
-					  &bsize, !bfmt->set) < 0)
-				goto out;
-			if (!size->set) {
-				size->set = true;
-				size->num = bsize;
-			}
-		} else if (!bfmt->set) {
-			cli_error("Backing file specified without backing format");
-			goto out;
-		}
-	}
-	if (!size->set) {
+	if (a->olist != NULL && wants_help(a->olist))
+		return options_help(c, a->o.fmtname);
+	if ((r = parse_operands(argc, argv, a)) != CLI_GO)
+		return r;
+	if (cli_parse_format(a->o.fmtname, &fmt) < 0)
+		return CLI_EXIT_FAILURE;
+	use_descs(c, fmt);
+	if (a->olist != NULL && parse_options(c, a->olist) < 0)
+		return CLI_EXIT_FAILURE;
+	if (set_size_and_backing(c, a) < 0)
+		return CLI_EXIT_FAILURE;
+	if (!get(c, "size")->set) {
 		cli_error("Image creation needs a size parameter");
-		goto out;
+		return CLI_EXIT_FAILURE;
 	}
 
-	if (!quiet)
-		print_formatting(&c, file, qk_format_name(fmt));
-	if (to_create_options(&c, fmt, &o) < 0)
-		goto out;
-	opt = qk_create(file, &o);
-	if (opt < 0) {
-		cli_lib_error(opt);
-		goto out;
+	if (!a->quiet)
+		print_formatting(c, a->file, qk_format_name(fmt));
+	if (to_create_options(c, fmt, &o) < 0)
+		return CLI_EXIT_FAILURE;
+	r = qk_create(a->file, &o);
+	if (r < 0) {
+		cli_lib_error(r);
+		return CLI_EXIT_FAILURE;
 	}
-	ret = CLI_EXIT_OK;
-out:
+	return CLI_EXIT_OK;
+}
+
+int cmd_create(int argc, char **argv)
+{
+	struct create_args a = {
+		.o = { .cmd = "create", .usage_code = CLI_EXIT_FAILURE,
+		       .fmtname = "raw" },
+	};
+	struct create_opts c;
+	int ret;
+
+	memset(&c, 0, sizeof c);
+	ret = parse_args(argc, argv, &a);
+	if (ret == CLI_GO)
+		ret = create(&a, &c, argc, argv);
 	free_options(&c);
-	free(olist);
+	free(a.olist);
 	return ret;
 }
 

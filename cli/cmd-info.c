@@ -210,6 +210,34 @@ static void image_human(const struct image_report *r)
 	}
 }
 
+/* Print the gathered reports: one JSON ImageInfo (a list of them with
+ * --backing-chain) or the human layouts, a blank line between them. */
+static void print_reports(struct image_report *reports, size_t n, bool json,
+			  bool chain)
+{
+	if (json) {
+		struct qj *out = chain ? qj_list() : NULL;
+
+		for (size_t i = 0; i < n; i++) {
+			struct qj *o = image_json(&reports[i]);
+
+			if (out == NULL)
+				out = o;
+			else
+				qj_add(out, NULL, o);
+		}
+		qj_print_json(stdout, out);
+		printf("\n");
+		qj_free(out);
+		return;
+	}
+	for (size_t i = 0; i < n; i++) {
+		if (i > 0)
+			printf("\n");
+		image_human(&reports[i]);
+	}
+}
+
 int cmd_info(int argc, char **argv)
 {
 	enum { OPT_OUTPUT = 256, OPT_BACKING_CHAIN };
@@ -221,51 +249,30 @@ int cmd_info(int argc, char **argv)
 		{ "force-share", no_argument, NULL, 'U' },
 		{ NULL, 0, NULL, 0 },
 	};
-	const char *fmtname = NULL;
-	bool json = false, chain = false;
-	uint32_t flags = 0;
+	struct cli_opts o = { .cmd = "info", .usage_code = CLI_EXIT_FAILURE };
+	const char *file;
+	bool chain = false;
 	qk_format fmt;
 	qk_image *img;
 	struct image_report *reports = NULL;
 	size_t n = 0;
 	int c, ret = CLI_EXIT_OK;
 
-	while ((c = getopt_long(argc, argv, ":f:hU", longopts, NULL)) != -1) {
-		switch (c) {
-		case 'f':
-			fmtname = optarg;
-			break;
-		case OPT_OUTPUT:
-			if (cli_parse_output(optarg, &json) < 0)
-				return CLI_EXIT_FAILURE;
-			break;
-		case OPT_BACKING_CHAIN:
+	while ((c = cli_getopt(&o, argc, argv, ":f:hU", longopts)) > 0)
+		if (c == OPT_BACKING_CHAIN)
 			chain = true;
-			break;
-		case 'U':
-			flags |= QK_OPEN_FORCE_SHARE;
-			break;
-		case 'h':
-			cli_print_usage(stdout, cli_find_command("info"));
-			return CLI_EXIT_OK;
-		default:
-			return cli_bad_option("info", c, argv,
-					      CLI_EXIT_FAILURE);
-		}
-	}
-	if (optind != argc - 1)
-		return cli_usage_error("info", CLI_EXIT_FAILURE,
-				       "Expecting one image file name");
-	if (cli_parse_format(fmtname, &fmt) < 0)
+	if ((file = cli_one_image(&o, c, argc, argv)) == NULL)
+		return o.status;
+	if (cli_parse_format(o.fmtname, &fmt) < 0)
 		return CLI_EXIT_FAILURE;
 	/* Like qemu-img, a plain info does not need the backing files to
 	 * be present; the chain walk opens them. */
 	if (!chain)
-		flags |= QK_OPEN_NO_BACKING;
+		o.open_flags |= QK_OPEN_NO_BACKING;
 	/* Describing an image never opens the external data file it names
 	 * (a name there is untrusted: a FIFO would hang the open). */
-	flags |= QK_OPEN_DEFER_DATA;
-	if (cli_open(argv[optind], fmt, flags, &img) < 0)
+	o.open_flags |= QK_OPEN_DEFER_DATA;
+	if (cli_open(file, fmt, o.open_flags, &img) < 0)
 		return CLI_EXIT_FAILURE;
 
 	/* Gather the whole chain before printing anything, so a failure
@@ -280,27 +287,8 @@ int cmd_info(int argc, char **argv)
 		if (!chain)
 			break;
 	}
-	if (ret == CLI_EXIT_OK && json) {
-		struct qj *out = chain ? qj_list() : NULL;
-
-		for (size_t i = 0; i < n; i++) {
-			struct qj *o = image_json(&reports[i]);
-
-			if (out == NULL)
-				out = o;
-			else
-				qj_add(out, NULL, o);
-		}
-		qj_print_json(stdout, out);
-		printf("\n");
-		qj_free(out);
-	} else if (ret == CLI_EXIT_OK) {
-		for (size_t i = 0; i < n; i++) {
-			if (i > 0)
-				printf("\n");
-			image_human(&reports[i]);
-		}
-	}
+	if (ret == CLI_EXIT_OK)
+		print_reports(reports, n, o.json, chain);
 	for (size_t i = 0; i < n; i++)
 		qj_free(reports[i].format_specific);
 	free(reports);

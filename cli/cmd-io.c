@@ -43,35 +43,43 @@ static const char *const later_cmds[] = {
 	"wait_break", "sigraise", "help", NULL,
 };
 
-/* qemu-io's cvtnum(): a size with suffixes, at most INT64_MAX. */
-static int io_cvtnum(const char *s, int64_t *out)
+/* ---- arguments ------------------------------------------------------- */
+
+/* Parse a size argument as qemu-io's cvtnum() (suffixes, at most
+ * INT64_MAX), saying on stdout what is wrong with it; 0 or -1. */
+static int num_arg(const char *arg, int64_t *out)
 {
 	uint64_t v;
-	int r = cli_parse_size(s, &v);
+	int r = cli_parse_size(arg, &v);
 
-	if (r < 0)
-		return r;
-	*out = (int64_t)v;
-	return 0;
-}
-
-static void print_cvtnum_err(int rc, const char *arg)
-{
-	if (rc == -EINVAL)
+	if (r == 0) {
+		*out = (int64_t)v;
+		return 0;
+	}
+	if (r == -EINVAL)
 		printf("Parsing error: non-numeric argument, or "
 		       "extraneous/unrecognized suffix -- %s\n", arg);
-	else if (rc == -ERANGE)
+	else if (r == -ERANGE)
 		printf("Parsing error: argument too large -- %s\n", arg);
 	else
 		printf("Parsing error: %s\n", arg);
+	return -1;
 }
 
-/* Parse a size argument, saying what is wrong with it; 0 or -1. */
-static int num_arg(const char *arg, int64_t *out)
+/*
+ * The "off len" operands of read, write and discard: args[0] and args[1],
+ * each a size (num_arg). The length may not pass REQUEST_MAX_BYTES
+ * ("length cannot exceed N<note>, given LEN") unless `note` is NULL.
+ * Returns 0, or -1 after qemu-io's message.
+ */
+static int off_len(char **args, int64_t *offset, int64_t *len,
+		   const char *note)
 {
-	int r = io_cvtnum(arg, out);
-	if (r < 0) {
-		print_cvtnum_err(r, arg);
+	if (num_arg(args[0], offset) < 0 || num_arg(args[1], len) < 0)
+		return -1;
+	if (note != NULL && (uint64_t)*len > REQUEST_MAX_BYTES) {
+		printf("length cannot exceed %llu%s, given %s\n",
+		       REQUEST_MAX_BYTES, note, args[1]);
 		return -1;
 	}
 	return 0;
@@ -101,10 +109,102 @@ static void getopt_error(const char *cmd, int c)
 		fprintf(stderr, "%s: invalid option -- '%c'\n", cmd, optopt);
 }
 
-static void read_usage(void)
+/* The options io's commands share; each takes those its optstring
+ * lists. */
+struct io_flags {
+	bool Cflag;               /* -C: the report as one line of numbers */
+	bool qflag;               /* -q: no report */
+	bool fua;                 /* -f: FUA, durable before it completes */
+	bool Pflag;               /* -P BYTE */
+	int pattern;
+};
+
+/*
+ * getopt() for an io command (set optind = 0 before the first call),
+ * taking the shared -C, -q, -f and -P into *f. Returns the next option for
+ * the command, -1 after the last, or 0 when the command fails: an option
+ * getopt refused (its message on stderr, `usage` on stdout) or a bad -P
+ * byte (parse_pattern()'s message).
+ */
+static int io_getopt(int argc, char **argv, const char *optstring,
+		     const char *usage, struct io_flags *f)
 {
-	printf("read [-abCqv] [-P pattern [-s off] [-l len]] off len -- "
-	       "reads a number of bytes at a specified offset\n");
+	int c;
+
+	while ((c = getopt(argc, argv, optstring)) != -1) {
+		switch (c) {
+		case 'C':
+			f->Cflag = true;
+			break;
+		case 'q':
+			f->qflag = true;
+			break;
+		case 'f':
+			f->fua = true;
+			break;
+		case 'P':
+			if ((f->pattern = parse_pattern(optarg)) < 0)
+				return 0;
+			f->Pflag = true;
+			break;
+		case '?':
+		case ':':
+			getopt_error(argv[0], c);
+			printf("%s\n", usage);
+			return 0;
+		default:
+			return c;
+		}
+	}
+	return -1;
+}
+
+/*
+ * After an io command's option loop ended with `c` (io_getopt()): true
+ * when no option was refused and `min` to `max` operands follow (max -1:
+ * any number); false otherwise, after `usage` for a wrong count.
+ */
+static bool io_operands(int c, int argc, int min, int max, const char *usage)
+{
+	int n = argc - optind;
+
+	if (c == 0)
+		return false;
+	if (n < min || (max >= 0 && n > max)) {
+		printf("%s\n", usage);
+		return false;
+	}
+	return true;
+}
+
+/* The usage lines qemu-io prints for a command's wrong arguments. */
+static const char read_usage[] =
+	"read [-abCqv] [-P pattern [-s off] [-l len]] off len -- "
+	"reads a number of bytes at a specified offset";
+static const char write_usage[] =
+	"write [-bcCfnquz] [-P pattern | -s source_file] off len -- "
+	"writes a number of bytes at a specified offset";
+static const char writev_usage[] =
+	"writev [-Cfq] [-P pattern] off len [len..] -- writes a number "
+	"of bytes at a specified offset";
+static const char discard_usage[] =
+	"discard [-Cq] off len -- discards a number of bytes at a "
+	"specified offset";
+
+/* ---- buffers and reports ------------------------------------------------- */
+
+/* A 4 KiB aligned buffer (so -n / -t none work) of `len` bytes, each
+ * `fill`; NULL after "out of memory". */
+static unsigned char *io_buffer(uint64_t len, int fill)
+{
+	unsigned char *buf = NULL;
+
+	if (posix_memalign((void **)&buf, 4096, len ? (size_t)len : 1)) {
+		cli_error("out of memory");
+		return NULL;
+	}
+	memset(buf, fill, (size_t)len);
+	return buf;
 }
 
 /* qemu-io's dump_buffer() for read -v. */
@@ -144,119 +244,141 @@ static void print_report(const char *op, double secs, int64_t offset,
 	}
 }
 
+/* A library call failed: its one-line message on stderr, after what
+ * stdout already holds. Returns -1. */
+static int lib_failed(int r)
+{
+	fflush(stdout);
+	cli_lib_error(r);
+	return -1;
+}
+
+/*
+ * The end of a timed request of `count` bytes at `offset` that returned
+ * `r`: the library's message if it failed, else qemu-io's report of
+ * operation `op` as -q and -C in `f` say. Returns 0 or -1.
+ */
+static int report_done(int r, const char *op, double secs, int64_t offset,
+		       int64_t count, const struct io_flags *f)
+{
+	if (r < 0)
+		return lib_failed(r);
+	if (!f->qflag)
+		print_report(op, secs, offset, count, count, 1, f->Cflag);
+	return 0;
+}
+
+/* ---- read ------------------------------------------------------------------- */
+
+/* read's options. */
+struct read_opts {
+	struct io_flags f;             /* -C, -q, -P */
+	bool vflag, sflag, lflag;      /* -v, -s, -l */
+	int64_t pat_off, pat_count;    /* -s, -l */
+};
+
+/* Parse read's options into *o and check the operand count. Returns 0, or
+ * -1 after qemu-io's message. */
+static int read_options(int argc, char **argv, struct read_opts *o)
+{
+	int c;
+
+	optind = 0;
+	while ((c = io_getopt(argc, argv, ":bCl:pP:qs:vE", read_usage,
+			      &o->f)) > 0) {
+		switch (c) {
+		case 'b':
+			printf("read -b (VM state) is not supported yet\n");
+			return -1;
+		case 'E':
+		case 'p':
+			/* registered buffers / pread: no meaning here */
+			break;
+		case 'l':
+			o->lflag = true;
+			if (num_arg(optarg, &o->pat_count) < 0)
+				return -1;
+			break;
+		case 's':
+			o->sflag = true;
+			if (num_arg(optarg, &o->pat_off) < 0)
+				return -1;
+			break;
+		case 'v':
+			o->vflag = true;
+			break;
+		}
+	}
+	if (!io_operands(c, argc, 2, 2, read_usage))
+		return -1;
+	return 0;
+}
+
+/* read -P: the bytes read at `offset` hold the pattern over the checked
+ * range. Returns 0, or -1 after naming the range (stdout, as qemu-io) and
+ * the first wrong byte (stderr). */
+static int verify_pattern(const unsigned char *buf, int64_t offset,
+			  const struct read_opts *o)
+{
+	for (int64_t i = 0; i < o->pat_count; i++) {
+		if (buf[o->pat_off + i] != o->f.pattern) {
+			printf("Pattern verification failed at offset "
+			       "%" PRId64 ", %" PRId64 " bytes\n",
+			       offset + o->pat_off, o->pat_count);
+			/* qemu-io names only the range; say which byte, on
+			 * stderr so stdout stays qemu's. */
+			fflush(stdout);
+			cli_error("read -P: first mismatch at offset "
+				  "%" PRId64 ": 0x%02x, expected 0x%02x",
+				  offset + o->pat_off + i,
+				  buf[o->pat_off + i], o->f.pattern);
+			return -1;
+		}
+	}
+	return 0;
+}
+
 /*
  * read [-Cqv] [-P pattern [-s off] [-l len]] off len, as qemu-io.
  * Returns 0, or -1 when the command failed (message already printed).
  */
 static int io_read(struct io_state *st, int argc, char **argv)
 {
-	bool cflag = false, qflag = false, vflag = false, pflag = false;
-	bool sflag = false, lflag = false;
-	int64_t offset, count, pat_off = 0, pat_count = 0;
-	int pattern = 0, c, r, ret = 0;
-	unsigned char *buf = NULL;
+	struct read_opts o = { .f = { .pattern = 0 } };
+	int64_t offset, count;
+	int r, ret = 0;
+	unsigned char *buf;
 	double t0, secs;
 
-	optind = 0;
-	while ((c = getopt(argc, argv, ":bCl:pP:qs:vE")) != -1) {
-		switch (c) {
-		case 'b':
-			printf("read -b (VM state) is not supported yet\n");
-			return -1;
-		case 'C':
-			cflag = true;
-			break;
-		case 'E':
-		case 'p':
-			/* registered buffers / pread: no meaning here */
-			break;
-		case 'l':
-			lflag = true;
-			if (num_arg(optarg, &pat_count) < 0)
-				return -1;
-			break;
-		case 'P':
-			if ((pattern = parse_pattern(optarg)) < 0)
-				return -1;
-			pflag = true;
-			break;
-		case 'q':
-			qflag = true;
-			break;
-		case 's':
-			sflag = true;
-			if (num_arg(optarg, &pat_off) < 0)
-				return -1;
-			break;
-		case 'v':
-			vflag = true;
-			break;
-		default:
-			getopt_error(argv[0], c);
-			read_usage();
-			return -1;
-		}
-	}
-	if (optind != argc - 2) {
-		read_usage();
+	if (read_options(argc, argv, &o) < 0 ||
+	    off_len(argv + optind, &offset, &count, "") < 0)
+		return -1;
+	if (!o.f.Pflag && (o.lflag || o.sflag)) {
+		printf("%s\n", read_usage);
 		return -1;
 	}
-	if (num_arg(argv[optind], &offset) < 0)
-		return -1;
-	if (num_arg(argv[optind + 1], &count) < 0)
-		return -1;
-	if ((uint64_t)count > REQUEST_MAX_BYTES) {
-		printf("length cannot exceed %llu, given %s\n",
-		       REQUEST_MAX_BYTES, argv[optind + 1]);
-		return -1;
-	}
-	if (!pflag && (lflag || sflag)) {
-		read_usage();
-		return -1;
-	}
-	if (!lflag)
-		pat_count = count - pat_off;
-	if (pat_count < 0 || pat_count + pat_off > count) {
+	if (!o.lflag)
+		o.pat_count = count - o.pat_off;
+	if (o.pat_count < 0 || o.pat_count + o.pat_off > count) {
 		printf("pattern verification range exceeds end of read data\n");
 		return -1;
 	}
 
-	if (posix_memalign((void **)&buf, 4096, count ? (size_t)count : 1)) {
-		cli_error("out of memory");
+	if ((buf = io_buffer((uint64_t)count, 0xab)) == NULL)
 		return -1;
-	}
-	memset(buf, 0xab, (size_t)count);
 	t0 = cli_now();
 	r = qk_pread(st->img, buf, (size_t)count, (uint64_t)offset);
 	secs = cli_now() - t0;
 	if (r < 0) {
-		fflush(stdout);
-		cli_lib_error(r);
 		free(buf);
-		return -1;
+		return lib_failed(r);
 	}
-	if (pflag) {
-		for (int64_t i = 0; i < pat_count; i++) {
-			if (buf[pat_off + i] != pattern) {
-				printf("Pattern verification failed at offset "
-				       "%" PRId64 ", %" PRId64 " bytes\n",
-				       offset + pat_off, pat_count);
-				/* qemu-io names only the range; say which
-				 * byte, on stderr so stdout stays qemu's. */
-				fflush(stdout);
-				cli_error("read -P: first mismatch at offset "
-					  "%" PRId64 ": 0x%02x, expected 0x%02x",
-					  offset + pat_off + i,
-					  buf[pat_off + i], pattern);
-				ret = -1;
-				break;
-			}
-		}
-	}
-	if (!qflag) {
-		if (vflag)
+	if (o.f.Pflag)
+		ret = verify_pattern(buf, offset, &o);
+	if (!o.f.qflag) {
+		if (o.vflag)
 			dump_buffer(buf, (uint64_t)offset, (uint64_t)count);
-		print_report("read", secs, offset, count, count, 1, cflag);
+		print_report("read", secs, offset, count, count, 1, o.f.Cflag);
 	}
 	free(buf);
 	return ret;
@@ -325,14 +447,7 @@ static int io_length(struct io_state *st, int argc, char **argv)
 	return 0;
 }
 
-/* A library call failed: its one-line message on stderr, after what
- * stdout already holds. Returns -1. */
-static int lib_failed(int r)
-{
-	fflush(stdout);
-	cli_lib_error(r);
-	return -1;
-}
+/* ---- write, writev, discard ------------------------------------------------- */
 
 /* Complete a write with -f (FUA): the data must be durable now. */
 static int fua_flush(struct io_state *st, bool fua)
@@ -343,12 +458,6 @@ static int fua_flush(struct io_state *st, bool fua)
 		return 0;
 	r = qk_flush(st->img);
 	return r < 0 ? r : 0;
-}
-
-static void write_usage(void)
-{
-	printf("write [-bcCfnquz] [-P pattern | -s source_file] off len -- "
-	       "writes a number of bytes at a specified offset\n");
 }
 
 /*
@@ -417,6 +526,74 @@ static int write_compressed(qk_image *img, const unsigned char *buf,
 	return 0;
 }
 
+/* write's options. */
+struct write_opts {
+	struct io_flags f;                 /* -C, -q, -f, -P */
+	bool bflag, cflag, zflag, sflag;   /* -b, -c, -z, -s */
+	bool no_fallback, unmap;           /* -n, -u */
+	const char *source;                /* -s */
+};
+
+/* Parse write's options into *o and check the operand count and the
+ * option combinations, in qemu-io's order. Returns 0, or -1 after
+ * qemu-io's message. */
+static int write_options(int argc, char **argv, struct write_opts *o)
+{
+	int c;
+
+	optind = 0;
+	while ((c = io_getopt(argc, argv, ":bcCfnpP:qs:uz", write_usage,
+			      &o->f)) > 0) {
+		switch (c) {
+		case 'b':
+			o->bflag = true;
+			break;
+		case 'c':
+			o->cflag = true;
+			break;
+		case 'n':
+			o->no_fallback = true;
+			break;
+		case 'p':
+			break;  /* ignored, as by qemu-io */
+		case 's':
+			o->sflag = true;
+			o->source = optarg;
+			break;
+		case 'u':
+			o->unmap = true;
+			break;
+		case 'z':
+			o->zflag = true;
+			break;
+		}
+	}
+	if (!io_operands(c, argc, 2, 2, write_usage))
+		return -1;
+	if (o->bflag && o->zflag) {
+		printf("-b and -z cannot be specified at the same time\n");
+		return -1;
+	}
+	if (o->f.fua && (o->bflag || o->cflag)) {
+		printf("-f and -b or -c cannot be specified at the same time\n");
+		return -1;
+	}
+	if (o->no_fallback && !o->zflag) {
+		printf("-n requires -z to be specified\n");
+		return -1;
+	}
+	if (o->unmap && !o->zflag) {
+		printf("-u requires -z to be specified\n");
+		return -1;
+	}
+	if ((int)o->zflag + (int)o->f.Pflag + (int)o->sflag > 1) {
+		printf("Only one of -z, -P, and -s can be specified at the "
+		       "same time\n");
+		return -1;
+	}
+	return 0;
+}
+
 /*
  * write [-bcCfnquz] [-P pattern | -s source_file] off len, as qemu-io:
  * -z makes the range read as zeros (qk_write_zeroes; -u may unmap, -n
@@ -426,94 +603,17 @@ static int write_compressed(qk_image *img, const unsigned char *buf,
  */
 static int io_write(struct io_state *st, int argc, char **argv)
 {
-	bool bflag = false, cflag = false, Cflag = false, qflag = false;
-	bool Pflag = false, zflag = false, sflag = false, fua = false;
-	bool no_fallback = false, unmap = false;
-	const char *source = NULL;
+	struct write_opts o = { .f = { .pattern = 0xcd } };
 	int64_t offset, count;
-	int pattern = 0xcd, c, r;
 	unsigned char *buf = NULL;
 	double t0, secs;
+	int r;
 
-	optind = 0;
-	while ((c = getopt(argc, argv, ":bcCfnpP:qs:uz")) != -1) {
-		switch (c) {
-		case 'b':
-			bflag = true;
-			break;
-		case 'c':
-			cflag = true;
-			break;
-		case 'C':
-			Cflag = true;
-			break;
-		case 'f':
-			fua = true;
-			break;
-		case 'n':
-			no_fallback = true;
-			break;
-		case 'p':
-			break;  /* ignored, as by qemu-io */
-		case 'P':
-			if ((pattern = parse_pattern(optarg)) < 0)
-				return -1;
-			Pflag = true;
-			break;
-		case 'q':
-			qflag = true;
-			break;
-		case 's':
-			sflag = true;
-			source = optarg;
-			break;
-		case 'u':
-			unmap = true;
-			break;
-		case 'z':
-			zflag = true;
-			break;
-		default:
-			getopt_error(argv[0], c);
-			write_usage();
-			return -1;
-		}
-	}
-	if (optind != argc - 2) {
-		write_usage();
+	if (write_options(argc, argv, &o) < 0 ||
+	    off_len(argv + optind, &offset, &count,
+		    o.no_fallback ? NULL : " without -n") < 0)
 		return -1;
-	}
-	if (bflag && zflag) {
-		printf("-b and -z cannot be specified at the same time\n");
-		return -1;
-	}
-	if (fua && (bflag || cflag)) {
-		printf("-f and -b or -c cannot be specified at the same time\n");
-		return -1;
-	}
-	if (no_fallback && !zflag) {
-		printf("-n requires -z to be specified\n");
-		return -1;
-	}
-	if (unmap && !zflag) {
-		printf("-u requires -z to be specified\n");
-		return -1;
-	}
-	if ((int)zflag + (int)Pflag + (int)sflag > 1) {
-		printf("Only one of -z, -P, and -s can be specified at the "
-		       "same time\n");
-		return -1;
-	}
-	if (num_arg(argv[optind], &offset) < 0)
-		return -1;
-	if (num_arg(argv[optind + 1], &count) < 0)
-		return -1;
-	if ((uint64_t)count > REQUEST_MAX_BYTES && !no_fallback) {
-		printf("length cannot exceed %llu without -n, given %s\n",
-		       REQUEST_MAX_BYTES, argv[optind + 1]);
-		return -1;
-	}
-	if (bflag || cflag) {
+	if (o.bflag || o.cflag) {
 		if (offset % 512) {
 			printf("%" PRId64 " is not a sector-aligned value for "
 			       "'offset'\n", offset);
@@ -525,50 +625,66 @@ static int io_write(struct io_state *st, int argc, char **argv)
 			return -1;
 		}
 	}
-	if (bflag) {
+	if (o.bflag) {
 		cli_error("io: write -b (VM state) is not supported yet");
 		return -1;
 	}
 
-	if (!zflag) {
-		if (sflag) {
-			buf = alloc_from_file(source, (size_t)count);
-			if (buf == NULL)
-				return -1;
-		} else {
-			if (posix_memalign((void **)&buf, 4096,
-					   count ? (size_t)count : 1)) {
-				cli_error("out of memory");
-				return -1;
-			}
-			memset(buf, pattern, (size_t)count);
-		}
-	}
+	if (o.sflag)
+		buf = alloc_from_file(o.source, (size_t)count);
+	else if (!o.zflag)
+		buf = io_buffer((uint64_t)count, o.f.pattern);
+	if (buf == NULL && !o.zflag)
+		return -1;
 	t0 = cli_now();
-	if (zflag)
+	if (o.zflag)
 		r = qk_write_zeroes(st->img, (uint64_t)offset, (uint64_t)count,
-				    (unmap ? QK_ZERO_MAY_UNMAP : 0) |
-				    (no_fallback ? QK_ZERO_NO_FALLBACK : 0));
-	else if (cflag)
+				    (o.unmap ? QK_ZERO_MAY_UNMAP : 0) |
+				    (o.no_fallback ? QK_ZERO_NO_FALLBACK : 0));
+	else if (o.cflag)
 		r = write_compressed(st->img, buf, (uint64_t)count,
 				     (uint64_t)offset);
 	else
 		r = qk_pwrite(st->img, buf, (size_t)count, (uint64_t)offset);
 	if (r == 0)
-		r = fua_flush(st, fua);
+		r = fua_flush(st, o.f.fua);
 	secs = cli_now() - t0;
 	free(buf);
-	if (r < 0)
-		return lib_failed(r);
-	if (!qflag)
-		print_report("wrote", secs, offset, count, count, 1, Cflag);
-	return 0;
+	return report_done(r, "wrote", secs, offset, count, &o.f);
 }
 
-static void writev_usage(void)
+/*
+ * writev's lengths, args[0..nr): each a size of at most REQUEST_MAX_BYTES,
+ * all of them together too. Returns the vector (lengths set, bases not;
+ * free it) and their sum in *total, or NULL after qemu-io's message.
+ */
+static struct iovec *writev_lengths(char **args, int nr, uint64_t *total)
 {
-	printf("writev [-Cfq] [-P pattern] off len [len..] -- writes a number "
-	       "of bytes at a specified offset\n");
+	struct iovec *iov = cli_xcalloc((size_t)nr, sizeof(*iov));
+
+	*total = 0;
+	for (int i = 0; i < nr; i++) {
+		int64_t len;
+
+		if (num_arg(args[i], &len) < 0)
+			goto fail;
+		if ((uint64_t)len > REQUEST_MAX_BYTES) {
+			printf("Argument '%s' exceeds maximum size %llu\n",
+			       args[i], REQUEST_MAX_BYTES);
+			goto fail;
+		}
+		if (*total > REQUEST_MAX_BYTES - (uint64_t)len) {
+			printf("The total number of bytes exceed the maximum "
+			       "size %llu\n", REQUEST_MAX_BYTES);
+			goto fail;
+		}
+		iov[i].iov_len = (size_t)len;
+		*total += (uint64_t)len;
+	}
+	return iov;
+fail:
+	free(iov);
+	return NULL;
 }
 
 /* writev [-Cfq] [-P pattern] off len [len..], as qemu-io: one write
@@ -576,76 +692,30 @@ static void writev_usage(void)
  * pattern. */
 static int io_writev(struct io_state *st, int argc, char **argv)
 {
-	bool Cflag = false, qflag = false, fua = false;
-	int pattern = 0xcd, c, r, nr;
+	struct io_flags f = { .pattern = 0xcd };
+	int c, r, nr;
 	int64_t offset;
-	uint64_t total = 0;
+	uint64_t total;
 	struct iovec *iov;
-	unsigned char *buf = NULL;
+	unsigned char *buf;
 	double t0, secs;
 
 	optind = 0;
-	while ((c = getopt(argc, argv, ":CfqP:")) != -1) {
-		switch (c) {
-		case 'C':
-			Cflag = true;
-			break;
-		case 'f':
-			fua = true;
-			break;
-		case 'q':
-			qflag = true;
-			break;
-		case 'P':
-			if ((pattern = parse_pattern(optarg)) < 0)
-				return -1;
-			break;
-		default:
-			getopt_error(argv[0], c);
-			writev_usage();
-			return -1;
-		}
-	}
-	if (optind > argc - 2) {
-		writev_usage();
+	while ((c = io_getopt(argc, argv, ":CfqP:", writev_usage, &f)) > 0)
+		;	/* only the shared options */
+	if (!io_operands(c, argc, 2, -1, writev_usage))
 		return -1;
-	}
 	if (num_arg(argv[optind], &offset) < 0)
 		return -1;
 	optind++;
 	nr = argc - optind;
-	iov = cli_xcalloc((size_t)nr, sizeof(*iov));
-	for (int i = 0; i < nr; i++) {
-		const char *arg = argv[optind + i];
-		int64_t len;
-
-		if ((r = io_cvtnum(arg, &len)) < 0) {
-			print_cvtnum_err(r, arg);
-			free(iov);
-			return -1;
-		}
-		if ((uint64_t)len > REQUEST_MAX_BYTES) {
-			printf("Argument '%s' exceeds maximum size %llu\n", arg,
-			       REQUEST_MAX_BYTES);
-			free(iov);
-			return -1;
-		}
-		if (total > REQUEST_MAX_BYTES - (uint64_t)len) {
-			printf("The total number of bytes exceed the maximum "
-			       "size %llu\n", REQUEST_MAX_BYTES);
-			free(iov);
-			return -1;
-		}
-		iov[i].iov_len = (size_t)len;
-		total += (uint64_t)len;
-	}
+	if ((iov = writev_lengths(argv + optind, nr, &total)) == NULL)
+		return -1;
 	/* One buffer, cut into the requested pieces. */
-	if (posix_memalign((void **)&buf, 4096, total ? (size_t)total : 1)) {
+	if ((buf = io_buffer(total, f.pattern)) == NULL) {
 		free(iov);
-		cli_error("out of memory");
 		return -1;
 	}
-	memset(buf, pattern, (size_t)total);
 	for (size_t i = 0, at = 0; i < (size_t)nr; i++) {
 		iov[i].iov_base = buf + at;
 		at += iov[i].iov_len;
@@ -653,70 +723,36 @@ static int io_writev(struct io_state *st, int argc, char **argv)
 	t0 = cli_now();
 	r = qk_pwritev(st->img, iov, nr, (uint64_t)offset);
 	if (r == 0)
-		r = fua_flush(st, fua);
+		r = fua_flush(st, f.fua);
 	secs = cli_now() - t0;
 	free(buf);
 	free(iov);
-	if (r < 0)
-		return lib_failed(r);
-	if (!qflag)
-		print_report("wrote", secs, offset, (int64_t)total,
-			     (int64_t)total, 1, Cflag);
-	return 0;
-}
-
-static void discard_usage(void)
-{
-	printf("discard [-Cq] off len -- discards a number of bytes at a "
-	       "specified offset\n");
+	return report_done(r, "wrote", secs, offset, (int64_t)total, &f);
 }
 
 /* discard [-Cq] off len, as qemu-io with -d unmap: whole clusters in the
  * range are deallocated (qk_discard). */
 static int io_discard(struct io_state *st, int argc, char **argv)
 {
-	bool Cflag = false, qflag = false;
+	struct io_flags f = { .pattern = 0 };
 	int64_t offset, bytes;
 	int c, r;
 	double t0, secs;
 
 	optind = 0;
-	while ((c = getopt(argc, argv, ":Cq")) != -1) {
-		switch (c) {
-		case 'C':
-			Cflag = true;
-			break;
-		case 'q':
-			qflag = true;
-			break;
-		default:
-			getopt_error(argv[0], c);
-			discard_usage();
-			return -1;
-		}
-	}
-	if (optind != argc - 2) {
-		discard_usage();
+	while ((c = io_getopt(argc, argv, ":Cq", discard_usage, &f)) > 0)
+		;	/* only the shared options */
+	if (!io_operands(c, argc, 2, 2, discard_usage))
 		return -1;
-	}
-	if (num_arg(argv[optind], &offset) < 0)
+	if (off_len(argv + optind, &offset, &bytes, "") < 0)
 		return -1;
-	if (num_arg(argv[optind + 1], &bytes) < 0)
-		return -1;
-	if ((uint64_t)bytes > REQUEST_MAX_BYTES) {
-		printf("length cannot exceed %llu, given %s\n",
-		       REQUEST_MAX_BYTES, argv[optind + 1]);
-		return -1;
-	}
 	t0 = cli_now();
 	r = qk_discard(st->img, (uint64_t)offset, (uint64_t)bytes);
 	secs = cli_now() - t0;
-	if (r < 0)
-		return lib_failed(r);
-	if (!qflag)
-		print_report("discard", secs, offset, bytes, bytes, 1, Cflag);
-	return 0;
+	return report_done(r, "discard", secs, offset, bytes, &f);
 }
+
+/* ---- the command table ------------------------------------------------------ */
 
 /* flush and aio_flush: every completed write made durable. */
 static int io_flush(struct io_state *st, int argc, char **argv)
@@ -840,7 +876,19 @@ out:
 	return ret;
 }
 
-int cmd_io(int argc, char **argv)
+/* io's command line. */
+struct io_args {
+	struct cli_opts o;
+	const char **cmds;        /* -c, in order */
+	int ncmds;
+	bool readonly;            /* -r */
+	bool direct;              /* -n, -t none */
+	const char *file;
+};
+
+/* Parse io's command line into *a. Returns CLI_GO, or the exit status
+ * after --help or a message. */
+static int parse_args(int argc, char **argv, struct io_args *a)
 {
 	static const struct option longopts[] = {
 		{ "help", no_argument, NULL, 'h' },
@@ -859,38 +907,25 @@ int cmd_io(int argc, char **argv)
 		{ "force-share", no_argument, NULL, 'U' },
 		{ NULL, 0, NULL, 0 },
 	};
-	const char *fmtname = NULL;
-	const char **cmds = cli_xcalloc((size_t)argc + 1, sizeof(*cmds));
-	int ncmds = 0, c, failed = 0;
-	bool readonly = false, direct = false, writes = false;
-	uint32_t flags = 0;
-	struct io_state st = { 0 };
-	qk_format fmt;
-	int ret = CLI_EXIT_FAILURE;
+	int c;
 
-	while ((c = getopt_long(argc, argv, ":hc:f:rsnCmki:t:d:T:U", longopts,
-				NULL)) != -1) {
+	while ((c = cli_getopt(&a->o, argc, argv, ":hc:f:rsnCmki:t:d:T:U",
+			       longopts)) > 0) {
 		switch (c) {
 		case 'c':
-			cmds[ncmds++] = optarg;
-			break;
-		case 'f':
-			fmtname = optarg;
+			a->cmds[a->ncmds++] = optarg;
 			break;
 		case 'r':
-			readonly = true;
+			a->readonly = true;
 			break;
 		case 'n':
-			direct = true;
+			a->direct = true;
 			break;
 		case 't':
-			if (cli_parse_cache(optarg, &direct) < 0) {
+			if (cli_parse_cache(optarg, &a->direct) < 0) {
 				cli_error("Invalid cache option: %s", optarg);
-				goto out;
+				return CLI_EXIT_FAILURE;
 			}
-			break;
-		case 'U':
-			flags |= QK_OPEN_FORCE_SHARE;
 			break;
 		case 'm':
 		case 'k':
@@ -898,101 +933,115 @@ int cmd_io(int argc, char **argv)
 			/* buffers are always aligned; AIO and tracing are
 			 * QEMU internals */
 			break;
-		case 'i':
-			if (strcmp(optarg, "threads") != 0 &&
-			    strcmp(optarg, "native") != 0 &&
-			    strcmp(optarg, "io_uring") != 0) {
-				cli_error("Invalid aio option: %s", optarg);
-				goto out;
-			}
-			break;
 		case 'd':
 			if (strcmp(optarg, "ignore") != 0 &&
 			    strcmp(optarg, "off") != 0 &&
 			    strcmp(optarg, "unmap") != 0 &&
 			    strcmp(optarg, "on") != 0) {
 				cli_error("Invalid discard option: %s", optarg);
-				goto out;
+				return CLI_EXIT_FAILURE;
 			}
 			break;
 		case 's':
 			cli_error("io: -s (snapshot mode) is not supported yet");
-			goto out;
+			return CLI_EXIT_FAILURE;
 		case 'C':
 			cli_error("io: -C (copy-on-read) is not supported yet");
-			goto out;
-		case 'h':
-			cli_print_usage(stdout, cli_find_command("io"));
-			ret = CLI_EXIT_OK;
-			goto out;
-		default:
-			ret = cli_bad_option("io", c, argv, CLI_EXIT_FAILURE);
-			goto out;
+			return CLI_EXIT_FAILURE;
 		}
 	}
-	if (optind != argc - 1) {
-		ret = cli_usage_error("io", CLI_EXIT_FAILURE,
-				      "Expecting one image file name");
-		goto out;
-	}
-	if (cli_parse_format(fmtname, &fmt) < 0)
-		goto out;
-	for (int i = 0; i < ncmds; i++) {
+	a->file = cli_one_image(&a->o, c, argc, argv);
+	return a->file != NULL ? CLI_GO : a->o.status;
+}
+
+/* Whether one of the -c commands writes. */
+static bool any_writes(const struct io_args *a)
+{
+	for (int i = 0; i < a->ncmds; i++) {
 		char first[32] = "";
 		const struct io_cmd *ct;
 
-		if (sscanf(cmds[i], " %31s", first) == 1 &&
+		if (sscanf(a->cmds[i], " %31s", first) == 1 &&
 		    (ct = find_cmd(first)) != NULL && ct->writes)
-			writes = true;
+			return true;
 	}
+	return false;
+}
+
+/* No -c: run the commands of standard input, one per line (with a prompt
+ * on a terminal), until its end or quit. Returns true if any failed. */
+static bool run_stdin(struct io_state *st)
+{
+	char *line = NULL;
+	size_t cap = 0;
+	ssize_t n;
+	bool tty = isatty(STDIN_FILENO), failed = false;
+
+	while (!st->quit) {
+		if (tty) {
+			printf("qcowkit io> ");
+			fflush(stdout);
+		}
+		if ((n = getline(&line, &cap, stdin)) < 0)
+			break;
+		while (n > 0 && (line[n - 1] == '\n' || line[n - 1] == '\r'))
+			line[--n] = '\0';
+		if (run_command(st, line) < 0)
+			failed = true;
+	}
+	free(line);
+	return failed;
+}
+
+/* Open the image as the commands need and run them all. Returns the exit
+ * status: 1 if any command failed. */
+static int run_io(const struct io_args *a, qk_format fmt)
+{
+	struct io_state st = { 0 };
+	uint32_t flags = a->o.open_flags;
+	bool failed = false;
+	int r;
+
 	/* With -c, writable only when a command needs it, so reads never
 	 * lock out other readers; commands from standard input are not
 	 * known in advance, so the image is writable unless -r (as qemu-io
 	 * opens it). */
-	if ((writes || ncmds == 0) && !readonly)
+	if ((a->ncmds == 0 || any_writes(a)) && !a->readonly)
 		flags |= QK_OPEN_RDWR;
-	if (direct)
+	if (a->direct)
 		flags |= QK_OPEN_DIRECT;
-	if (cli_open(argv[optind], fmt, flags, &st.img) < 0)
-		goto out;
+	if (cli_open(a->file, fmt, flags, &st.img) < 0)
+		return CLI_EXIT_FAILURE;
 	st.readonly = !(flags & QK_OPEN_RDWR);
 
-	if (ncmds > 0) {
-		for (int i = 0; i < ncmds && !st.quit; i++)
-			if (run_command(&st, cmds[i]) < 0)
-				failed = 1;
-	} else {
-		/* No -c: commands from standard input, one per line. */
-		char *line = NULL;
-		size_t cap = 0;
-		ssize_t n;
-		bool tty = isatty(STDIN_FILENO);
-
-		while (!st.quit) {
-			if (tty) {
-				printf("qcowkit io> ");
-				fflush(stdout);
-			}
-			if ((n = getline(&line, &cap, stdin)) < 0)
-				break;
-			while (n > 0 && (line[n - 1] == '\n' ||
-					 line[n - 1] == '\r'))
-				line[--n] = '\0';
-			if (run_command(&st, line) < 0)
-				failed = 1;
-		}
-		free(line);
-	}
+	if (a->ncmds == 0)
+		failed = run_stdin(&st);
+	for (int i = 0; i < a->ncmds && !st.quit; i++)
+		if (run_command(&st, a->cmds[i]) < 0)
+			failed = true;
 	/* Closing a writable image flushes it: a failure there fails the
 	 * command too. */
-	c = qk_close(st.img);
-	if (c < 0) {
+	r = qk_close(st.img);
+	if (r < 0) {
 		fflush(stdout);
-		cli_lib_error(c);
-		failed = 1;
+		cli_lib_error(r);
+		failed = true;
 	}
-	ret = failed ? CLI_EXIT_FAILURE : CLI_EXIT_OK;
-out:
-	free(cmds);
+	return failed ? CLI_EXIT_FAILURE : CLI_EXIT_OK;
+}
+
+int cmd_io(int argc, char **argv)
+{
+	struct io_args a = {
+		.o = { .cmd = "io", .usage_code = CLI_EXIT_FAILURE },
+		.cmds = cli_xcalloc((size_t)argc + 1, sizeof(*a.cmds)),
+	};
+	qk_format fmt;
+	int ret = parse_args(argc, argv, &a);
+
+	if (ret == CLI_GO)
+		ret = cli_parse_format(a.o.fmtname, &fmt) < 0 ?
+		      CLI_EXIT_FAILURE : run_io(&a, fmt);
+	free(a.cmds);
 	return ret;
 }

@@ -96,68 +96,23 @@ static int dump_entry(bool json, const struct map_entry *e,
 	return 0;
 }
 
-int cmd_map(int argc, char **argv)
+/* A failure part-way: end the JSON line so the message stands alone, then
+ * print it after what stdout already holds. */
+static void map_failed(bool json)
 {
-	enum { OPT_OUTPUT = 256, OPT_START_OFFSET, OPT_MAX_LENGTH };
-	static const struct option longopts[] = {
-		{ "help", no_argument, NULL, 'h' },
-		{ "format", required_argument, NULL, 'f' },
-		{ "output", required_argument, NULL, OPT_OUTPUT },
-		{ "start-offset", required_argument, NULL, OPT_START_OFFSET },
-		{ "max-length", required_argument, NULL, OPT_MAX_LENGTH },
-		{ "force-share", no_argument, NULL, 'U' },
-		{ NULL, 0, NULL, 0 },
-	};
-	const char *fmtname = NULL;
-	bool json = false, have_max = false;
-	uint64_t start = 0, max_len = 0, end;
-	uint32_t flags = 0;
+	if (json)
+		printf("\n");
+	fflush(stdout);
+}
+
+/*
+ * Print the map of [start, end) of `img`: runs of block status that
+ * qemu-img would merge become one entry. Returns the exit status (1 after
+ * printing an error).
+ */
+static int print_map(qk_image *img, uint64_t start, uint64_t end, bool json)
+{
 	struct map_entry cur, next;
-	qk_format fmt;
-	qk_image *img;
-	int c, ret = CLI_EXIT_OK;
-
-	while ((c = getopt_long(argc, argv, ":f:hU", longopts, NULL)) != -1) {
-		switch (c) {
-		case 'f':
-			fmtname = optarg;
-			break;
-		case OPT_OUTPUT:
-			if (cli_parse_output(optarg, &json) < 0)
-				return CLI_EXIT_FAILURE;
-			break;
-		case OPT_START_OFFSET:
-			if (cli_cvtnum("start offset", optarg, 0, INT64_MAX,
-				       &start) < 0)
-				return CLI_EXIT_FAILURE;
-			break;
-		case OPT_MAX_LENGTH:
-			if (cli_cvtnum("max length", optarg, 0, INT64_MAX,
-				       &max_len) < 0)
-				return CLI_EXIT_FAILURE;
-			have_max = true;
-			break;
-		case 'U':
-			flags |= QK_OPEN_FORCE_SHARE;
-			break;
-		case 'h':
-			cli_print_usage(stdout, cli_find_command("map"));
-			return CLI_EXIT_OK;
-		default:
-			return cli_bad_option("map", c, argv, CLI_EXIT_FAILURE);
-		}
-	}
-	if (optind != argc - 1)
-		return cli_usage_error("map", CLI_EXIT_FAILURE,
-				       "Expecting one image file name");
-	if (cli_parse_format(fmtname, &fmt) < 0)
-		return CLI_EXIT_FAILURE;
-	if (cli_open(argv[optind], fmt, flags, &img) < 0)
-		return CLI_EXIT_FAILURE;
-
-	end = qk_get_size(img);
-	if (have_max && max_len < end && start <= end - max_len)
-		end = start + max_len;
 
 	if (json)
 		putchar('[');
@@ -174,39 +129,79 @@ int cmd_map(int argc, char **argv)
 		int r = qk_block_status(img, off, end - off, &ext);
 
 		if (r < 0) {
-			if (json)
-				printf("\n");
-			fflush(stdout);
+			map_failed(json);
 			cli_lib_error(r);
-			ret = CLI_EXIT_FAILURE;
-			goto out;
+			return CLI_EXIT_FAILURE;
 		}
 		if (ext.length == 0 || ext.length > end - off) {
-			if (json)
-				printf("\n");
-			fflush(stdout);
+			map_failed(json);
 			cli_error("qk_block_status: bad extent length %llu at "
 				  "offset %llu", (unsigned long long)ext.length,
 				  (unsigned long long)off);
-			ret = CLI_EXIT_FAILURE;
-			goto out;
+			return CLI_EXIT_FAILURE;
 		}
 		to_entry(&ext, &next);
 		if (mergeable(&cur, &next)) {
 			cur.length += next.length;
 			continue;
 		}
-		if (cur.length > 0 && dump_entry(json, &cur, &next) < 0) {
-			ret = CLI_EXIT_FAILURE;
-			goto out;
-		}
+		if (cur.length > 0 && dump_entry(json, &cur, &next) < 0)
+			return CLI_EXIT_FAILURE;
 		cur = next;
 	}
 	if (dump_entry(json, &cur, NULL) < 0)
-		ret = CLI_EXIT_FAILURE;
-	else if (json)
+		return CLI_EXIT_FAILURE;
+	if (json)
 		puts("]");
-out:
+	return CLI_EXIT_OK;
+}
+
+int cmd_map(int argc, char **argv)
+{
+	enum { OPT_OUTPUT = 256, OPT_START_OFFSET, OPT_MAX_LENGTH };
+	static const struct option longopts[] = {
+		{ "help", no_argument, NULL, 'h' },
+		{ "format", required_argument, NULL, 'f' },
+		{ "output", required_argument, NULL, OPT_OUTPUT },
+		{ "start-offset", required_argument, NULL, OPT_START_OFFSET },
+		{ "max-length", required_argument, NULL, OPT_MAX_LENGTH },
+		{ "force-share", no_argument, NULL, 'U' },
+		{ NULL, 0, NULL, 0 },
+	};
+	struct cli_opts o = { .cmd = "map", .usage_code = CLI_EXIT_FAILURE };
+	const char *file;
+	bool have_max = false;
+	uint64_t start = 0, max_len = 0, end;
+	qk_format fmt;
+	qk_image *img;
+	int c, ret;
+
+	while ((c = cli_getopt(&o, argc, argv, ":f:hU", longopts)) > 0) {
+		switch (c) {
+		case OPT_START_OFFSET:
+			if (cli_cvtnum("start offset", optarg, 0, INT64_MAX,
+				       &start) < 0)
+				return CLI_EXIT_FAILURE;
+			break;
+		case OPT_MAX_LENGTH:
+			if (cli_cvtnum("max length", optarg, 0, INT64_MAX,
+				       &max_len) < 0)
+				return CLI_EXIT_FAILURE;
+			have_max = true;
+			break;
+		}
+	}
+	if ((file = cli_one_image(&o, c, argc, argv)) == NULL)
+		return o.status;
+	if (cli_parse_format(o.fmtname, &fmt) < 0)
+		return CLI_EXIT_FAILURE;
+	if (cli_open(file, fmt, o.open_flags, &img) < 0)
+		return CLI_EXIT_FAILURE;
+
+	end = qk_get_size(img);
+	if (have_max && max_len < end && start <= end - max_len)
+		end = start + max_len;
+	ret = print_map(img, start, end, o.json);
 	qk_close(img);
 	return ret;
 }

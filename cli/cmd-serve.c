@@ -22,7 +22,6 @@
  */
 #include <errno.h>
 #include <getopt.h>
-#include <limits.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdlib.h>
@@ -37,7 +36,30 @@ enum {
 	OPT_AIO,
 };
 
-int cmd_serve(int argc, char **argv)
+/* serve's command line. */
+struct serve_args {
+	struct cli_opts o;
+	struct nbd_server_config cfg;
+	struct nbd_export exp;
+	bool direct;              /* -n, --cache=none: bypass the page cache */
+	const char *file;
+};
+
+/* An export name or description, at most 4096 bytes as the NBD protocol
+ * says. Returns 0, or -1 after "export WHAT too long". */
+static int export_string(const char *arg, const char *what, const char **out)
+{
+	if (strlen(arg) > 4096) {
+		cli_error("export %s too long", what);
+		return -1;
+	}
+	*out = arg;
+	return 0;
+}
+
+/* Parse serve's command line into *a. Returns CLI_GO, or the exit status
+ * after --help or a message. */
+static int parse_args(int argc, char **argv, struct serve_args *a)
 {
 	static const struct option longopts[] = {
 		{ "help", no_argument, NULL, 'h' },
@@ -57,33 +79,17 @@ int cmd_serve(int argc, char **argv)
 		{ "pid-file", required_argument, NULL, OPT_PID_FILE },
 		{ NULL, 0, NULL, 0 },
 	};
-	struct nbd_server_config cfg;
-	struct nbd_export exp;
-	const char *fmtname = NULL;
-	bool direct = false;
 	uint64_t v;
-	qk_image *img = NULL;
-	qk_format fmt;
-	sigset_t mask;
-	char err[512];
-	int c, r;
+	int c;
 
-	memset(&cfg, 0, sizeof(cfg));
-	memset(&exp, 0, sizeof(exp));
-	cfg.max_clients = 1;
-	exp.name = "";
-	exp.allocation_depth = true;
-	while ((c = getopt_long(argc, argv, ":hf:rk:p:b:x:D:e:tAn", longopts,
-				NULL)) != -1) {
+	while ((c = cli_getopt(&a->o, argc, argv, ":hf:rk:p:b:x:D:e:tAn",
+			       longopts)) > 0) {
 		switch (c) {
-		case 'f':
-			fmtname = optarg;
-			break;
 		case 'r':
-			exp.readonly = true;
+			a->exp.readonly = true;
 			break;
 		case 'k':
-			cfg.socket_path = optarg;
+			a->cfg.socket_path = optarg;
 			break;
 		case 'p':
 			if (cli_parse_uint(optarg, &v) < 0 || v == 0 ||
@@ -91,24 +97,19 @@ int cmd_serve(int argc, char **argv)
 				cli_error("Invalid port number '%s'", optarg);
 				return CLI_EXIT_FAILURE;
 			}
-			cfg.port = optarg;
+			a->cfg.port = optarg;
 			break;
 		case 'b':
-			cfg.bind_addr = optarg;
+			a->cfg.bind_addr = optarg;
 			break;
 		case 'x':
-			if (strlen(optarg) > 4096) {
-				cli_error("export name too long");
+			if (export_string(optarg, "name", &a->exp.name) < 0)
 				return CLI_EXIT_FAILURE;
-			}
-			exp.name = optarg;
 			break;
 		case 'D':
-			if (strlen(optarg) > 4096) {
-				cli_error("export description too long");
+			if (export_string(optarg, "description",
+					  &a->exp.description) < 0)
 				return CLI_EXIT_FAILURE;
-			}
-			exp.description = optarg;
 			break;
 		case 'e':
 			if (cli_parse_uint(optarg, &v) < 0 || v > 1024) {
@@ -116,52 +117,45 @@ int cmd_serve(int argc, char **argv)
 					  optarg);
 				return CLI_EXIT_FAILURE;
 			}
-			cfg.max_clients = (unsigned)v;
+			a->cfg.max_clients = (unsigned)v;
 			break;
 		case 't':
-			cfg.persistent = true;
+			a->cfg.persistent = true;
 			break;
 		case 'A':
 			break;
 		case 'n':
-			direct = true;
+			a->direct = true;
 			break;
 		case OPT_CACHE:
-			if (cli_parse_cache(optarg, &direct) < 0) {
+			if (cli_parse_cache(optarg, &a->direct) < 0) {
 				cli_error("Invalid cache mode '%s'", optarg);
 				return CLI_EXIT_FAILURE;
 			}
 			break;
 		case OPT_AIO:
-			if (strcmp(optarg, "threads") != 0 &&
-			    strcmp(optarg, "native") != 0 &&
-			    strcmp(optarg, "io_uring") != 0) {
+			if (cli_parse_aio(optarg) < 0) {
 				cli_error("Invalid aio mode '%s'", optarg);
 				return CLI_EXIT_FAILURE;
 			}
 			break;
 		case OPT_PID_FILE:
-			cfg.pid_file = optarg;
+			a->cfg.pid_file = optarg;
 			break;
-		case 'h':
-			cli_print_usage(stdout, cli_find_command("serve"));
-			return CLI_EXIT_OK;
-		default:
-			return cli_bad_option("serve", c, argv, CLI_EXIT_FAILURE);
 		}
 	}
-	if (optind != argc - 1)
-		return cli_usage_error("serve", CLI_EXIT_FAILURE,
-				       "Expecting one image file name");
-	if (cfg.socket_path && (cfg.port || cfg.bind_addr)) {
-		cli_error("-p and -b are not allowed with -k");
-		return CLI_EXIT_FAILURE;
-	}
-	/* Every connection shares the one image handle, so a flush on any
-	 * covers writes done on all; a read-only export is safe anyway. */
-	exp.multi_conn = cfg.max_clients != 1 || exp.readonly;
-	if (cli_parse_format(fmtname, &fmt) < 0)
-		return CLI_EXIT_FAILURE;
+	a->file = cli_one_image(&a->o, c, argc, argv);
+	return a->file != NULL ? CLI_GO : a->o.status;
+}
+
+/* Open the image and serve it until the server stops. Returns the exit
+ * status. */
+static int serve(struct serve_args *a, qk_format fmt)
+{
+	qk_image *img = NULL;
+	sigset_t mask;
+	char err[512];
+	int r;
 
 	/* Block the stop signals before any thread exists, so that only the
 	 * server's signalfd ever sees them. */
@@ -170,12 +164,12 @@ int cmd_serve(int argc, char **argv)
 	sigaddset(&mask, SIGTERM);
 	pthread_sigmask(SIG_BLOCK, &mask, NULL);
 
-	if (cli_open(argv[optind], fmt,
-		     (exp.readonly ? 0 : QK_OPEN_RDWR) |
-		     (direct ? QK_OPEN_DIRECT : 0), &img) < 0)
+	if (cli_open(a->file, fmt,
+		     (a->exp.readonly ? 0 : QK_OPEN_RDWR) |
+		     (a->direct ? QK_OPEN_DIRECT : 0), &img) < 0)
 		return CLI_EXIT_FAILURE;
 	err[0] = '\0';
-	r = nbd_server_run(&cfg, img, &exp, err, sizeof(err));
+	r = nbd_server_run(&a->cfg, img, &a->exp, err, sizeof(err));
 	if (r < 0)
 		cli_error("%s", err[0] ? err : strerror(-r));
 	if (qk_close(img) < 0 && r == 0) {
@@ -183,4 +177,28 @@ int cmd_serve(int argc, char **argv)
 		r = -EIO;
 	}
 	return r < 0 ? CLI_EXIT_FAILURE : CLI_EXIT_OK;
+}
+
+int cmd_serve(int argc, char **argv)
+{
+	struct serve_args a = {
+		.o = { .cmd = "serve", .usage_code = CLI_EXIT_FAILURE },
+		.cfg = { .max_clients = 1 },
+		.exp = { .name = "", .allocation_depth = true },
+	};
+	qk_format fmt;
+	int ret;
+
+	if ((ret = parse_args(argc, argv, &a)) != CLI_GO)
+		return ret;
+	if (a.cfg.socket_path && (a.cfg.port || a.cfg.bind_addr)) {
+		cli_error("-p and -b are not allowed with -k");
+		return CLI_EXIT_FAILURE;
+	}
+	/* Every connection shares the one image handle, so a flush on any
+	 * covers writes done on all; a read-only export is safe anyway. */
+	a.exp.multi_conn = a.cfg.max_clients != 1 || a.exp.readonly;
+	if (cli_parse_format(a.o.fmtname, &fmt) < 0)
+		return CLI_EXIT_FAILURE;
+	return serve(&a, fmt);
 }

@@ -312,13 +312,8 @@ int convert_qcow2(const struct convert_qcow2 *a)
 	j.unit = a->compress || a->sparse == 0 ? j.cs : a->sparse;
 	progress_init(&j.prog, a->progress && !a->quiet, 1.0f);
 	progress_print(&j.prog, 0, 100);
-	if (cli_run_threads(a->workers, worker, &j) < 0) {
-		progress_end(&j.prog);
+	if (cli_run_progress(a->workers, worker, &j, &j.prog, &j.failed) < 0)
 		goto out;
-	}
-	if (!j.failed)
-		progress_print(&j.prog, 100, 0);
-	progress_end(&j.prog);
 	if (j.failed) {
 		cli_error("error while writing '%s': %s", a->dst_path, j.errmsg);
 		goto out;

@@ -1,6 +1,8 @@
 /*
- * opts.c - option values: sizes with suffixes, formats, cache modes,
- * "-o a=b,c=d" lists, and opening an image from command-line flags.
+ * opts.c - option parsing shared by the commands (cli_getopt() and the
+ * operand checks) and option values: sizes with suffixes, formats, cache
+ * and AIO modes, "-o a=b,c=d" lists, and opening an image from
+ * command-line flags.
  *
  * SPDX-License-Identifier: MIT
  */
@@ -206,6 +208,72 @@ int cli_parse_output(const char *arg, bool *json)
 	return 0;
 }
 
+int cli_getopt(struct cli_opts *o, int argc, char **argv,
+	       const char *optstring, const struct option *longopts)
+{
+	int c, i = -1;
+
+	while ((c = getopt_long(argc, argv, optstring, longopts, &i)) != -1) {
+		/* i names the long option just taken (getopt_long leaves it
+		 * alone for a short one or an error). */
+		if (c != '?' && c != ':' && i >= 0 &&
+		    strcmp(longopts[i].name, "output") == 0) {
+			i = -1;
+			if (cli_parse_output(optarg, &o->json) < 0) {
+				o->status = CLI_EXIT_FAILURE;
+				return -1;
+			}
+			continue;
+		}
+		i = -1;
+		switch (c) {
+		case 'f':
+			o->fmtname = optarg;
+			break;
+		case 'U':
+			o->open_flags |= QK_OPEN_FORCE_SHARE;
+			break;
+		case 'i':
+			if (cli_parse_aio(optarg) < 0) {
+				cli_error("Invalid aio option: %s", optarg);
+				o->status = CLI_EXIT_FAILURE;
+				return -1;
+			}
+			break;
+		case 'h':
+		case '?':
+		case ':':
+			o->status = cli_option_end(o->cmd, c, argv,
+						   o->usage_code);
+			return -1;
+		default:
+			return c;
+		}
+	}
+	return 0;
+}
+
+int cli_option_end(const char *cmd, int opt, char **argv, int code)
+{
+	if (opt == 'h') {
+		cli_print_usage(stdout, cli_find_command(cmd));
+		return CLI_EXIT_OK;
+	}
+	return cli_bad_option(cmd, opt, argv, code);
+}
+
+const char *cli_one_image(struct cli_opts *o, int c, int argc, char **argv)
+{
+	if (c < 0)
+		return NULL;
+	if (optind != argc - 1) {
+		o->status = cli_usage_error(o->cmd, o->usage_code,
+					    "Expecting one image file name");
+		return NULL;
+	}
+	return argv[optind];
+}
+
 int cli_parse_cache(const char *mode, bool *direct)
 {
 	/* qemu's bdrv_parse_cache_mode(): none and directsync bypass the
@@ -221,6 +289,14 @@ int cli_parse_cache(const char *mode, bool *direct)
 	else
 		return -1;
 	return 0;
+}
+
+int cli_parse_aio(const char *mode)
+{
+	if (strcmp(mode, "threads") == 0 || strcmp(mode, "native") == 0 ||
+	    strcmp(mode, "io_uring") == 0)
+		return 0;
+	return -1;
 }
 
 int cli_parse_kv_list(const char *list, struct cli_kv **out)

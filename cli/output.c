@@ -610,6 +610,19 @@ void progress_end(struct cli_progress *p)
 		printf("\n");
 }
 
+int cli_run_progress(unsigned n, void *(*fn)(void *), void *arg,
+		     struct cli_progress *p, const bool *failed)
+{
+	if (cli_run_threads(n, fn, arg) < 0) {
+		progress_end(p);
+		return -1;
+	}
+	if (!*failed)
+		progress_print(p, 100, 0);
+	progress_end(p);
+	return 0;
+}
+
 double cli_now(void)
 {
 	struct timespec ts;
