@@ -180,8 +180,8 @@ static int parse_args(int argc, char **argv, struct check_args *a)
  * check. Closes `img`. Returns the exit status. */
 static int run_check(qk_image *img, const struct check_args *a)
 {
-	struct qk_check_result r;
-	struct qk_info info;
+	struct qk_check_result r = { .struct_size = sizeof r };
+	struct qk_info info = { .struct_size = sizeof info };
 	int ret = qk_check(img, a->fix, &r, report_line, NULL);
 
 	if (ret == -ENOTSUP) {

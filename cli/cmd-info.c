@@ -83,6 +83,7 @@ static int gather(qk_image *img, struct image_report *r)
 
 	memset(r, 0, sizeof(*r));
 	r->img = img;
+	r->info.struct_size = sizeof r->info;
 	ret = qk_get_info(img, &r->info);
 	if (ret < 0)
 		goto fail;

@@ -503,7 +503,7 @@ fail:
 static int write_compressed(qk_image *img, const unsigned char *buf,
 			    uint64_t count, uint64_t offset)
 {
-	struct qk_info info;
+	struct qk_info info = { .struct_size = sizeof info };
 	uint64_t cs, done;
 	int r = qk_get_info(img, &info);
 

@@ -279,7 +279,7 @@ static int create_target(const struct convert_qcow2 *a, uint64_t size)
 int convert_qcow2(const struct convert_qcow2 *a)
 {
 	struct job j;
-	struct qk_info info;
+	struct qk_info info = { .struct_size = sizeof info };
 	int r, ret = CLI_EXIT_FAILURE;
 
 	memset(&j, 0, sizeof j);

@@ -10,6 +10,14 @@
  * - Pointers returned by the library (names, lists) are owned by the image
  *   and stay valid until qk_close() of that image.
  * - One qk_image may be used from several threads at once.
+ * - ABI: a struct with a `struct_size` first member (options passed in,
+ *   results filled in) is set to sizeof(struct) by the caller before the
+ *   call (the _init functions do it for options). The library reads and
+ *   writes only that many bytes, so a program built against an older,
+ *   shorter version of the struct keeps working when fields are added at
+ *   its end; a struct_size below the struct's first version is refused
+ *   with -EINVAL. Every other public struct is frozen: it never changes; a
+ *   new version would come as a new struct with new calls.
  *
  * SPDX-License-Identifier: MIT
  */
@@ -24,9 +32,8 @@
 extern "C" {
 #endif
 
-#define QK_VERSION_MAJOR 0
-#define QK_VERSION_MINOR 1
-#define QK_VERSION_PATCH 0
+/* QK_VERSION_MAJOR, _MINOR, _PATCH and _STRING, from the build. */
+#include "qcowkit-version.h"
 #define QK_VERSION_NUMBER \
 	(QK_VERSION_MAJOR * 10000 + QK_VERSION_MINOR * 100 + QK_VERSION_PATCH)
 
@@ -233,6 +240,7 @@ qk_image *qk_get_backing(const qk_image *img);
 #define QK_COMPRESSION_ZSTD 1
 
 struct qk_info {
+	uint32_t struct_size;     /* sizeof(struct qk_info), set by the caller */
 	qk_format format;
 	uint64_t virtual_size;
 	uint64_t actual_size;     /* bytes the host file system allocates */
@@ -351,6 +359,7 @@ int qk_flush(qk_image *img);
 /* ---- checking and repair ----------------------------------------------- */
 
 struct qk_check_result {
+	uint32_t struct_size;        /* sizeof(struct qk_check_result), set by the caller */
 	uint64_t corruptions;        /* refcount below references, invalid entries,
 	                              * wrong COPIED flags */
 	uint64_t leaks;              /* clusters with refcount above references
@@ -390,6 +399,7 @@ int qk_check(qk_image *img, uint32_t flags, struct qk_check_result *res,
 #define QK_FORENSIC_LEAKED        2 /* refcount above 0, referenced by nothing */
 #define QK_FORENSIC_SNAPSHOT_ONLY 3 /* data only snapshots reference */
 
+/* Frozen (see the ABI note at the top). */
 struct qk_forensic_item {
 	uint32_t kind;           /* QK_FORENSIC_* */
 	int nonzero;             /* LEAKED: the cluster holds non-zero bytes */
@@ -422,6 +432,7 @@ int qk_forensic(qk_image *img, int (*found)(void *opaque, const struct qk_forens
 #define QK_EXTENT_OFFSET     (1u << 3) /* `offset` is a valid host offset */
 #define QK_EXTENT_COMPRESSED (1u << 4) /* stored in compressed clusters */
 
+/* Frozen (see the ABI note at the top). */
 struct qk_extent {
 	uint64_t start;      /* guest offset */
 	uint64_t length;     /* bytes, > 0 */
@@ -444,6 +455,7 @@ int qk_block_status(qk_image *img, uint64_t off, uint64_t max_len,
 
 /* ---- snapshots and bitmaps ------------------------------------------- */
 
+/* Frozen (see the ABI note at the top). */
 struct qk_snapshot {
 	const char *id;
 	const char *name;
@@ -465,6 +477,7 @@ int qk_list_snapshots(qk_image *img, const struct qk_snapshot **list,
 #define QK_BITMAP_IN_USE (1u << 0)
 #define QK_BITMAP_AUTO   (1u << 1)
 
+/* Frozen (see the ABI note at the top). */
 struct qk_bitmap {
 	const char *name;
 	uint32_t flags;          /* QK_BITMAP_* */

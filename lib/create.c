@@ -43,17 +43,12 @@ QK_EXPORT int qk_create(const char *path, const struct qk_create_options *opts)
 		return qk__err(EINVAL, "path and options are required");
 	if (path[0] == '\0')
 		return qk__err(ENOENT, "Could not create '': %s", strerror(ENOENT));
-	/* An older caller's shorter structure: copy what it has over the
-	 * defaults; a newer one's extra fields are not ours to read. */
+	/* An older caller's shorter structure: what it has, over the defaults. */
+	int ret = qk__struct_size_ok(opts->struct_size, QK__CREATE_OPTIONS_V1, "qk_create_options");
+	if (ret < 0)
+		return ret;
 	qk_create_options_init(&o);
-	if (opts->struct_size < offsetof(struct qk_create_options, size) + sizeof o.size)
-		return qk__err(EINVAL, "options not initialised (struct_size %u; "
-			       "call qk_create_options_init)", opts->struct_size);
-	memcpy((char *)&o + sizeof o.struct_size,
-	       (const char *)opts + sizeof o.struct_size,
-	       (opts->struct_size < sizeof o ? opts->struct_size : sizeof o) -
-	       sizeof o.struct_size);
-	o.struct_size = sizeof o;
+	qk__struct_in(&o, sizeof o, opts);
 
 	switch (o.format) {
 	case QK_FORMAT_RAW:

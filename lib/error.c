@@ -1,4 +1,6 @@
 /*
+ * Also the struct_size policy's copies (qcowkit.h, "ABI").
+ *
  * Per-thread last error: a negative errno travels up the call stack while
  * the innermost failure records one line of text; an outer frame may put
  * its own context in front (qk__err_prepend, as QEMU's error_prepend), so
@@ -93,4 +95,30 @@ QK_EXPORT const char *qk_last_error(void)
 QK_EXPORT int qk_last_errno(void)
 {
 	return tls_errno;
+}
+
+int qk__struct_size_ok(uint32_t size, size_t v1, const char *what)
+{
+	if (size < v1)
+		return qk__err(EINVAL, "struct %s: struct_size %u is smaller than its first version "
+			       "(%zu bytes): set it to sizeof (the _init function does)", what, size, v1);
+	return 0;
+}
+
+void qk__struct_in(void *dst, size_t full, const void *src)
+{
+	uint32_t size;
+	memcpy(&size, src, sizeof size);
+	if (size > full)
+		size = (uint32_t)full;          /* a newer caller's fields are not ours */
+	memcpy((char *)dst + sizeof size, (const char *)src + sizeof size, size - sizeof size);
+}
+
+void qk__struct_out(void *dst, const void *src, size_t full)
+{
+	uint32_t size;
+	memcpy(&size, dst, sizeof size);
+	if (size > full)
+		size = (uint32_t)full;
+	memcpy((char *)dst + sizeof size, (const char *)src + sizeof size, size - sizeof size);
 }

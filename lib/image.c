@@ -16,7 +16,7 @@
 
 QK_EXPORT const char *qk_version(void)
 {
-	return "0.1.0";
+	return QK_VERSION_STRING;
 }
 
 QK_EXPORT int qk_version_number(void)
@@ -208,18 +208,14 @@ QK_EXPORT int qk_open(const char *path, const struct qk_open_options *opts,
 	if (!path || !out)
 		return qk__err(EINVAL, "path and out are required");
 	*out = NULL;
-	if (!opts) {
-		qk_open_options_init(&defaults);
-		opts = &defaults;
-	} else if (opts->struct_size < sizeof(struct qk_open_options)) {
-		/* An older caller's shorter structure: copy what it has. */
-		qk_open_options_init(&defaults);
-		if (opts->struct_size > sizeof defaults.struct_size)
-			memcpy((char *)&defaults + sizeof defaults.struct_size,
-			       (const char *)opts + sizeof defaults.struct_size,
-			       opts->struct_size - sizeof defaults.struct_size);
-		opts = &defaults;
+	qk_open_options_init(&defaults);
+	if (opts) {
+		int ret = qk__struct_size_ok(opts->struct_size, QK__OPEN_OPTIONS_V1, "qk_open_options");
+		if (ret < 0)
+			return ret;
+		qk__struct_in(&defaults, sizeof defaults, opts);
 	}
+	opts = &defaults;
 	struct qk__file *f;
 	int ret = qk__file_open_posix(path, opts->flags & QK_OPEN_RDWR, opts->flags, &f);
 	if (ret < 0)
@@ -341,16 +337,22 @@ QK_EXPORT int qk_get_info(qk_image *img, struct qk_info *info)
 	qk__api_enter("qk_get_info");
 	if (!img || !info)
 		return qk__err(EINVAL, "image and info are required");
-	memset(info, 0, sizeof *info);
-	info->format = img->drv->format;
-	info->virtual_size = img->size;
-	int ret = qk__file_get_size(img->file, &info->file_size);
+	int ret = qk__struct_size_ok(info->struct_size, QK__INFO_V1, "qk_info");
 	if (ret < 0)
 		return ret;
-	ret = qk__file_allocated_size(img->file, &info->actual_size);
+	struct qk_info full = { .struct_size = sizeof full };
+	full.format = img->drv->format;
+	full.virtual_size = img->size;
+	ret = qk__file_get_size(img->file, &full.file_size);
+	if (ret < 0)
+		return ret;
+	ret = qk__file_allocated_size(img->file, &full.actual_size);
 	if (ret < 0 && ret != -ENOTSUP)
 		return ret;
-	return img->drv->get_info ? img->drv->get_info(img, info) : 0;
+	ret = img->drv->get_info ? img->drv->get_info(img, &full) : 0;
+	if (ret == 0)
+		qk__struct_out(info, &full, sizeof full);
+	return ret;
 }
 
 int qk__image_pread(qk_image *img, void *buf, size_t len, uint64_t off)
@@ -443,10 +445,15 @@ QK_EXPORT int qk_check(qk_image *img, uint32_t flags, struct qk_check_result *re
 		return qk__err(EINVAL, "unknown flags 0x%x", flags);
 	if (flags && !(img->flags & QK_OPEN_RDWR))
 		return qk__err(EPERM, "'%s' was opened read-only: it cannot be repaired", img->filename);
-	memset(res, 0, sizeof *res);
+	int ret = qk__struct_size_ok(res->struct_size, QK__CHECK_RESULT_V1, "qk_check_result");
+	if (ret < 0)
+		return ret;
 	if (!img->drv->check)
 		return qk__err(ENOTSUP, "This image format does not support checks");
-	return img->drv->check(img, flags, res, report, opaque);
+	struct qk_check_result full = { .struct_size = sizeof full };
+	ret = img->drv->check(img, flags, &full, report, opaque);
+	qk__struct_out(res, &full, sizeof full);      /* what the check found, also on failure */
+	return ret;
 }
 
 QK_EXPORT int qk_forensic(qk_image *img,

@@ -218,6 +218,24 @@ struct qk__host {
  * (refused, the message says why) or the open's errno, recorded. */
 extern const struct qk__host qk__posix_host;
 
+/* ---- the struct_size policy (qcowkit.h, "ABI") -----------------------------
+ * The size of each sized struct's first published version: a caller's
+ * struct_size below it is refused. */
+#define QK__OPEN_OPTIONS_V1   (offsetof(struct qk_open_options, max_chain_depth) + sizeof(uint32_t))
+#define QK__CREATE_OPTIONS_V1 (offsetof(struct qk_create_options, data_file_raw) + sizeof(int))
+#define QK__INFO_V1           (offsetof(struct qk_info, nb_bitmaps) + sizeof(uint32_t))
+#define QK__CHECK_RESULT_V1   (offsetof(struct qk_check_result, overlaps) + sizeof(uint64_t))
+/* A caller's struct of `size` bytes (its struct_size) for a struct whose
+ * first version has `v1` bytes: 0, or -EINVAL (recorded) naming `what`. */
+int qk__struct_size_ok(uint32_t size, size_t v1, const char *what);
+/* Copy a caller's struct `src` (its struct_size first) over `dst` (the
+ * library's full struct of `full` bytes, set to defaults), as far as the
+ * caller's reaches; dst keeps struct_size = full. */
+void qk__struct_in(void *dst, size_t full, const void *src);
+/* Copy the library's full result `src` to the caller's struct `dst`, as far
+ * as dst's struct_size reaches (which stays as it was). */
+void qk__struct_out(void *dst, const void *src, size_t full);
+
 /* ---- image.c: drivers and the image handle ------------------------------- */
 
 /* One layer's answer for a guest range (driver block_status). */

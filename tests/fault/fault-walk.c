@@ -535,7 +535,7 @@ static bool check_image(const void *bytes, size_t len, const struct model *m, co
 			goto done;
 		}
 	} else {
-		struct qk_check_result res;
+		struct qk_check_result res = { .struct_size = sizeof res };
 		o.flags = QK_OPEN_RDWR | QK_OPEN_CHECK;
 		if (qk_open(image_name, &o, &img) < 0 ||
 		    qk_check(img, QK_CHECK_FIX_LEAKS, &res, NULL, NULL) < 0) {
@@ -553,7 +553,7 @@ static bool check_image(const void *bytes, size_t len, const struct model *m, co
 		}
 	}
 	/* Clean now, and the content is what was flushed. */
-	struct qk_check_result res;
+	struct qk_check_result res = { .struct_size = sizeof res };
 	qk_open_options_init(&o);
 	if (qk_open(image_name, &o, &img) < 0) {
 		snprintf(why, sizeof why, "read-only open failed: %s", qk_last_error());
@@ -813,7 +813,7 @@ int main(int argc, char **argv)
 		return 2;
 	}
 	initial_size = qk_get_size(img);
-	struct qk_info info;
+	struct qk_info info = { .struct_size = sizeof info };
 	/* FAULT_WALK_OTHER=1: any cluster size (other starting images, for
 	 * exploring), without the growth checks that need 512 bytes. */
 	bool other = getenv("FAULT_WALK_OTHER") != NULL;

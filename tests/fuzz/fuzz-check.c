@@ -29,8 +29,7 @@ static void recheck(qk_image *img, const char *what)
 		return;
 	int ret = fuzz_open(bytes, len, QK_OPEN_CHECK, &again);
 	FUZZ_ASSERT(ret == 0, "the image does not open after %s", what);
-	struct qk_check_result res;
-	memset(&res, 0, sizeof res);
+	struct qk_check_result res = { .struct_size = sizeof res };
 	ret = qk_check(again, 0, &res, NULL, NULL);
 	FUZZ_ASSERT(ret == 0 && res.corruptions == 0 && res.leaks == 0 && res.check_errors == 0,
 		    "after %s that left nothing, check says ret %d, %llu corruptions, "
@@ -46,8 +45,7 @@ static void repair(const uint8_t *data, size_t size, uint32_t flags, const char 
 	qk_image *img;
 	if (fuzz_open(data, size, QK_OPEN_RDWR | QK_OPEN_CHECK, &img) < 0)
 		return;
-	struct qk_check_result res;
-	memset(&res, 0, sizeof res);
+	struct qk_check_result res = { .struct_size = sizeof res };
 	size_t chars = 0;
 	int ret = qk_check(img, flags, &res, report, &chars);
 	if (ret == 0 && qk_flush(img) == 0 && res.corruptions == 0 && res.leaks == 0 &&
@@ -61,8 +59,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	qk_image *img;
 	if (fuzz_open(data, size, QK_OPEN_CHECK, &img) < 0)
 		return 0;
-	struct qk_check_result res;
-	memset(&res, 0, sizeof res);
+	struct qk_check_result res = { .struct_size = sizeof res };
 	size_t chars = 0;
 	int ret = qk_check(img, 0, &res, report, &chars);
 	uint64_t items = 0;

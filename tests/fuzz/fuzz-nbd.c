@@ -152,7 +152,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		.allocation_depth = true,
 	};
 	struct server_arg a;
-	struct qk_check_result res;
+	struct qk_check_result res = { .struct_size = sizeof res };
 	pthread_t tid;
 	qk_image *img;
 	int sv[2];
@@ -176,7 +176,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	/* qk_check reads the metadata from the file: what the server left
 	 * in the caches (it flushes only after writes) goes there first. */
 	FUZZ_ASSERT(qk_flush(img) == 0, "flush after the session: %s", qk_last_error());
-	memset(&res, 0, sizeof(res));
+	memset(&res, 0, sizeof res);
+	res.struct_size = sizeof res;
 	FUZZ_ASSERT(qk_check(img, 0, &res, NULL, NULL) == 0 && res.corruptions == 0 &&
 		    res.leaks == 0 && res.check_errors == 0,
 		    "image not clean after the session: %llu corruptions, %llu leaks",

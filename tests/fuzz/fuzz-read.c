@@ -41,7 +41,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	if (fuzz_open(data, size, 0, &img) < 0)
 		return 0;
 
-	struct qk_info info;
+	struct qk_info info = { .struct_size = sizeof info };
 	if (qk_get_info(img, &info) == 0)
 		FUZZ_ASSERT(info.virtual_size == qk_get_size(img), "info and size disagree");
 	const struct qk_snapshot *snaps;

@@ -18,8 +18,7 @@ static uint8_t wbuf[MAX_LEN], rbuf[MAX_LEN];
 
 static bool clean(qk_image *img)
 {
-	struct qk_check_result res;
-	memset(&res, 0, sizeof res);
+	struct qk_check_result res = { .struct_size = sizeof res };
 	return qk_check(img, 0, &res, NULL, NULL) == 0 && res.corruptions == 0 &&
 	       res.leaks == 0 && res.check_errors == 0;
 }
@@ -41,7 +40,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	if (size < OP_BYTES || fuzz_open(data, size, QK_OPEN_RDWR | QK_OPEN_UNSAFE, &img) < 0)
 		return 0;
 	uint64_t vsize = qk_get_size(img);
-	struct qk_info info;
+	struct qk_info info = { .struct_size = sizeof info };
 	uint64_t cs = qk_get_info(img, &info) == 0 && info.cluster_size ? info.cluster_size : 65536;
 	bool was_clean = clean(img);
 	size_t nops = qk_min_u64(size / OP_BYTES, MAX_OPS);
@@ -120,8 +119,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		uint8_t *bytes = fuzz_snapshot(img, &len);
 		qk_image *again;
 		if (bytes && fuzz_open(bytes, len, QK_OPEN_CHECK, &again) == 0) {
-			struct qk_check_result res;
-			memset(&res, 0, sizeof res);
+			struct qk_check_result res = { .struct_size = sizeof res };
 			int ret = qk_check(again, 0, &res, NULL, NULL);
 			const char *dump = getenv("FUZZ_DUMP");
 			if (dump && (ret < 0 || res.corruptions)) {

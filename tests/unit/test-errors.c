@@ -63,7 +63,7 @@ static void test_public_messages(void)
 	ret = qb_open_named(&b, "mem.raw", &o, &img);
 	CHECK(ret == 0, "raw open: %s", qk_last_error());
 	if (ret == 0) {
-		struct qk_check_result res;
+		struct qk_check_result res = { .struct_size = sizeof res };
 		ret = qk_check(img, 0, &res, NULL, NULL);
 		expect("check of a raw image", ret, ENOTSUP,
 		       "qk_check: This image format does not support checks");

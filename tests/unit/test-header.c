@@ -71,8 +71,9 @@ static void test_valid_matrix(void)
 				int ret = qb_open(&b, &o, &img);
 				CHECK(ret == 0, "%s: open failed: %d %s", what, ret, qk_last_error());
 				if (ret == 0) {
-					struct qk_info info;
+					struct qk_info info = { .struct_size = sizeof info };
 					memset(&info, 0xa5, sizeof info);
+					info.struct_size = sizeof info;
 					ret = qk_get_info(img, &info);
 					CHECK(ret == 0, "%s: qk_get_info failed: %d", what, ret);
 					CHECK_EQ(qk_get_format(img), QK_FORMAT_QCOW2, what);
@@ -151,7 +152,7 @@ static void test_feature_bits(void)
 {
 	struct qb b;
 	qk_image *img;
-	struct qk_info info;
+	struct qk_info info = { .struct_size = sizeof info };
 	int ret;
 
 	/* Dirty: read-only opens work as they are. */
@@ -256,7 +257,7 @@ static void test_header_lengths(void)
 		int ret = qb_open(&b, &o, &img);
 		CHECK(ret == 0, "%s: %d %s", what, ret, qk_last_error());
 		if (ret == 0) {
-			struct qk_info info;
+			struct qk_info info = { .struct_size = sizeof info };
 			CHECK_EQ(qk_get_info(img, &info), 0, what);
 			CHECK_EQ(info.compression_type, 0, what);
 			CHECK_STR(info.backing_format, "qcow2", what);
@@ -284,7 +285,7 @@ static void test_backing_names(void)
 		ret = qb_open_named(&b, "some/dir/top.qcow2", &o, &img);
 		CHECK(ret == 0, "v%u backing names: %d %s", v, ret, qk_last_error());
 		if (ret == 0) {
-			struct qk_info info;
+			struct qk_info info = { .struct_size = sizeof info };
 			CHECK_EQ(qk_get_info(img, &info), 0, "info");
 			CHECK_STR(info.backing_file, "base image.raw", "backing_file");
 			CHECK_STR(info.full_backing_file, "some/dir/base image.raw", "full_backing_file");
@@ -307,7 +308,7 @@ static void test_backing_names(void)
 	ret = qb_open_named(&b, "x/top.qcow2", &o, &img);
 	CHECK(ret == 0, "absolute backing name: %d %s", ret, qk_last_error());
 	if (ret == 0) {
-		struct qk_info info;
+		struct qk_info info = { .struct_size = sizeof info };
 		CHECK_EQ(qk_get_info(img, &info), 0, "info");
 		CHECK_STR(info.backing_file, longname, "backing_file 1023 bytes");
 		CHECK_STR(info.full_backing_file, longname, "full_backing_file absolute");
@@ -325,7 +326,7 @@ static void test_backing_names(void)
 	ret = qb_open(&b, &o, &img);
 	CHECK(ret == 0, "15-byte backing format: %d %s", ret, qk_last_error());
 	if (ret == 0) {
-		struct qk_info info;
+		struct qk_info info = { .struct_size = sizeof info };
 		CHECK_EQ(qk_get_info(img, &info), 0, "info");
 		CHECK_STR(info.backing_format, "fifteen-chars-x", "backing_format");
 		qk_close(img);
@@ -353,7 +354,7 @@ static void test_extensions_valid(void)
 		ret = qb_open(&b, &o, &img);
 		CHECK(ret == 0, "v%u unknown extensions skipped: %d %s", v, ret, qk_last_error());
 		if (ret == 0) {
-			struct qk_info info;
+			struct qk_info info = { .struct_size = sizeof info };
 			CHECK_EQ(qk_get_info(img, &info), 0, "info");
 			CHECK_STR(info.backing_format, "qcow2", "backing_format after unknown extensions");
 			CHECK_EQ(info.qcow2_version, v, "version");
@@ -379,7 +380,7 @@ static void test_snapshots(void)
 {
 	struct qb b;
 	qk_image *img;
-	struct qk_info info;
+	struct qk_info info = { .struct_size = sizeof info };
 	int ret;
 
 	qb_init(&b, 3, 16, 8 << 20);
@@ -428,7 +429,7 @@ static void test_bitmaps(void)
 {
 	struct qb b;
 	qk_image *img;
-	struct qk_info info;
+	struct qk_info info = { .struct_size = sizeof info };
 	int ret;
 
 	base(&b);
@@ -469,7 +470,7 @@ static void test_odd_valid(void)
 {
 	struct qb b;
 	qk_image *img;
-	struct qk_info info;
+	struct qk_info info = { .struct_size = sizeof info };
 	int ret;
 
 	/* Empty image: size 0, no L1 entries. */
