@@ -6,6 +6,7 @@
  */
 #include "internal.h"
 
+#include <assert.h>
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -557,6 +558,9 @@ QK_EXPORT int qk_block_status(qk_image *img, uint64_t off, uint64_t max_len,
 		int ret = layer->drv->block_status(layer, off, len, &st);
 		if (ret < 0)
 			return ret;
+		/* A driver's run is never empty nor longer than asked (and a
+		 * release build still refuses one rather than loop on it). */
+		assert(st.bytes > 0 && st.bytes <= len);
 		if (st.bytes == 0 || st.bytes > len)
 			return qk__err(EIO, "internal error: block status of %s returned %llu bytes",
 				       layer->filename, (unsigned long long)st.bytes);

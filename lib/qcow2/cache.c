@@ -7,6 +7,7 @@
  */
 #include "qcow2/qcow2.h"
 
+#include <assert.h>
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
@@ -268,6 +269,7 @@ static int take_slot(struct qk__cache *c, uint64_t offset, struct qk__cache_slot
 static void install(struct qk__cache *c, struct qk__cache_slot *s, uint64_t offset)
 {
 	bool found;
+	assert(offset != 0 && s->refs == 0);   /* 0 marks an empty slot */
 	s->offset = offset;
 	s->recent = true;
 	s->refs = 1;
@@ -337,6 +339,7 @@ void qk__cache_discard(struct qk__cache *c, uint64_t offset)
 	if (!found)
 		return;
 	struct qk__cache_slot *s = &c->slots[c->hash[b] - 1];
+	assert(s->refs <= 1);   /* only its creator may still hold a table it drops */
 	hash_remove(c, offset);
 	s->offset = 0;
 	s->dirty = false;
@@ -347,6 +350,8 @@ void qk__cache_put(struct qk__cache *c, uint64_t offset)
 {
 	bool found;
 	uint32_t b = find_bucket(c, offset, &found);
+	/* Every put matches a get of a table still in the cache. */
+	assert(found && c->slots[c->hash[b] - 1].refs > 0);
 	if (found && c->slots[c->hash[b] - 1].refs)
 		c->slots[c->hash[b] - 1].refs--;
 }

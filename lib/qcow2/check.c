@@ -1154,6 +1154,45 @@ static bool in_file(const struct qcow2 *q, uint64_t off)
 	       q->file_size - off >= q->cluster_size;
 }
 
+/* A repair of one active L2 table in the cache (entries of `step` words):
+ * returns whether it changed the table. */
+typedef bool (*fix_table_fn)(const struct qcow2 *q, uint64_t *t, uint64_t entries, uint64_t step);
+
+/* Hand every active L2 table inside the file to fix, mark the changed ones
+ * dirty, and flush them. */
+static int fix_active_tables(qk_image *img, fix_table_fn fix)
+{
+	struct qcow2 *q = qcow2_of(img);
+	uint64_t entries = 1ull << q->l2_bits, step = q->extl2 ? 2 : 1;
+	int ret = 0;
+	for (uint32_t i = 0; ret == 0 && i < q->l1_size; i++) {
+		uint64_t l2_off = q->l1[i] & L1E_OFFSET_MASK, *t;
+		if (!l2_off || (l2_off & (q->cluster_size - 1)) || l2_off >= q->file_size)
+			continue;
+		if ((ret = qk__cache_get(&q->l2_cache, l2_off, (void **)&t)) < 0)
+			break;
+		if (fix(q, t, entries, step))
+			qk__cache_mark_dirty(&q->l2_cache, l2_off);
+		qk__cache_put(&q->l2_cache, l2_off);
+	}
+	return ret ? ret : qk__cache_flush(&q->l2_cache);
+}
+
+/* Reserved bits of L2 entries go where what is left points into the file. */
+static bool fix_reserved_l2(const struct qcow2 *q, uint64_t *t, uint64_t entries, uint64_t step)
+{
+	bool dirty = false;
+	for (uint64_t j = 0; j < entries; j++) {
+		uint64_t *e = &t[step * j], host = *e & L2E_OFFSET_MASK;
+		if (!(*e & QCOW_OFLAG_COMPRESSED) && (*e & L2E_RESERVED_MASK) &&
+		    (!host || q->has_data_file || in_file(q, host))) {
+			*e &= ~L2E_RESERVED_MASK;
+			dirty = true;
+		}
+	}
+	return dirty;
+}
+
 /* Reserved bits of active L1 and L2 entries go where what is left points
  * into the file (the rest stays a corruption: nothing is guessed). Reads
  * refuse such entries, QEMU's ignore the bits: the repaired entry reads
@@ -1161,72 +1200,45 @@ static bool in_file(const struct qcow2 *q, uint64_t off)
 static int fix_reserved(qk_image *img)
 {
 	struct qcow2 *q = qcow2_of(img);
-	uint64_t entries = 1ull << q->l2_bits, step = q->extl2 ? 2 : 1;
-	int ret = 0;
-	for (uint32_t i = 0; ret == 0 && i < q->l1_size; i++) {
+	for (uint32_t i = 0; i < q->l1_size; i++) {
 		if ((q->l1[i] & L1E_RESERVED_MASK) && in_file(q, q->l1[i] & L1E_OFFSET_MASK)) {
 			uint8_t be[8];
 			q->l1[i] &= ~L1E_RESERVED_MASK;
 			qk_put_be64(be, q->l1[i]);
-			if ((ret = qk__file_pwrite(img->file, be, 8, q->l1_offset + 8 * (uint64_t)i)) < 0)
-				break;
+			int ret = qk__file_pwrite(img->file, be, 8, q->l1_offset + 8 * (uint64_t)i);
+			if (ret < 0)
+				return ret;
 		}
-		uint64_t l2_off = q->l1[i] & L1E_OFFSET_MASK, *t;
-		if (!l2_off || (l2_off & (q->cluster_size - 1)) || l2_off >= q->file_size)
-			continue;
-		if ((ret = qk__cache_get(&q->l2_cache, l2_off, (void **)&t)) < 0)
-			break;
-		bool dirty = false;
-		for (uint64_t j = 0; j < entries; j++) {
-			uint64_t *e = &t[step * j], host = *e & L2E_OFFSET_MASK;
-			if (!(*e & QCOW_OFLAG_COMPRESSED) && (*e & L2E_RESERVED_MASK) &&
-			    (!host || q->has_data_file || in_file(q, host))) {
-				*e &= ~L2E_RESERVED_MASK;
-				dirty = true;
-			}
-		}
-		if (dirty)
-			qk__cache_mark_dirty(&q->l2_cache, l2_off);
-		qk__cache_put(&q->l2_cache, l2_off);
 	}
-	return ret ? ret : qk__cache_flush(&q->l2_cache);
+	return fix_active_tables(img, fix_reserved_l2);
 }
 
 /* Extended L2: subclusters both allocated and zero keep their data (the
  * zero bits go); an unallocated cluster loses its allocated bits; a
  * compressed one its bitmap. None could be read before, so nothing
  * readable changes. */
+static bool fix_bitmaps_l2(const struct qcow2 *q, uint64_t *t, uint64_t entries, uint64_t step)
+{
+	bool dirty = false;
+	(void)step;
+	for (uint64_t j = 0; j < entries; j++) {
+		uint64_t e = t[2 * j], *bm = &t[2 * j + 1], nb = *bm;
+		nb &= ~((nb & 0xffffffffull) << 32);
+		if (!(e & L2E_OFFSET_MASK) && !q->has_data_file)
+			nb &= ~0xffffffffull;
+		if (e & QCOW_OFLAG_COMPRESSED)
+			nb = 0;         /* compressed clusters have no bitmap */
+		if (nb != *bm) {
+			*bm = nb;
+			dirty = true;
+		}
+	}
+	return dirty;
+}
+
 static int fix_bitmaps(qk_image *img)
 {
-	struct qcow2 *q = qcow2_of(img);
-	uint64_t entries = 1ull << q->l2_bits;
-	int ret = 0;
-	if (!q->extl2)
-		return 0;
-	for (uint32_t i = 0; ret == 0 && i < q->l1_size; i++) {
-		uint64_t l2_off = q->l1[i] & L1E_OFFSET_MASK, *t;
-		if (!l2_off || (l2_off & (q->cluster_size - 1)) || l2_off >= q->file_size)
-			continue;
-		if ((ret = qk__cache_get(&q->l2_cache, l2_off, (void **)&t)) < 0)
-			break;
-		bool dirty = false;
-		for (uint64_t j = 0; j < entries; j++) {
-			uint64_t e = t[2 * j], *bm = &t[2 * j + 1], nb = *bm;
-			nb &= ~((nb & 0xffffffffull) << 32);
-			if (!(e & L2E_OFFSET_MASK) && !q->has_data_file)
-				nb &= ~0xffffffffull;
-			if (e & QCOW_OFLAG_COMPRESSED)
-				nb = 0;         /* compressed clusters have no bitmap */
-			if (nb != *bm) {
-				*bm = nb;
-				dirty = true;
-			}
-		}
-		if (dirty)
-			qk__cache_mark_dirty(&q->l2_cache, l2_off);
-		qk__cache_put(&q->l2_cache, l2_off);
-	}
-	return ret ? ret : qk__cache_flush(&q->l2_cache);
+	return qcow2_of(img)->extl2 ? fix_active_tables(img, fix_bitmaps_l2) : 0;
 }
 
 int qk__qcow2_check(qk_image *img, uint32_t flags, struct qk_check_result *res,

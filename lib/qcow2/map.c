@@ -279,6 +279,7 @@ static int get_run(qk_image *img, uint64_t off, uint64_t len, bool status, struc
 	qk__qcow2_unlock(q);
 	if (ret == 0 && r->bytes > len)
 		r->bytes = len;
+	assert(ret < 0 || r->bytes > 0);        /* a run is never empty */
 	return ret;
 }
 

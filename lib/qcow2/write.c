@@ -744,6 +744,28 @@ static void whole_clusters(qk_image *img, uint64_t off, uint64_t len, uint64_t *
 		*end = *first;
 }
 
+/* Begin a change of [off, off+len) made in metadata alone (discard, zero
+ * writes, resize): both locks taken, the handle ready to write and the
+ * bitmaps marked. Returns prepare_write's result; the locks are held
+ * either way, until end_change. */
+static int begin_change(qk_image *img, uint64_t off, uint64_t len)
+{
+	struct qcow2 *q = qcow2_of(img);
+	pthread_mutex_lock(&q->alloc_lock);
+	qk__qcow2_lock(q);
+	int ret = prepare_write(img);
+	if (ret == 0)
+		qk__qcow2_bitmaps_mark(img, off, len);
+	return ret;
+}
+
+static void end_change(qk_image *img)
+{
+	struct qcow2 *q = qcow2_of(img);
+	qk__qcow2_unlock(q);
+	pthread_mutex_unlock(&q->alloc_lock);
+}
+
 int qk__qcow2_discard(qk_image *img, uint64_t off, uint64_t len)
 {
 	struct qcow2 *q = qcow2_of(img);
@@ -752,11 +774,7 @@ int qk__qcow2_discard(qk_image *img, uint64_t off, uint64_t len)
 	bool has_backing = q->backing_file != NULL;
 	if (q->autoclear & AUTOCLEAR_DATA_RAW)
 		return 0;       /* the raw data file must keep its bytes: a hint ignored */
-	pthread_mutex_lock(&q->alloc_lock);
-	qk__qcow2_lock(q);
-	int ret = prepare_write(img);
-	if (ret == 0)
-		qk__qcow2_bitmaps_mark(img, off, len);
+	int ret = begin_change(img, off, len);
 	for (uint64_t gc = first; ret == 0 && gc < end; gc++) {
 		struct entry en;
 		ret = get_entry(img, gc, &en);
@@ -777,8 +795,7 @@ int qk__qcow2_discard(qk_image *img, uint64_t off, uint64_t len)
 		}
 		ret = set_entry(img, gc, ne, nbm, true, NULL);
 	}
-	qk__qcow2_unlock(q);
-	pthread_mutex_unlock(&q->alloc_lock);
+	end_change(img);
 	return ret;
 }
 
@@ -857,11 +874,7 @@ int qk__qcow2_write_zeroes(qk_image *img, uint64_t off, uint64_t len, uint32_t f
 	/* Byte ranges still to be written as real zeros afterwards. */
 	uint64_t parts[4][2] = { { off, head_end }, { 0, 0 }, { tail_start, off + len }, { 0, 0 } };
 
-	pthread_mutex_lock(&q->alloc_lock);
-	qk__qcow2_lock(q);
-	int ret = prepare_write(img);
-	if (ret == 0)
-		qk__qcow2_bitmaps_mark(img, off, len);
+	int ret = begin_change(img, off, len);
 	for (uint64_t gc = first; ret == 0 && gc < end; gc++) {
 		struct entry en;
 		ret = get_entry(img, gc, &en);
@@ -893,8 +906,7 @@ int qk__qcow2_write_zeroes(qk_image *img, uint64_t off, uint64_t len, uint32_t f
 		parts[3][0] = hi;
 		parts[3][1] = off + len;
 	}
-	qk__qcow2_unlock(q);
-	pthread_mutex_unlock(&q->alloc_lock);
+	end_change(img);
 	for (int i = 0; i < 4 && ret == 0; i++)
 		if (parts[i][1] > parts[i][0])
 			ret = write_zero_bytes(img, parts[i][0], parts[i][1] - parts[i][0], flags);
@@ -969,9 +981,7 @@ int qk__qcow2_resize(qk_image *img, uint64_t size, uint32_t flags)
 		return qk__err(ENOTSUP, "cannot grow v2 image '%s' over its backing file: the new "
 			       "area would show the backing file's data (compat=1.1 images can)",
 			       img->filename);
-	pthread_mutex_lock(&q->alloc_lock);
-	qk__qcow2_lock(q);
-	int ret = prepare_write(img);
+	int ret = begin_change(img, 0, 0);
 	uint64_t per_l1 = cs << q->l2_bits;
 	uint64_t need = size / per_l1 + (size % per_l1 != 0);
 	if (ret == 0 && size < old) {
@@ -995,8 +1005,7 @@ int qk__qcow2_resize(qk_image *img, uint64_t size, uint32_t flags)
 	}
 	if (ret == 0)
 		img->size = size;
-	qk__qcow2_unlock(q);
-	pthread_mutex_unlock(&q->alloc_lock);
+	end_change(img);
 	if (ret < 0 || size <= old)
 		return ret;
 	/* Growing: what lies past the old end must read as zeros, not as stale

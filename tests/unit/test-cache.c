@@ -166,12 +166,16 @@ static void test_basics(void)
 	CHECK(cached(&c, 6 * ES), "sixth cached");
 	CHECK(hash_consistent(&c), "hash consistent after evictions");
 
-	/* Putting what is not cached, or putting too often, changes nothing. */
+#ifdef NDEBUG
+	/* Putting what is not cached, or putting too often, breaks the
+	 * contract (builds with assertions stop there); a release build
+	 * changes nothing. */
 	qk__cache_put(&c, 15 * ES);
 	qk__cache_put(&c, 6 * ES);
 	qk__cache_put(&c, 6 * ES);
 	for (uint32_t i = 0; i < c.nslots; i++)
 		CHECK_EQ(c.slots[i].refs, 0, "no refs left (no underflow)");
+#endif
 	qk__cache_destroy(&c);
 
 	/* Entries of a whole cluster, as the L2 cache uses them. */
