@@ -72,8 +72,8 @@ static const struct cli_command commands[] = {
 	  "serve [-f FMT] [-r] [-k SOCKET | -p PORT [-b ADDR]] [-x NAME] "
 	  "[-D DESC] [-e N] [-t] [-A] [--cache=MODE] [--pid-file F] FILE",
 	  "export an image over NBD" },
-	{ "snapshot", cmd_not_implemented,
-	  "snapshot [-l | -c NAME | -a NAME | -d NAME] FILE",
+	{ "snapshot", cmd_snapshot,
+	  "snapshot [-f FMT] [-q] [-U] [-l | -c NAME | -a NAME | -d NAME] FILE",
 	  "list, create, apply or delete internal snapshots" },
 };
 

@@ -97,6 +97,14 @@ struct qk_open_options {
 	uint64_t l2_cache_size;
 	/* Longest backing chain accepted, counting the top image; 0 = 64. */
 	uint32_t max_chain_depth;
+	/* Open this internal snapshot (an id, or else a name, as
+	 * qk_snapshot_find() looks it up) instead of the active image: the
+	 * guest sees the disk as it was when the snapshot was taken, with the
+	 * snapshot's size. Read-only (with QK_OPEN_RDWR the open fails with
+	 * -EINVAL); -ENOENT when the image has no such snapshot. NULL: the
+	 * active image. (Added after 0.1.0: callers built against 0.1.0 pass a shorter
+	 * struct_size and get NULL.) */
+	const char *snapshot;
 };
 
 /* Fill *opts with the defaults: detect the format, read-only. */
@@ -470,9 +478,62 @@ struct qk_snapshot {
 };
 
 /* Set *list to the internal snapshots (an array of *count) and return 0.
- * Raw images have none. */
+ * Raw images have none. The list (and the names in it) is replaced by
+ * qk_snapshot_create(), _apply() and _delete() of this handle: do not
+ * keep pointers into it across them. */
 int qk_list_snapshots(qk_image *img, const struct qk_snapshot **list,
 		      size_t *count);
+
+/*
+ * The snapshot `id_or_name` names: the one whose id it is, else the first
+ * whose name it is (QEMU's rule for qemu-img snapshot -a and convert -l).
+ * Returns its index in qk_list_snapshots()'s list (>= 0), -ENOENT when
+ * none matches, or -EINVAL. Safe with other readers of the handle.
+ */
+int qk_snapshot_find(qk_image *img, const char *id_or_name);
+
+/*
+ * The internal snapshot calls below change an image opened read-write
+ * (QCOW2 only; -ENOTSUP for raw images). Each is durable when it returns
+ * (the image is flushed), and each writes in an order where a power cut
+ * at any point leaves the old or the new snapshot table, never a mix: a
+ * version 3 image is marked dirty for the duration, so a cut leaves at
+ * most refcounts that the next read-write open (QEMU's or ours) rebuilds;
+ * a version 2 image, which has no dirty bit, may need `check -r all`
+ * after a cut inside the call, as with QEMU. They serialise with the
+ * handle's other writers; other threads may read meanwhile, but must not
+ * hold qk_list_snapshots() results across them. Common errors: -EPERM (read-only
+ * handle), -EIO (corrupt metadata met, named in the message), -ENOSPC.
+ */
+
+/*
+ * Take an internal snapshot of the active image, as qemu-img snapshot -c:
+ * the next id is one more than the largest numeric id; date now, VM clock
+ * and VM state size 0. `name` must not be in use as a snapshot name (QEMU
+ * allows duplicates; this library refuses them: -EEXIST). Returns 0, or
+ * -EEXIST, -EINVAL (name NULL or longer than 65535 bytes), -EFBIG (the
+ * image has QEMU's maximum of 65536 snapshots, or the table would pass
+ * 64 MiB), -ENOTSUP (an external data file: QEMU cannot snapshot those
+ * either).
+ */
+int qk_snapshot_create(qk_image *img, const char *name);
+
+/*
+ * Revert the active image to snapshot `id_or_name` (looked up as
+ * qk_snapshot_find() does), as qemu-img snapshot -a: the guest sees the
+ * snapshot's content and size; the snapshot stays. Returns 0, or -ENOENT,
+ * -ENOTSUP (the image has persistent bitmaps: QEMU refuses them too,
+ * "Device has active dirty bitmaps").
+ */
+int qk_snapshot_apply(qk_image *img, const char *id_or_name);
+
+/*
+ * Delete the snapshot whose id is `id` and whose name is `name`; either
+ * may be NULL to match any (qemu-img snapshot -d NAME passes the name
+ * only). The clusters only it referenced are freed. Returns 0, or
+ * -ENOENT, -EINVAL (both NULL).
+ */
+int qk_snapshot_delete(qk_image *img, const char *id, const char *name);
 
 #define QK_BITMAP_IN_USE (1u << 0)
 #define QK_BITMAP_AUTO   (1u << 1)

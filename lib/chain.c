@@ -49,6 +49,7 @@ int qk__chain_open_file(qk_image *img, const char *name, const char *fmt,
 			       name, img->filename);
 	*bo = *opts;
 	bo->flags &= ~(uint32_t)QK_OPEN_RDWR;
+	bo->snapshot = NULL;    /* a snapshot is the top image's alone */
 	bo->format = QK_FORMAT_AUTO;
 	if (fmt) {
 		if (strcmp(fmt, "qcow2") == 0)

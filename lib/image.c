@@ -186,6 +186,16 @@ int qk__image_open_file(const struct qk__host *host, struct qk__file *file,
 		ret = qk__err(EINVAL, "unknown format %d", (int)fmt);
 		goto fail;
 	}
+	if (opts->snapshot && !img->drv->snapshot_create) {
+		ret = qk__err(ENOTSUP, "'%s' is a %s image: it has no internal snapshots",
+			      filename, img->drv->name);
+		goto fail;
+	}
+	if (opts->snapshot && (opts->flags & QK_OPEN_RDWR)) {
+		ret = qk__err(EINVAL, "snapshot '%s' of '%s' can only be opened read-only",
+			      opts->snapshot, filename);
+		goto fail;
+	}
 	ret = img->drv->open(img, opts);
 	if (ret < 0) {
 		img->drv = NULL;        /* open cleans up after itself */
@@ -606,4 +616,74 @@ QK_EXPORT int qk_list_bitmaps(qk_image *img, const struct qk_bitmap **list,
 	*list = NULL;
 	*count = 0;
 	return img->drv->list_bitmaps ? img->drv->list_bitmaps(img, list, count) : 0;
+}
+
+QK_EXPORT int qk_snapshot_find(qk_image *img, const char *id_or_name)
+{
+	const struct qk_snapshot *list;
+	size_t n;
+	qk__api_enter("qk_snapshot_find");
+	if (!img || !id_or_name)
+		return qk__err(EINVAL, "image and snapshot are required");
+	int ret = qk_list_snapshots(img, &list, &n);
+	for (size_t i = 0; ret == 0 && i < n; i++)
+		if (strcmp(list[i].id, id_or_name) == 0)
+			return (int)i;
+	for (size_t i = 0; ret == 0 && i < n; i++)
+		if (strcmp(list[i].name, id_or_name) == 0)
+			return (int)i;
+	return ret < 0 ? ret : qk__err(ENOENT, "'%s' has no snapshot '%s'", img->filename, id_or_name);
+}
+
+/* The read-write handle of a format with snapshots, for the calls below. */
+static int snapshot_target(qk_image *img)
+{
+	if (!img)
+		return qk__err(EINVAL, "image is required");
+	if (!img->drv->snapshot_create)
+		return qk__err(ENOTSUP, "'%s' is a %s image: it has no internal snapshots",
+			       img->filename, img->drv->name);
+	if (!(img->flags & QK_OPEN_RDWR))
+		return qk__err(EPERM, "'%s' was opened read-only", img->filename);
+	return 0;
+}
+
+QK_EXPORT int qk_snapshot_create(qk_image *img, const char *name)
+{
+	qk__api_enter("qk_snapshot_create");
+	int ret = snapshot_target(img);
+	if (ret < 0)
+		return ret;
+	if (!name || strlen(name) > 65535)
+		return qk__err(EINVAL, "a snapshot name of at most 65535 bytes is required");
+	return img->drv->snapshot_create(img, name);
+}
+
+QK_EXPORT int qk_snapshot_apply(qk_image *img, const char *id_or_name)
+{
+	qk__api_enter("qk_snapshot_apply");
+	int ret = snapshot_target(img);
+	if (ret == 0)
+		ret = qk_snapshot_find(img, id_or_name);
+	if (ret < 0)
+		return ret;
+	return img->drv->snapshot_apply(img, (uint32_t)ret);
+}
+
+QK_EXPORT int qk_snapshot_delete(qk_image *img, const char *id, const char *name)
+{
+	const struct qk_snapshot *list;
+	size_t n;
+	qk__api_enter("qk_snapshot_delete");
+	int ret = snapshot_target(img);
+	if (ret < 0)
+		return ret;
+	if (!id && !name)
+		return qk__err(EINVAL, "a snapshot id or name is required");
+	ret = qk_list_snapshots(img, &list, &n);
+	for (size_t i = 0; ret == 0 && i < n; i++)
+		if ((!id || strcmp(list[i].id, id) == 0) && (!name || strcmp(list[i].name, name) == 0))
+			return img->drv->snapshot_delete(img, (uint32_t)i);
+	return ret < 0 ? ret : qk__err(ENOENT, "'%s' has no snapshot %s%s%s", img->filename,
+				       name ? "named '" : "with id '", name ? name : id, "'");
 }

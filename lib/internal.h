@@ -289,6 +289,11 @@ struct qk__driver {
 	/* Fill the format-specific fields of *info. */
 	int (*get_info)(qk_image *img, struct qk_info *info);
 	int (*list_snapshots)(qk_image *img, const struct qk_snapshot **list, size_t *n);
+	/* Internal snapshots (see qcowkit.h); NULL: the format has none.
+	 * `sn` is an index into list_snapshots' list. */
+	int (*snapshot_create)(qk_image *img, const char *name);
+	int (*snapshot_apply)(qk_image *img, uint32_t sn);
+	int (*snapshot_delete)(qk_image *img, uint32_t sn);
 	int (*list_bitmaps)(qk_image *img, const struct qk_bitmap **list, size_t *n);
 	/* The external data file this layer reads: *f once opened (else
 	 * NULL), *path its resolved name (NULL: none). May be NULL for

@@ -80,6 +80,32 @@ static int repair_dirty(qk_image *img)
 	return ret;
 }
 
+/* Open internal snapshot `which` (an id, else a name) instead of the
+ * active image: its L1 table and size take the active ones' place, for
+ * reading only. */
+static int open_snapshot(qk_image *img, struct qcow2 *q, const char *which)
+{
+	uint32_t i = 0;
+	while (i < q->n_snapshots && strcmp(q->snapshots[i].id, which) != 0)
+		i++;
+	for (uint32_t j = 0; i == q->n_snapshots && j < q->n_snapshots; j++)
+		if (strcmp(q->snapshots[j].name, which) == 0)
+			i = j;
+	if (i == q->n_snapshots)
+		return qk__err(ENOENT, "'%s' has no snapshot '%s'", img->filename, which);
+	const struct qk_snapshot *sn = &q->snapshots[i];
+	uint64_t *l1;
+	int ret = qk__qcow2_snapshot_l1(img, sn, &l1);
+	if (ret < 0)
+		return ret;
+	free(q->l1);
+	q->l1 = l1;
+	q->l1_size = sn->l1_size;
+	q->l1_offset = sn->l1_table_offset;
+	img->size = sn->disk_size;
+	return 0;
+}
+
 static int qcow2_open(qk_image *img, const struct qk_open_options *opts)
 {
 	struct qcow2 *q = calloc(1, sizeof *q);
@@ -89,6 +115,8 @@ static int qcow2_open(qk_image *img, const struct qk_open_options *opts)
 	pthread_mutex_init(&q->alloc_lock, NULL);
 	img->drv_state = q;
 	int ret = qk__qcow2_parse_header(img, q, opts);
+	if (ret == 0 && opts->snapshot)
+		ret = open_snapshot(img, q, opts->snapshot);
 	if (ret == 0 && q->has_data_file &&
 	    (!(opts->flags & QK_OPEN_DEFER_DATA) || (opts->flags & QK_OPEN_RDWR))) {
 		struct qk__file *df;
@@ -182,5 +210,8 @@ const struct qk__driver qk__qcow2_driver = {
 	.get_info = qcow2_get_info,
 	.list_snapshots = qcow2_list_snapshots,
 	.list_bitmaps = qcow2_list_bitmaps,
+	.snapshot_create = qk__qcow2_snapshot_create,
+	.snapshot_apply = qk__qcow2_snapshot_apply,
+	.snapshot_delete = qk__qcow2_snapshot_delete,
 	.data_file = qcow2_data_file,
 };

@@ -95,6 +95,7 @@
 
 /* Snapshot table entry, fixed part. */
 #define SNAP_FIXED_LEN 40
+#define SNAP_EXTRA_LEN 24   /* vm_state_size_large, disk_size, icount */
 #define SNAP_EXTRA_V3_MIN 16
 
 /* Bitmap directory entry, fixed part; table entry bits. */

@@ -149,6 +149,10 @@ struct qcow2 {
 
 	struct qk_snapshot *snapshots;
 	uint32_t n_snapshots;
+	struct {
+		uint8_t *bytes;         /* extra data past the 24 bytes known */
+		uint32_t len;
+	} *snap_extra;              /* n_snapshots */
 	struct qk_bitmap *bitmaps;
 	uint32_t n_bitmaps;
 	uint64_t bitmap_dir_offset, bitmap_dir_size;
@@ -361,6 +365,10 @@ int qk__qcow2_check_compressed(qk_image *img, uint64_t e);
 /* ---- snapshot.c / bitmap.c --------------------------------------------------- */
 int qk__qcow2_read_snapshots(qk_image *img);
 void qk__qcow2_free_snapshots(struct qcow2 *q);
+/* Read the L1 table of snapshot sn (host order, l1_size entries, at least
+ * one allocated) into *l1 (to free), its offset and size checked against
+ * the file and the limits. Returns 0 or a negative errno (recorded). */
+int qk__qcow2_snapshot_l1(qk_image *img, const struct qk_snapshot *sn, uint64_t **l1);
 int qk__qcow2_read_bitmaps(qk_image *img, uint64_t dir_offset, uint64_t dir_size,
 			   uint32_t nb_bitmaps);
 void qk__qcow2_free_bitmaps(struct qcow2 *q);
@@ -391,12 +399,29 @@ int qk__qcow2_mark_clean(qk_image *img);
 int qk__qcow2_discard(qk_image *img, uint64_t off, uint64_t len);
 int qk__qcow2_write_zeroes(qk_image *img, uint64_t off, uint64_t len, uint32_t flags);
 int qk__qcow2_resize(qk_image *img, uint64_t size, uint32_t flags);
+/* Flush metadata in order (refcounts, then L2 tables), sync, punch the
+ * queued holes. Image lock held. */
+int qk__qcow2_flush_locked(qk_image *img);
+/* Begin a change of [off, off+len) made in metadata alone (discard, zero
+ * writes, resize, snapshots): the allocation lock and the image lock
+ * taken, the handle ready to write (refcounts loaded, overlap map built,
+ * bitmaps started) and the range marked in the bitmaps. Returns 0 or the
+ * refusal; the locks are held either way, until qk__qcow2_end_change. */
+int qk__qcow2_begin_change(qk_image *img, uint64_t off, uint64_t len);
+void qk__qcow2_end_change(qk_image *img);
 /* Cache store hook for L2 tables: host order to big-endian. */
 void qk__qcow2_store_l2(void *opaque, const void *table, void *out);
 
 /* ---- create.c ----------------------------------------------------------------- */
 /* qk_create for qcow2 (the driver's create). */
 int qk__qcow2_create(const char *path, const struct qk_create_options *o);
+
+/* ---- snapshot-write.c (above the operations) ---------------------------------- */
+/* The driver's internal snapshot calls (see qk_snapshot_create() and the
+ * others in qcowkit.h); `sn` indexes q->snapshots. */
+int qk__qcow2_snapshot_create(qk_image *img, const char *name);
+int qk__qcow2_snapshot_apply(qk_image *img, uint32_t sn);
+int qk__qcow2_snapshot_delete(qk_image *img, uint32_t sn);
 
 /* ---- check.c ------------------------------------------------------------------ */
 /* Count every reference, correct the active COPIED flags, and write a new

@@ -15,9 +15,13 @@ void qk__qcow2_free_snapshots(struct qcow2 *q)
 	for (uint32_t i = 0; i < q->n_snapshots; i++) {
 		free((char *)q->snapshots[i].id);
 		free((char *)q->snapshots[i].name);
+		if (q->snap_extra)
+			free(q->snap_extra[i].bytes);
 	}
 	free(q->snapshots);
+	free(q->snap_extra);
 	q->snapshots = NULL;
+	q->snap_extra = NULL;
 	q->n_snapshots = 0;
 }
 
@@ -50,7 +54,8 @@ int qk__qcow2_read_snapshots(qk_image *img)
 		return qk__err(EINVAL, "snapshot table offset 0x%llx of '%s' is invalid",
 			       (unsigned long long)q->snapshots_offset, img->filename);
 	q->snapshots = calloc(q->nb_snapshots, sizeof *q->snapshots);
-	if (!q->snapshots)
+	q->snap_extra = calloc(q->nb_snapshots, sizeof *q->snap_extra);
+	if (!q->snapshots || !q->snap_extra)
 		return qk__err(ENOMEM, "out of memory");
 	uint64_t off = q->snapshots_offset;
 	uint8_t fixed[SNAP_FIXED_LEN];
@@ -103,7 +108,15 @@ int qk__qcow2_read_snapshots(qk_image *img)
 		s->id = dup_str(var + extra, id_len);
 		s->name = dup_str(var + extra + id_len, name_len);
 		q->n_snapshots = i + 1;
-		if (!s->id || !s->name) {
+		/* Extra data this version does not know is kept, as QEMU keeps
+		 * it, for when the table is written again. */
+		if (extra > SNAP_EXTRA_LEN) {
+			q->snap_extra[i].len = extra - SNAP_EXTRA_LEN;
+			q->snap_extra[i].bytes = malloc(q->snap_extra[i].len);
+			if (q->snap_extra[i].bytes)
+				memcpy(q->snap_extra[i].bytes, var + SNAP_EXTRA_LEN, q->snap_extra[i].len);
+		}
+		if (!s->id || !s->name || (extra > SNAP_EXTRA_LEN && !q->snap_extra[i].bytes)) {
 			ret = qk__err(ENOMEM, "out of memory");
 			break;
 		}
@@ -112,4 +125,31 @@ int qk__qcow2_read_snapshots(qk_image *img)
 	q->snapshots_bytes = off - q->snapshots_offset;
 	free(var);
 	return ret;
+}
+
+int qk__qcow2_snapshot_l1(qk_image *img, const struct qk_snapshot *sn, uint64_t **l1)
+{
+	struct qcow2 *q = qcow2_of(img);
+	uint64_t bytes = (uint64_t)sn->l1_size * 8, end;
+	*l1 = NULL;
+	if (bytes > MAX_L1_BYTES)
+		return qk__err(EFBIG, "L1 table of snapshot '%s' of '%s' is too large (%u entries, at most %llu)",
+			       sn->name, img->filename, sn->l1_size, MAX_L1_BYTES / 8);
+	if (sn->l1_table_offset % q->cluster_size ||
+	    qk_add_overflow(sn->l1_table_offset, bytes, &end) || end > q->file_size ||
+	    (bytes && sn->l1_table_offset == 0))
+		return qk__err(EINVAL, "L1 table of snapshot '%s' of '%s' (offset 0x%llx, %llu bytes) "
+			       "is unaligned or lies outside the file", sn->name, img->filename,
+			       (unsigned long long)sn->l1_table_offset, (unsigned long long)bytes);
+	*l1 = calloc(1, bytes ? bytes : 8);
+	if (!*l1)
+		return qk__err(ENOMEM, "out of memory for the L1 table of snapshot '%s'", sn->name);
+	int ret = bytes ? qk__file_pread(img->file, *l1, bytes, sn->l1_table_offset) : 0;
+	if (ret < 0) {
+		free(*l1);
+		*l1 = NULL;
+		return ret;
+	}
+	qk_be64_table_to_host(*l1, sn->l1_size);
+	return 0;
 }

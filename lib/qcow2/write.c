@@ -24,7 +24,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-static int flush_locked(qk_image *img);
 static int queue_punch(qk_image *img, uint64_t off, uint64_t len);
 
 void qk__qcow2_store_l2(void *opaque, const void *table, void *out)
@@ -656,7 +655,7 @@ static int queue_punch(qk_image *img, uint64_t off, uint64_t len)
 		return 0;
 	}
 	if (q->n_punch == MAX_PENDING_PUNCH) {
-		int ret = flush_locked(img);
+		int ret = qk__qcow2_flush_locked(img);
 		if (ret < 0)
 			return ret;
 	}
@@ -667,7 +666,7 @@ static int queue_punch(qk_image *img, uint64_t off, uint64_t len)
 }
 
 /* Flush metadata in order, sync, then punch the queued holes. */
-static int flush_locked(qk_image *img)
+int qk__qcow2_flush_locked(qk_image *img)
 {
 	struct qcow2 *q = qcow2_of(img);
 	QK_LOCK_HELD(q);
@@ -725,7 +724,7 @@ int qk__qcow2_flush(qk_image *img)
 {
 	struct qcow2 *q = qcow2_of(img);
 	qk__qcow2_lock(q);
-	int ret = flush_locked(img);
+	int ret = qk__qcow2_flush_locked(img);
 	qk__qcow2_unlock(q);
 	return ret;
 }
@@ -748,7 +747,7 @@ static void whole_clusters(qk_image *img, uint64_t off, uint64_t len, uint64_t *
  * writes, resize): both locks taken, the handle ready to write and the
  * bitmaps marked. Returns prepare_write's result; the locks are held
  * either way, until end_change. */
-static int begin_change(qk_image *img, uint64_t off, uint64_t len)
+int qk__qcow2_begin_change(qk_image *img, uint64_t off, uint64_t len)
 {
 	struct qcow2 *q = qcow2_of(img);
 	pthread_mutex_lock(&q->alloc_lock);
@@ -759,7 +758,7 @@ static int begin_change(qk_image *img, uint64_t off, uint64_t len)
 	return ret;
 }
 
-static void end_change(qk_image *img)
+void qk__qcow2_end_change(qk_image *img)
 {
 	struct qcow2 *q = qcow2_of(img);
 	qk__qcow2_unlock(q);
@@ -774,7 +773,7 @@ int qk__qcow2_discard(qk_image *img, uint64_t off, uint64_t len)
 	bool has_backing = q->backing_file != NULL;
 	if (q->autoclear & AUTOCLEAR_DATA_RAW)
 		return 0;       /* the raw data file must keep its bytes: a hint ignored */
-	int ret = begin_change(img, off, len);
+	int ret = qk__qcow2_begin_change(img, off, len);
 	for (uint64_t gc = first; ret == 0 && gc < end; gc++) {
 		struct entry en;
 		ret = get_entry(img, gc, &en);
@@ -795,7 +794,7 @@ int qk__qcow2_discard(qk_image *img, uint64_t off, uint64_t len)
 		}
 		ret = set_entry(img, gc, ne, nbm, true, NULL);
 	}
-	end_change(img);
+	qk__qcow2_end_change(img);
 	return ret;
 }
 
@@ -874,7 +873,7 @@ int qk__qcow2_write_zeroes(qk_image *img, uint64_t off, uint64_t len, uint32_t f
 	/* Byte ranges still to be written as real zeros afterwards. */
 	uint64_t parts[4][2] = { { off, head_end }, { 0, 0 }, { tail_start, off + len }, { 0, 0 } };
 
-	int ret = begin_change(img, off, len);
+	int ret = qk__qcow2_begin_change(img, off, len);
 	for (uint64_t gc = first; ret == 0 && gc < end; gc++) {
 		struct entry en;
 		ret = get_entry(img, gc, &en);
@@ -906,7 +905,7 @@ int qk__qcow2_write_zeroes(qk_image *img, uint64_t off, uint64_t len, uint32_t f
 		parts[3][0] = hi;
 		parts[3][1] = off + len;
 	}
-	end_change(img);
+	qk__qcow2_end_change(img);
 	for (int i = 0; i < 4 && ret == 0; i++)
 		if (parts[i][1] > parts[i][0])
 			ret = write_zero_bytes(img, parts[i][0], parts[i][1] - parts[i][0], flags);
@@ -981,7 +980,7 @@ int qk__qcow2_resize(qk_image *img, uint64_t size, uint32_t flags)
 		return qk__err(ENOTSUP, "cannot grow v2 image '%s' over its backing file: the new "
 			       "area would show the backing file's data (compat=1.1 images can)",
 			       img->filename);
-	int ret = begin_change(img, 0, 0);
+	int ret = qk__qcow2_begin_change(img, 0, 0);
 	uint64_t per_l1 = cs << q->l2_bits;
 	uint64_t need = size / per_l1 + (size % per_l1 != 0);
 	if (ret == 0 && size < old) {
@@ -994,7 +993,7 @@ int qk__qcow2_resize(qk_image *img, uint64_t size, uint32_t flags)
 				ret = set_entry(img, gc, 0, 0, true, NULL);
 		}
 		if (ret == 0)
-			ret = flush_locked(img);
+			ret = qk__qcow2_flush_locked(img);
 	} else if (ret == 0 && need > q->l1_size) {
 		ret = grow_l1(img, need);
 	}
@@ -1005,7 +1004,7 @@ int qk__qcow2_resize(qk_image *img, uint64_t size, uint32_t flags)
 	}
 	if (ret == 0)
 		img->size = size;
-	end_change(img);
+	qk__qcow2_end_change(img);
 	if (ret < 0 || size <= old)
 		return ret;
 	/* Growing: what lies past the old end must read as zeros, not as stale

@@ -1,0 +1,591 @@
+/*
+ * snapshot-write.c - taking, applying and deleting internal snapshots, in
+ * QEMU's layout (qcow2-snapshot.c): a snapshot is an L1 table of its own
+ * whose L2 tables and data clusters it shares with the active image, each
+ * shared cluster counting one reference per L1 table that reaches it.
+ *
+ * Order, for power cuts:
+ * - a version 3 image is marked dirty first and clean last, so a cut
+ *   anywhere leaves refcounts the next read-write open rebuilds (QEMU does
+ *   the same on open) and COPIED flags it corrects;
+ * - every new structure (a snapshot's L1 table, the snapshot table, the
+ *   active L1 table of apply) is written and synced before the header
+ *   points at it, in one write of the header fields that name it (within
+ *   the first sector: the switch is atomic), and the old one is freed only
+ *   after that;
+ * - references are raised before the header exposes them and dropped after
+ *   it stops exposing them, so a version 2 image (no dirty bit) is left
+ *   with at most leaks and COPIED flags that `check -r all` corrects, as
+ *   QEMU leaves it.
+ * Apply never overwrites the active L1 table in place: a cut leaves the
+ * old disk or the snapshot's, never a mix.
+ */
+#include "qcow2/qcow2.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#define MAX_SNAPSHOTS_BYTES (64ull << 20)  /* QCOW_MAX_SNAPSHOTS_SIZE */
+
+/* ---- the dirty bit for the duration ---------------------------------------- */
+
+/* Mark a version 3 image dirty (unless it is: lazy refcounts), so that a
+ * cut before busy_end leaves refcounts to rebuild, not corruption. */
+static int busy_begin(qk_image *img, bool *marked)
+{
+	struct qcow2 *q = qcow2_of(img);
+	*marked = false;
+	if (q->version < 3 || (q->incompat & INCOMPAT_DIRTY))
+		return 0;
+	int ret = qk__qcow2_write_incompat(img, q->incompat | INCOMPAT_DIRTY);
+	*marked = ret == 0;
+	return ret;
+}
+
+/* Flush everything, then clear the dirty bit busy_begin set. After a
+ * failure the bit stays: the next read-write open rebuilds. */
+static int busy_end(qk_image *img, bool marked, int ret)
+{
+	struct qcow2 *q = qcow2_of(img);
+	if (ret == 0)
+		ret = qk__qcow2_flush_locked(img);
+	if (ret == 0 && marked)
+		ret = qk__qcow2_write_incompat(img, q->incompat & ~INCOMPAT_DIRTY);
+	/* The metadata changed wholesale: the overlap map is rebuilt when
+	 * next needed, and no cached decompressed cluster may outlive a
+	 * cluster freed here. */
+	qk__qcow2_meta_invalidate(img);
+	q->cbuf_valid = false;
+	q->prealloc_checked = false;
+	return ret;
+}
+
+/* ---- walking a table's references -------------------------------------------- */
+
+/* The L2 table L1 entry e (index i of the table `which`) names, checked as
+ * the read path checks the active one's; 0 when none. */
+static int l2_of(qk_image *img, const char *which, uint64_t i, uint64_t e, uint64_t *t)
+{
+	struct qcow2 *q = qcow2_of(img);
+	*t = e & L1E_OFFSET_MASK;
+	if (e & L1E_RESERVED_MASK)
+		return qk__qcow2_corrupt(img, "%s L1 entry %llu (0x%016llx) has reserved bits set",
+					 which, (unsigned long long)i, (unsigned long long)e);
+	if (*t && (*t & (q->cluster_size - 1)))
+		return qk__qcow2_corrupt(img, "%s L2 table offset 0x%llx unaligned (L1 index %llu)",
+					 which, (unsigned long long)*t, (unsigned long long)i);
+	uint64_t size = q->file_size;
+	if (*t && *t >= size && (qk__file_get_size(img->file, &size) < 0 || *t >= size))
+		return qk__qcow2_corrupt(img, "%s L2 table at offset 0x%llx (L1 index %llu) lies past "
+					 "the end of the file", which, (unsigned long long)*t,
+					 (unsigned long long)i);
+	return 0;
+}
+
+/* The host range L2 entry e counts a reference to (len 0: none). */
+static void entry_range(const struct qcow2 *q, uint64_t e, uint64_t *off, uint64_t *len)
+{
+	if (e & QCOW_OFLAG_COMPRESSED) {
+		*off = qk__qcow2_compressed_offset(q, e);
+		*len = qk__qcow2_compressed_size(q, e);
+	} else {
+		*off = e & L2E_OFFSET_MASK;
+		*len = *off ? q->cluster_size : 0;
+	}
+}
+
+/* Before raising the references of a table: every cluster it reaches has
+ * room for one more (twice as many for clusters holding compressed data,
+ * whose every entry counts one), so the change cannot fail half way on a
+ * narrow refcount width. QEMU fails half way and leaks. */
+static int room_for(qk_image *img, const char *what, uint64_t off, uint64_t len, bool compressed)
+{
+	struct qcow2 *q = qcow2_of(img);
+	uint64_t max = q->refcount_order == 6 ? UINT64_MAX : (1ull << (1u << q->refcount_order)) - 1;
+	for (uint64_t c = off >> q->cluster_bits; c <= (off + len - 1) >> q->cluster_bits; c++) {
+		uint64_t rc;
+		int ret = qk__qcow2_get_refcount(img, c, &rc);
+		if (ret < 0)
+			return ret;
+		if (rc >= max || (compressed && rc > max - rc))
+			return qk__err(ERANGE, "cannot %s: the cluster at host offset 0x%llx already has "
+				       "refcount %llu, and refcount_bits=%u holds at most %llu (amend -o "
+				       "refcount_bits=16 makes room)", what,
+				       (unsigned long long)(c << q->cluster_bits), (unsigned long long)rc,
+				       1u << q->refcount_order, (unsigned long long)max);
+	}
+	return 0;
+}
+
+struct pass {
+	const char *which;     /* "active", "snapshot": for messages */
+	int delta;             /* +1, -1, or 0 to set the COPIED flags alone */
+	bool dry;              /* room_for every reference, change nothing */
+	const char *what;      /* the operation, for room_for's message */
+	bool l1_changed;       /* out: a COPIED flag of the L1 table changed */
+};
+
+/* One L2 table of a pass: each entry's reference changed by p->delta, its
+ * COPIED flag set exactly when the cluster's refcount is then 1. */
+static int pass_l2(qk_image *img, struct pass *p, uint64_t l1i, uint64_t t)
+{
+	struct qcow2 *q = qcow2_of(img);
+	uint64_t *tab;
+	int ret = qk__cache_get(&q->l2_cache, t, (void **)&tab);
+	if (ret < 0)
+		return ret;
+	uint32_t step = q->l2_entry_size / 8;
+	uint64_t n = q->cluster_size / q->l2_entry_size;
+	for (uint64_t j = 0; ret == 0 && j < n; j++) {
+		uint64_t e = tab[j * step], off, len, rc = 0;
+		ret = qk__qcow2_check_entry(img, (l1i << q->l2_bits) | j, e, step > 1 ? tab[j * step + 1] : 0);
+		entry_range(q, e, &off, &len);
+		if (ret < 0 || !len)
+			continue;
+		bool compressed = e & QCOW_OFLAG_COMPRESSED;
+		if (p->dry) {
+			ret = room_for(img, p->what, off, len, compressed);
+			continue;
+		}
+		if (p->delta)
+			ret = qk__qcow2_update_refcount(img, off, len, p->delta);
+		if (ret == 0 && !compressed)
+			ret = qk__qcow2_get_refcount(img, off >> q->cluster_bits, &rc);
+		uint64_t ne = (e & ~QCOW_OFLAG_COPIED) | (rc == 1 ? QCOW_OFLAG_COPIED : 0);
+		if (ret == 0 && ne != e) {
+			tab[j * step] = ne;
+			qk__cache_mark_dirty(&q->l2_cache, t);
+		}
+	}
+	qk__cache_put(&q->l2_cache, t);
+	return ret;
+}
+
+/* A pass over the L1 table l1[n]: every L2 table and data cluster it
+ * reaches gains (delta +1) or loses (-1) one reference, and the COPIED
+ * flags of the entries walked (and of l1[] in memory) are set from the
+ * new refcounts, as QEMU's qcow2_update_snapshot_refcount does. L2 tables
+ * freed on the way are dropped from the cache. */
+static int pass_l1(qk_image *img, struct pass *p, uint64_t *l1, uint32_t n)
+{
+	struct qcow2 *q = qcow2_of(img);
+	for (uint32_t i = 0; i < n; i++) {
+		uint64_t t, rc;
+		int ret = l2_of(img, p->which, i, l1[i], &t);
+		if (ret == 0 && t && p->dry)
+			ret = room_for(img, p->what, t, q->cluster_size, false);
+		if (ret == 0 && t)
+			ret = pass_l2(img, p, i, t);
+		if (ret < 0)
+			return ret;
+		if (!t || p->dry)
+			continue;
+		if (p->delta)
+			ret = qk__qcow2_update_refcount(img, t, q->cluster_size, p->delta);
+		if (ret == 0)
+			ret = qk__qcow2_get_refcount(img, t >> q->cluster_bits, &rc);
+		if (ret < 0)
+			return ret;
+		if (rc == 0)
+			qk__cache_discard(&q->l2_cache, t);
+		uint64_t ne = (l1[i] & ~QCOW_OFLAG_COPIED) | (rc == 1 ? QCOW_OFLAG_COPIED : 0);
+		if (ne != l1[i]) {
+			l1[i] = ne;
+			p->l1_changed = true;
+		}
+	}
+	return 0;
+}
+
+/* Raise every reference of l1[n] by one, after checking there is room. */
+static int raise_refs(qk_image *img, const char *which, const char *what, uint64_t *l1, uint32_t n)
+{
+	struct pass p = { .which = which, .delta = 1, .dry = true, .what = what };
+	int ret = pass_l1(img, &p, l1, n);
+	p.dry = false;
+	return ret < 0 ? ret : pass_l1(img, &p, l1, n);
+}
+
+/* ---- writing tables -------------------------------------------------------------- */
+
+/* Write l1[n] (host order) durably at `off`. */
+static int write_l1(qk_image *img, uint64_t off, const uint64_t *l1, uint32_t n)
+{
+	if (n == 0)
+		return 0;
+	uint64_t *be = malloc((size_t)n * 8);
+	if (!be)
+		return qk__err(ENOMEM, "out of memory");
+	for (uint32_t i = 0; i < n; i++)
+		qk_put_be64(&be[i], l1[i]);
+	int ret = qk__qcow2_write_durable(img, off, be, (size_t)n * 8);
+	free(be);
+	return ret;
+}
+
+/* Allocate clusters for `bytes` of a new table of kind `type` (0 bytes:
+ * offset 0), after flushing the refcounts that count them. */
+static int alloc_table(qk_image *img, uint64_t bytes, unsigned type, uint64_t *off)
+{
+	struct qcow2 *q = qcow2_of(img);
+	*off = 0;
+	if (!bytes)
+		return 0;
+	uint64_t n = (bytes + q->cluster_size - 1) >> q->cluster_bits;
+	int ret = qk__qcow2_alloc_clusters(img, n, off);
+	if (ret == 0)
+		ret = qk__cache_flush(&q->rb_cache);
+	if (ret == 0 && *off + (n << q->cluster_bits) > q->file_size)
+		q->file_size = *off + (n << q->cluster_bits);
+	return ret < 0 ? ret : qk__qcow2_meta_add(img, *off, n << q->cluster_bits, type);
+}
+
+/* Append snapshot entry `sn` (with `extra` unknown extra bytes) to buf at
+ * *len, in QEMU's layout: 24 bytes of known extra data, always. */
+static void put_entry(uint8_t *buf, uint64_t *len, const struct qk_snapshot *sn,
+		      const uint8_t *extra, uint32_t extra_len)
+{
+	uint8_t *p = buf + *len;
+	size_t id_len = strlen(sn->id), name_len = strlen(sn->name);
+	memset(p, 0, SNAP_FIXED_LEN + SNAP_EXTRA_LEN);
+	qk_put_be64(p, sn->l1_table_offset);
+	qk_put_be32(p + 8, sn->l1_size);
+	qk_put_be16(p + 12, (uint16_t)id_len);
+	qk_put_be16(p + 14, (uint16_t)name_len);
+	qk_put_be32(p + 16, sn->date_sec);
+	qk_put_be32(p + 20, sn->date_nsec);
+	qk_put_be64(p + 24, sn->vm_clock_nsec);
+	qk_put_be32(p + 32, (uint32_t)sn->vm_state_size);
+	qk_put_be32(p + 36, SNAP_EXTRA_LEN + extra_len);
+	qk_put_be64(p + 40, sn->vm_state_size);
+	qk_put_be64(p + 48, sn->disk_size);
+	qk_put_be64(p + 56, sn->icount);
+	p += SNAP_FIXED_LEN + SNAP_EXTRA_LEN;
+	if (extra_len)
+		memcpy(p, extra, extra_len);
+	memcpy(p + extra_len, sn->id, id_len);
+	memcpy(p + extra_len + id_len, sn->name, name_len);
+	uint64_t n = SNAP_FIXED_LEN + SNAP_EXTRA_LEN + extra_len + id_len + name_len;
+	memset(buf + *len + n, 0, ((n + 7) & ~7ull) - n);
+	*len += (n + 7) & ~7ull;
+}
+
+/*
+ * Write a new snapshot table: the current entries but `skip` (UINT32_MAX:
+ * none), then `add` (NULL: none); sync it; point the header at it (count
+ * and offset in one write); free the old table. The in-memory list is the
+ * caller's to update. Image lock held.
+ */
+static int write_table(qk_image *img, uint32_t skip, const struct qk_snapshot *add)
+{
+	struct qcow2 *q = qcow2_of(img);
+	uint64_t bytes = 0;
+	uint32_t count = 0;
+	for (uint32_t i = 0; i <= q->n_snapshots; i++) {
+		const struct qk_snapshot *sn = i < q->n_snapshots ? &q->snapshots[i] : add;
+		if (i == skip || !sn)
+			continue;
+		uint32_t extra = i < q->n_snapshots ? q->snap_extra[i].len : 0;
+		bytes += (SNAP_FIXED_LEN + SNAP_EXTRA_LEN + extra + strlen(sn->id) + strlen(sn->name) + 7) & ~7ull;
+		count++;
+	}
+	if (bytes > MAX_SNAPSHOTS_BYTES)
+		return qk__err(EFBIG, "the snapshot table of '%s' would pass %llu MiB", img->filename,
+			       MAX_SNAPSHOTS_BYTES >> 20);
+	uint8_t *buf = malloc(bytes ? bytes : 1);
+	if (!buf)
+		return qk__err(ENOMEM, "out of memory for the snapshot table");
+	uint64_t len = 0, off;
+	for (uint32_t i = 0; i <= q->n_snapshots; i++) {
+		const struct qk_snapshot *sn = i < q->n_snapshots ? &q->snapshots[i] : add;
+		if (i != skip && sn)
+			put_entry(buf, &len, sn, i < q->n_snapshots ? q->snap_extra[i].bytes : NULL,
+				  i < q->n_snapshots ? q->snap_extra[i].len : 0);
+	}
+	int ret = alloc_table(img, bytes, META_SNAPTABLE, &off);
+	if (ret == 0 && bytes)
+		ret = qk__qcow2_write_durable(img, off, buf, bytes);
+	free(buf);
+	uint8_t hdr[12];
+	qk_put_be32(hdr, count);
+	qk_put_be64(hdr + 4, off);
+	if (ret == 0)
+		ret = qk__qcow2_write_durable(img, HDR_NB_SNAPSHOTS, hdr, sizeof hdr);
+	if (ret < 0)
+		return ret;
+	uint64_t old = q->snapshots_offset, old_bytes = q->snapshots_bytes;
+	q->nb_snapshots = count;
+	q->snapshots_offset = off;
+	q->snapshots_bytes = bytes;
+	if (old && old_bytes) {
+		qk__qcow2_meta_del(img, old, old_bytes);
+		ret = qk__qcow2_update_refcount(img, old, old_bytes, -1);
+	}
+	return ret;
+}
+
+/* ---- the in-memory list ----------------------------------------------------------- */
+
+static int list_append(struct qcow2 *q, const struct qk_snapshot *sn)
+{
+	struct qk_snapshot *l = realloc(q->snapshots, (q->n_snapshots + 1) * sizeof *l);
+	if (l)
+		q->snapshots = l;
+	void *x = realloc(q->snap_extra, (q->n_snapshots + 1) * sizeof *q->snap_extra);
+	if (x)
+		q->snap_extra = x;
+	if (!l || !x)
+		return qk__err(ENOMEM, "out of memory");
+	q->snapshots[q->n_snapshots] = *sn;
+	q->snap_extra[q->n_snapshots].bytes = NULL;
+	q->snap_extra[q->n_snapshots].len = 0;
+	q->n_snapshots++;
+	return 0;
+}
+
+static void list_remove(struct qcow2 *q, uint32_t i)
+{
+	free((char *)q->snapshots[i].id);
+	free((char *)q->snapshots[i].name);
+	free(q->snap_extra[i].bytes);
+	memmove(&q->snapshots[i], &q->snapshots[i + 1], (q->n_snapshots - i - 1) * sizeof *q->snapshots);
+	memmove(&q->snap_extra[i], &q->snap_extra[i + 1], (q->n_snapshots - i - 1) * sizeof *q->snap_extra);
+	q->n_snapshots--;
+}
+
+/* ---- the three operations ------------------------------------------------------------ */
+
+/* What QEMU refuses for every snapshot operation, and what this code does
+ * not keep consistent. */
+static int snapshot_refused(qk_image *img, const char *what)
+{
+	struct qcow2 *q = qcow2_of(img);
+	if (q->has_data_file)
+		return qk__err(ENOTSUP, "cannot %s: '%s' has an external data file, which internal "
+			       "snapshots cannot share", what, img->filename);
+	return 0;
+}
+
+/* One more than the largest numeric id, as QEMU's find_new_snapshot_id. */
+static void next_id(const struct qcow2 *q, char *id, size_t len)
+{
+	unsigned long max = 0;
+	for (uint32_t i = 0; i < q->n_snapshots; i++) {
+		unsigned long v = strtoul(q->snapshots[i].id, NULL, 10);
+		if (v > max)
+			max = v;
+	}
+	snprintf(id, len, "%lu", max + 1);
+}
+
+static int create_locked(qk_image *img, const char *name, struct qk_snapshot *sn)
+{
+	struct qcow2 *q = qcow2_of(img);
+	char what[96];
+	snprintf(what, sizeof what, "take snapshot '%.60s'", name);
+	/* Room for one more reference everywhere, before anything changes. */
+	struct pass p = { .which = "active", .dry = true, .what = what };
+	int ret = pass_l1(img, &p, q->l1, q->l1_size);
+	/* The snapshot's L1 table: a copy of the active one, synced. */
+	if (ret == 0)
+		ret = alloc_table(img, (uint64_t)q->l1_size * 8, META_SNAP_L1, &sn->l1_table_offset);
+	if (ret == 0)
+		ret = write_l1(img, sn->l1_table_offset, q->l1, q->l1_size);
+	/* Its references, and COPIED cleared where they are now shared. */
+	p = (struct pass){ .which = "active", .delta = 1 };
+	if (ret == 0)
+		ret = pass_l1(img, &p, q->l1, q->l1_size);
+	if (ret == 0)
+		ret = qk__qcow2_flush_locked(img);
+	if (ret == 0 && p.l1_changed)
+		ret = write_l1(img, q->l1_offset, q->l1, q->l1_size);
+	if (ret == 0)
+		ret = write_table(img, UINT32_MAX, sn);
+	return ret;
+}
+
+int qk__qcow2_snapshot_create(qk_image *img, const char *name)
+{
+	struct qcow2 *q = qcow2_of(img);
+	char id[24], what[96];
+	snprintf(what, sizeof what, "take snapshot '%.60s'", name);
+	int ret = snapshot_refused(img, what);
+	if (ret < 0)
+		return ret;
+	bool marked = false;
+	ret = qk__qcow2_begin_change(img, 0, 0);
+	for (uint32_t i = 0; ret == 0 && i < q->n_snapshots; i++)
+		if (strcmp(q->snapshots[i].name, name) == 0)
+			ret = qk__err(EEXIST, "'%s' already has a snapshot named '%s' (id %s)",
+				      img->filename, name, q->snapshots[i].id);
+	if (ret == 0 && q->n_snapshots >= MAX_SNAPSHOTS)
+		ret = qk__err(EFBIG, "'%s' has the most snapshots an image may have (%u)",
+			      img->filename, MAX_SNAPSHOTS);
+	struct timespec now;
+	clock_gettime(CLOCK_REALTIME, &now);
+	next_id(q, id, sizeof id);
+	struct qk_snapshot sn = {
+		.id = id, .name = name, .disk_size = img->size, .l1_size = q->l1_size,
+		.date_sec = (uint32_t)now.tv_sec,
+		.date_nsec = (uint32_t)(now.tv_nsec / 1000 * 1000),
+	};
+	if (ret == 0)
+		ret = busy_begin(img, &marked);
+	if (ret == 0)
+		ret = create_locked(img, name, &sn);
+	if (ret == 0) {
+		sn.id = strdup(id);
+		sn.name = strdup(name);
+		ret = sn.id && sn.name ? list_append(q, &sn) : qk__err(ENOMEM, "out of memory");
+		if (ret < 0) {
+			free((char *)sn.id);
+			free((char *)sn.name);
+		}
+	}
+	ret = busy_end(img, marked, ret);
+	qk__qcow2_end_change(img);
+	return ret;
+}
+
+/* Apply: the snapshot's references raised, a new active L1 table (the
+ * snapshot's, grown to the snapshot's size) written, the header switched
+ * to it and to the snapshot's size in one write, then the old table's
+ * references dropped. */
+static int apply_locked(qk_image *img, const struct qk_snapshot *sn, uint64_t *sl1)
+{
+	struct qcow2 *q = qcow2_of(img);
+	char what[96];
+	snprintf(what, sizeof what, "apply snapshot '%.60s'", sn->name);
+	uint64_t per_l1 = q->cluster_size << q->l2_bits;
+	uint64_t need = sn->disk_size / per_l1 + (sn->disk_size % per_l1 != 0);
+	uint32_t n = (uint32_t)qk_max_u64(sn->l1_size, need);
+	if ((uint64_t)n * 8 > MAX_L1_BYTES)
+		return qk__err(EFBIG, "cannot %s: its L1 table would be too large", what);
+	int ret = raise_refs(img, "snapshot", what, sl1, sn->l1_size);
+	if (ret == 0)
+		ret = qk__qcow2_flush_locked(img);
+	uint64_t *nl1 = calloc(n ? n : 1, 8), off = 0;
+	if (!nl1)
+		return ret < 0 ? ret : qk__err(ENOMEM, "out of memory");
+	memcpy(nl1, sl1, (size_t)sn->l1_size * 8);
+	if (ret == 0)
+		ret = alloc_table(img, (uint64_t)n * 8, META_L1, &off);
+	if (ret == 0)
+		ret = write_l1(img, off, nl1, n);
+	uint8_t hdr[24];
+	qk_put_be64(hdr, sn->disk_size);
+	qk_put_be32(hdr + 8, q->crypt_method);
+	qk_put_be32(hdr + 12, n);
+	qk_put_be64(hdr + 16, off);
+	if (ret == 0)
+		ret = qk__qcow2_write_durable(img, HDR_SIZE, hdr, sizeof hdr);
+	if (ret < 0) {
+		free(nl1);
+		return ret;
+	}
+	uint64_t *old = q->l1, old_off = q->l1_offset;
+	uint32_t old_n = q->l1_size;
+	q->l1 = nl1;
+	q->l1_size = n;
+	q->l1_offset = off;
+	img->size = sn->disk_size;
+	/* The old disk's references go; what only it reached is freed. */
+	struct pass p = { .which = "former active", .delta = -1 };
+	ret = pass_l1(img, &p, old, old_n);
+	free(old);
+	if (ret == 0 && old_n) {
+		qk__qcow2_meta_del(img, old_off, (uint64_t)old_n * 8);
+		ret = qk__qcow2_update_refcount(img, old_off, (uint64_t)old_n * 8, -1);
+	}
+	/* COPIED of the new active tables, from the final refcounts. */
+	p = (struct pass){ .which = "active" };
+	if (ret == 0)
+		ret = pass_l1(img, &p, q->l1, q->l1_size);
+	if (ret == 0)
+		ret = qk__qcow2_flush_locked(img);
+	if (ret == 0 && p.l1_changed)
+		ret = write_l1(img, q->l1_offset, q->l1, q->l1_size);
+	return ret;
+}
+
+int qk__qcow2_snapshot_apply(qk_image *img, uint32_t i)
+{
+	struct qcow2 *q = qcow2_of(img);
+	char what[96];
+	snprintf(what, sizeof what, "apply snapshot '%.60s'", q->snapshots[i].name);
+	int ret = snapshot_refused(img, what);
+	if (ret == 0 && q->n_bitmaps)
+		/* As QEMU 7.2, enabled or not: their bits would not describe
+		 * the reverted disk. */
+		ret = qk__err(ENOTSUP, "cannot %s: '%s' has persistent dirty bitmaps (Device has "
+			      "active dirty bitmaps)", what, img->filename);
+	if (ret < 0)
+		return ret;
+	bool marked = false;
+	uint64_t *sl1 = NULL;
+	ret = qk__qcow2_begin_change(img, 0, 0);
+	if (ret == 0)
+		ret = qk__qcow2_snapshot_l1(img, &q->snapshots[i], &sl1);
+	if (ret == 0)
+		ret = busy_begin(img, &marked);
+	if (ret == 0)
+		ret = apply_locked(img, &q->snapshots[i], sl1);
+	free(sl1);
+	ret = busy_end(img, marked, ret);
+	qk__qcow2_end_change(img);
+	return ret;
+}
+
+/* Delete: the table without the snapshot written and switched to, then
+ * its references dropped and the active COPIED flags set from the new
+ * refcounts. */
+static int delete_locked(qk_image *img, uint32_t i, uint64_t *sl1)
+{
+	struct qcow2 *q = qcow2_of(img);
+	uint64_t l1_off = q->snapshots[i].l1_table_offset;
+	uint32_t l1_n = q->snapshots[i].l1_size;
+	int ret = write_table(img, i, NULL);
+	if (ret < 0)
+		return ret;
+	list_remove(q, i);
+	struct pass p = { .which = "deleted snapshot", .delta = -1 };
+	ret = pass_l1(img, &p, sl1, l1_n);
+	if (ret == 0 && l1_n) {
+		qk__qcow2_meta_del(img, l1_off, (uint64_t)l1_n * 8);
+		ret = qk__qcow2_update_refcount(img, l1_off, (uint64_t)l1_n * 8, -1);
+	}
+	p = (struct pass){ .which = "active" };
+	if (ret == 0)
+		ret = pass_l1(img, &p, q->l1, q->l1_size);
+	if (ret == 0)
+		ret = qk__qcow2_flush_locked(img);
+	if (ret == 0 && p.l1_changed)
+		ret = write_l1(img, q->l1_offset, q->l1, q->l1_size);
+	return ret;
+}
+
+int qk__qcow2_snapshot_delete(qk_image *img, uint32_t i)
+{
+	struct qcow2 *q = qcow2_of(img);
+	char what[96];
+	snprintf(what, sizeof what, "delete snapshot '%.60s'", q->snapshots[i].name);
+	int ret = snapshot_refused(img, what);
+	if (ret < 0)
+		return ret;
+	bool marked = false;
+	uint64_t *sl1 = NULL;
+	ret = qk__qcow2_begin_change(img, 0, 0);
+	if (ret == 0)
+		ret = qk__qcow2_snapshot_l1(img, &q->snapshots[i], &sl1);
+	if (ret == 0)
+		ret = busy_begin(img, &marked);
+	if (ret == 0)
+		ret = delete_locked(img, i, sl1);
+	free(sl1);
+	ret = busy_end(img, marked, ret);
+	qk__qcow2_end_change(img);
+	return ret;
+}
