@@ -242,6 +242,14 @@ void cli_free_kv(struct cli_kv *kv, int n);
  */
 int cli_open(const char *path, qk_format fmt, uint32_t flags,
 	     qk_image **out);
+/*
+ * As cli_open, of the internal snapshot `spec` names (qemu-img's -l
+ * argument: "snapshot.id=ID,snapshot.name=NAME", either part optional, or
+ * an id or else a name), read-only; spec NULL: the active image. Prints
+ * qemu-img's messages ("Failed to load snapshot: Can't find snapshot").
+ */
+int cli_open_snapshot(const char *path, qk_format fmt, uint32_t flags, const char *spec,
+		      qk_image **out);
 
 /*
  * Before writing `dst`: refuse it when the open source image `src` reads

@@ -527,6 +527,7 @@ struct convert_args {
 	bool workers_given;       /* -m */
 	uint64_t nworkers;        /* -m */
 	uint64_t sparse;          /* -S bytes, 0 = allocate everything */
+	const char *snapshot;     /* -l: the source's internal snapshot */
 };
 
 /* -S: 0 or a multiple of 512 up to 16 MiB. Returns 0, or -1 after
@@ -633,7 +634,8 @@ static int parse_args(int argc, char **argv, struct convert_args *a)
 			cli_append_opts(&a->olist, optarg);
 			break;
 		case 'l':
-			return unsupported("converting a snapshot (-l)");
+			a->snapshot = optarg;
+			break;
 		case 'C':
 			return unsupported("copy offloading (-C)");
 		case 'r':
@@ -873,7 +875,7 @@ int cmd_convert(int argc, char **argv)
 	if (a.direct)
 		a.o.open_flags |= QK_OPEN_DIRECT;
 	dst_path = argv[optind + 1];
-	if (cli_open(argv[optind], fmt, a.o.open_flags, &src) < 0)
+	if (cli_open_snapshot(argv[optind], fmt, a.o.open_flags, a.snapshot, &src) < 0)
 		goto out;
 	/* Writing a file the source reads would lose it under our feet. */
 	if (cli_check_target(src, dst_path) < 0)

@@ -43,6 +43,7 @@ struct serve_args {
 	struct nbd_export exp;
 	bool direct;              /* -n, --cache=none: bypass the page cache */
 	const char *file;
+	const char *snapshot;     /* -l: export this internal snapshot, read-only */
 };
 
 /* An export name or description, at most 4096 bytes as the NBD protocol
@@ -77,14 +78,20 @@ static int parse_args(int argc, char **argv, struct serve_args *a)
 		{ "cache", required_argument, NULL, OPT_CACHE },
 		{ "aio", required_argument, NULL, OPT_AIO },
 		{ "pid-file", required_argument, NULL, OPT_PID_FILE },
+		{ "load-snapshot", required_argument, NULL, 'l' },
 		{ NULL, 0, NULL, 0 },
 	};
 	uint64_t v;
 	int c;
 
-	while ((c = cli_getopt(&a->o, argc, argv, ":hf:rk:p:b:x:D:e:tAn",
+	while ((c = cli_getopt(&a->o, argc, argv, ":hf:rk:p:b:x:D:e:tAnl:",
 			       longopts)) > 0) {
 		switch (c) {
+		case 'l':
+			/* As qemu-nbd: a snapshot is exported read-only. */
+			a->snapshot = optarg;
+			a->exp.readonly = true;
+			break;
 		case 'r':
 			a->exp.readonly = true;
 			break;
@@ -164,9 +171,9 @@ static int serve(struct serve_args *a, qk_format fmt)
 	sigaddset(&mask, SIGTERM);
 	pthread_sigmask(SIG_BLOCK, &mask, NULL);
 
-	if (cli_open(a->file, fmt,
-		     (a->exp.readonly ? 0 : QK_OPEN_RDWR) |
-		     (a->direct ? QK_OPEN_DIRECT : 0), &img) < 0)
+	if (cli_open_snapshot(a->file, fmt,
+			      (a->exp.readonly ? 0 : QK_OPEN_RDWR) |
+			      (a->direct ? QK_OPEN_DIRECT : 0), a->snapshot, &img) < 0)
 		return CLI_EXIT_FAILURE;
 	err[0] = '\0';
 	r = nbd_server_run(&a->cfg, img, &a->exp, err, sizeof(err));

@@ -40,7 +40,7 @@ static const struct cli_command commands[] = {
 	  "compare [-f FMT] [-F FMT] [-s] [-p] [-q] [-U] A B",
 	  "compare the guest-visible content of two images" },
 	{ "convert", cmd_convert,
-	  "convert [-f FMT] [-O raw|qcow2] [-c] [-o OPTS] [-B BACKING [-F FMT]] "
+	  "convert [-f FMT] [-O raw|qcow2] [-c] [-o OPTS] [-l SNAPSHOT] [-B BACKING [-F FMT]] "
 	  "[-p] [-q] [-m N] [-S N] [-W] [-n] [-t CACHE] [-U] SRC DST",
 	  "copy an image's guest content into a new raw or qcow2 image" },
 	{ "create", cmd_create,
@@ -70,7 +70,7 @@ static const struct cli_command commands[] = {
 	  "change the virtual size of an image" },
 	{ "serve", cmd_serve,
 	  "serve [-f FMT] [-r] [-k SOCKET | -p PORT [-b ADDR]] [-x NAME] "
-	  "[-D DESC] [-e N] [-t] [-A] [--cache=MODE] [--pid-file F] FILE",
+	  "[-D DESC] [-e N] [-t] [-A] [-l SNAPSHOT] [--cache=MODE] [--pid-file F] FILE",
 	  "export an image over NBD" },
 	{ "snapshot", cmd_snapshot,
 	  "snapshot [-f FMT] [-q] [-U] [-l | -c NAME | -a NAME | -d NAME] FILE",

@@ -372,6 +372,89 @@ int cli_open(const char *path, qk_format fmt, uint32_t flags,
 	return ret;
 }
 
+/* Which snapshot `spec` (qemu-img's -l: "snapshot.id=I,snapshot.name=N",
+ * either part optional, or an id or name) names in img: its index, or -1
+ * after qemu-img's message. */
+static int find_snapshot(qk_image *img, const char *spec)
+{
+	const struct qk_snapshot *list;
+	size_t n;
+	if (strncmp(spec, "snapshot.", 9) != 0) {
+		int i = qk_snapshot_find(img, spec);
+		if (i == -ENOENT)
+			cli_error("Failed to load snapshot: Can't find snapshot");
+		else if (i < 0)
+			cli_error("Failed to load snapshot: %s", qk_last_error());
+		return i < 0 ? -1 : i;
+	}
+	struct cli_kv *kv;
+	int nkv = cli_parse_kv_list(spec, &kv), found = -1;
+	const char *id = NULL, *name = NULL;
+	for (int k = 0; k < nkv; k++) {
+		if (strcmp(kv[k].key, "snapshot.id") == 0) {
+			id = kv[k].value;
+		} else if (strcmp(kv[k].key, "snapshot.name") == 0) {
+			name = kv[k].value;
+		} else {
+			cli_error("Invalid parameter '%s'", kv[k].key);
+			nkv = -1;
+			break;
+		}
+	}
+	if (nkv < 0) {
+		cli_error("Failed in parsing snapshot param '%s'", spec);
+	} else if (qk_list_snapshots(img, &list, &n) == 0) {
+		for (size_t i = 0; found < 0 && i < n; i++)
+			if ((id || name) && (!id || strcmp(list[i].id, id) == 0) &&
+			    (!name || strcmp(list[i].name, name) == 0))
+				found = (int)i;
+		if (found < 0)
+			cli_error("Failed to load snapshot: Can't find snapshot");
+	}
+	if (nkv > 0)
+		cli_free_kv(kv, nkv);
+	return found;
+}
+
+int cli_open_snapshot(const char *path, qk_format fmt, uint32_t flags, const char *spec,
+		      qk_image **out)
+{
+	if (!spec)
+		return cli_open(path, fmt, flags, out);
+	qk_image *img;
+	int ret = cli_open(path, fmt, flags, &img);
+	if (ret < 0)
+		return ret;
+	if (qk_get_format(img) != QK_FORMAT_QCOW2) {
+		cli_error("Failed to load snapshot: Block format '%s' used by device '' does not "
+			  "support temporarily loading internal snapshots",
+			  qk_format_name(qk_get_format(img)));
+		qk_close(img);
+		return -ENOTSUP;
+	}
+	int i = find_snapshot(img, spec);
+	const struct qk_snapshot *list;
+	size_t n;
+	char *id = NULL;
+	if (i >= 0 && qk_list_snapshots(img, &list, &n) == 0)
+		id = strdup(list[i].id);
+	qk_close(img);
+	if (!id)
+		return i < 0 ? -ENOENT : -ENOMEM;
+	struct qk_open_options o;
+	qk_open_options_init(&o);
+	o.format = QK_FORMAT_QCOW2;
+	o.flags = flags | (cli_confine ? QK_OPEN_CONFINE : 0);
+	o.snapshot = id;
+	ret = qk_open(path, &o, out);
+	free(id);
+	if (ret < 0) {
+		cli_lib_error(ret);
+		*out = NULL;
+	}
+	return ret;
+}
+
 int cli_check_target(qk_image *src, const char *dst)
 {
 	qk_image *layer, *above;

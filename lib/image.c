@@ -618,14 +618,16 @@ QK_EXPORT int qk_list_bitmaps(qk_image *img, const struct qk_bitmap **list,
 	return img->drv->list_bitmaps ? img->drv->list_bitmaps(img, list, count) : 0;
 }
 
-QK_EXPORT int qk_snapshot_find(qk_image *img, const char *id_or_name)
+/* qk_snapshot_find's rule: an id first, else the first name. */
+static int find_snapshot(qk_image *img, const char *id_or_name)
 {
 	const struct qk_snapshot *list;
 	size_t n;
-	qk__api_enter("qk_snapshot_find");
 	if (!img || !id_or_name)
 		return qk__err(EINVAL, "image and snapshot are required");
-	int ret = qk_list_snapshots(img, &list, &n);
+	int ret = img->drv->list_snapshots ? img->drv->list_snapshots(img, &list, &n) : 0;
+	if (!img->drv->list_snapshots)
+		n = 0;
 	for (size_t i = 0; ret == 0 && i < n; i++)
 		if (strcmp(list[i].id, id_or_name) == 0)
 			return (int)i;
@@ -633,6 +635,12 @@ QK_EXPORT int qk_snapshot_find(qk_image *img, const char *id_or_name)
 		if (strcmp(list[i].name, id_or_name) == 0)
 			return (int)i;
 	return ret < 0 ? ret : qk__err(ENOENT, "'%s' has no snapshot '%s'", img->filename, id_or_name);
+}
+
+QK_EXPORT int qk_snapshot_find(qk_image *img, const char *id_or_name)
+{
+	qk__api_enter("qk_snapshot_find");
+	return find_snapshot(img, id_or_name);
 }
 
 /* The read-write handle of a format with snapshots, for the calls below. */
@@ -664,7 +672,7 @@ QK_EXPORT int qk_snapshot_apply(qk_image *img, const char *id_or_name)
 	qk__api_enter("qk_snapshot_apply");
 	int ret = snapshot_target(img);
 	if (ret == 0)
-		ret = qk_snapshot_find(img, id_or_name);
+		ret = find_snapshot(img, id_or_name);
 	if (ret < 0)
 		return ret;
 	return img->drv->snapshot_apply(img, (uint32_t)ret);
@@ -680,7 +688,7 @@ QK_EXPORT int qk_snapshot_delete(qk_image *img, const char *id, const char *name
 		return ret;
 	if (!id && !name)
 		return qk__err(EINVAL, "a snapshot id or name is required");
-	ret = qk_list_snapshots(img, &list, &n);
+	ret = img->drv->list_snapshots(img, &list, &n);
 	for (size_t i = 0; ret == 0 && i < n; i++)
 		if ((!id || strcmp(list[i].id, id) == 0) && (!name || strcmp(list[i].name, name) == 0))
 			return img->drv->snapshot_delete(img, (uint32_t)i);
