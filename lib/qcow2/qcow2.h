@@ -320,6 +320,11 @@ int qk__qcow2_get_refcounts(qk_image *img, uint64_t first, uint64_t n, uint64_t 
  * stay in the refcount cache until it is flushed. -EIO (corruption) on an
  * underflow or overflow. Image lock held. */
 int qk__qcow2_update_refcount(qk_image *img, uint64_t offset, uint64_t length, int delta);
+/* Add delta (+1, -1, or 0 to only read) to the refcounts of clusters
+ * [first, first+n), block by block, and (after not NULL) store the new
+ * values in after[n]. A block whose entry would underflow or overflow is
+ * left unchanged and reported as corruption (-EIO). Image lock held. */
+int qk__qcow2_add_refcounts(qk_image *img, uint64_t first, uint64_t n, int delta, uint64_t *after);
 /* Set the refcount of host cluster `cluster` to value in one step, whatever
  * it was (a leak of 2^63 references is dropped at once). Creates the
  * refcount block when needed; changes stay in the refcount cache. -ERANGE

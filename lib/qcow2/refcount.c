@@ -437,6 +437,58 @@ int qk__qcow2_update_refcount(qk_image *img, uint64_t offset, uint64_t length, i
 	return 0;
 }
 
+int qk__qcow2_add_refcounts(qk_image *img, uint64_t first, uint64_t n, int delta, uint64_t *after)
+{
+	struct qcow2 *q = qcow2_of(img);
+	QK_LOCK_HELD(q);
+	if (delta == 0)
+		return after ? qk__qcow2_get_refcounts(img, first, n, after) : 0;
+	int ret = qk__qcow2_load_refcounts(img);
+	uint64_t per = 1ull << epb_bits(q), max = rc_max(q);
+	while (ret == 0 && n > 0) {
+		uint64_t rt_index = first >> epb_bits(q), k = qk_min_u64(n, per - (first & (per - 1)));
+		if (delta < 0 && (rt_index >= q->rt_entries || !q->rt[rt_index]))
+			return qk__qcow2_corrupt(img, "refcount of cluster at offset 0x%llx would drop below 0 "
+						 "(refcount 0)", (unsigned long long)(first << q->cluster_bits));
+		uint64_t boff, in;
+		void *rb;
+		if ((ret = block_of(img, first, &boff, &rb, &in)) < 0)
+			return ret;
+		/* Every entry checked before any changes: a refusal leaves the
+		 * block as it was. */
+		for (uint64_t j = 0; j < k; j++) {
+			uint64_t v = rb_entry(rb, in + j, q->refcount_order);
+			if ((delta < 0 && v == 0) || (delta > 0 && v == max)) {
+				qk__cache_put(&q->rb_cache, boff);
+				return qk__qcow2_corrupt(img, "refcount of cluster at offset 0x%llx would %s (refcount %llu)",
+							 (unsigned long long)((first + j) << q->cluster_bits),
+							 delta < 0 ? "drop below 0" : "overflow", (unsigned long long)v);
+			}
+		}
+		for (uint64_t j = 0; j < k; j++) {
+			uint64_t c = first + j, v = rb_entry(rb, in + j, q->refcount_order);
+			v = delta < 0 ? v - 1 : v + 1;
+			rb_set(rb, in + j, q->refcount_order, v);
+			if (after)
+				after[j] = v;
+			if (v == 0) {
+				if (!q->freed_hi || c < q->freed_lo)
+					q->freed_lo = c;
+				if (c + 1 > q->freed_hi)
+					q->freed_hi = c + 1;
+			}
+			refcount_set_to(q, c, v);
+		}
+		qk__cache_mark_dirty(&q->rb_cache, boff);
+		qk__cache_put(&q->rb_cache, boff);
+		first += k;
+		n -= k;
+		if (after)
+			after += k;
+	}
+	return ret;
+}
+
 int qk__qcow2_set_refcount(qk_image *img, uint64_t cluster, uint64_t value)
 {
 	struct qcow2 *q = qcow2_of(img);
@@ -571,12 +623,20 @@ int qk__qcow2_alloc_clusters(qk_image *img, uint64_t n, uint64_t *offset)
 				q->cluster_bits) + 1;
 		uint64_t start = q->free_hint, run = 0, need = n, m = 0, first_free = UINT64_MAX;
 		bool past_table = false;
+		/* The refcounts scanned, read a block's worth at a time. */
+		uint64_t rcs[512], rcs_first = 0, rcs_n = 0;
 		for (uint64_t c = start; run < need; c++) {
 			uint64_t rc = 0;
 			if ((c + 1) << q->cluster_bits > MAX_HOST_OFFSET)
 				return qk__err(EFBIG, "'%s' is full: host offsets would pass 2^56", img->filename);
-			if (c < eof && (ret = qk__qcow2_get_refcount(img, c, &rc)) < 0)
-				return ret;
+			if (c < eof && (c < rcs_first || c >= rcs_first + rcs_n)) {
+				rcs_first = c;
+				rcs_n = qk_min_u64(eof - c, sizeof rcs / sizeof rcs[0]);
+				if ((ret = qk__qcow2_get_refcounts(img, c, rcs_n, rcs)) < 0)
+					return ret;
+			}
+			if (c < eof)
+				rc = rcs[c - rcs_first];
 			if (!rc && first_free == UINT64_MAX)
 				first_free = c;
 			if (rc) {

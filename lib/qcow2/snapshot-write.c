@@ -97,6 +97,23 @@ static void entry_range(const struct qcow2 *q, uint64_t e, uint64_t *off, uint64
 	}
 }
 
+/* The largest refcount the image's width holds. */
+static uint64_t rc_limit(const struct qcow2 *q)
+{
+	return q->refcount_order == 6 ? UINT64_MAX : (1ull << (1u << q->refcount_order)) - 1;
+}
+
+/* Refuse `what`: cluster c, with refcount rc, has no room for `more`. */
+static int no_room(qk_image *img, const char *what, uint64_t c, uint64_t rc)
+{
+	struct qcow2 *q = qcow2_of(img);
+	return qk__err(ERANGE, "cannot %s: the cluster at host offset 0x%llx already has refcount "
+		       "%llu, and refcount_bits=%u holds at most %llu (amend -o refcount_bits=16 "
+		       "makes room)", what, (unsigned long long)(c << q->cluster_bits),
+		       (unsigned long long)rc, 1u << q->refcount_order,
+		       (unsigned long long)rc_limit(q));
+}
+
 /* Before raising the references of a table: every cluster it reaches has
  * room for one more (twice as many for clusters holding compressed data,
  * whose every entry counts one), so the change cannot fail half way on a
@@ -104,18 +121,14 @@ static void entry_range(const struct qcow2 *q, uint64_t e, uint64_t *off, uint64
 static int room_for(qk_image *img, const char *what, uint64_t off, uint64_t len, bool compressed)
 {
 	struct qcow2 *q = qcow2_of(img);
-	uint64_t max = q->refcount_order == 6 ? UINT64_MAX : (1ull << (1u << q->refcount_order)) - 1;
+	uint64_t max = rc_limit(q);
 	for (uint64_t c = off >> q->cluster_bits; c <= (off + len - 1) >> q->cluster_bits; c++) {
 		uint64_t rc;
 		int ret = qk__qcow2_get_refcount(img, c, &rc);
 		if (ret < 0)
 			return ret;
 		if (rc >= max || (compressed && rc > max - rc))
-			return qk__err(ERANGE, "cannot %s: the cluster at host offset 0x%llx already has "
-				       "refcount %llu, and refcount_bits=%u holds at most %llu (amend -o "
-				       "refcount_bits=16 makes room)", what,
-				       (unsigned long long)(c << q->cluster_bits), (unsigned long long)rc,
-				       1u << q->refcount_order, (unsigned long long)max);
+			return no_room(img, what, c, rc);
 	}
 	return 0;
 }
@@ -126,7 +139,31 @@ struct pass {
 	bool dry;              /* room_for every reference, change nothing */
 	const char *what;      /* the operation, for room_for's message */
 	bool l1_changed;       /* out: a COPIED flag of the L1 table changed */
+	uint64_t *host;        /* scratch, an entry per L2 entry: data cluster index */
+	uint64_t *rc;          /* scratch: its refcount after the change */
 };
+
+/* The data clusters of one table, host[n] (UINT64_MAX: none), in runs of
+ * consecutive clusters: their refcounts changed by p->delta (or, dry,
+ * checked for room) block by block, the results in p->rc. */
+static int pass_runs(qk_image *img, struct pass *p, uint64_t n)
+{
+	uint64_t max = rc_limit(qcow2_of(img));
+	for (uint64_t j = 0, k; j < n; j = k) {
+		k = j + 1;
+		if (p->host[j] == UINT64_MAX)
+			continue;
+		while (k < n && p->host[k] == p->host[j] + (k - j))
+			k++;
+		int ret = qk__qcow2_add_refcounts(img, p->host[j], k - j, p->dry ? 0 : p->delta, p->rc + j);
+		for (uint64_t i = j; ret == 0 && p->dry && i < k; i++)
+			if (p->rc[i] >= max)
+				ret = no_room(img, p->what, p->host[i], p->rc[i]);
+		if (ret < 0)
+			return ret;
+	}
+	return 0;
+}
 
 /* One L2 table of a pass: each entry's reference changed by p->delta, its
  * COPIED flag set exactly when the cluster's refcount is then 1. */
@@ -140,22 +177,26 @@ static int pass_l2(qk_image *img, struct pass *p, uint64_t l1i, uint64_t t)
 	uint32_t step = q->l2_entry_size / 8;
 	uint64_t n = q->cluster_size / q->l2_entry_size;
 	for (uint64_t j = 0; ret == 0 && j < n; j++) {
-		uint64_t e = tab[j * step], off, len, rc = 0;
+		uint64_t e = tab[j * step], off, len;
+		p->host[j] = UINT64_MAX;
 		ret = qk__qcow2_check_entry(img, (l1i << q->l2_bits) | j, e, step > 1 ? tab[j * step + 1] : 0);
 		entry_range(q, e, &off, &len);
 		if (ret < 0 || !len)
 			continue;
-		bool compressed = e & QCOW_OFLAG_COMPRESSED;
-		if (p->dry) {
-			ret = room_for(img, p->what, off, len, compressed);
-			continue;
-		}
-		if (p->delta)
+		if (!(e & QCOW_OFLAG_COMPRESSED))
+			p->host[j] = off >> q->cluster_bits;
+		else if (p->dry)
+			ret = room_for(img, p->what, off, len, true);
+		else if (p->delta)
 			ret = qk__qcow2_update_refcount(img, off, len, p->delta);
-		if (ret == 0 && !compressed)
-			ret = qk__qcow2_get_refcount(img, off >> q->cluster_bits, &rc);
-		uint64_t ne = (e & ~QCOW_OFLAG_COPIED) | (rc == 1 ? QCOW_OFLAG_COPIED : 0);
-		if (ret == 0 && ne != e) {
+	}
+	if (ret == 0)
+		ret = pass_runs(img, p, n);
+	for (uint64_t j = 0; ret == 0 && !p->dry && j < n; j++) {
+		uint64_t e = tab[j * step];
+		bool copied = p->host[j] != UINT64_MAX && p->rc[j] == 1;
+		uint64_t ne = (e & ~QCOW_OFLAG_COPIED) | (copied ? QCOW_OFLAG_COPIED : 0);
+		if (ne != e) {
 			tab[j * step] = ne;
 			qk__cache_mark_dirty(&q->l2_cache, t);
 		}
@@ -169,7 +210,7 @@ static int pass_l2(qk_image *img, struct pass *p, uint64_t l1i, uint64_t t)
  * flags of the entries walked (and of l1[] in memory) are set from the
  * new refcounts, as QEMU's qcow2_update_snapshot_refcount does. L2 tables
  * freed on the way are dropped from the cache. */
-static int pass_l1(qk_image *img, struct pass *p, uint64_t *l1, uint32_t n)
+static int pass_l1_tables(qk_image *img, struct pass *p, uint64_t *l1, uint32_t n)
 {
 	struct qcow2 *q = qcow2_of(img);
 	for (uint32_t i = 0; i < n; i++) {
@@ -198,6 +239,19 @@ static int pass_l1(qk_image *img, struct pass *p, uint64_t *l1, uint32_t n)
 		}
 	}
 	return 0;
+}
+
+static int pass_l1(qk_image *img, struct pass *p, uint64_t *l1, uint32_t n)
+{
+	struct qcow2 *q = qcow2_of(img);
+	uint64_t entries = q->cluster_size / q->l2_entry_size;
+	p->host = malloc(entries * sizeof *p->host);
+	p->rc = malloc(entries * sizeof *p->rc);
+	int ret = p->host && p->rc ? pass_l1_tables(img, p, l1, n) : qk__err(ENOMEM, "out of memory");
+	free(p->host);
+	free(p->rc);
+	p->host = p->rc = NULL;
+	return ret;
 }
 
 /* Raise every reference of l1[n] by one, after checking there is room. */
