@@ -59,9 +59,13 @@ static int act(qk_image *img, enum action action, const char *name)
 		break;
 	}
 	if (ret < 0) {
+		/* The library's message, without the name of the call. */
+		const char *msg = qk_last_error(), *colon = strstr(msg, ": ");
+		if (strncmp(msg, "qk_", 3) == 0 && colon)
+			msg = colon + 2;
 		char *esc = cli_escape(name);
 		cli_error("Could not %s snapshot '%s': %s", verb[action], esc ? esc : "",
-			  ret == -ENOENT && action != CREATE ? "snapshot not found" : qk_last_error());
+			  ret == -ENOENT && action != CREATE ? "snapshot not found" : msg);
 		free(esc);
 		return 1;
 	}

@@ -103,22 +103,21 @@ static uint64_t rc_limit(const struct qcow2 *q)
 	return q->refcount_order == 6 ? UINT64_MAX : (1ull << (1u << q->refcount_order)) - 1;
 }
 
-/* Refuse `what`: cluster c, with refcount rc, has no room for `more`. */
-static int no_room(qk_image *img, const char *what, uint64_t c, uint64_t rc)
+/* Refuse a new reference: cluster c, with refcount rc, has no room. */
+static int no_room(qk_image *img, uint64_t c, uint64_t rc)
 {
 	struct qcow2 *q = qcow2_of(img);
-	return qk__err(ERANGE, "cannot %s: the cluster at host offset 0x%llx already has refcount "
-		       "%llu, and refcount_bits=%u holds at most %llu (amend -o refcount_bits=16 "
-		       "makes room)", what, (unsigned long long)(c << q->cluster_bits),
-		       (unsigned long long)rc, 1u << q->refcount_order,
-		       (unsigned long long)rc_limit(q));
+	return qk__err(ERANGE, "the cluster at host offset 0x%llx of '%s' would need refcount %llu, "
+		       "more than refcount_bits=%u holds (amend -o refcount_bits=16 makes room)",
+		       (unsigned long long)(c << q->cluster_bits), img->filename,
+		       (unsigned long long)rc + 1, 1u << q->refcount_order);
 }
 
 /* Before raising the references of a table: every cluster it reaches has
  * room for one more (twice as many for clusters holding compressed data,
  * whose every entry counts one), so the change cannot fail half way on a
  * narrow refcount width. QEMU fails half way and leaks. */
-static int room_for(qk_image *img, const char *what, uint64_t off, uint64_t len, bool compressed)
+static int room_for(qk_image *img, uint64_t off, uint64_t len, bool compressed)
 {
 	struct qcow2 *q = qcow2_of(img);
 	uint64_t max = rc_limit(q);
@@ -128,7 +127,7 @@ static int room_for(qk_image *img, const char *what, uint64_t off, uint64_t len,
 		if (ret < 0)
 			return ret;
 		if (rc >= max || (compressed && rc > max - rc))
-			return no_room(img, what, c, rc);
+			return no_room(img, c, rc);
 	}
 	return 0;
 }
@@ -137,7 +136,6 @@ struct pass {
 	const char *which;     /* "active", "snapshot": for messages */
 	int delta;             /* +1, -1, or 0 to set the COPIED flags alone */
 	bool dry;              /* room_for every reference, change nothing */
-	const char *what;      /* the operation, for room_for's message */
 	bool l1_changed;       /* out: a COPIED flag of the L1 table changed */
 	uint64_t *host;        /* scratch, an entry per L2 entry: data cluster index */
 	uint64_t *rc;          /* scratch: its refcount after the change */
@@ -158,7 +156,7 @@ static int pass_runs(qk_image *img, struct pass *p, uint64_t n)
 		int ret = qk__qcow2_add_refcounts(img, p->host[j], k - j, p->dry ? 0 : p->delta, p->rc + j);
 		for (uint64_t i = j; ret == 0 && p->dry && i < k; i++)
 			if (p->rc[i] >= max)
-				ret = no_room(img, p->what, p->host[i], p->rc[i]);
+				ret = no_room(img, p->host[i], p->rc[i]);
 		if (ret < 0)
 			return ret;
 	}
@@ -186,7 +184,7 @@ static int pass_l2(qk_image *img, struct pass *p, uint64_t l1i, uint64_t t)
 		if (!(e & QCOW_OFLAG_COMPRESSED))
 			p->host[j] = off >> q->cluster_bits;
 		else if (p->dry)
-			ret = room_for(img, p->what, off, len, true);
+			ret = room_for(img, off, len, true);
 		else if (p->delta)
 			ret = qk__qcow2_update_refcount(img, off, len, p->delta);
 	}
@@ -217,7 +215,7 @@ static int pass_l1_tables(qk_image *img, struct pass *p, uint64_t *l1, uint32_t 
 		uint64_t t, rc;
 		int ret = l2_of(img, p->which, i, l1[i], &t);
 		if (ret == 0 && t && p->dry)
-			ret = room_for(img, p->what, t, q->cluster_size, false);
+			ret = room_for(img, t, q->cluster_size, false);
 		if (ret == 0 && t)
 			ret = pass_l2(img, p, i, t);
 		if (ret < 0)
@@ -255,9 +253,9 @@ static int pass_l1(qk_image *img, struct pass *p, uint64_t *l1, uint32_t n)
 }
 
 /* Raise every reference of l1[n] by one, after checking there is room. */
-static int raise_refs(qk_image *img, const char *which, const char *what, uint64_t *l1, uint32_t n)
+static int raise_refs(qk_image *img, const char *which, uint64_t *l1, uint32_t n)
 {
-	struct pass p = { .which = which, .delta = 1, .dry = true, .what = what };
+	struct pass p = { .which = which, .delta = 1, .dry = true };
 	int ret = pass_l1(img, &p, l1, n);
 	p.dry = false;
 	return ret < 0 ? ret : pass_l1(img, &p, l1, n);
@@ -412,14 +410,13 @@ static void list_remove(struct qcow2 *q, uint32_t i)
 
 /* ---- the three operations ------------------------------------------------------------ */
 
-/* What QEMU refuses for every snapshot operation, and what this code does
- * not keep consistent. */
-static int snapshot_refused(qk_image *img, const char *what)
+/* What QEMU refuses for every snapshot operation. */
+static int snapshot_refused(qk_image *img)
 {
 	struct qcow2 *q = qcow2_of(img);
 	if (q->has_data_file)
-		return qk__err(ENOTSUP, "cannot %s: '%s' has an external data file, which internal "
-			       "snapshots cannot share", what, img->filename);
+		return qk__err(ENOTSUP, "'%s' has an external data file, which internal snapshots "
+			       "cannot share (QEMU refuses them too)", img->filename);
 	return 0;
 }
 
@@ -435,13 +432,11 @@ static void next_id(const struct qcow2 *q, char *id, size_t len)
 	snprintf(id, len, "%lu", max + 1);
 }
 
-static int create_locked(qk_image *img, const char *name, struct qk_snapshot *sn)
+static int create_locked(qk_image *img, struct qk_snapshot *sn)
 {
 	struct qcow2 *q = qcow2_of(img);
-	char what[96];
-	snprintf(what, sizeof what, "take snapshot '%.60s'", name);
 	/* Room for one more reference everywhere, before anything changes. */
-	struct pass p = { .which = "active", .dry = true, .what = what };
+	struct pass p = { .which = "active", .dry = true };
 	int ret = pass_l1(img, &p, q->l1, q->l1_size);
 	/* The snapshot's L1 table: a copy of the active one, synced. */
 	if (ret == 0)
@@ -464,9 +459,8 @@ static int create_locked(qk_image *img, const char *name, struct qk_snapshot *sn
 int qk__qcow2_snapshot_create(qk_image *img, const char *name)
 {
 	struct qcow2 *q = qcow2_of(img);
-	char id[24], what[96];
-	snprintf(what, sizeof what, "take snapshot '%.60s'", name);
-	int ret = snapshot_refused(img, what);
+	char id[24];
+	int ret = snapshot_refused(img);
 	if (ret < 0)
 		return ret;
 	bool marked = false;
@@ -489,7 +483,7 @@ int qk__qcow2_snapshot_create(qk_image *img, const char *name)
 	if (ret == 0)
 		ret = busy_begin(img, &marked);
 	if (ret == 0)
-		ret = create_locked(img, name, &sn);
+		ret = create_locked(img, &sn);
 	if (ret == 0) {
 		sn.id = strdup(id);
 		sn.name = strdup(name);
@@ -511,14 +505,12 @@ int qk__qcow2_snapshot_create(qk_image *img, const char *name)
 static int apply_locked(qk_image *img, const struct qk_snapshot *sn, uint64_t *sl1)
 {
 	struct qcow2 *q = qcow2_of(img);
-	char what[96];
-	snprintf(what, sizeof what, "apply snapshot '%.60s'", sn->name);
 	uint64_t per_l1 = q->cluster_size << q->l2_bits;
 	uint64_t need = sn->disk_size / per_l1 + (sn->disk_size % per_l1 != 0);
 	uint32_t n = (uint32_t)qk_max_u64(sn->l1_size, need);
 	if ((uint64_t)n * 8 > MAX_L1_BYTES)
-		return qk__err(EFBIG, "cannot %s: its L1 table would be too large", what);
-	int ret = raise_refs(img, "snapshot", what, sl1, sn->l1_size);
+		return qk__err(EFBIG, "the L1 table of snapshot '%s' would be too large", sn->name);
+	int ret = raise_refs(img, "snapshot", sl1, sn->l1_size);
 	if (ret == 0)
 		ret = qk__qcow2_flush_locked(img);
 	uint64_t *nl1 = calloc(n ? n : 1, 8), off = 0;
@@ -568,14 +560,12 @@ static int apply_locked(qk_image *img, const struct qk_snapshot *sn, uint64_t *s
 int qk__qcow2_snapshot_apply(qk_image *img, uint32_t i)
 {
 	struct qcow2 *q = qcow2_of(img);
-	char what[96];
-	snprintf(what, sizeof what, "apply snapshot '%.60s'", q->snapshots[i].name);
-	int ret = snapshot_refused(img, what);
+	int ret = snapshot_refused(img);
 	if (ret == 0 && q->n_bitmaps)
 		/* As QEMU 7.2, enabled or not: their bits would not describe
 		 * the reverted disk. */
-		ret = qk__err(ENOTSUP, "cannot %s: '%s' has persistent dirty bitmaps (Device has "
-			      "active dirty bitmaps)", what, img->filename);
+		ret = qk__err(ENOTSUP, "Device has active dirty bitmaps ('%s' has persistent "
+			      "bitmaps, which would not describe the reverted disk)", img->filename);
 	if (ret < 0)
 		return ret;
 	bool marked = false;
@@ -624,9 +614,7 @@ static int delete_locked(qk_image *img, uint32_t i, uint64_t *sl1)
 int qk__qcow2_snapshot_delete(qk_image *img, uint32_t i)
 {
 	struct qcow2 *q = qcow2_of(img);
-	char what[96];
-	snprintf(what, sizeof what, "delete snapshot '%.60s'", q->snapshots[i].name);
-	int ret = snapshot_refused(img, what);
+	int ret = snapshot_refused(img);
 	if (ret < 0)
 		return ret;
 	bool marked = false;
