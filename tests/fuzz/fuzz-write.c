@@ -1,12 +1,15 @@
 /*
  * fuzz-write.c - writes on a fuzzed image: opened read-write, then up to
  * MAX_OPS operations (write, unaligned write, compressed cluster write,
- * zero, zero with unmap, discard, flush, resize) whose kinds, offsets and lengths
+ * zero, zero with unmap, discard, flush, internal snapshot take, apply and
+ * delete, resize) whose kinds, offsets and lengths
  * come from the last bytes of the input, then closed.
  *
  * Invariants when the image checked clean before the first write: every
  * write and zero that succeeded reads back, and after the last operation
- * the flushed bytes, opened again, still check clean.
+ * the flushed bytes, opened again, still check clean (after a snapshot
+ * call failed, once the read-write open has rebuilt what the dirty bit
+ * says may be stale).
  */
 #include "fuzz.h"
 
@@ -34,6 +37,25 @@ static void verify(qk_image *img, uint64_t off, size_t len, const uint8_t *want,
 			    what, (unsigned long long)off, len, rbuf[i], i, want ? want[i] : 0);
 }
 
+/* Take (k 1), apply (2) or delete (3) an internal snapshot, chosen by
+ * byte b: k = b >> 6. */
+static int snapshot_op(qk_image *img, uint8_t b, size_t i)
+{
+	const struct qk_snapshot *l;
+	size_t n = 0;
+	char name[64];
+	if (b >> 6 == 1) {
+		snprintf(name, sizeof name, "f%zu", i);
+		return qk_snapshot_create(img, name);
+	}
+	if (qk_list_snapshots(img, &l, &n) < 0 || n == 0)
+		return 0;
+	snprintf(name, sizeof name, "%.63s", l[b % n].id);
+	if (b >> 6 == 2)
+		return qk_snapshot_apply(img, name);
+	return qk_snapshot_delete(img, name, NULL);
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
 	qk_image *img;
@@ -45,7 +67,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	bool was_clean = clean(img);
 	size_t nops = qk_min_u64(size / OP_BYTES, MAX_OPS);
 	const uint8_t *op = data + size - nops * OP_BYTES;
-	bool failed = false;
+	bool failed = false, snap_failed = false;
 
 	for (size_t i = 0; i < nops && vsize; i++, op += OP_BYTES) {
 		/* Offsets on a grid of 512-byte sectors spread over the whole
@@ -87,7 +109,13 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 			ret = qk_discard(img, off, len);
 			break;
 		case 6:
-			ret = qk_flush(img);
+			if (op[4] >> 6 == 0) {
+				ret = qk_flush(img);
+			} else {
+				ret = snapshot_op(img, op[4], i);
+				vsize = qk_get_size(img);
+				snap_failed |= ret < 0;
+			}
 			break;
 		case 7:
 			if (op[4] & 0x80) {
@@ -118,6 +146,13 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		size_t len;
 		uint8_t *bytes = fuzz_snapshot(img, &len);
 		qk_image *again;
+		/* A failed snapshot call may leave the dirty bit: the
+		 * read-write open rebuilds, as QEMU's does. */
+		if (bytes && snap_failed && fuzz_open(bytes, len, QK_OPEN_RDWR, &again) == 0) {
+			free(bytes);
+			bytes = qk_flush(again) == 0 ? fuzz_snapshot(again, &len) : NULL;
+			qk_close(again);
+		}
 		if (bytes && fuzz_open(bytes, len, QK_OPEN_CHECK, &again) == 0) {
 			struct qk_check_result res = { .struct_size = sizeof res };
 			int ret = qk_check(again, 0, &res, NULL, NULL);
