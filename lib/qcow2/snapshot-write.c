@@ -14,9 +14,12 @@
  *   the first sector: the switch is atomic), and the old one is freed only
  *   after that;
  * - references are raised before the header exposes them and dropped after
- *   it stops exposing them, so a version 2 image (no dirty bit) is left
- *   with at most leaks and COPIED flags that `check -r all` corrects, as
- *   QEMU leaves it.
+ *   it stops exposing them, and COPIED flags are cleared before a refcount
+ *   rises to 2 and set only after it drops to 1, so a version 2 image (no
+ *   dirty bit) is left with at most leaks and COPIED flags missing where
+ *   a cluster is no longer shared: safe to write through (a write copies
+ *   the cluster once more), and `check -r all` sets them. QEMU's order
+ *   can leave the flag on a shared cluster.
  * Apply never overwrites the active L1 table in place: a cut leaves the
  * old disk or the snapshot's, never a mix.
  */
@@ -443,8 +446,11 @@ static int create_locked(qk_image *img, struct qk_snapshot *sn)
 		ret = alloc_table(img, (uint64_t)q->l1_size * 8, META_SNAP_L1, &sn->l1_table_offset);
 	if (ret == 0)
 		ret = write_l1(img, sn->l1_table_offset, q->l1, q->l1_size);
-	/* Its references, and COPIED cleared where they are now shared. */
+	/* Its references, and COPIED cleared where they are now shared: the
+	 * cleared flags reach the disk first. */
 	p = (struct pass){ .which = "active", .delta = 1 };
+	if (ret == 0)
+		ret = qk__cache_set_dependency(&q->rb_cache, &q->l2_cache);
 	if (ret == 0)
 		ret = pass_l1(img, &p, q->l1, q->l1_size);
 	if (ret == 0)
@@ -595,8 +601,12 @@ static int delete_locked(qk_image *img, uint32_t i, uint64_t *sl1)
 	if (ret < 0)
 		return ret;
 	list_remove(q, i);
+	/* Its references dropped, then COPIED set where a cluster is no
+	 * longer shared: the refcounts reach the disk first. */
 	struct pass p = { .which = "deleted snapshot", .delta = -1 };
-	ret = pass_l1(img, &p, sl1, l1_n);
+	ret = qk__cache_set_dependency(&q->l2_cache, &q->rb_cache);
+	if (ret == 0)
+		ret = pass_l1(img, &p, sl1, l1_n);
 	if (ret == 0 && l1_n) {
 		qk__qcow2_meta_del(img, l1_off, (uint64_t)l1_n * 8);
 		ret = qk__qcow2_update_refcount(img, l1_off, (uint64_t)l1_n * 8, -1);
