@@ -200,15 +200,6 @@ static int pass_l1(qk_image *img, struct pass *p, uint64_t *l1, uint32_t n)
 	return 0;
 }
 
-/* Raise every reference of l1[n] by one, after checking there is room. */
-static int raise_refs(qk_image *img, const char *which, const char *what, uint64_t *l1, uint32_t n)
-{
-	struct pass p = { .which = which, .delta = 1, .dry = true, .what = what };
-	int ret = pass_l1(img, &p, l1, n);
-	p.dry = false;
-	return ret < 0 ? ret : pass_l1(img, &p, l1, n);
-}
-
 /* ---- writing tables -------------------------------------------------------------- */
 
 /* Write l1[n] (host order) durably at `off`. */
@@ -381,21 +372,15 @@ static void next_id(const struct qcow2 *q, char *id, size_t len)
 	snprintf(id, len, "%lu", max + 1);
 }
 
-static int create_locked(qk_image *img, const char *name, struct qk_snapshot *sn)
+static int create_locked(qk_image *img, struct qk_snapshot *sn)
 {
 	struct qcow2 *q = qcow2_of(img);
-	char what[96];
-	snprintf(what, sizeof what, "take snapshot '%.60s'", name);
-	/* Room for one more reference everywhere, before anything changes. */
-	struct pass p = { .which = "active", .dry = true, .what = what };
-	int ret = pass_l1(img, &p, q->l1, q->l1_size);
 	/* The snapshot's L1 table: a copy of the active one, synced. */
-	if (ret == 0)
-		ret = alloc_table(img, (uint64_t)q->l1_size * 8, META_SNAP_L1, &sn->l1_table_offset);
+	int ret = alloc_table(img, (uint64_t)q->l1_size * 8, META_SNAP_L1, &sn->l1_table_offset);
 	if (ret == 0)
 		ret = write_l1(img, sn->l1_table_offset, q->l1, q->l1_size);
 	/* Its references, and COPIED cleared where they are now shared. */
-	p = (struct pass){ .which = "active", .delta = 1 };
+	struct pass p = { .which = "active", .delta = 1 };
 	if (ret == 0)
 		ret = pass_l1(img, &p, q->l1, q->l1_size);
 	if (ret == 0)
@@ -432,10 +417,16 @@ int qk__qcow2_snapshot_create(qk_image *img, const char *name)
 		.date_sec = (uint32_t)now.tv_sec,
 		.date_nsec = (uint32_t)(now.tv_nsec / 1000 * 1000),
 	};
+	/* Room for one more reference everywhere, checked before anything
+	 * changes (the dirty bit included): a refusal leaves the file as it
+	 * was. */
+	struct pass p = { .which = "active", .dry = true, .what = what };
+	if (ret == 0)
+		ret = pass_l1(img, &p, q->l1, q->l1_size);
 	if (ret == 0)
 		ret = busy_begin(img, &marked);
 	if (ret == 0)
-		ret = create_locked(img, name, &sn);
+		ret = create_locked(img, &sn);
 	if (ret == 0) {
 		sn.id = strdup(id);
 		sn.name = strdup(name);
@@ -464,7 +455,9 @@ static int apply_locked(qk_image *img, const struct qk_snapshot *sn, uint64_t *s
 	uint32_t n = (uint32_t)qk_max_u64(sn->l1_size, need);
 	if ((uint64_t)n * 8 > MAX_L1_BYTES)
 		return qk__err(EFBIG, "cannot %s: its L1 table would be too large", what);
-	int ret = raise_refs(img, "snapshot", what, sl1, sn->l1_size);
+	/* (room_for every one of them was checked before.) */
+	struct pass p = { .which = "snapshot", .delta = 1 };
+	int ret = pass_l1(img, &p, sl1, sn->l1_size);
 	if (ret == 0)
 		ret = qk__qcow2_flush_locked(img);
 	uint64_t *nl1 = calloc(n ? n : 1, 8), off = 0;
@@ -493,7 +486,7 @@ static int apply_locked(qk_image *img, const struct qk_snapshot *sn, uint64_t *s
 	q->l1_offset = off;
 	img->size = sn->disk_size;
 	/* The old disk's references go; what only it reached is freed. */
-	struct pass p = { .which = "former active", .delta = -1 };
+	p = (struct pass){ .which = "former active", .delta = -1 };
 	ret = pass_l1(img, &p, old, old_n);
 	free(old);
 	if (ret == 0 && old_n) {
@@ -529,6 +522,11 @@ int qk__qcow2_snapshot_apply(qk_image *img, uint32_t i)
 	ret = qk__qcow2_begin_change(img, 0, 0);
 	if (ret == 0)
 		ret = qk__qcow2_snapshot_l1(img, &q->snapshots[i], &sl1);
+	/* Room for one more reference to everything the snapshot reaches,
+	 * checked before anything changes (the dirty bit included). */
+	struct pass p = { .which = "snapshot", .dry = true, .what = what };
+	if (ret == 0)
+		ret = pass_l1(img, &p, sl1, q->snapshots[i].l1_size);
 	if (ret == 0)
 		ret = busy_begin(img, &marked);
 	if (ret == 0)
