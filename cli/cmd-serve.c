@@ -203,8 +203,11 @@ int cmd_serve(int argc, char **argv)
 		return CLI_EXIT_FAILURE;
 	}
 	/* Every connection shares the one image handle, so a flush on any
-	 * covers writes done on all; a read-only export is safe anyway. */
-	a.exp.multi_conn = a.cfg.max_clients != 1 || a.exp.readonly;
+	 * covers writes done on all. Not with -e 1 (the default), read-only
+	 * or not: clients take the flag as leave to open several connections
+	 * at once (nbdcopy opens 4), and the second would wait for the first
+	 * to leave, for ever (qemu-nbd does not offer it there either). */
+	a.exp.multi_conn = a.cfg.max_clients != 1;
 	if (cli_parse_format(a.o.fmtname, &fmt) < 0)
 		return CLI_EXIT_FAILURE;
 	return serve(&a, fmt);

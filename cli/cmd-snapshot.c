@@ -65,7 +65,9 @@ static int act(qk_image *img, enum action action, const char *name)
 			msg = colon + 2;
 		char *esc = cli_escape(name);
 		cli_error("Could not %s snapshot '%s': %s", verb[action], esc ? esc : "",
-			  ret == -ENOENT && action != CREATE ? "snapshot not found" : msg);
+			  ret != -ENOENT || action == CREATE ? msg
+			  : action == APPLY ? "Failed to load snapshot: No such file or directory"
+			  : "snapshot not found");
 		free(esc);
 		return 1;
 	}

@@ -389,19 +389,19 @@ static int find_snapshot(qk_image *img, const char *spec)
 	}
 	struct cli_kv *kv;
 	int nkv = cli_parse_kv_list(spec, &kv), found = -1;
+	bool invalid = nkv < 0;
 	const char *id = NULL, *name = NULL;
-	for (int k = 0; k < nkv; k++) {
+	for (int k = 0; k < nkv && !invalid; k++) {
 		if (strcmp(kv[k].key, "snapshot.id") == 0) {
 			id = kv[k].value;
 		} else if (strcmp(kv[k].key, "snapshot.name") == 0) {
 			name = kv[k].value;
 		} else {
 			cli_error("Invalid parameter '%s'", kv[k].key);
-			nkv = -1;
-			break;
+			invalid = true;
 		}
 	}
-	if (nkv < 0) {
+	if (invalid) {
 		cli_error("Failed in parsing snapshot param '%s'", spec);
 	} else if (qk_list_snapshots(img, &list, &n) == 0) {
 		for (size_t i = 0; found < 0 && i < n; i++)

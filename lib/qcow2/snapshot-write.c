@@ -255,15 +255,6 @@ static int pass_l1(qk_image *img, struct pass *p, uint64_t *l1, uint32_t n)
 	return ret;
 }
 
-/* Raise every reference of l1[n] by one, after checking there is room. */
-static int raise_refs(qk_image *img, const char *which, uint64_t *l1, uint32_t n)
-{
-	struct pass p = { .which = which, .delta = 1, .dry = true };
-	int ret = pass_l1(img, &p, l1, n);
-	p.dry = false;
-	return ret < 0 ? ret : pass_l1(img, &p, l1, n);
-}
-
 /* ---- writing tables -------------------------------------------------------------- */
 
 /* Write l1[n] (host order) durably at `off`. */
@@ -438,17 +429,13 @@ static void next_id(const struct qcow2 *q, char *id, size_t len)
 static int create_locked(qk_image *img, struct qk_snapshot *sn)
 {
 	struct qcow2 *q = qcow2_of(img);
-	/* Room for one more reference everywhere, before anything changes. */
-	struct pass p = { .which = "active", .dry = true };
-	int ret = pass_l1(img, &p, q->l1, q->l1_size);
 	/* The snapshot's L1 table: a copy of the active one, synced. */
-	if (ret == 0)
-		ret = alloc_table(img, (uint64_t)q->l1_size * 8, META_SNAP_L1, &sn->l1_table_offset);
+	int ret = alloc_table(img, (uint64_t)q->l1_size * 8, META_SNAP_L1, &sn->l1_table_offset);
 	if (ret == 0)
 		ret = write_l1(img, sn->l1_table_offset, q->l1, q->l1_size);
 	/* Its references, and COPIED cleared where they are now shared: the
 	 * cleared flags reach the disk first. */
-	p = (struct pass){ .which = "active", .delta = 1 };
+	struct pass p = { .which = "active", .delta = 1 };
 	if (ret == 0)
 		ret = qk__cache_set_dependency(&q->rb_cache, &q->l2_cache);
 	if (ret == 0)
@@ -486,6 +473,12 @@ int qk__qcow2_snapshot_create(qk_image *img, const char *name)
 		.date_sec = (uint32_t)now.tv_sec,
 		.date_nsec = (uint32_t)(now.tv_nsec / 1000 * 1000),
 	};
+	/* Room for one more reference everywhere, checked before anything
+	 * changes (the dirty bit included): a refusal leaves the file as it
+	 * was. */
+	struct pass p = { .which = "active", .dry = true };
+	if (ret == 0)
+		ret = pass_l1(img, &p, q->l1, q->l1_size);
 	if (ret == 0)
 		ret = busy_begin(img, &marked);
 	if (ret == 0)
@@ -516,7 +509,9 @@ static int apply_locked(qk_image *img, const struct qk_snapshot *sn, uint64_t *s
 	uint32_t n = (uint32_t)qk_max_u64(sn->l1_size, need);
 	if ((uint64_t)n * 8 > MAX_L1_BYTES)
 		return qk__err(EFBIG, "the L1 table of snapshot '%s' would be too large", sn->name);
-	int ret = raise_refs(img, "snapshot", sl1, sn->l1_size);
+	/* (room_for every one of them was checked before.) */
+	struct pass p = { .which = "snapshot", .delta = 1 };
+	int ret = pass_l1(img, &p, sl1, sn->l1_size);
 	if (ret == 0)
 		ret = qk__qcow2_flush_locked(img);
 	uint64_t *nl1 = calloc(n ? n : 1, 8), off = 0;
@@ -545,7 +540,7 @@ static int apply_locked(qk_image *img, const struct qk_snapshot *sn, uint64_t *s
 	q->l1_offset = off;
 	img->size = sn->disk_size;
 	/* The old disk's references go; what only it reached is freed. */
-	struct pass p = { .which = "former active", .delta = -1 };
+	p = (struct pass){ .which = "former active", .delta = -1 };
 	ret = pass_l1(img, &p, old, old_n);
 	free(old);
 	if (ret == 0 && old_n) {
@@ -579,6 +574,11 @@ int qk__qcow2_snapshot_apply(qk_image *img, uint32_t i)
 	ret = qk__qcow2_begin_change(img, 0, 0);
 	if (ret == 0)
 		ret = qk__qcow2_snapshot_l1(img, &q->snapshots[i], &sl1);
+	/* Room for one more reference to everything the snapshot reaches,
+	 * checked before anything changes (the dirty bit included). */
+	struct pass p = { .which = "snapshot", .dry = true };
+	if (ret == 0)
+		ret = pass_l1(img, &p, sl1, q->snapshots[i].l1_size);
 	if (ret == 0)
 		ret = busy_begin(img, &marked);
 	if (ret == 0)

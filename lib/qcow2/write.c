@@ -141,6 +141,9 @@ static int l2_for_write(qk_image *img, uint64_t l1i, uint64_t *l2_off, uint64_t 
 		}
 		memcpy(nt, ot, q->cluster_size);
 		qk__cache_put(&q->l2_cache, old);
+		/* Loading the old table may have written the new one back
+		 * (as zeros) to free a slot: the copy is dirty again. */
+		qk__cache_mark_dirty(&q->l2_cache, t);
 	}
 	/* The table reaches the disk before the L1 entry points at it. */
 	ret = qk__cache_flush(&q->l2_cache);
