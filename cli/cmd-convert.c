@@ -730,7 +730,9 @@ static int prepare_target(struct convert_job *j, const struct convert_args *a,
 		j->zero_init = a->target_is_zero;
 		return 0;
 	}
-	if (ftruncate(j->fd, (off_t)j->size) < 0) {
+	/* Emptied first: the copy skips what reads as zero, so no byte of
+	 * an old file may survive (the lock is held: the file is ours). */
+	if (ftruncate(j->fd, 0) < 0 || ftruncate(j->fd, (off_t)j->size) < 0) {
 		cli_error("Could not resize '%s': %s", dst_path,
 			  strerror(errno));
 		return -1;

@@ -270,4 +270,16 @@ for args in "-c 300 -d 1 -s 4k -S 70000 --pattern=7" "-c 500 -d 8 -s 64k -S 2007
   else ok; fi
 done
 
+# convert -O raw onto an existing file: no byte of the old file survives
+# where the source reads as zero (the copy skips zeros).
+rm -f old.raw src-z.qcow2
+setup qemu-img create -q -f qcow2 src-z.qcow2 1M
+setup qemu-io -c "write -P 9 64k 64k" src-z.qcow2
+head -c 1048576 /dev/urandom >old.raw
+run_qk qk.out qk.err convert -O raw src-z.qcow2 old.raw
+if [ "$qk_rc" -ne 0 ]; then bad "convert onto an old raw file" "$(qk_why qk.err)"
+elif ! qemu-img compare -f qcow2 -F raw src-z.qcow2 old.raw >/dev/null 2>&1; then
+  bad "convert onto an old raw file" "old bytes survive where the source reads as zero"
+else ok "convert onto an old raw file"; fi
+
 finish
