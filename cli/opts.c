@@ -72,7 +72,8 @@ static uint64_t suffix_mul(char c)
 	}
 }
 
-int cli_parse_size(const char *s, uint64_t *out)
+/* cli_parse_size with values up to `max`. */
+static int parse_size(const char *s, uint64_t max, uint64_t *out)
 {
 	const char *p = s;
 	uint64_t val = 0, mul;
@@ -132,10 +133,20 @@ int cli_parse_size(const char *s, uint64_t *out)
 	if (val > (UINT64_MAX - (uint64_t)(frac * (double)mul)) / mul)
 		return -ERANGE;
 	val = val * mul + (uint64_t)(frac * (double)mul);
-	if (val > INT64_MAX)
+	if (val > max)
 		return -ERANGE;
 	*out = val;
 	return 0;
+}
+
+int cli_parse_size(const char *s, uint64_t *out)
+{
+	return parse_size(s, INT64_MAX, out);
+}
+
+int cli_parse_size_u64(const char *s, uint64_t *out)
+{
+	return parse_size(s, UINT64_MAX, out);
 }
 
 int cli_cvtnum(const char *name, const char *s, uint64_t min, uint64_t max,
@@ -390,18 +401,18 @@ static int find_snapshot(qk_image *img, const char *spec)
 	struct cli_kv *kv;
 	int nkv = cli_parse_kv_list(spec, &kv), found = -1;
 	const char *id = NULL, *name = NULL;
-	for (int k = 0; k < nkv; k++) {
+	bool bad = nkv < 0;
+	for (int k = 0; !bad && k < nkv; k++) {
 		if (strcmp(kv[k].key, "snapshot.id") == 0) {
 			id = kv[k].value;
 		} else if (strcmp(kv[k].key, "snapshot.name") == 0) {
 			name = kv[k].value;
 		} else {
 			cli_error("Invalid parameter '%s'", kv[k].key);
-			nkv = -1;
-			break;
+			bad = true;
 		}
 	}
-	if (nkv < 0) {
+	if (bad) {
 		cli_error("Failed in parsing snapshot param '%s'", spec);
 	} else if (qk_list_snapshots(img, &list, &n) == 0) {
 		for (size_t i = 0; found < 0 && i < n; i++)
