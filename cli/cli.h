@@ -77,6 +77,7 @@ int cmd_create(int argc, char **argv);
 int cmd_resize(int argc, char **argv);
 int cmd_snapshot(int argc, char **argv);
 int cmd_check(int argc, char **argv);
+int cmd_measure(int argc, char **argv);
 int cmd_serve(int argc, char **argv);
 
 /* cmd-create.c: -o lists of create, for convert's target. */
@@ -194,6 +195,8 @@ const char *cli_one_image(struct cli_opts *o, int c, int argc, char **argv);
  * value does not fit in 63 bits.
  */
 int cli_parse_size(const char *s, uint64_t *out);
+/* As cli_parse_size, up to 2^64 - 1 (QemuOpts sizes, qemu_strtosz). */
+int cli_parse_size_u64(const char *s, uint64_t *out);
 
 /*
  * qemu-img's cvtnum: parse `s` as a size in [min, max]; on failure print

@@ -58,10 +58,10 @@ static const struct cli_command commands[] = {
 	  "map [-f FMT] [--output=human|json] [--start-offset=N] "
 	  "[--max-length=N] [-U] FILE",
 	  "show how guest ranges map to host files" },
-	{ "measure", cmd_not_implemented,
+	{ "measure", cmd_measure,
 	  "measure [--output=human|json] [-O FMT] [-o OPTS] "
-	  "(--size N | [-f FMT] FILE)",
-	  "compute the size a new image needs" },
+	  "(--size N | [-f FMT] [-l SNAPSHOT] [-U] FILE)",
+	  "compute the size a new image needs (as qemu-img measure)" },
 	{ "rebase", cmd_not_implemented,
 	  "rebase [-u] -b BACKING [-F FMT] [-p] FILE",
 	  "change the backing file of an image" },

@@ -72,7 +72,8 @@ static uint64_t suffix_mul(char c)
 	}
 }
 
-int cli_parse_size(const char *s, uint64_t *out)
+/* cli_parse_size with values up to `max`. */
+static int parse_size(const char *s, uint64_t max, uint64_t *out)
 {
 	const char *p = s;
 	uint64_t val = 0, mul;
@@ -132,10 +133,20 @@ int cli_parse_size(const char *s, uint64_t *out)
 	if (val > (UINT64_MAX - (uint64_t)(frac * (double)mul)) / mul)
 		return -ERANGE;
 	val = val * mul + (uint64_t)(frac * (double)mul);
-	if (val > INT64_MAX)
+	if (val > max)
 		return -ERANGE;
 	*out = val;
 	return 0;
+}
+
+int cli_parse_size(const char *s, uint64_t *out)
+{
+	return parse_size(s, INT64_MAX, out);
+}
+
+int cli_parse_size_u64(const char *s, uint64_t *out)
+{
+	return parse_size(s, UINT64_MAX, out);
 }
 
 int cli_cvtnum(const char *name, const char *s, uint64_t min, uint64_t max,

@@ -231,6 +231,43 @@ void qk_create_options_init(struct qk_create_options *opts);
  */
 int qk_create(const char *path, const struct qk_create_options *opts);
 
+/* ---- measuring ------------------------------------------------------------ */
+
+struct qk_measure {
+	uint32_t struct_size;      /* sizeof(struct qk_measure), set by the caller */
+	uint64_t required;         /* bytes the new image needs for the input's data */
+	uint64_t fully_allocated;  /* bytes with every cluster allocated */
+	int has_bitmaps;           /* `bitmaps` applies: a qcow2 v3 target and an
+	                            * input that can carry persistent bitmaps */
+	uint64_t bitmaps;          /* more bytes to copy the input's persistent
+	                            * bitmaps too (convert --bitmaps) */
+};
+
+/*
+ * The size of a new image that qk_create() with `opts` would make and
+ * that then received the guest content of `in`, computed as qemu-img 7.2
+ * measure computes it (`required` counts the metadata of the fully
+ * allocated image too). `in` may be NULL: an image of opts->size with
+ * nothing written. Otherwise the input's virtual size counts (opts->size
+ * is still held to the format's limits, as qemu-img does) and its data are
+ * found through its backing chain: every cluster of the new image that
+ * would hold data (not zeros) is required; all of them when
+ * opts->backing_file is set (what the backing file would share is
+ * unknown) or with falloc/full preallocation. An input opened at an
+ * internal snapshot is measured as qemu-img measure -l does: the
+ * snapshot's clusters over the active image's virtual size.
+ * Of `opts` only format, size, cluster_size, version, refcount_bits,
+ * extended_l2, preallocation and backing_file count, and only what
+ * qemu-img measure checks is checked: combinations qk_create() refuses
+ * (extended L2 entries on version 2...) are measured. Returns 0 and fills
+ * *res, or:
+ *   -EINVAL  an option out of range (the message says which);
+ *   -EFBIG   the size is too large for the cluster size;
+ *   -EIO     the input's metadata could not be read (named in the message).
+ */
+int qk_measure(qk_image *in, const struct qk_create_options *opts,
+	       struct qk_measure *res);
+
 /* ---- description ------------------------------------------------------ */
 
 /* Virtual (guest-visible) size in bytes. */

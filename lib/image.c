@@ -551,12 +551,9 @@ QK_EXPORT int qk_flush(qk_image *img)
 	return img->drv->flush(img);
 }
 
-QK_EXPORT int qk_block_status(qk_image *img, uint64_t off, uint64_t max_len,
-			      struct qk_extent *ext)
+int qk__image_block_status(qk_image *img, uint64_t off, uint64_t max_len,
+			   struct qk_extent *ext)
 {
-	qk__api_enter("qk_block_status");
-	if (!img || !ext)
-		return qk__err(EINVAL, "image and extent are required");
 	if (off >= img->size || max_len == 0)
 		return qk__err(EINVAL, "block status at offset %llu: outside the image (%llu bytes)",
 			       (unsigned long long)off, (unsigned long long)img->size);
@@ -594,6 +591,15 @@ QK_EXPORT int qk_block_status(qk_image *img, uint64_t off, uint64_t max_len,
 		layer = layer->backing;
 		depth++;
 	}
+}
+
+QK_EXPORT int qk_block_status(qk_image *img, uint64_t off, uint64_t max_len,
+			      struct qk_extent *ext)
+{
+	qk__api_enter("qk_block_status");
+	if (!img || !ext)
+		return qk__err(EINVAL, "image and extent are required");
+	return qk__image_block_status(img, off, max_len, ext);
 }
 
 QK_EXPORT int qk_list_snapshots(qk_image *img, const struct qk_snapshot **list,

@@ -225,6 +225,7 @@ extern const struct qk__host qk__posix_host;
 #define QK__CREATE_OPTIONS_V1 (offsetof(struct qk_create_options, data_file_raw) + sizeof(int))
 #define QK__INFO_V1           (offsetof(struct qk_info, nb_bitmaps) + sizeof(uint32_t))
 #define QK__CHECK_RESULT_V1   (offsetof(struct qk_check_result, overlaps) + sizeof(uint64_t))
+#define QK__MEASURE_V1        (offsetof(struct qk_measure, bitmaps) + sizeof(uint64_t))
 /* A caller's struct of `size` bytes (its struct_size) for a struct whose
  * first version has `v1` bytes: 0, or -EINVAL (recorded) naming `what`. */
 int qk__struct_size_ok(uint32_t size, size_t v1, const char *what);
@@ -244,6 +245,22 @@ struct qk__status {
 	uint32_t flags;      /* QK_EXTENT_*; no PRESENT = look in the backing file */
 	uint64_t offset;     /* host offset when QK_EXTENT_OFFSET */
 	const char *file;    /* name of the file holding offset */
+};
+
+/* What qk_measure (measure.c) tells the target format's driver about the
+ * input image. */
+struct qk__measure_src {
+	qk_image *img;
+	uint64_t size;               /* virtual size to measure (the active
+	                              * image's at a snapshot, as QEMU's -l) */
+	bool bitmaps_supported;      /* qcow2 v3: can carry persistent bitmaps */
+	const struct qk_bitmap *bitmaps;
+	size_t n_bitmaps;
+	/* Bytes of the `cluster`-sized clusters of [0, size) that hold data
+	 * somewhere in the chain, into *bytes. Returns 0 or a negative errno
+	 * (recorded). */
+	int (*count_data)(const struct qk__measure_src *src, uint64_t cluster,
+			  uint64_t *bytes);
 };
 
 struct qk__driver {
@@ -299,6 +316,10 @@ struct qk__driver {
 	 * NULL), *path its resolved name (NULL: none). May be NULL for
 	 * formats without one. */
 	void (*data_file)(qk_image *img, struct qk__file **f, const char **path);
+	/* qk_measure with this format as the target (options complete,
+	 * struct_size current); src NULL: no input. Fills *res. */
+	int (*measure)(const struct qk_create_options *o, const struct qk__measure_src *src,
+		       struct qk_measure *res);
 };
 
 extern const struct qk__driver qk__raw_driver;
@@ -319,6 +340,10 @@ struct qk_image {
 	qk_image *backing;       /* NULL at the bottom */
 	qk_image *overlay;       /* the image above, NULL at the top */
 	uint32_t depth;          /* 0 for the top image of a chain */
+	/* Opened at an internal snapshot (qk_open_options.snapshot): `size`
+	 * is the snapshot's, active_size the active image's. */
+	bool at_snapshot;
+	uint64_t active_size;
 };
 
 /* Open `file` (ownership passes to the image, also on failure) as an image
@@ -330,6 +355,10 @@ int qk__image_open_file(const struct qk__host *host, struct qk__file *file,
 void qk__image_free(qk_image *img);
 /* Read [off, off+len) of img, which must lie inside it. */
 int qk__image_pread(qk_image *img, void *buf, size_t len, uint64_t off);
+/* qk_block_status's body, for callers inside the library (their API name
+ * stays on the messages). */
+int qk__image_block_status(qk_image *img, uint64_t off, uint64_t max_len,
+			   struct qk_extent *ext);
 
 /* Magic-based detection of the first bytes of a file: the format to open,
  * or a negative errno with a message naming the format we refuse. */

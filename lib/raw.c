@@ -127,6 +127,27 @@ static int raw_create(const char *path, const struct qk_create_options *o)
 	return ret;
 }
 
+/*
+ * qk_measure of a raw target (QEMU's raw_measure): every byte of the disk
+ * is in the file, so both sizes are the input's virtual size, or the size
+ * asked for rounded up to a sector. (2^63 - 1 rounds to 2^63, which
+ * qemu-img prints as such, and as -2^63 in JSON.)
+ */
+static int raw_measure(const struct qk_create_options *o, const struct qk__measure_src *src,
+		       struct qk_measure *res)
+{
+	uint64_t size;
+
+	if (src)
+		size = src->size;
+	else if (qk_align_up_overflow(o->size, 512, &size))
+		return qk__err(EFBIG, "The image size is too large");
+	res->required = res->fully_allocated = size;
+	res->has_bitmaps = 0;
+	res->bitmaps = 0;
+	return 0;
+}
+
 const struct qk__driver qk__raw_driver = {
 	.name = "raw",
 	.format = QK_FORMAT_RAW,
@@ -139,4 +160,5 @@ const struct qk__driver qk__raw_driver = {
 	.write_zeroes = raw_write_zeroes,
 	.resize = raw_resize,
 	.block_status = raw_block_status,
+	.measure = raw_measure,
 };

@@ -287,27 +287,14 @@ static int alloc_refcount_block(struct model *m, uint64_t idx)
 	return ret < 0 ? ret : -EAGAIN;
 }
 
-/*
- * qcow2_refcount_metadata_size(): refcount blocks needed to count
- * `clusters` clusters plus the refcount structures themselves; with
- * `generous`, room for half as many table clusters again.
- */
+/* Refcount blocks needed to count `clusters` clusters plus the refcount
+ * structures themselves; with `generous`, room for half as many table
+ * clusters again. */
 static uint64_t refblocks_needed(uint64_t clusters, const struct model *m, bool generous)
 {
-	uint64_t per_table = m->cs / 8, per_block = 1ull << m->rb_bits;
-	uint64_t table = 0, blocks = 0, last, n = 0;
+	uint64_t blocks;
 
-	do {
-		last = n;
-		blocks = div_round_up(clusters + table + blocks, per_block);
-		table = div_round_up(blocks, per_table);
-		n = clusters + blocks + table;
-		if (n == last && generous) {
-			clusters += div_round_up(table, 2);
-			n = 0;
-			generous = false;
-		}
-	} while (n != last);
+	qk__qcow2_refcount_metadata(clusters, m->cs, m->order, generous, &blocks);
 	return blocks;
 }
 

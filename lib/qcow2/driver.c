@@ -102,6 +102,8 @@ static int open_snapshot(qk_image *img, struct qcow2 *q, const char *which)
 	q->l1 = l1;
 	q->l1_size = sn->l1_size;
 	q->l1_offset = sn->l1_table_offset;
+	img->at_snapshot = true;
+	img->active_size = img->size;
 	img->size = sn->disk_size;
 	return 0;
 }
@@ -214,4 +216,5 @@ const struct qk__driver qk__qcow2_driver = {
 	.snapshot_apply = qk__qcow2_snapshot_apply,
 	.snapshot_delete = qk__qcow2_snapshot_delete,
 	.data_file = qcow2_data_file,
+	.measure = qk__qcow2_measure,
 };

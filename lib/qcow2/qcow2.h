@@ -209,6 +209,40 @@ static inline uint64_t qk__qcow2_compressed_size(const struct qcow2 *q, uint64_t
 	return sectors * 512 - (qk__qcow2_compressed_offset(q, e) & 511);
 }
 
+/* ---- arithmetic of the layout (create.c, measure.c) ------------------------------- */
+
+/*
+ * QEMU's qcow2_refcount_metadata_size(): the refcount blocks and refcount
+ * table clusters that count `clusters` clusters and themselves, found as a
+ * fixed point (counting structures need counting too). `generous` leaves
+ * room for half as many table clusters again, as QEMU's refcount table
+ * growth does. `cs` is the cluster size, `order` the log2 of the refcount
+ * width. *blocks (may be NULL) gets the refcount block count; returns the
+ * bytes of blocks and table. Callers keep `clusters` below 2^56, so
+ * nothing overflows.
+ */
+static inline uint64_t qk__qcow2_refcount_metadata(uint64_t clusters, uint64_t cs, uint32_t order,
+						   bool generous, uint64_t *blocks)
+{
+	uint64_t per_table = cs / 8, per_block = cs * 8 >> order;
+	uint64_t table = 0, b = 0, last, n = 0;
+
+	do {
+		last = n;
+		b = (clusters + table + b + per_block - 1) / per_block;
+		table = (b + per_table - 1) / per_table;
+		n = clusters + b + table;
+		if (n == last && generous) {
+			clusters += (table + 1) / 2;
+			n = 0;
+			generous = false;
+		}
+	} while (n != last);
+	if (blocks)
+		*blocks = b;
+	return (b + table) * cs;
+}
+
 /* ---- base.c: primitives -------------------------------------------------------- */
 /* The one corruption path: report corrupt metadata ("image 'X' is corrupt:
  * <what> at offset N ...") and return -EIO. A handle open for writing
@@ -420,6 +454,11 @@ void qk__qcow2_store_l2(void *opaque, const void *table, void *out);
 /* ---- create.c ----------------------------------------------------------------- */
 /* qk_create for qcow2 (the driver's create). */
 int qk__qcow2_create(const char *path, const struct qk_create_options *o);
+
+/* ---- measure.c ---------------------------------------------------------------- */
+/* qk_measure with a qcow2 target (the driver's measure). */
+int qk__qcow2_measure(const struct qk_create_options *o, const struct qk__measure_src *src,
+		      struct qk_measure *res);
 
 /* ---- snapshot-write.c (above the operations) ---------------------------------- */
 /* The driver's internal snapshot calls (see qk_snapshot_create() and the
