@@ -110,10 +110,12 @@ static uint64_t rc_limit(const struct qcow2 *q)
 static int no_room(qk_image *img, uint64_t c, uint64_t rc)
 {
 	struct qcow2 *q = qcow2_of(img);
-	return qk__err(ERANGE, "the cluster at host offset 0x%llx of '%s' would need refcount %llu, "
-		       "more than refcount_bits=%u holds (amend -o refcount_bits=16 makes room)",
+	return qk__err(ERANGE, "the cluster at host offset 0x%llx of '%s' has refcount %llu, and "
+		       "refcount_bits=%u holds at most %llu: the references a snapshot adds do not "
+		       "fit (amend -o refcount_bits=16 makes room)",
 		       (unsigned long long)(c << q->cluster_bits), img->filename,
-		       (unsigned long long)rc + 1, 1u << q->refcount_order);
+		       (unsigned long long)rc, 1u << q->refcount_order,
+		       (unsigned long long)rc_limit(q));
 }
 
 /* Before raising the references of a table: every cluster it reaches has
