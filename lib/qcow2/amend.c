@@ -219,17 +219,45 @@ static int old_structure(qk_image *img, struct rc_change *rc)
 	return 0;
 }
 
+/* Judge the refcounts v[0..n) of clusters first.. (see scan_refcounts). */
+static int scan_chunk(qk_image *img, struct rc_change *rc, bool check, uint64_t first,
+		      const uint64_t *v, uint64_t n, uint64_t *k)
+{
+	uint64_t bits = 1ull << rc->order;
+	for (uint64_t i = 0; i < n; i++) {
+		uint64_t c = first + i, x = v[i];
+		if (!x)
+			continue;
+		if (check && bits < 64 && (x >> bits))
+			return qk__err(EINVAL, "Cannot decrease refcount entry width to %u bits: Cluster "
+				       "at offset %#llx has a refcount of %llu", (unsigned)bits,
+				       (unsigned long long)(c << qcow2_of(img)->cluster_bits),
+				       (unsigned long long)x);
+		while (*k < rc->n_old && rc->old[*k] < c)
+			(*k)++;
+		if (*k < rc->n_old && rc->old[*k] == c && x-- > 1)
+			rc->old_shared = true;  /* corrupt: left as it is */
+		if (x) {
+			rc->end = c + 1;
+			rc->used[c >> rc->eb] = 1;
+		}
+	}
+	return 0;
+}
+
 /*
- * Read every refcount the old table covers, in cluster order. With
- * `check` (narrowing), the first that the new width cannot hold is
- * refused with QEMU's message. Sets rc->end and rc->used from what is left
- * once the old structure's own clusters are counted out. Image lock held.
+ * Read every refcount the old blocks hold, in cluster order (a range
+ * without a block holds none: skipped, so a crafted table entry far out
+ * costs nothing). With `check` (narrowing), the first that the new width
+ * cannot hold is refused with QEMU's message. Sets rc->end and rc->used
+ * from what is left once the old structure's own clusters are counted
+ * out. Image lock held.
  */
 static int scan_refcounts(qk_image *img, struct rc_change *rc, bool check, struct plan *p)
 {
 	struct qcow2 *q = qcow2_of(img);
-	uint64_t bits = 1ull << rc->order, k = 0;
-	uint64_t *v = malloc(SCAN_CHUNK * sizeof *v);
+	uint32_t old_eb = q->cluster_bits + 3 - q->refcount_order;
+	uint64_t k = 0, *v = malloc(SCAN_CHUNK * sizeof *v);
 	free(rc->used);
 	rc->used = calloc((rc->covered >> rc->eb) + 1, 1);
 	if (!v || !rc->used) {
@@ -238,30 +266,17 @@ static int scan_refcounts(qk_image *img, struct rc_change *rc, bool check, struc
 	}
 	rc->end = 0;
 	int ret = 0;
-	for (uint64_t first = 0; ret == 0 && first < rc->covered; first += SCAN_CHUNK) {
-		uint64_t n = qk_min_u64(SCAN_CHUNK, rc->covered - first);
-		ret = qk__qcow2_get_refcounts(img, first, n, v);
-		for (uint64_t i = 0; ret == 0 && i < n; i++) {
-			uint64_t c = first + i, x = v[i];
-			if (!x)
-				continue;
-			if (check && bits < 64 && (x >> bits)) {
-				ret = qk__err(EINVAL, "Cannot decrease refcount entry width to %u bits: Cluster "
-					      "at offset %#llx has a refcount of %llu", (unsigned)bits,
-					      (unsigned long long)(c << q->cluster_bits), (unsigned long long)x);
-				break;
-			}
-			while (k < rc->n_old && rc->old[k] < c)
-				k++;
-			if (k < rc->n_old && rc->old[k] == c && x-- > 1)
-				rc->old_shared = true;  /* corrupt: left as it is */
-			if (x) {
-				rc->end = c + 1;
-				rc->used[c >> rc->eb] = 1;
-			}
+	for (uint64_t r = 0; ret == 0 && r < rc->covered >> old_eb; r++) {
+		if (!(q->rt[r] & ~RT_RESERVED_MASK))
+			continue;
+		for (uint64_t i = 0; ret == 0 && i < 1ull << old_eb; i += SCAN_CHUNK) {
+			uint64_t first = (r << old_eb) + i, n = qk_min_u64(SCAN_CHUNK, (1ull << old_eb) - i);
+			ret = qk__qcow2_get_refcounts(img, first, n, v);
+			if (ret == 0)
+				ret = scan_chunk(img, rc, check, first, v, n, &k);
 		}
 		if (p)
-			report(p, first + n, 2 * rc->covered);
+			report(p, r + 1, 2 * (rc->covered >> old_eb));
 	}
 	free(v);
 	return ret;

@@ -276,7 +276,8 @@ amend_case "lazy_refcounts off" lazy.qcow2 lazy_refcounts=off
 amend_case "lazy_refcounts and downgrade" lazy.qcow2 compat=0.10
 # A crash leaves a lazy image dirty: both open it, rebuild, then amend.
 cp lazy.qcow2 dirty.qcow2
-qemu-io -c "write -P 9 3M 64k" -c abort dirty.qcow2 >/dev/null 2>&1
+{ qemu-io -c "write -P 9 3M 64k" -c abort dirty.qcow2 >/dev/null 2>&1; } 2>/dev/null  # (not "Aborted")
+check "dirty after the crash" grep -q '"dirty-flag": true' <(qemu-img info -U --output=json dirty.qcow2)
 amend_case "lazy_refcounts off, dirty" dirty.qcow2 lazy_refcounts=off
 amend_case "dirty and refcount_bits" dirty.qcow2 refcount_bits=8
 amend_case "grow" z.qcow2 size=16M resized
