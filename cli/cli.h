@@ -67,6 +67,7 @@ int cli_usage_error(const char *cmd, int code, const char *fmt, ...)
 	__attribute__((format(printf, 3, 4)));
 
 /* Commands (cmd-<name>.c). */
+int cmd_amend(int argc, char **argv);
 int cmd_info(int argc, char **argv);
 int cmd_map(int argc, char **argv);
 int cmd_convert(int argc, char **argv);

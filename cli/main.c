@@ -23,6 +23,10 @@ bool cli_confine;
 /* Commands not written yet run cmd_not_implemented until their issue
  * lands; keeping them here lets help list the whole interface. */
 static const struct cli_command commands[] = {
+	{ "amend", cmd_amend,
+	  "amend [-f FMT] [-p] [-q] [-t CACHE] [--force] -o OPTS FILE",
+	  "change an image's options in place (compat, refcount_bits, "
+	  "lazy_refcounts, size, data_file...)" },
 	{ "bench", cmd_bench,
 	  "bench [-c COUNT] [-d DEPTH] [-f FMT] [-n] [-o OFFSET] [-s SIZE] "
 	  "[-S STEP] [-t CACHE] [-w] [--pattern=N] [--flush-interval=N] "

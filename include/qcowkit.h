@@ -589,6 +589,76 @@ struct qk_bitmap {
 int qk_list_bitmaps(qk_image *img, const struct qk_bitmap **list,
 		    size_t *count);
 
+/* ---- amend --------------------------------------------------------------- */
+
+/* Which fields of struct qk_amend_options to apply (its `fields`); the
+ * options not named keep their values, as with qemu-img amend -o. */
+#define QK_AMEND_VERSION        (1u << 0) /* version: 2 ("0.10") or 3 ("1.1") */
+#define QK_AMEND_REFCOUNT_BITS  (1u << 1) /* refcount_bits: 1, 2, 4, ... 64 */
+#define QK_AMEND_LAZY_REFCOUNTS (1u << 2) /* lazy_refcounts: 0 or 1 */
+#define QK_AMEND_SIZE           (1u << 3) /* size: the new virtual size; 0 keeps it */
+#define QK_AMEND_BACKING        (1u << 4) /* backing_file and backing_format must
+                                           * name what the image names (NULL:
+                                           * none); they cannot be changed */
+#define QK_AMEND_DATA_FILE      (1u << 5) /* data_file: the external data file's
+                                           * new name ("" drops the name) */
+#define QK_AMEND_DATA_FILE_RAW  (1u << 6) /* data_file_raw: 0 clears the flag */
+
+struct qk_amend_options {
+	uint32_t struct_size;      /* sizeof, set by qk_amend_options_init() */
+	uint32_t fields;           /* QK_AMEND_*: what to change */
+	uint32_t version;
+	uint32_t refcount_bits;
+	int lazy_refcounts;
+	uint64_t size;
+	const char *backing_file;
+	const char *backing_format;
+	const char *data_file;
+	int data_file_raw;
+	/* Called now and then with the work done so far out of `total`
+	 * (units of no meaning of their own; done <= total, both grow as
+	 * the steps are known); may be NULL. */
+	void (*progress)(void *opaque, uint64_t done, uint64_t total);
+	void *progress_opaque;
+};
+
+/* Fill *opts with nothing to change (fields 0). */
+void qk_amend_options_init(struct qk_amend_options *opts);
+
+/*
+ * Change the options of an image opened read-write, in place, as qemu-img
+ * amend does (QCOW2 only): the version (3 to 2 turns zero clusters into
+ * zeroed data clusters, or unallocated ones where no backing file shows
+ * through, in the active image and every snapshot; 2 to 3 rewrites the
+ * snapshot table where its entries lack what version 3 requires), the
+ * refcount width (a new refcount structure is written beside the old
+ * one and synced, then the header switched to it in one write: a power
+ * cut leaves the old or the new structure, never a mix), lazy refcounts
+ * (turning them off flushes and clears the dirty bit first), the virtual
+ * size (as qk_resize() with QK_RESIZE_SHRINK), and the external data
+ * file's name and raw flag. The steps run in QEMU's order (upgrade,
+ * refcount width, data file, lazy refcounts, size, downgrade), but
+ * everything QEMU would refuse on the way is checked before the first
+ * change, so a refusal leaves the image as it was. The image is durable
+ * when the call returns. It serialises with the handle's other writers;
+ * calls of other threads on the handle wait or see the image before or
+ * after a step. Messages are qemu-img's. Returns 0, or:
+ *   -EINVAL  a value the format does not take, or a change QEMU refuses
+ *            (the backing file, data_file on an image without one,
+ *            data_file_raw=on, refcount widths other than 16 or lazy
+ *            refcounts with version 2, a refcount width too narrow for
+ *            a refcount the image holds);
+ *   -ENOTSUP a raw image; a downgrade QEMU refuses (refcount width not
+ *            16, an external data file, extended L2 entries, snapshots of
+ *            another size, zstd-compressed clusters) or that would lose
+ *            persistent bitmaps (QEMU 7.2 drops them and leaks their
+ *            clusters; remove them first); a size change QEMU refuses;
+ *   -EPERM   the image was opened read-only;
+ *   -EFBIG   the new refcount table would pass QEMU's limit;
+ *   -EIO, -ENOSPC...  as qk_pwrite.
+ */
+int qk_amend(qk_image *img, const struct qk_amend_options *opts);
+
 #ifdef __cplusplus
 }
 #endif

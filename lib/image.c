@@ -701,3 +701,35 @@ QK_EXPORT int qk_snapshot_delete(qk_image *img, const char *id, const char *name
 	return ret < 0 ? ret : qk__err(ENOENT, "'%s' has no snapshot %s%s%s", img->filename,
 				       name ? "named '" : "with id '", name ? name : id, "'");
 }
+
+QK_EXPORT void qk_amend_options_init(struct qk_amend_options *opts)
+{
+	if (!opts)
+		return;
+	memset(opts, 0, sizeof *opts);
+	opts->struct_size = sizeof *opts;
+}
+
+QK_EXPORT int qk_amend(qk_image *img, const struct qk_amend_options *opts)
+{
+	struct qk_amend_options o;
+
+	qk__api_enter("qk_amend");
+	if (!img || !opts)
+		return qk__err(EINVAL, "image and options are required");
+	int ret = qk__struct_size_ok(opts->struct_size, QK__AMEND_OPTIONS_V1, "qk_amend_options");
+	if (ret < 0)
+		return ret;
+	qk_amend_options_init(&o);
+	qk__struct_in(&o, sizeof o, opts);
+	if (o.fields & ~(uint32_t)(QK_AMEND_VERSION | QK_AMEND_REFCOUNT_BITS | QK_AMEND_LAZY_REFCOUNTS |
+				   QK_AMEND_SIZE | QK_AMEND_BACKING | QK_AMEND_DATA_FILE |
+				   QK_AMEND_DATA_FILE_RAW))
+		return qk__err(EINVAL, "unknown fields 0x%x", o.fields);
+	if (!img->drv->amend)
+		return qk__err(ENOTSUP, "Format driver '%s' does not support option amendment",
+			       img->drv->name);
+	if (!(img->flags & QK_OPEN_RDWR))
+		return qk__err(EPERM, "'%s' was opened read-only", img->filename);
+	return img->drv->amend(img, &o);
+}

@@ -226,6 +226,7 @@ extern const struct qk__host qk__posix_host;
 #define QK__INFO_V1           (offsetof(struct qk_info, nb_bitmaps) + sizeof(uint32_t))
 #define QK__CHECK_RESULT_V1   (offsetof(struct qk_check_result, overlaps) + sizeof(uint64_t))
 #define QK__MEASURE_V1        (offsetof(struct qk_measure, bitmaps) + sizeof(uint64_t))
+#define QK__AMEND_OPTIONS_V1  (offsetof(struct qk_amend_options, progress_opaque) + sizeof(void *))
 /* A caller's struct of `size` bytes (its struct_size) for a struct whose
  * first version has `v1` bytes: 0, or -EINVAL (recorded) naming `what`. */
 int qk__struct_size_ok(uint32_t size, size_t v1, const char *what);
@@ -320,6 +321,10 @@ struct qk__driver {
 	 * struct_size current); src NULL: no input. Fills *res. */
 	int (*measure)(const struct qk_create_options *o, const struct qk__measure_src *src,
 		       struct qk_measure *res);
+	/* Change the image's options in place (see qk_amend; options
+	 * complete, struct_size current, the image read-write); NULL: the
+	 * format has none to change. */
+	int (*amend)(qk_image *img, const struct qk_amend_options *o);
 };
 
 extern const struct qk__driver qk__raw_driver;

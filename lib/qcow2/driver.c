@@ -217,4 +217,5 @@ const struct qk__driver qk__qcow2_driver = {
 	.snapshot_delete = qk__qcow2_snapshot_delete,
 	.data_file = qcow2_data_file,
 	.measure = qk__qcow2_measure,
+	.amend = qk__qcow2_amend,
 };

@@ -467,6 +467,10 @@ int qk__qcow2_snapshot_create(qk_image *img, const char *name);
 int qk__qcow2_snapshot_apply(qk_image *img, uint32_t sn);
 int qk__qcow2_snapshot_delete(qk_image *img, uint32_t sn);
 
+/* ---- amend.c (above the operations) ------------------------------------------- */
+/* qk_amend for qcow2 (the driver's amend). */
+int qk__qcow2_amend(qk_image *img, const struct qk_amend_options *o);
+
 /* ---- check.c ------------------------------------------------------------------ */
 /* Count every reference, correct the active COPIED flags, and write a new
  * refcount structure that matches (crash-safe switch). Metadata lock held

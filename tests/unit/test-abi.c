@@ -100,6 +100,24 @@ static void test_options(void)
 	      "create options: below the first version refused: %s", qk_last_error());
 }
 
+/* qk_amend's options: sized as the others; a read-only handle refused. */
+static void test_amend_options(qk_image *img)
+{
+	struct qk_amend_options a;
+	qk_amend_options_init(&a);
+	CHECK(a.struct_size == sizeof a && a.fields == 0, "amend options: init");
+	a.struct_size = 8;
+	CHECK(qk_amend(img, &a) == -EINVAL && tap_contains(qk_last_error(), "qk_amend_options"),
+	      "amend options: below the first version refused: %s", qk_last_error());
+	qk_amend_options_init(&a);
+	a.fields = 1u << 31;
+	CHECK(qk_amend(img, &a) == -EINVAL, "amend options: unknown field refused");
+	a.fields = QK_AMEND_LAZY_REFCOUNTS;
+	a.lazy_refcounts = 1;
+	CHECK(qk_amend(img, &a) == -EPERM && tap_contains(qk_last_error(), "qk_amend: "),
+	      "amend: a read-only handle refused: %s", qk_last_error());
+}
+
 static void test_version(void)
 {
 	char want[32];
@@ -116,6 +134,7 @@ int main(void)
 	if (img) {
 		test_info(img);
 		test_check_result(img);
+		test_amend_options(img);
 		qk_close(img);
 	}
 	qb_free(&b);
