@@ -7,7 +7,8 @@
  * Order, for power cuts:
  * - a version 3 image is marked dirty first and clean last, so a cut
  *   anywhere leaves refcounts the next read-write open rebuilds (QEMU does
- *   the same on open) and COPIED flags it corrects;
+ *   the same on open) and COPIED flags it corrects; after a failed call
+ *   the bit outlives the handle (a lazy refcounts close keeps it too);
  * - every new structure (a snapshot's L1 table, the snapshot table, the
  *   active L1 table of apply) is written and synced before the header
  *   points at it, in one write of the header fields that name it (within
@@ -35,28 +36,36 @@
 
 /* ---- the dirty bit for the duration ---------------------------------------- */
 
+enum busy { BUSY_NOT, BUSY_BEGUN, BUSY_MARKED };
+
 /* Mark a version 3 image dirty (unless it is: lazy refcounts), so that a
- * cut before busy_end leaves refcounts to rebuild, not corruption. */
-static int busy_begin(qk_image *img, bool *marked)
+ * cut before busy_end leaves refcounts to rebuild, not corruption. *b says
+ * whether the change may begin, and whether the bit is ours to clear. */
+static int busy_begin(qk_image *img, enum busy *b)
 {
 	struct qcow2 *q = qcow2_of(img);
-	*marked = false;
+	*b = BUSY_BEGUN;
 	if (q->version < 3 || (q->incompat & INCOMPAT_DIRTY))
 		return 0;
 	int ret = qk__qcow2_write_incompat(img, q->incompat | INCOMPAT_DIRTY);
-	*marked = ret == 0;
+	*b = ret == 0 ? BUSY_MARKED : BUSY_NOT;
 	return ret;
 }
 
 /* Flush everything, then clear the dirty bit busy_begin set. After a
- * failure the bit stays: the next read-write open rebuilds. */
-static int busy_end(qk_image *img, bool marked, int ret)
+ * failure the bit stays: the next read-write open rebuilds. A lazy
+ * refcounts image (dirty already) would have it cleared at close, over
+ * the refcounts and COPIED flags the failure left half changed: from then
+ * on this handle leaves it set. */
+static int busy_end(qk_image *img, enum busy b, int ret)
 {
 	struct qcow2 *q = qcow2_of(img);
 	if (ret == 0)
 		ret = qk__qcow2_flush_locked(img);
-	if (ret == 0 && marked)
+	if (ret == 0 && b == BUSY_MARKED)
 		ret = qk__qcow2_write_incompat(img, q->incompat & ~INCOMPAT_DIRTY);
+	if (ret < 0 && b != BUSY_NOT)
+		q->lazy = false;
 	/* The metadata changed wholesale: the overlap map is rebuilt when
 	 * next needed, and no cached decompressed cluster may outlive a
 	 * cluster freed here. */
@@ -458,7 +467,7 @@ int qk__qcow2_snapshot_create(qk_image *img, const char *name)
 	int ret = snapshot_refused(img);
 	if (ret < 0)
 		return ret;
-	bool marked = false;
+	enum busy b = BUSY_NOT;
 	ret = qk__qcow2_begin_change(img, 0, 0);
 	for (uint32_t i = 0; ret == 0 && i < q->n_snapshots; i++)
 		if (strcmp(q->snapshots[i].name, name) == 0)
@@ -482,7 +491,7 @@ int qk__qcow2_snapshot_create(qk_image *img, const char *name)
 	if (ret == 0)
 		ret = pass_l1(img, &p, q->l1, q->l1_size);
 	if (ret == 0)
-		ret = busy_begin(img, &marked);
+		ret = busy_begin(img, &b);
 	if (ret == 0)
 		ret = create_locked(img, &sn);
 	if (ret == 0) {
@@ -494,7 +503,7 @@ int qk__qcow2_snapshot_create(qk_image *img, const char *name)
 			free((char *)sn.name);
 		}
 	}
-	ret = busy_end(img, marked, ret);
+	ret = busy_end(img, b, ret);
 	qk__qcow2_end_change(img);
 	return ret;
 }
@@ -571,7 +580,7 @@ int qk__qcow2_snapshot_apply(qk_image *img, uint32_t i)
 			      "bitmaps, which would not describe the reverted disk)", img->filename);
 	if (ret < 0)
 		return ret;
-	bool marked = false;
+	enum busy b = BUSY_NOT;
 	uint64_t *sl1 = NULL;
 	ret = qk__qcow2_begin_change(img, 0, 0);
 	if (ret == 0)
@@ -582,11 +591,11 @@ int qk__qcow2_snapshot_apply(qk_image *img, uint32_t i)
 	if (ret == 0)
 		ret = pass_l1(img, &p, sl1, q->snapshots[i].l1_size);
 	if (ret == 0)
-		ret = busy_begin(img, &marked);
+		ret = busy_begin(img, &b);
 	if (ret == 0)
 		ret = apply_locked(img, &q->snapshots[i], sl1);
 	free(sl1);
-	ret = busy_end(img, marked, ret);
+	ret = busy_end(img, b, ret);
 	qk__qcow2_end_change(img);
 	return ret;
 }
@@ -629,17 +638,17 @@ int qk__qcow2_snapshot_delete(qk_image *img, uint32_t i)
 	int ret = snapshot_refused(img);
 	if (ret < 0)
 		return ret;
-	bool marked = false;
+	enum busy b = BUSY_NOT;
 	uint64_t *sl1 = NULL;
 	ret = qk__qcow2_begin_change(img, 0, 0);
 	if (ret == 0)
 		ret = qk__qcow2_snapshot_l1(img, &q->snapshots[i], &sl1);
 	if (ret == 0)
-		ret = busy_begin(img, &marked);
+		ret = busy_begin(img, &b);
 	if (ret == 0)
 		ret = delete_locked(img, i, sl1);
 	free(sl1);
-	ret = busy_end(img, marked, ret);
+	ret = busy_end(img, b, ret);
 	qk__qcow2_end_change(img);
 	return ret;
 }

@@ -2,9 +2,11 @@
 # EIO (once) and ENOSPC (from then on) at every third write point of the
 # workload of tests/fault/fault-walk.c, and EIO at every third sync and read: the
 # caller gets the errno and a one-line message naming it, the handle still
-# reads what it wrote, and the image left behind checks consistent (leaks
-# at most) with every flushed byte intact. The same on a lazy_refcounts
-# image, every sixth point, and on one with extended L2 entries.
+# reads what it wrote (a failed snapshot call: the old state or the new),
+# and the image left behind checks consistent (leaks at most) with every
+# flushed byte and every snapshot's content intact. The same on a
+# lazy_refcounts image, every sixth point, and on one with extended L2
+# entries.
 . "$(dirname "$0")/../lib.sh"
 . "$(dirname "$0")/images.bash"
 need qemu-img qemu-io
