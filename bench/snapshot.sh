@@ -5,6 +5,7 @@
 # Usage: bench/snapshot.sh [--clean | --clean-only] [QCOWKIT_BINARY] [ROUNDS]
 #   QCOWKIT_BINARY  default: <repo>/build/qcowkit
 #   ROUNDS          default: 3
+#   BENCH_MANY      snapshots in the many-snapshots run (default 1000)
 #
 # Image (made once in ${BENCH_DIR:-/tmp}/qksbench and reused): half-100G,
 # a 100 GiB qcow2 (64 KiB clusters) whose first 50 GiB are allocated
@@ -63,13 +64,13 @@ clean_check() {
 # many TOOL IMG: 1,000 snapshots taken, listed, deleted.
 many() {
   local tool=$1 img=$2 i
-  for i in $(seq 1 1000); do "$tool" snapshot -c "s$i" "$img"; done
+  for i in $(seq 1 "${BENCH_MANY:-1000}"); do "$tool" snapshot -c "s$i" "$img"; done
   "$tool" snapshot -l "$img" >/dev/null
-  for i in $(seq 1 1000); do "$tool" snapshot -d "s$i" "$img"; done
+  for i in $(seq 1 "${BENCH_MANY:-1000}"); do "$tool" snapshot -d "s$i" "$img"; done
 }
 
 declare -A r
-ops="take apply delete 1000-snapshots"
+ops="take apply delete many-snapshots"
 for round in $(seq 1 "$ROUNDS"); do
   declare -A t
   for tool in qemu-img "$QCOWKIT"; do
@@ -84,7 +85,7 @@ for round in $(seq 1 "$ROUNDS"); do
     rm -f "$img"
     qemu-img create -q -f qcow2 "$img" 1G
     qemu-io -c "write -P 1 0 16M" "$img" >/dev/null
-    t[$name,1000-snapshots]=$(secs many "$tool" "$img")
+    t[$name,many-snapshots]=$(secs many "$tool" "$img")
     clean_check "$img" "$name 1000 snapshots"
     rm -f "$img"
   done

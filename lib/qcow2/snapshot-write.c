@@ -75,6 +75,38 @@ static int busy_end(qk_image *img, enum busy b, int ret)
 	return ret;
 }
 
+/* Refcounts and COPIED flags may lag on disk while the dirty bit is set
+ * (the next read-write open rebuilds them), so only what the header is
+ * about to name needs a sync of its own: one before each header switch.
+ * Without it (version 2), every step is synced in the order the header
+ * comment gives. */
+static bool relaxed(const struct qcow2 *q)
+{
+	return q->incompat & INCOMPAT_DIRTY;
+}
+
+/* Write new metadata that the header will name: synced at once, or, while
+ * relaxed, by the sync before the switch (switch_sync). */
+static int write_new(qk_image *img, uint64_t off, const void *buf, size_t len)
+{
+	if (relaxed(qcow2_of(img)))
+		return qk__file_pwrite(img->file, buf, len, off);
+	return qk__qcow2_write_durable(img, off, buf, len);
+}
+
+/* Before a header switch: what write_new wrote while relaxed is durable. */
+static int switch_sync(qk_image *img)
+{
+	return relaxed(qcow2_of(img)) ? qk__file_sync(img->file) : 0;
+}
+
+/* Flush the caches in order (version 2); nothing while relaxed (busy_end
+ * flushes once). */
+static int step_flush(qk_image *img)
+{
+	return relaxed(qcow2_of(img)) ? 0 : qk__qcow2_flush_locked(img);
+}
+
 /* ---- walking a table's references -------------------------------------------- */
 
 /* The L2 table L1 entry e (index i of the table `which`) names, checked as
@@ -268,7 +300,7 @@ static int pass_l1(qk_image *img, struct pass *p, uint64_t *l1, uint32_t n)
 
 /* ---- writing tables -------------------------------------------------------------- */
 
-/* Write l1[n] (host order) durably at `off`. */
+/* Write l1[n] (host order) at `off` (see write_new). */
 static int write_l1(qk_image *img, uint64_t off, const uint64_t *l1, uint32_t n)
 {
 	if (n == 0)
@@ -278,7 +310,7 @@ static int write_l1(qk_image *img, uint64_t off, const uint64_t *l1, uint32_t n)
 		return qk__err(ENOMEM, "out of memory");
 	for (uint32_t i = 0; i < n; i++)
 		qk_put_be64(&be[i], l1[i]);
-	int ret = qk__qcow2_write_durable(img, off, be, (size_t)n * 8);
+	int ret = write_new(img, off, be, (size_t)n * 8);
 	free(be);
 	return ret;
 }
@@ -293,7 +325,7 @@ static int alloc_table(qk_image *img, uint64_t bytes, unsigned type, uint64_t *o
 		return 0;
 	uint64_t n = (bytes + q->cluster_size - 1) >> q->cluster_bits;
 	int ret = qk__qcow2_alloc_clusters(img, n, off);
-	if (ret == 0)
+	if (ret == 0 && !relaxed(q))
 		ret = qk__cache_flush(&q->rb_cache);
 	if (ret == 0 && *off + (n << q->cluster_bits) > q->file_size)
 		q->file_size = *off + (n << q->cluster_bits);
@@ -364,11 +396,13 @@ static int write_table(qk_image *img, uint32_t skip, const struct qk_snapshot *a
 	}
 	int ret = alloc_table(img, bytes, META_SNAPTABLE, &off);
 	if (ret == 0 && bytes)
-		ret = qk__qcow2_write_durable(img, off, buf, bytes);
+		ret = write_new(img, off, buf, bytes);
 	free(buf);
 	uint8_t hdr[12];
 	qk_put_be32(hdr, count);
 	qk_put_be64(hdr + 4, off);
+	if (ret == 0)
+		ret = switch_sync(img);
 	if (ret == 0)
 		ret = qk__qcow2_write_durable(img, HDR_NB_SNAPSHOTS, hdr, sizeof hdr);
 	if (ret < 0)
@@ -440,8 +474,12 @@ static void next_id(const struct qcow2 *q, char *id, size_t len)
 static int create_locked(qk_image *img, struct qk_snapshot *sn)
 {
 	struct qcow2 *q = qcow2_of(img);
-	/* The snapshot's L1 table: a copy of the active one, synced. */
-	int ret = alloc_table(img, (uint64_t)q->l1_size * 8, META_SNAP_L1, &sn->l1_table_offset);
+	/* The disk as it is, durable first: the snapshot shares its L2 tables
+	 * and data, which the header will name. */
+	int ret = qk__qcow2_flush_locked(img);
+	/* The snapshot's L1 table: a copy of the active one. */
+	if (ret == 0)
+		ret = alloc_table(img, (uint64_t)q->l1_size * 8, META_SNAP_L1, &sn->l1_table_offset);
 	if (ret == 0)
 		ret = write_l1(img, sn->l1_table_offset, q->l1, q->l1_size);
 	/* Its references, and COPIED cleared where they are now shared: the
@@ -452,7 +490,7 @@ static int create_locked(qk_image *img, struct qk_snapshot *sn)
 	if (ret == 0)
 		ret = pass_l1(img, &p, q->l1, q->l1_size);
 	if (ret == 0)
-		ret = qk__qcow2_flush_locked(img);
+		ret = step_flush(img);
 	if (ret == 0 && p.l1_changed)
 		ret = write_l1(img, q->l1_offset, q->l1, q->l1_size);
 	if (ret == 0)
@@ -524,7 +562,7 @@ static int apply_locked(qk_image *img, const struct qk_snapshot *sn, uint64_t *s
 	struct pass p = { .which = "snapshot", .delta = 1 };
 	int ret = pass_l1(img, &p, sl1, sn->l1_size);
 	if (ret == 0)
-		ret = qk__qcow2_flush_locked(img);
+		ret = step_flush(img);
 	uint64_t *nl1 = calloc(n ? n : 1, 8), off = 0;
 	if (!nl1)
 		return ret < 0 ? ret : qk__err(ENOMEM, "out of memory");
@@ -538,6 +576,8 @@ static int apply_locked(qk_image *img, const struct qk_snapshot *sn, uint64_t *s
 	qk_put_be32(hdr + 8, q->crypt_method);
 	qk_put_be32(hdr + 12, n);
 	qk_put_be64(hdr + 16, off);
+	if (ret == 0)
+		ret = switch_sync(img);
 	if (ret == 0)
 		ret = qk__qcow2_write_durable(img, HDR_SIZE, hdr, sizeof hdr);
 	if (ret < 0) {
@@ -563,7 +603,7 @@ static int apply_locked(qk_image *img, const struct qk_snapshot *sn, uint64_t *s
 	if (ret == 0)
 		ret = pass_l1(img, &p, q->l1, q->l1_size);
 	if (ret == 0)
-		ret = qk__qcow2_flush_locked(img);
+		ret = step_flush(img);
 	if (ret == 0 && p.l1_changed)
 		ret = write_l1(img, q->l1_offset, q->l1, q->l1_size);
 	return ret;
@@ -626,7 +666,7 @@ static int delete_locked(qk_image *img, uint32_t i, uint64_t *sl1)
 	if (ret == 0)
 		ret = pass_l1(img, &p, q->l1, q->l1_size);
 	if (ret == 0)
-		ret = qk__qcow2_flush_locked(img);
+		ret = step_flush(img);
 	if (ret == 0 && p.l1_changed)
 		ret = write_l1(img, q->l1_offset, q->l1, q->l1_size);
 	return ret;
