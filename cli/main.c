@@ -33,8 +33,8 @@ static const struct cli_command commands[] = {
 	  "[--forensic [--extract DIR [--extract-max-files=N] "
 	  "[--extract-max-bytes=SIZE]]] FILE",
 	  "check (and repair) the consistency of an image" },
-	{ "commit", cmd_not_implemented,
-	  "commit [-b BASE] [-d] [-p] FILE",
+	{ "commit", cmd_commit,
+	  "commit [-f FMT] [-b BASE] [-d] [-p] [-q] [-t CACHE] [-r RATE] FILE",
 	  "write an image's changes into its backing file" },
 	{ "compare", cmd_compare,
 	  "compare [-f FMT] [-F FMT] [-s] [-p] [-q] [-U] A B",

@@ -320,6 +320,13 @@ struct qk__driver {
 	 * struct_size current); src NULL: no input. Fills *res. */
 	int (*measure)(const struct qk_create_options *o, const struct qk__measure_src *src,
 		       struct qk_measure *res);
+	/* Name `name` (NULL: none) as the backing file, of format `fmt`
+	 * (NULL: unnamed), durably; the open chain is left as it is. NULL
+	 * for formats without backing files. */
+	int (*set_backing)(qk_image *img, const char *name, const char *fmt);
+	/* Unallocate every cluster: reads fall through to the backing file.
+	 * NULL for formats that cannot. */
+	int (*make_empty)(qk_image *img);
 };
 
 extern const struct qk__driver qk__raw_driver;

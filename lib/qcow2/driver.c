@@ -217,4 +217,6 @@ const struct qk__driver qk__qcow2_driver = {
 	.snapshot_delete = qk__qcow2_snapshot_delete,
 	.data_file = qcow2_data_file,
 	.measure = qk__qcow2_measure,
+	.set_backing = qk__qcow2_set_backing,
+	.make_empty = qk__qcow2_make_empty,
 };
