@@ -80,6 +80,8 @@ int cmd_snapshot(int argc, char **argv);
 int cmd_check(int argc, char **argv);
 int cmd_measure(int argc, char **argv);
 int cmd_serve(int argc, char **argv);
+int cmd_commit(int argc, char **argv);
+int cmd_rebase(int argc, char **argv);
 
 /* cmd-create.c: -o lists of create, for convert's target. */
 struct cli_create_opts;

@@ -37,8 +37,8 @@ static const struct cli_command commands[] = {
 	  "[--forensic [--extract DIR [--extract-max-files=N] "
 	  "[--extract-max-bytes=SIZE]]] FILE",
 	  "check (and repair) the consistency of an image" },
-	{ "commit", cmd_not_implemented,
-	  "commit [-b BASE] [-d] [-p] FILE",
+	{ "commit", cmd_commit,
+	  "commit [-f FMT] [-b BASE] [-d] [-p] [-q] [-t CACHE] [-r RATE] FILE",
 	  "write an image's changes into its backing file" },
 	{ "compare", cmd_compare,
 	  "compare [-f FMT] [-F FMT] [-s] [-p] [-q] [-U] A B",
@@ -66,8 +66,8 @@ static const struct cli_command commands[] = {
 	  "measure [--output=human|json] [-O FMT] [-o OPTS] "
 	  "(--size N | [-f FMT] [-l SNAPSHOT] [-U] FILE)",
 	  "compute the size a new image needs (as qemu-img measure)" },
-	{ "rebase", cmd_not_implemented,
-	  "rebase [-u] -b BACKING [-F FMT] [-p] FILE",
+	{ "rebase", cmd_rebase,
+	  "rebase [-f FMT] [-u] -b BACKING [-F FMT] [-p] [-q] [-c] [-t CACHE] FILE",
 	  "change the backing file of an image" },
 	{ "resize", cmd_resize,
 	  "resize [--shrink] FILE [+|-]SIZE",
@@ -106,10 +106,9 @@ static void print_main_usage(FILE *f)
 	for (size_t i = 0; i < N_COMMANDS; i++)
 		if (commands[i].run != cmd_not_implemented)
 			fprintf(f, "  %s\n", commands[i].synopsis);
-	fprintf(f, "\nNot built yet:");
 	for (size_t i = 0, n = 0; i < N_COMMANDS; i++)
 		if (commands[i].run == cmd_not_implemented)
-			fprintf(f, "%s %s", n++ ? "," : "", commands[i].name);
+			fprintf(f, "%s %s", n++ ? "," : "\nNot built yet:", commands[i].name);
 	fprintf(f, "\n");
 	fprintf(f,
 		"\n"

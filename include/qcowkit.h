@@ -659,6 +659,36 @@ void qk_amend_options_init(struct qk_amend_options *opts);
  */
 int qk_amend(qk_image *img, const struct qk_amend_options *opts);
 
+/* ---- backing files: commit and rebase ------------------------------------ */
+
+/*
+ * Name `name` as the backing file of `img` (opened read-write), of format
+ * `format` ("qcow2", "raw"; NULL: none recorded, probed when opened), as
+ * qemu-img rebase -u does: the name is stored as given (a relative name
+ * is resolved against img's directory when opened); NULL or "" removes
+ * the backing file (and its format). The header is rewritten in one
+ * write and synced before the call returns. The handle's open backing
+ * chain is NOT changed: close and reopen the image to read through the
+ * new one. Returns 0, or:
+ *   -EPERM    img is read-only;
+ *   -ENOTSUP  a raw image (it has no backing file);
+ *   -EINVAL   a name longer than 1023 bytes or a format longer than 15;
+ *   -ENOSPC   the header, its extensions and the name do not fit in the
+ *             first cluster;
+ *   -EIO      the header could not be read or written.
+ */
+int qk_set_backing(qk_image *img, const char *name, const char *format);
+
+/*
+ * Unallocate every cluster of `img` (opened read-write) so that it reads
+ * as its backing file again, as QEMU's bdrv_make_empty (what qemu-img
+ * commit does to the top image after committing it). Zero clusters are
+ * unallocated too. Freed host clusters are released at the next flush;
+ * durable after qk_flush(). Returns 0, -EPERM (read-only), -ENOTSUP (raw),
+ * or as qk_discard.
+ */
+int qk_make_empty(qk_image *img);
+
 #ifdef __cplusplus
 }
 #endif

@@ -733,3 +733,34 @@ QK_EXPORT int qk_amend(qk_image *img, const struct qk_amend_options *opts)
 		return qk__err(EPERM, "'%s' was opened read-only", img->filename);
 	return img->drv->amend(img, &o);
 }
+
+/* The read-write handle of a format with backing files, for the calls below. */
+static int backing_target(qk_image *img, bool supported)
+{
+	if (!img)
+		return qk__err(EINVAL, "image is required");
+	if (!supported)
+		return qk__err(ENOTSUP, "'%s' is a %s image: it has no backing file",
+			       img->filename, img->drv->name);
+	if (!(img->flags & QK_OPEN_RDWR))
+		return qk__err(EPERM, "'%s' was opened read-only", img->filename);
+	return 0;
+}
+
+QK_EXPORT int qk_set_backing(qk_image *img, const char *name, const char *format)
+{
+	qk__api_enter("qk_set_backing");
+	int ret = backing_target(img, img && img->drv->set_backing);
+	if (ret < 0)
+		return ret;
+	return img->drv->set_backing(img, name, format);
+}
+
+QK_EXPORT int qk_make_empty(qk_image *img)
+{
+	qk__api_enter("qk_make_empty");
+	int ret = backing_target(img, img && img->drv->make_empty);
+	if (ret < 0)
+		return ret;
+	return img->drv->make_empty(img);
+}

@@ -325,6 +325,13 @@ struct qk__driver {
 	 * complete, struct_size current, the image read-write); NULL: the
 	 * format has none to change. */
 	int (*amend)(qk_image *img, const struct qk_amend_options *o);
+	/* Name `name` (NULL: none) as the backing file, of format `fmt`
+	 * (NULL: unnamed), durably; the open chain is left as it is. NULL
+	 * for formats without backing files. */
+	int (*set_backing)(qk_image *img, const char *name, const char *fmt);
+	/* Unallocate every cluster: reads fall through to the backing file.
+	 * NULL for formats that cannot. */
+	int (*make_empty)(qk_image *img);
 };
 
 extern const struct qk__driver qk__raw_driver;

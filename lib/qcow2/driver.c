@@ -218,4 +218,6 @@ const struct qk__driver qk__qcow2_driver = {
 	.data_file = qcow2_data_file,
 	.measure = qk__qcow2_measure,
 	.amend = qk__qcow2_amend,
+	.set_backing = qk__qcow2_set_backing,
+	.make_empty = qk__qcow2_make_empty,
 };

@@ -437,6 +437,8 @@ int qk__qcow2_write_compressed(qk_image *img, const void *buf, size_t len, uint6
 int qk__qcow2_mark_clean(qk_image *img);
 int qk__qcow2_discard(qk_image *img, uint64_t off, uint64_t len);
 int qk__qcow2_write_zeroes(qk_image *img, uint64_t off, uint64_t len, uint32_t flags);
+/* Unallocate every cluster (reads fall through to the backing file). */
+int qk__qcow2_make_empty(qk_image *img);
 int qk__qcow2_resize(qk_image *img, uint64_t size, uint32_t flags);
 /* Flush metadata in order (refcounts, then L2 tables), sync, punch the
  * queued holes. Image lock held. */
@@ -470,6 +472,10 @@ int qk__qcow2_snapshot_delete(qk_image *img, uint32_t sn);
 /* ---- amend.c (above the operations) ------------------------------------------- */
 /* qk_amend for qcow2 (the driver's amend). */
 int qk__qcow2_amend(qk_image *img, const struct qk_amend_options *o);
+
+/* ---- backing.c (above the operations) ------------------------------------------ */
+/* The driver's set_backing: name NULL or "" for none; durable. */
+int qk__qcow2_set_backing(qk_image *img, const char *name, const char *fmt);
 
 /* ---- check.c ------------------------------------------------------------------ */
 /* Count every reference, correct the active COPIED flags, and write a new

@@ -801,6 +801,28 @@ int qk__qcow2_discard(qk_image *img, uint64_t off, uint64_t len)
 	return ret;
 }
 
+/*
+ * Make the whole image empty, as QEMU's bdrv_make_empty (qemu-img commit):
+ * every cluster unallocated, data and zero clusters alike, so that reads
+ * fall through to the backing file again; their host clusters are freed.
+ * An image with internal snapshots keeps their clusters (refcounts). Not
+ * durable until the next flush. Returns 0 or as set_entry.
+ */
+int qk__qcow2_make_empty(qk_image *img)
+{
+	struct qcow2 *q = qcow2_of(img);
+	uint64_t end = (img->size + q->cluster_size - 1) >> q->cluster_bits;
+	int ret = qk__qcow2_begin_change(img, 0, img->size);
+	for (uint64_t gc = 0; ret == 0 && gc < end; gc++) {
+		struct entry en;
+		ret = get_entry(img, gc, &en);
+		if (ret == 0 && (en.e || en.bm))
+			ret = set_entry(img, gc, 0, 0, true, NULL);
+	}
+	qk__qcow2_end_change(img);
+	return ret;
+}
+
 /* Write real zeros over [off, off+len) through the normal write path. */
 static int write_zero_bytes(qk_image *img, uint64_t off, uint64_t len, uint32_t flags)
 {
