@@ -546,6 +546,34 @@ int qk__qcow2_snapshot_create(qk_image *img, const char *name)
 	return ret;
 }
 
+/* Drop the references of an L1 table no header names any more (l1[n]
+ * at `off`): what only it reached is freed, and the table itself. */
+static int drop_table(qk_image *img, const char *which, uint64_t *l1, uint32_t n, uint64_t off)
+{
+	struct pass p = { .which = which, .delta = -1 };
+	int ret = pass_l1(img, &p, l1, n);
+	if (ret == 0 && n) {
+		qk__qcow2_meta_del(img, off, (uint64_t)n * 8);
+		ret = qk__qcow2_update_refcount(img, off, (uint64_t)n * 8, -1);
+	}
+	return ret;
+}
+
+/* The COPIED flags of the active tables, from the final refcounts; then
+ * the caches flushed (see step_flush) and the active L1 table rewritten
+ * when a flag of it changed. */
+static int settle_active(qk_image *img)
+{
+	struct qcow2 *q = qcow2_of(img);
+	struct pass p = { .which = "active" };
+	int ret = pass_l1(img, &p, q->l1, q->l1_size);
+	if (ret == 0)
+		ret = step_flush(img);
+	if (ret == 0 && p.l1_changed)
+		ret = write_l1(img, q->l1_offset, q->l1, q->l1_size);
+	return ret;
+}
+
 /* Apply: the snapshot's references raised, a new active L1 table (the
  * snapshot's, grown to the snapshot's size) written, the header switched
  * to it and to the snapshot's size in one write, then the old table's
@@ -591,22 +619,9 @@ static int apply_locked(qk_image *img, const struct qk_snapshot *sn, uint64_t *s
 	q->l1_offset = off;
 	img->size = sn->disk_size;
 	/* The old disk's references go; what only it reached is freed. */
-	p = (struct pass){ .which = "former active", .delta = -1 };
-	ret = pass_l1(img, &p, old, old_n);
+	ret = drop_table(img, "former active", old, old_n, old_off);
 	free(old);
-	if (ret == 0 && old_n) {
-		qk__qcow2_meta_del(img, old_off, (uint64_t)old_n * 8);
-		ret = qk__qcow2_update_refcount(img, old_off, (uint64_t)old_n * 8, -1);
-	}
-	/* COPIED of the new active tables, from the final refcounts. */
-	p = (struct pass){ .which = "active" };
-	if (ret == 0)
-		ret = pass_l1(img, &p, q->l1, q->l1_size);
-	if (ret == 0)
-		ret = step_flush(img);
-	if (ret == 0 && p.l1_changed)
-		ret = write_l1(img, q->l1_offset, q->l1, q->l1_size);
-	return ret;
+	return ret < 0 ? ret : settle_active(img);
 }
 
 int qk__qcow2_snapshot_apply(qk_image *img, uint32_t i)
@@ -654,22 +669,10 @@ static int delete_locked(qk_image *img, uint32_t i, uint64_t *sl1)
 	list_remove(q, i);
 	/* Its references dropped, then COPIED set where a cluster is no
 	 * longer shared: the refcounts reach the disk first. */
-	struct pass p = { .which = "deleted snapshot", .delta = -1 };
 	ret = qk__cache_set_dependency(&q->l2_cache, &q->rb_cache);
 	if (ret == 0)
-		ret = pass_l1(img, &p, sl1, l1_n);
-	if (ret == 0 && l1_n) {
-		qk__qcow2_meta_del(img, l1_off, (uint64_t)l1_n * 8);
-		ret = qk__qcow2_update_refcount(img, l1_off, (uint64_t)l1_n * 8, -1);
-	}
-	p = (struct pass){ .which = "active" };
-	if (ret == 0)
-		ret = pass_l1(img, &p, q->l1, q->l1_size);
-	if (ret == 0)
-		ret = step_flush(img);
-	if (ret == 0 && p.l1_changed)
-		ret = write_l1(img, q->l1_offset, q->l1, q->l1_size);
-	return ret;
+		ret = drop_table(img, "deleted snapshot", sl1, l1_n, l1_off);
+	return ret < 0 ? ret : settle_active(img);
 }
 
 int qk__qcow2_snapshot_delete(qk_image *img, uint32_t i)
