@@ -39,12 +39,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* QEMU's header length for version 3: the fields up to the compression
- * type and its padding. */
-#define V3_HEADER_LENGTH 112
-/* QEMU leaves the feature name table out of clusters of 4 KiB and less. */
-#define FEATURE_TABLE_MIN_CLUSTER 8192
-#define FEATURE_ENTRY_LEN 48
 /* Refcounts read at a time while converting (a bounded buffer whatever the
  * width and cluster size). */
 #define SCAN_CHUNK 65536
@@ -691,20 +685,6 @@ static int expand_zero_clusters(qk_image *img, struct plan *p)
 
 /* ---- the header ------------------------------------------------------------------------ */
 
-/* QEMU's feature name table. */
-static const struct {
-	uint8_t type, bit;
-	const char *name;
-} feature_table[] = {
-	{ 0, 0, "dirty bit" },
-	{ 0, 1, "corrupt bit" },
-	{ 0, 2, "external data file" },
-	{ 0, 3, "compression type" },
-	{ 0, 4, "extended L2 entries" },
-	{ 1, 0, "lazy refcounts" },
-	{ 2, 0, "bitmaps" },
-	{ 2, 1, "raw external data" },
-};
 
 /* Append one header extension at *p of h (cs bytes); -ENOSPC when it does
  * not fit. */
@@ -789,13 +769,8 @@ static int build_header(qk_image *img, const uint8_t *old, uint8_t *h, uint32_t 
 	if (ret == 0 && q->has_data_file && data_file)
 		ret = put_ext(h, cs, &p, EXT_DATA_FILE, data_file, strlen(data_file));
 	if (ret == 0 && version >= 3 && cs >= FEATURE_TABLE_MIN_CLUSTER) {
-		uint8_t t[sizeof feature_table / sizeof feature_table[0] * FEATURE_ENTRY_LEN] = { 0 };
-		for (size_t i = 0; i < sizeof feature_table / sizeof feature_table[0]; i++) {
-			t[i * FEATURE_ENTRY_LEN] = feature_table[i].type;
-			t[i * FEATURE_ENTRY_LEN + 1] = feature_table[i].bit;
-			memcpy(t + i * FEATURE_ENTRY_LEN + 2, feature_table[i].name,
-			       strlen(feature_table[i].name));
-		}
+		uint8_t t[FEATURE_TABLE_LEN];
+		qk__qcow2_feature_table(t);
 		ret = put_ext(h, cs, &p, EXT_FEATURES, t, sizeof t);
 	}
 	if (ret == 0)

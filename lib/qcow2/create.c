@@ -39,11 +39,6 @@
  * each file that uses them repeats the declarations.
  */
 
-/* QEMU writes header_length 112: the compression type byte and padding. */
-#define V3_HEADER_LENGTH 112
-/* QEMU leaves the feature name table out of clusters of 4 KiB and less. */
-#define FEATURE_TABLE_MIN_CLUSTER 8192
-#define FEATURE_ENTRY_LEN 48
 /* BDRV_REQUEST_MAX_BYTES: the most one cluster allocation may map. */
 #define REQ_MAX_BYTES 0x7ffffe00ull
 /* preallocate_co() walks the disk in steps of INT_MAX bytes (cluster
@@ -634,19 +629,6 @@ static int model_build(struct model *m, uint64_t size, int prealloc, bool extend
 
 /* ---- the header --------------------------------------------------------------- */
 
-static const struct {
-	uint8_t type, bit;
-	const char *name;
-} feature_table[] = {
-	{ 0, 0, "dirty bit" },
-	{ 0, 1, "corrupt bit" },
-	{ 0, 2, "external data file" },
-	{ 0, 3, "compression type" },
-	{ 0, 4, "extended L2 entries" },
-	{ 1, 0, "lazy refcounts" },
-	{ 2, 0, "bitmaps" },
-	{ 2, 1, "raw external data" },
-};
 
 /* Append one header extension at *p; -ENOSPC when it does not fit. */
 static int put_ext(uint8_t *h, uint64_t cs, size_t *p, uint32_t type,
@@ -720,15 +702,9 @@ static int build_header(uint8_t *h, const struct model *m, const struct qk_creat
 			return ret;
 	}
 	if (v3 && m->cs >= FEATURE_TABLE_MIN_CLUSTER) {
-		uint8_t t[sizeof feature_table / sizeof feature_table[0] * FEATURE_ENTRY_LEN];
+		uint8_t t[FEATURE_TABLE_LEN];
 
-		memset(t, 0, sizeof t);
-		for (size_t i = 0; i < sizeof feature_table / sizeof feature_table[0]; i++) {
-			t[i * FEATURE_ENTRY_LEN] = feature_table[i].type;
-			t[i * FEATURE_ENTRY_LEN + 1] = feature_table[i].bit;
-			memcpy(t + i * FEATURE_ENTRY_LEN + 2, feature_table[i].name,
-			       strlen(feature_table[i].name));
-		}
+		qk__qcow2_feature_table(t);
 		ret = put_ext(h, m->cs, &p, EXT_FEATURES, t, sizeof t);
 		if (ret < 0)
 			return ret;

@@ -7,6 +7,7 @@
 #define QK_QCOW2_FORMAT_H
 
 #include <stdint.h>
+#include <string.h>
 
 #define QCOW2_MAGIC 0x514649FBu /* "QFI\xfb" */
 
@@ -103,5 +104,36 @@
 #define BM_FLAG_IN_USE   (1u << 0)
 #define BM_FLAG_AUTO     (1u << 1)
 #define BM_FLAG_EXTRA    (1u << 2)
+
+/* The feature name table extension QEMU writes in a version 3 header
+ * (left out of clusters of 4 KiB and less), and its length. */
+#define V3_HEADER_LENGTH 112          /* up to the compression type, padded */
+#define FEATURE_TABLE_MIN_CLUSTER 8192
+#define FEATURE_ENTRY_LEN 48
+#define FEATURE_TABLE_LEN (8 * FEATURE_ENTRY_LEN)
+
+/* Fill out[FEATURE_TABLE_LEN] with QEMU's feature name table. */
+static inline void qk__qcow2_feature_table(uint8_t *out)
+{
+	static const struct {
+		uint8_t type, bit;
+		const char *name;
+	} t[8] = {
+		{ 0, 0, "dirty bit" },
+		{ 0, 1, "corrupt bit" },
+		{ 0, 2, "external data file" },
+		{ 0, 3, "compression type" },
+		{ 0, 4, "extended L2 entries" },
+		{ 1, 0, "lazy refcounts" },
+		{ 2, 0, "bitmaps" },
+		{ 2, 1, "raw external data" },
+	};
+	memset(out, 0, FEATURE_TABLE_LEN);
+	for (size_t i = 0; i < 8; i++) {
+		out[i * FEATURE_ENTRY_LEN] = t[i].type;
+		out[i * FEATURE_ENTRY_LEN + 1] = t[i].bit;
+		memcpy(out + i * FEATURE_ENTRY_LEN + 2, t[i].name, strlen(t[i].name));
+	}
+}
 
 #endif
