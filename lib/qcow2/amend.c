@@ -880,35 +880,6 @@ static int snapshots_short(qk_image *img, bool *is_short)
 	return ret;
 }
 
-/* Append snapshot `sn` (with `elen` unknown extra bytes) to buf at *len, in
- * QEMU's layout: 24 bytes of known extra data, always. */
-static void put_snapshot(uint8_t *buf, uint64_t *len, const struct qk_snapshot *sn,
-			 const uint8_t *extra, uint32_t elen)
-{
-	uint8_t *p = buf + *len;
-	size_t id_len = strlen(sn->id), name_len = strlen(sn->name);
-	uint64_t n = SNAP_FIXED_LEN + SNAP_EXTRA_LEN + elen + id_len + name_len;
-	memset(p, 0, (n + 7) & ~7ull);
-	qk_put_be64(p, sn->l1_table_offset);
-	qk_put_be32(p + 8, sn->l1_size);
-	qk_put_be16(p + 12, (uint16_t)id_len);
-	qk_put_be16(p + 14, (uint16_t)name_len);
-	qk_put_be32(p + 16, sn->date_sec);
-	qk_put_be32(p + 20, sn->date_nsec);
-	qk_put_be64(p + 24, sn->vm_clock_nsec);
-	qk_put_be32(p + 32, (uint32_t)sn->vm_state_size);
-	qk_put_be32(p + 36, SNAP_EXTRA_LEN + elen);
-	qk_put_be64(p + 40, sn->vm_state_size);
-	qk_put_be64(p + 48, sn->disk_size);
-	qk_put_be64(p + 56, sn->icount);
-	p += SNAP_FIXED_LEN + SNAP_EXTRA_LEN;
-	if (elen)
-		memcpy(p, extra, elen);
-	memcpy(p + elen, sn->id, id_len);
-	memcpy(p + elen + id_len, sn->name, name_len);
-	*len += (n + 7) & ~7ull;
-}
-
 /* Write the snapshot table again in version 3's form (QEMU's
  * qcow2_write_snapshots): new clusters, synced, then count and offset in
  * one header write, then the old table freed. Image lock held. */
@@ -923,7 +894,7 @@ static int rewrite_snapshots(qk_image *img)
 	if (!buf)
 		return qk__err(ENOMEM, "Failed to update the snapshot table: out of memory");
 	for (uint32_t i = 0; i < q->n_snapshots; i++)
-		put_snapshot(buf, &len, &q->snapshots[i], q->snap_extra[i].bytes, q->snap_extra[i].len);
+		qk__qcow2_put_snapshot_entry(buf, &len, &q->snapshots[i], q->snap_extra[i].bytes, q->snap_extra[i].len);
 	uint64_t n = (bytes + q->cluster_size - 1) >> q->cluster_bits;
 	int ret = qk__qcow2_alloc_clusters(img, n, &off);
 	if (ret == 0)

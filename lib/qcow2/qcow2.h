@@ -408,6 +408,11 @@ void qk__qcow2_free_snapshots(struct qcow2 *q);
  * one allocated) into *l1 (to free), its offset and size checked against
  * the file and the limits. Returns 0 or a negative errno (recorded). */
 int qk__qcow2_snapshot_l1(qk_image *img, const struct qk_snapshot *sn, uint64_t **l1);
+/* Append snapshot table entry sn, with extra_len bytes of unknown extra
+ * data, at buf + *len in QEMU's layout (24 bytes of known extra data,
+ * padded to 8 bytes); *len grows by the entry's length. */
+void qk__qcow2_put_snapshot_entry(uint8_t *buf, uint64_t *len, const struct qk_snapshot *sn,
+				  const uint8_t *extra, uint32_t extra_len);
 int qk__qcow2_read_bitmaps(qk_image *img, uint64_t dir_offset, uint64_t dir_size,
 			   uint32_t nb_bitmaps);
 void qk__qcow2_free_bitmaps(struct qcow2 *q);

@@ -332,36 +332,6 @@ static int alloc_table(qk_image *img, uint64_t bytes, unsigned type, uint64_t *o
 	return ret < 0 ? ret : qk__qcow2_meta_add(img, *off, n << q->cluster_bits, type);
 }
 
-/* Append snapshot entry `sn` (with `extra` unknown extra bytes) to buf at
- * *len, in QEMU's layout: 24 bytes of known extra data, always. */
-static void put_entry(uint8_t *buf, uint64_t *len, const struct qk_snapshot *sn,
-		      const uint8_t *extra, uint32_t extra_len)
-{
-	uint8_t *p = buf + *len;
-	size_t id_len = strlen(sn->id), name_len = strlen(sn->name);
-	memset(p, 0, SNAP_FIXED_LEN + SNAP_EXTRA_LEN);
-	qk_put_be64(p, sn->l1_table_offset);
-	qk_put_be32(p + 8, sn->l1_size);
-	qk_put_be16(p + 12, (uint16_t)id_len);
-	qk_put_be16(p + 14, (uint16_t)name_len);
-	qk_put_be32(p + 16, sn->date_sec);
-	qk_put_be32(p + 20, sn->date_nsec);
-	qk_put_be64(p + 24, sn->vm_clock_nsec);
-	qk_put_be32(p + 32, (uint32_t)sn->vm_state_size);
-	qk_put_be32(p + 36, SNAP_EXTRA_LEN + extra_len);
-	qk_put_be64(p + 40, sn->vm_state_size);
-	qk_put_be64(p + 48, sn->disk_size);
-	qk_put_be64(p + 56, sn->icount);
-	p += SNAP_FIXED_LEN + SNAP_EXTRA_LEN;
-	if (extra_len)
-		memcpy(p, extra, extra_len);
-	memcpy(p + extra_len, sn->id, id_len);
-	memcpy(p + extra_len + id_len, sn->name, name_len);
-	uint64_t n = SNAP_FIXED_LEN + SNAP_EXTRA_LEN + extra_len + id_len + name_len;
-	memset(buf + *len + n, 0, ((n + 7) & ~7ull) - n);
-	*len += (n + 7) & ~7ull;
-}
-
 /*
  * Write a new snapshot table: the current entries but `skip` (UINT32_MAX:
  * none), then `add` (NULL: none); sync it; point the header at it (count
@@ -391,7 +361,7 @@ static int write_table(qk_image *img, uint32_t skip, const struct qk_snapshot *a
 	for (uint32_t i = 0; i <= q->n_snapshots; i++) {
 		const struct qk_snapshot *sn = i < q->n_snapshots ? &q->snapshots[i] : add;
 		if (i != skip && sn)
-			put_entry(buf, &len, sn, i < q->n_snapshots ? q->snap_extra[i].bytes : NULL,
+			qk__qcow2_put_snapshot_entry(buf, &len, sn, i < q->n_snapshots ? q->snap_extra[i].bytes : NULL,
 				  i < q->n_snapshots ? q->snap_extra[i].len : 0);
 	}
 	int ret = alloc_table(img, bytes, META_SNAPTABLE, &off);

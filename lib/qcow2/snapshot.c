@@ -153,3 +153,30 @@ int qk__qcow2_snapshot_l1(qk_image *img, const struct qk_snapshot *sn, uint64_t 
 	qk_be64_table_to_host(*l1, sn->l1_size);
 	return 0;
 }
+
+void qk__qcow2_put_snapshot_entry(uint8_t *buf, uint64_t *len, const struct qk_snapshot *sn,
+				  const uint8_t *extra, uint32_t extra_len)
+{
+	uint8_t *p = buf + *len;
+	size_t id_len = strlen(sn->id), name_len = strlen(sn->name);
+	uint64_t n = SNAP_FIXED_LEN + SNAP_EXTRA_LEN + extra_len + id_len + name_len;
+	memset(p, 0, (n + 7) & ~7ull);
+	qk_put_be64(p, sn->l1_table_offset);
+	qk_put_be32(p + 8, sn->l1_size);
+	qk_put_be16(p + 12, (uint16_t)id_len);
+	qk_put_be16(p + 14, (uint16_t)name_len);
+	qk_put_be32(p + 16, sn->date_sec);
+	qk_put_be32(p + 20, sn->date_nsec);
+	qk_put_be64(p + 24, sn->vm_clock_nsec);
+	qk_put_be32(p + 32, (uint32_t)sn->vm_state_size);
+	qk_put_be32(p + 36, SNAP_EXTRA_LEN + extra_len);
+	qk_put_be64(p + 40, sn->vm_state_size);
+	qk_put_be64(p + 48, sn->disk_size);
+	qk_put_be64(p + 56, sn->icount);
+	p += SNAP_FIXED_LEN + SNAP_EXTRA_LEN;
+	if (extra_len)
+		memcpy(p, extra, extra_len);
+	memcpy(p + extra_len, sn->id, id_len);
+	memcpy(p + extra_len + id_len, sn->name, name_len);
+	*len += (n + 7) & ~7ull;
+}
