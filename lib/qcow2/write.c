@@ -967,9 +967,6 @@ int qk__qcow2_resize(qk_image *img, uint64_t size, uint32_t flags)
 	uint64_t old = img->size, cs = q->cluster_size;
 	if (q->version < 3 && q->nb_snapshots)
 		return qk__err(ENOTSUP, "Can't resize a v2 image which has snapshots");
-	if (q->n_bitmaps)
-		return qk__err(ENOTSUP, "resizing '%s' is not supported yet: it has persistent bitmaps",
-			       img->filename);
 	if (size > (uint64_t)INT64_MAX - cs)
 		return qk__err(EFBIG, "size %llu is too large", (unsigned long long)size);
 	/* v2 has no zero flag: growing over a backing file that reaches past
@@ -981,6 +978,10 @@ int qk__qcow2_resize(qk_image *img, uint64_t size, uint32_t flags)
 			       "area would show the backing file's data (compat=1.1 images can)",
 			       img->filename);
 	int ret = qk__qcow2_begin_change(img, 0, 0);
+	/* Bitmaps follow the size (bitmap.c): in use on disk until then. */
+	bool bitmaps = q->n_bitmaps != 0;
+	if (ret == 0 && bitmaps)
+		ret = qk__qcow2_bitmaps_resize_prepare(img, size);
 	uint64_t per_l1 = cs << q->l2_bits;
 	uint64_t need = size / per_l1 + (size % per_l1 != 0);
 	if (ret == 0 && size < old) {
@@ -1004,17 +1005,28 @@ int qk__qcow2_resize(qk_image *img, uint64_t size, uint32_t flags)
 	}
 	if (ret == 0)
 		img->size = size;
+	if (ret == 0 && bitmaps)
+		ret = qk__qcow2_bitmaps_resize(img);
 	qk__qcow2_end_change(img);
 	if (ret < 0 || size <= old)
 		return ret;
 	/* Growing: what lies past the old end must read as zeros, not as stale
-	 * bytes of the last cluster or as a larger backing file. */
+	 * bytes of the last cluster or as a larger backing file. Not a change
+	 * the bitmaps see (QEMU's new area starts clean). */
 	uint64_t zero_end = qk_min_u64(size, (old + cs - 1) & ~(cs - 1));
 	if (img->backing && img->backing->size > zero_end)
 		zero_end = qk_min_u64(size, img->backing->size);
 	else if (q->backing_file && !img->backing)
 		zero_end = size;
-	if (zero_end > old)
+	if (zero_end > old) {
+		qk__qcow2_lock(q);
+		q->bm_quiet_lo = old;
+		q->bm_quiet_hi = zero_end;
+		qk__qcow2_unlock(q);
 		ret = qk__qcow2_write_zeroes(img, old, zero_end - old, 0);
+		qk__qcow2_lock(q);
+		q->bm_quiet_lo = q->bm_quiet_hi = 0;
+		qk__qcow2_unlock(q);
+	}
 	return ret;
 }
