@@ -976,6 +976,7 @@ int qk__qcow2_bitmaps_resize_prepare(qk_image *img, uint64_t size)
 		if (q->bitmap_priv[i].tracked)
 			continue;
 		q->bitmaps[i].flags |= QK_BITMAP_IN_USE;
+		q->bitmap_priv[i].resizing = true;
 		marked = true;
 		ret = write_flags(img, i);
 	}
@@ -984,11 +985,31 @@ int qk__qcow2_bitmaps_resize_prepare(qk_image *img, uint64_t size)
 	return ret;
 }
 
-int qk__qcow2_bitmaps_resize(qk_image *img)
+/* A resize refused before the size changed: the bitmaps resize_prepare
+ * marked in use are unchanged, and consistent again. */
+static int unmark(qk_image *img)
+{
+	struct qcow2 *q = qcow2_of(img);
+	bool marked = false;
+	int ret = 0;
+	for (uint32_t i = 0; ret == 0 && i < q->n_bitmaps; i++) {
+		if (!q->bitmap_priv[i].resizing)
+			continue;
+		q->bitmaps[i].flags &= ~(uint32_t)QK_BITMAP_IN_USE;
+		q->bitmap_priv[i].resizing = false;
+		marked = true;
+		ret = write_flags(img, i);
+	}
+	return ret == 0 && marked ? qk__file_sync(img->file) : ret;
+}
+
+int qk__qcow2_bitmaps_resize(qk_image *img, int resized)
 {
 	struct qcow2 *q = qcow2_of(img);
 	struct qk__bitmap_edit e;
-	int ret = qk__qcow2_bitmap_edit_init(img, &e, 0);
+	if (resized == 0)
+		return unmark(img);
+	int ret = resized > 0 ? qk__qcow2_bitmap_edit_init(img, &e, 0) : -EIO;
 	for (uint32_t i = 0; ret == 0 && i < e.n; i++) {
 		struct qk__bitmap_bits *nb;
 		ret = qk__qcow2_bits_new(q, nbits_for(img->size, e.priv[i].gran_bits),
@@ -997,18 +1018,19 @@ int qk__qcow2_bitmaps_resize(qk_image *img)
 			break;
 		e.priv[i].bits = nb;
 		e.fresh[i] = true;
+		e.priv[i].resizing = false;
 		if (!e.priv[i].tracked)
 			e.bm[i].flags &= ~(uint32_t)QK_BITMAP_IN_USE;
 	}
 	if (ret == 0)
 		ret = qk__qcow2_bitmaps_commit(img, &e);
-	if (ret < 0 && e.bm)
+	if (ret < 0 && resized > 0 && e.bm)
 		qk__qcow2_bitmap_edit_free(img, &e);
 	if (ret < 0) {
 		/* Left in use on disk, sized for the old size: inconsistent
 		 * from now on, never stored as if true. */
 		for (uint32_t i = 0; i < q->n_bitmaps; i++)
-			q->bitmap_priv[i].tracked = false;
+			q->bitmap_priv[i].tracked = q->bitmap_priv[i].resizing = false;
 		count_tracked(q);
 	}
 	return ret;

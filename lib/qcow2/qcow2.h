@@ -86,6 +86,7 @@ struct qk__bitmap_priv {
 	uint32_t extra_len;    /* bytes of extra data in its entry */
 	uint32_t gran_bits;
 	bool tracked;          /* kept true by this handle's writes */
+	bool resizing;         /* marked in use by a resize (bitmap.c) */
 	struct qk__bitmap_bits *bits; /* loaded, or NULL */
 };
 
@@ -455,11 +456,13 @@ int qk__qcow2_bitmaps_commit(qk_image *img, struct qk__bitmap_edit *e);
 /* Before resizing to `size`: refuse inconsistent bitmaps and sizes a
  * bitmap cannot follow, load every bitmap and mark the untracked ones in
  * use on disk (so a cut leaves them inconsistent, never wrong).
- * qk__qcow2_bitmaps_resize(), once the size is written: every bitmap
- * rewritten for the new size (bits past it dropped, new ones clean), as
- * QEMU does. Image lock held. */
+ * qk__qcow2_bitmaps_resize(img, 1), once the size is written: every
+ * bitmap rewritten for the new size (bits past it dropped, new ones clean),
+ * as QEMU does; (img, 0) when the resize failed before the size changed:
+ * the marks taken off again; (img, -1) when the size write failed (it may
+ * have landed): every bitmap left in use, none kept true. Image lock held. */
 int qk__qcow2_bitmaps_resize_prepare(qk_image *img, uint64_t size);
-int qk__qcow2_bitmaps_resize(qk_image *img);
+int qk__qcow2_bitmaps_resize(qk_image *img, int resized);
 /* check -r all: remove the inconsistent bitmaps, each reported. */
 int qk__qcow2_bitmaps_drop_inconsistent(qk_image *img, void (*report)(void *, const char *),
 					void *opaque);

@@ -979,8 +979,8 @@ int qk__qcow2_resize(qk_image *img, uint64_t size, uint32_t flags)
 			       img->filename);
 	int ret = qk__qcow2_begin_change(img, 0, 0);
 	/* Bitmaps follow the size (bitmap.c): in use on disk until then. */
-	bool bitmaps = q->n_bitmaps != 0;
-	if (ret == 0 && bitmaps)
+	bool bitmaps = ret == 0 && q->n_bitmaps != 0;
+	if (bitmaps)
 		ret = qk__qcow2_bitmaps_resize_prepare(img, size);
 	uint64_t per_l1 = cs << q->l2_bits;
 	uint64_t need = size / per_l1 + (size % per_l1 != 0);
@@ -998,6 +998,7 @@ int qk__qcow2_resize(qk_image *img, uint64_t size, uint32_t flags)
 	} else if (ret == 0 && need > q->l1_size) {
 		ret = grow_l1(img, need);
 	}
+	bool size_tried = ret == 0;
 	if (ret == 0) {
 		uint8_t be[8];
 		qk_put_be64(be, size);
@@ -1005,8 +1006,13 @@ int qk__qcow2_resize(qk_image *img, uint64_t size, uint32_t flags)
 	}
 	if (ret == 0)
 		img->size = size;
-	if (ret == 0 && bitmaps)
-		ret = qk__qcow2_bitmaps_resize(img);
+	/* The bitmaps follow; or, refused before the size changed, are as
+	 * they were; or, after a failed size write (which may have landed),
+	 * stay in use. */
+	if (bitmaps) {
+		int bret = qk__qcow2_bitmaps_resize(img, ret == 0 ? 1 : size_tried ? -1 : 0);
+		ret = ret < 0 ? ret : bret;
+	}
 	qk__qcow2_end_change(img);
 	if (ret < 0 || size <= old)
 		return ret;

@@ -209,6 +209,17 @@ cp v3.qcow2 inuse.qcow2 && set_in_use inuse.qcow2 b1
 setup qemu-img create -q -f qcow2 -o compat=0.10 v2.qcow2 "$SIZE"
 setup qemu-img create -q -f raw raw.img "$SIZE"
 
+# ---- info shows the bitmaps as qemu-img does (flags in-use, auto, none) ------------
+for img in v3.qcow2 inuse.qcow2 c512.qcow2; do
+  for fmt in human json; do
+    qemu-img info --output=$fmt "$img" | grep -v -e '^disk size' -e '"actual-size"' >ref.info
+    run_qk qk.out qk.err info --output=$fmt "$img"
+    grep -v -e '^disk size' -e '"actual-size"' qk.out >qk.info
+    if [ "$qk_rc" -eq 0 ] && cmp -s ref.info qk.info; then ok
+    else bad "info --output=$fmt $img" "$(diff ref.info qk.info | head -8 | tr '\n' '|')"; fi
+  done
+done
+
 # ---- each action ---------------------------------------------------------------
 bcase "add" v3.qcow2 --add IMG b3
 bcase "add -g 4k --disable" v3.qcow2 --add -g 4k --disable IMG b3
