@@ -934,10 +934,14 @@ int qk__qcow2_bitmaps_commit(qk_image *img, struct qk__bitmap_edit *e)
 		ret = qk__cache_flush(&q->rb_cache);
 	if (ret == 0)
 		ret = qk__file_sync(img->file);
+	bool switching = ret == 0;
 	if (ret == 0)
 		ret = write_ext(img, e->n, dir_size, dir_off);
 	if (ret < 0) {
-		undo_allocs(img, &al);
+		/* A failed header write may have landed: then the new clusters
+		 * are named, and must leak rather than be handed out again. */
+		if (!switching)
+			undo_allocs(img, &al);
 		for (uint32_t i = 0; tables && i < e->n; i++)
 			free(tables[i]);
 	} else {
