@@ -59,6 +59,9 @@ void cli_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 /* Print the calling thread's last library error; `ret` (a negative errno)
  * is used only when the library recorded no message. */
 void cli_lib_error(int ret);
+/* The last library error without the name of the call ("qk_x: "), for
+ * messages worded as qemu-img's. */
+const char *cli_lib_message(void);
 /* Report a getopt failure of command `cmd` on one line; returns the
  * usage-error exit code to use (`code`). `opt` is getopt's return value. */
 int cli_bad_option(const char *cmd, int opt, char **argv, int code);
@@ -82,6 +85,7 @@ int cmd_measure(int argc, char **argv);
 int cmd_serve(int argc, char **argv);
 int cmd_commit(int argc, char **argv);
 int cmd_rebase(int argc, char **argv);
+int cmd_bitmap(int argc, char **argv);
 
 /* cmd-create.c: -o lists of create, for convert's target. */
 struct cli_create_opts;
@@ -104,6 +108,8 @@ struct convert_qcow2 {
 	uint64_t sparse;          /* -S bytes, 0 = allocate everything */
 	unsigned workers;         /* -m */
 	uint32_t open_flags;      /* -t: QK_OPEN_UNSAFE (default), _DIRECT */
+	bool bitmaps;             /* --bitmaps: copy the persistent bitmaps */
+	bool skip_broken;         /* --skip-broken-bitmaps */
 };
 int convert_qcow2(const struct convert_qcow2 *a);
 

@@ -99,6 +99,7 @@ static void print_json(const struct qk_check_result *r, const char *file,
 	add_nonzero(d, "qcowkit-copied-errors", r->copied_errors);
 	add_nonzero(d, "qcowkit-refcounts-past-eof", r->refcounts_past_eof);
 	add_nonzero(d, "qcowkit-overlaps", r->overlaps);
+	add_nonzero(d, "qcowkit-stale-bitmaps", r->stale_bitmaps);
 	qj_print_json(stdout, d);
 	printf("\n");
 	qj_free(d);

@@ -528,6 +528,8 @@ struct convert_args {
 	uint64_t nworkers;        /* -m */
 	uint64_t sparse;          /* -S bytes, 0 = allocate everything */
 	const char *snapshot;     /* -l: the source's internal snapshot */
+	bool bitmaps;             /* --bitmaps */
+	bool skip_broken;         /* --skip-broken-bitmaps */
 };
 
 /* -S: 0 or a multiple of 512 up to 16 MiB. Returns 0, or -1 after
@@ -560,12 +562,13 @@ static int parse_workers(const char *arg, uint64_t *n)
  * --help or a message. */
 static int parse_args(int argc, char **argv, struct convert_args *a)
 {
-	enum { OPT_TARGET_IS_ZERO = 256, OPT_UNSUPPORTED };
+	enum { OPT_TARGET_IS_ZERO = 256, OPT_UNSUPPORTED, OPT_BITMAPS, OPT_SKIP_BROKEN };
 	static const struct option longopts[] = {
 		{ "help", no_argument, NULL, 'h' },
 		{ "force-share", no_argument, NULL, 'U' },
 		{ "target-is-zero", no_argument, NULL, OPT_TARGET_IS_ZERO },
-		{ "bitmaps", no_argument, NULL, OPT_UNSUPPORTED },
+		{ "bitmaps", no_argument, NULL, OPT_BITMAPS },
+		{ "skip-broken-bitmaps", no_argument, NULL, OPT_SKIP_BROKEN },
 		{ "salvage", no_argument, NULL, OPT_UNSUPPORTED },
 		{ "image-opts", no_argument, NULL, OPT_UNSUPPORTED },
 		{ "target-image-opts", no_argument, NULL, OPT_UNSUPPORTED },
@@ -621,6 +624,12 @@ static int parse_args(int argc, char **argv, struct convert_args *a)
 		case OPT_TARGET_IS_ZERO:
 			a->target_is_zero = true;
 			break;
+		case OPT_BITMAPS:
+			a->bitmaps = true;
+			break;
+		case OPT_SKIP_BROKEN:
+			a->skip_broken = true;
+			break;
 		case 'c':
 			a->compress = true;
 			break;
@@ -651,6 +660,10 @@ static int parse_args(int argc, char **argv, struct convert_args *a)
  * order. Returns CLI_GO, or the exit status after a message. */
 static int check_args(int argc, const struct convert_args *a)
 {
+	if (a->skip_broken && !a->bitmaps) {
+		cli_error("Use of --skip-broken-bitmaps requires --bitmaps");
+		return CLI_EXIT_FAILURE;
+	}
 	if (argc - optind < 2)
 		return cli_usage_error("convert", CLI_EXIT_FAILURE,
 				       "Expecting a source and a target file "
@@ -680,6 +693,35 @@ static int check_args(int argc, const struct convert_args *a)
 	return CLI_GO;
 }
 
+/* --bitmaps: the source must have persistent bitmaps to copy (a qcow2 v3
+ * image) and, without --skip-broken-bitmaps, no inconsistent one, as
+ * qemu-img checks before creating the target. Returns 0, or -1 after a
+ * message. */
+static int check_source_bitmaps(const struct convert_args *a, qk_image *src)
+{
+	struct qk_info info = { .struct_size = sizeof info };
+	const struct qk_bitmap *list;
+	size_t n = 0;
+
+	if (!a->bitmaps)
+		return 0;
+	if (qk_get_info(src, &info) < 0 || info.format != QK_FORMAT_QCOW2 ||
+	    info.qcow2_version < 3 || qk_list_bitmaps(src, &list, &n) < 0) {
+		cli_error("Source lacks bitmap support");
+		return -1;
+	}
+	for (size_t i = 0; i < n && !a->skip_broken; i++) {
+		if (list[i].flags & QK_BITMAP_IN_USE) {
+			char *esc = cli_escape(list[i].name);
+			cli_error("Cannot copy inconsistent bitmap '%s' (try --skip-broken-bitmaps, or "
+				  "use 'qcowkit bitmap --remove' to delete it)", esc);
+			free(esc);
+			return -1;
+		}
+	}
+	return 0;
+}
+
 /* convert -O qcow2 of the open source `src` (convert-qcow2.c). Returns the
  * exit status. */
 static int to_qcow2(const struct convert_args *a, qk_image *src,
@@ -692,6 +734,7 @@ static int to_qcow2(const struct convert_args *a, qk_image *src,
 		.target_is_zero = a->target_is_zero, .progress = a->progress,
 		.quiet = a->quiet, .sparse = a->sparse,
 		.workers = a->workers_given ? (unsigned)a->nworkers : qcow2_workers(),
+		.bitmaps = a->bitmaps, .skip_broken = a->skip_broken,
 		.open_flags = (a->target_direct ? QK_OPEN_DIRECT : 0) |
 			      (a->target_unsafe ? QK_OPEN_UNSAFE : 0),
 	};
@@ -715,6 +758,11 @@ static int prepare_target(struct convert_job *j, const struct convert_args *a,
 	j->fd = open_target(dst_path, !a->skip_create);
 	if (j->fd < 0)
 		return -1;
+	if (a->bitmaps) {
+		/* Created, then refused, as qemu-img does. */
+		cli_error("Format driver 'raw' does not support bitmaps");
+		return -1;
+	}
 	if (fstat(j->fd, &st) < 0) {
 		cli_error("Could not stat '%s': %s", dst_path, strerror(errno));
 		return -1;
@@ -880,7 +928,7 @@ int cmd_convert(int argc, char **argv)
 	if (cli_open_snapshot(argv[optind], fmt, a.o.open_flags, a.snapshot, &src) < 0)
 		goto out;
 	/* Writing a file the source reads would lose it under our feet. */
-	if (cli_check_target(src, dst_path) < 0)
+	if (cli_check_target(src, dst_path) < 0 || check_source_bitmaps(&a, src) < 0)
 		goto out;
 	if (strcmp(a.out_fmt, "qcow2") == 0)
 		ret = to_qcow2(&a, src, dst_path);

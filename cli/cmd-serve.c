@@ -2,7 +2,7 @@
  * cmd-serve.c - "qcowkit serve": export an image over NBD, as qemu-nbd.
  *
  *   serve [-f FMT] [-r] [-k SOCKET | -p PORT [-b ADDR]] [-x NAME] [-D DESC]
- *         [-e N] [-t] [-A] [--cache=MODE] [--pid-file F] FILE
+ *         [-e N] [-t] [-A] [-B BITMAP] [--cache=MODE] [--pid-file F] FILE
  *
  * Listens on the Unix socket SOCKET, or on TCP ADDR:PORT (127.0.0.1:10809
  * by default: unlike qemu-nbd, nothing is exposed to the network unless
@@ -12,7 +12,11 @@
  * (clients dropped in the handshake do not count, as with qemu-nbd).
  * SIGINT and SIGTERM finish the requests in flight, flush and exit 0.
  * qemu:allocation-depth is always offered; -A is accepted for qemu-nbd's
- * command lines. A client must finish the handshake within 10 seconds of
+ * command lines. -B BITMAP (up to 8 times) adds the
+ * qemu:dirty-bitmap:BITMAP context, with the extents qemu-nbd gives: the
+ * persistent bitmap of the image, or of the first image of its backing
+ * chain that has one of that name; on a writable export an enabled
+ * bitmap shows the clients' writes too. A client must finish the handshake within 10 seconds of
  * connecting (as with qemu-nbd) and is dropped if it takes none of its
  * replies for 30 seconds, so no client holds one of the -e places by
  * stalling; one connection holds at most about 128 MiB of buffers. The
@@ -44,7 +48,65 @@ struct serve_args {
 	bool direct;              /* -n, --cache=none: bypass the page cache */
 	const char *file;
 	const char *snapshot;     /* -l: export this internal snapshot, read-only */
+	/* -B, last first (qemu-nbd lists them so), and the images holding them. */
+	const char *bitmaps[NBD_MAX_EXPORT_BITMAPS];
+	qk_image *bitmap_images[NBD_MAX_EXPORT_BITMAPS];
+	size_t nbitmaps;
 };
+
+/* -B NAME: one more bitmap to offer. Returns 0, or -1 after a message. */
+static int add_bitmap(struct serve_args *a, const char *name)
+{
+	if (a->nbitmaps == NBD_MAX_EXPORT_BITMAPS) {
+		cli_error("at most %d bitmaps (-B) can be exported", NBD_MAX_EXPORT_BITMAPS);
+		return -1;
+	}
+	memmove(&a->bitmaps[1], &a->bitmaps[0], a->nbitmaps * sizeof a->bitmaps[0]);
+	a->bitmaps[0] = name;
+	a->nbitmaps++;
+	return 0;
+}
+
+/* Find each -B bitmap in the image or its backing chain, as qemu-nbd
+ * does, and refuse one that is missing or inconsistent in qemu-nbd's
+ * words. Returns 0, or -1 after a message. */
+static int find_bitmaps(struct serve_args *a, qk_image *img)
+{
+	for (size_t i = 0; i < a->nbitmaps; i++) {
+		const struct qk_bitmap *list = NULL;
+		size_t n = 0, k = 0;
+		qk_image *layer;
+
+		for (layer = img; layer; layer = qk_get_backing(layer)) {
+			if (qk_list_bitmaps(layer, &list, &n) < 0)
+				n = 0;
+			for (k = 0; k < n && strcmp(list[k].name, a->bitmaps[i]) != 0; k++)
+				;
+			if (k < n)
+				break;
+		}
+		char *esc = cli_escape(a->bitmaps[i]);
+		if (!layer)
+			cli_error("Bitmap '%s' is not found", esc);
+		else if (list[k].flags & QK_BITMAP_IN_USE)
+			cli_error("Bitmap '%s' is inconsistent and cannot be used", esc);
+		free(esc);
+		if (!layer || (list[k].flags & QK_BITMAP_IN_USE))
+			return -1;
+		a->bitmap_images[i] = layer;
+		/* Read it now: a bitmap that cannot be read fails here. */
+		uint64_t len;
+		int r = qk_get_size(layer) ? qk_bitmap_status(layer, a->bitmaps[i], 0, 1, &len) : 0;
+		if (r < 0) {
+			cli_lib_error(r);
+			return -1;
+		}
+	}
+	a->exp.bitmaps = a->bitmaps;
+	a->exp.bitmap_images = a->bitmap_images;
+	a->exp.nr_bitmaps = a->nbitmaps;
+	return 0;
+}
 
 /* An export name or description, at most 4096 bytes as the NBD protocol
  * says. Returns 0, or -1 after "export WHAT too long". */
@@ -79,12 +141,13 @@ static int parse_args(int argc, char **argv, struct serve_args *a)
 		{ "aio", required_argument, NULL, OPT_AIO },
 		{ "pid-file", required_argument, NULL, OPT_PID_FILE },
 		{ "load-snapshot", required_argument, NULL, 'l' },
+		{ "bitmap", required_argument, NULL, 'B' },
 		{ NULL, 0, NULL, 0 },
 	};
 	uint64_t v;
 	int c;
 
-	while ((c = cli_getopt(&a->o, argc, argv, ":hf:rk:p:b:x:D:e:tAnl:",
+	while ((c = cli_getopt(&a->o, argc, argv, ":hf:rk:p:b:x:D:e:tAnl:B:",
 			       longopts)) > 0) {
 		switch (c) {
 		case 'l':
@@ -131,6 +194,10 @@ static int parse_args(int argc, char **argv, struct serve_args *a)
 			break;
 		case 'A':
 			break;
+		case 'B':
+			if (add_bitmap(a, optarg) < 0)
+				return CLI_EXIT_FAILURE;
+			break;
 		case 'n':
 			a->direct = true;
 			break;
@@ -175,6 +242,10 @@ static int serve(struct serve_args *a, qk_format fmt)
 			      (a->exp.readonly ? 0 : QK_OPEN_RDWR) |
 			      (a->direct ? QK_OPEN_DIRECT : 0), a->snapshot, &img) < 0)
 		return CLI_EXIT_FAILURE;
+	if (find_bitmaps(a, img) < 0) {
+		qk_close(img);
+		return CLI_EXIT_FAILURE;
+	}
 	err[0] = '\0';
 	r = nbd_server_run(&a->cfg, img, &a->exp, err, sizeof(err));
 	if (r < 0)

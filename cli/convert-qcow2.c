@@ -30,6 +30,7 @@
  */
 #include <errno.h>
 #include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -276,6 +277,40 @@ static int create_target(const struct convert_qcow2 *a, uint64_t size)
 	return 0;
 }
 
+/*
+ * --bitmaps: each persistent bitmap of the source, added to the target
+ * with its granularity and enabled or disabled as it is, then filled by a
+ * merge, as qemu-img convert --bitmaps does once the data is copied (so
+ * the copy itself dirties nothing). Inconsistent ones are skipped with a
+ * warning (--skip-broken-bitmaps; without it convert refused them
+ * before). Returns 0, or -1 after a message.
+ */
+static int copy_bitmaps(const struct convert_qcow2 *a, qk_image *dst)
+{
+	const struct qk_bitmap *list;
+	size_t n = 0;
+	int r = qk_list_bitmaps(a->src, &list, &n);
+
+	for (size_t i = 0; r >= 0 && i < n; i++) {
+		const struct qk_bitmap *b = &list[i];
+		char *esc = cli_escape(b->name);
+
+		if (b->flags & QK_BITMAP_IN_USE) {
+			fprintf(stderr, "qcowkit: warning: Skipping inconsistent bitmap '%s'\n", esc);
+		} else if ((r = qk_bitmap_add(dst, b->name, b->granularity,
+					      b->flags & QK_BITMAP_AUTO ? 0 : QK_BITMAP_ADD_DISABLED)) < 0) {
+			cli_error("Failed to create bitmap %s: %s", esc, cli_lib_message());
+		} else if ((r = qk_bitmap_merge(dst, b->name, a->src, b->name)) < 0) {
+			cli_error("Failed to populate bitmap %s: %s", esc, cli_lib_message());
+			qk_bitmap_remove(dst, b->name);
+		}
+		free(esc);
+	}
+	if (r < 0 && n == 0)
+		cli_lib_error(r);
+	return r < 0 ? -1 : 0;
+}
+
 int convert_qcow2(const struct convert_qcow2 *a)
 {
 	struct job j;
@@ -302,6 +337,10 @@ int convert_qcow2(const struct convert_qcow2 *a)
 	 * reads (the caller checked the image file itself). */
 	if (info.data_file != NULL && check_data_file(a, info.data_file) < 0)
 		goto out;
+	if (a->bitmaps && info.qcow2_version < 3) {
+		cli_error("Format driver 'qcow2' does not support bitmaps");
+		goto out;
+	}
 	if (qk_get_size(j.dst) < j.size) {
 		cli_error("output file is smaller than input file");
 		goto out;
@@ -318,6 +357,8 @@ int convert_qcow2(const struct convert_qcow2 *a)
 		cli_error("error while writing '%s': %s", a->dst_path, j.errmsg);
 		goto out;
 	}
+	if (a->bitmaps && copy_bitmaps(a, j.dst) < 0)
+		goto out;
 	r = qk_close(j.dst);
 	j.dst = NULL;
 	if (r < 0) {

@@ -32,6 +32,10 @@ static const struct cli_command commands[] = {
 	  "[-S STEP] [-t CACHE] [-w] [--pattern=N] [--flush-interval=N] "
 	  "[--random] [-U] FILE",
 	  "measure read throughput of an image" },
+	{ "bitmap", cmd_bitmap,
+	  "bitmap (--add | --remove | --clear | --enable | --disable | --merge SOURCE "
+	  "[-b FILE [-F FMT]]) [-g GRANULARITY] [--disable] [-f FMT] FILE BITMAP",
+	  "add, remove, clear, enable, disable or merge persistent bitmaps" },
 	{ "check", cmd_check,
 	  "check [-f FMT] [-r leaks|all] [--output=human|json] "
 	  "[--forensic [--extract DIR [--extract-max-files=N] "
@@ -44,7 +48,7 @@ static const struct cli_command commands[] = {
 	  "compare [-f FMT] [-F FMT] [-s] [-p] [-q] [-U] A B",
 	  "compare the guest-visible content of two images" },
 	{ "convert", cmd_convert,
-	  "convert [-f FMT] [-O raw|qcow2] [-c] [-o OPTS] [-l SNAPSHOT] [-B BACKING [-F FMT]] "
+	  "convert [-f FMT] [-O raw|qcow2] [-c] [-o OPTS] [-l SNAPSHOT] [--bitmaps] [-B BACKING [-F FMT]] "
 	  "[-p] [-q] [-m N] [-S N] [-W] [-n] [-t CACHE] [-U] SRC DST",
 	  "copy an image's guest content into a new raw or qcow2 image" },
 	{ "create", cmd_create,
@@ -74,7 +78,7 @@ static const struct cli_command commands[] = {
 	  "change the virtual size of an image" },
 	{ "serve", cmd_serve,
 	  "serve [-f FMT] [-r] [-k SOCKET | -p PORT [-b ADDR]] [-x NAME] "
-	  "[-D DESC] [-e N] [-t] [-A] [-l SNAPSHOT] [--cache=MODE] [--pid-file F] FILE",
+	  "[-D DESC] [-e N] [-t] [-A] [-B BITMAP] [-l SNAPSHOT] [--cache=MODE] [--pid-file F] FILE",
 	  "export an image over NBD" },
 	{ "snapshot", cmd_snapshot,
 	  "snapshot [-f FMT] [-q] [-U] [-l | -c NAME | -a NAME | -d NAME] FILE",
@@ -147,6 +151,13 @@ void cli_lib_error(int ret)
 		cli_error("%s", msg);
 	else
 		cli_error("%s", strerror(ret < 0 ? -ret : ret));
+}
+
+const char *cli_lib_message(void)
+{
+	const char *msg = qk_last_error(), *colon = strstr(msg, ": ");
+
+	return strncmp(msg, "qk_", 3) == 0 && colon ? colon + 2 : msg;
 }
 
 int cli_bad_option(const char *cmd, int opt, char **argv, int code)

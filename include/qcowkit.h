@@ -391,10 +391,14 @@ int qk_discard(qk_image *img, uint64_t off, uint64_t len);
 /*
  * Change the virtual size of a read-write image. Growing: the new area
  * reads as zeros (even over a larger backing file). Shrinking needs
- * QK_RESIZE_SHRINK: clusters past the new end are freed. Returns 0,
+ * QK_RESIZE_SHRINK: clusters past the new end are freed. Persistent
+ * bitmaps follow the size, as QEMU resizes them: bits past a new smaller
+ * end are dropped (a partly kept last granule keeps its bit), a larger
+ * image's new area starts clean. Returns 0,
  * -EINVAL (shrink without the flag, raw size not a multiple of 512),
- * -ENOTSUP (v2 image with snapshots; persistent bitmaps), -EFBIG, or as
- * qk_pwrite.
+ * -ENOTSUP (v2 image with snapshots; an inconsistent persistent bitmap,
+ * or a size a bitmap cannot have: 0, or more bits than QEMU holds),
+ * -EFBIG, or as qk_pwrite.
  */
 int qk_resize(qk_image *img, uint64_t size, uint32_t flags);
 /* Write cached metadata in a crash-safe order and sync the file(s).
@@ -421,6 +425,14 @@ struct qk_check_result {
 	                              * file was lost; qemu-img does not look) */
 	uint64_t overlaps;           /* active data clusters mapped over metadata
 	                              * (-r all moves them out) */
+	uint64_t stale_bitmaps;      /* persistent bitmaps left in use by a
+	                              * program that did not close the image:
+	                              * inconsistent, their bits may miss
+	                              * changes. Not corruptions (the metadata
+	                              * is sound; qemu-img does not look), but
+	                              * reported ("Warning: bitmap ..."), and
+	                              * QK_CHECK_FIX_ERRORS removes them. Added
+	                              * after 0.1.0. */
 };
 
 #define QK_CHECK_FIX_LEAKS  (1u << 0) /* free leaked clusters */
@@ -585,7 +597,13 @@ struct qk_bitmap {
 	uint32_t table_size;
 };
 
-/* Set *list to the persistent bitmaps (an array of *count) and return 0. */
+/* Set *list to the persistent bitmaps (an array of *count) and return 0.
+ * QK_BITMAP_IN_USE is the flag as it is on disk: set by a program that has
+ * the image open for writing (this handle too, after its first write, for
+ * the enabled bitmaps it keeps true), and left set by one that crashed
+ * (the bitmap is then inconsistent). The list is replaced by the
+ * qk_bitmap_*() calls and qk_resize() of this handle: do not keep pointers
+ * into it across them. */
 int qk_list_bitmaps(qk_image *img, const struct qk_bitmap **list,
 		    size_t *count);
 
@@ -688,6 +706,82 @@ int qk_set_backing(qk_image *img, const char *name, const char *format);
  * or as qk_discard.
  */
 int qk_make_empty(qk_image *img);
+
+/* ---- changing persistent bitmaps --------------------------------------- */
+
+/*
+ * Persistent dirty bitmaps of a QCOW2 version 3 image, changed as qemu-img
+ * bitmap (QEMU's block-dirty-bitmap-* commands) changes them. A bitmap has
+ * one bit per `granularity` bytes of the guest disk, set when they change
+ * while it is enabled (QK_BITMAP_AUTO): qk_pwrite() and the other writes
+ * keep enabled bitmaps true. An image may also hold inconsistent bitmaps:
+ * left in use (QK_BITMAP_IN_USE) by a program that had the image open for
+ * writing and never closed it, so their bits may miss changes; they can
+ * only be removed (here, or by qk_check() with QK_CHECK_FIX_ERRORS).
+ *
+ * The calls that change bitmaps take a handle opened with QK_OPEN_RDWR and
+ * are durable and crash safe when they return: every table they change is
+ * written, with a new bitmap directory, to new clusters and synced before
+ * the header's bitmaps extension (rewritten in one write) names it; the
+ * old clusters are freed afterwards. A power cut leaves the old bitmaps or
+ * the new ones, and at most leaked clusters. They serialise with the
+ * handle's other writers; other threads may read meanwhile, but must not
+ * hold qk_list_bitmaps() results across them. Messages use QEMU's words.
+ * Errors common to them:
+ *   -EINVAL   img or a name is NULL; unknown flags;
+ *   -EPERM    the handle is read-only;
+ *   -ENOENT   no bitmap of that name ("Dirty bitmap 'NAME' not found"; a
+ *             raw image has none);
+ *   -EUCLEAN  the bitmap is inconsistent ("Bitmap 'NAME' is inconsistent
+ *             and cannot be used");
+ *   -ENOTSUP  an entry of the directory this version cannot write again
+ *             (extra data, unknown flags or type), or a bitmap too large
+ *             to hold in memory (256 MiB of bits);
+ *   -EIO, -ENOSPC  as qk_pwrite.
+ */
+
+#define QK_BITMAP_ADD_DISABLED (1u << 0) /* add it disabled: it does not
+                                          * follow writes */
+
+/*
+ * Add an empty bitmap `name` (at most 1023 bytes, not in use) of
+ * `granularity` bytes per bit (a power of two from 512 to 2 GiB; 0: QEMU's
+ * default, the cluster size within 4 KiB and 64 KiB), enabled unless
+ * QK_BITMAP_ADD_DISABLED. Returns 0, or -EEXIST ("Bitmap already exists:
+ * NAME"), -EINVAL (empty or long name, bad granularity, an image of 0
+ * bytes), -EFBIG (65535 bitmaps already, the directory would pass 64 MiB,
+ * or more than 512 MiB of bits: use a larger granularity), -ENOTSUP (raw
+ * or version 2 image).
+ */
+int qk_bitmap_add(qk_image *img, const char *name, uint64_t granularity, uint32_t flags);
+/* Remove bitmap `name`, inconsistent or not, and free its clusters. */
+int qk_bitmap_remove(qk_image *img, const char *name);
+/* Clear every bit of bitmap `name`. */
+int qk_bitmap_clear(qk_image *img, const char *name);
+/* Enable bitmap `name` (a no-op when it is): it follows writes from now. */
+int qk_bitmap_enable(qk_image *img, const char *name);
+/* Disable bitmap `name` (a no-op when it is): its bits stay as they are. */
+int qk_bitmap_disable(qk_image *img, const char *name);
+/*
+ * Merge bitmap `src_name` of `src` (img itself, or another open image:
+ * qemu-img bitmap --merge -b) into bitmap `name` of img: every range the
+ * source marks dirty is marked dirty in `name`, whatever the two
+ * granularities (a coarser bit covers more bytes). The two images must
+ * have the same size. Returns as above, and -EINVAL ("Bitmaps are of
+ * different sizes ..."). src is only read, under its own lock.
+ */
+int qk_bitmap_merge(qk_image *img, const char *name, qk_image *src, const char *src_name);
+/*
+ * Is the guest range at `off` dirty in bitmap `name`? Sets *len to the
+ * length of the run from `off` (at most max_len, never past the end) in
+ * which the answer stays the same, and returns 1 (dirty) or 0 (clean): the
+ * extents qemu-nbd -B exports. Any handle (read-only too; a read-write one
+ * answers with the bits it keeps true as it writes); safe from several
+ * threads. The bitmap is read into memory at its first use. Returns as
+ * above, or -EINVAL (off >= size, max_len 0).
+ */
+int qk_bitmap_status(qk_image *img, const char *name, uint64_t off, uint64_t max_len,
+		     uint64_t *len);
 
 #ifdef __cplusplus
 }

@@ -764,3 +764,78 @@ QK_EXPORT int qk_make_empty(qk_image *img)
 		return ret;
 	return img->drv->make_empty(img);
 }
+
+/* ---- persistent bitmaps ------------------------------------------------------ */
+
+/* The checks every bitmap change makes, then the driver. */
+static int bitmap_change(qk_image *img, const struct qk__bitmap_change *ch)
+{
+	if (!img || !ch->name)
+		return qk__err(EINVAL, "image and bitmap name are required");
+	if (!(img->flags & QK_OPEN_RDWR))
+		return qk__err(EPERM, "'%s' was opened read-only", img->filename);
+	if (!img->drv->bitmap_change && ch->op == QK__BM_ADD)
+		return qk__err(ENOTSUP, "Can't store persistent bitmaps to '%s': Operation not "
+			       "supported", img->filename);
+	if (!img->drv->bitmap_change)
+		return qk__err(ENOENT, "Dirty bitmap '%s' not found", ch->name);
+	return img->drv->bitmap_change(img, ch);
+}
+
+QK_EXPORT int qk_bitmap_add(qk_image *img, const char *name, uint64_t granularity, uint32_t flags)
+{
+	qk__api_enter("qk_bitmap_add");
+	if (flags & ~(uint32_t)QK_BITMAP_ADD_DISABLED)
+		return qk__err(EINVAL, "unknown flags 0x%x", flags);
+	struct qk__bitmap_change ch = { .op = QK__BM_ADD, .name = name, .granularity = granularity,
+					.disabled = flags & QK_BITMAP_ADD_DISABLED };
+	return bitmap_change(img, &ch);
+}
+
+QK_EXPORT int qk_bitmap_remove(qk_image *img, const char *name)
+{
+	qk__api_enter("qk_bitmap_remove");
+	return bitmap_change(img, &(struct qk__bitmap_change){ .op = QK__BM_REMOVE, .name = name });
+}
+
+QK_EXPORT int qk_bitmap_clear(qk_image *img, const char *name)
+{
+	qk__api_enter("qk_bitmap_clear");
+	return bitmap_change(img, &(struct qk__bitmap_change){ .op = QK__BM_CLEAR, .name = name });
+}
+
+QK_EXPORT int qk_bitmap_enable(qk_image *img, const char *name)
+{
+	qk__api_enter("qk_bitmap_enable");
+	return bitmap_change(img, &(struct qk__bitmap_change){ .op = QK__BM_ENABLE, .name = name });
+}
+
+QK_EXPORT int qk_bitmap_disable(qk_image *img, const char *name)
+{
+	qk__api_enter("qk_bitmap_disable");
+	return bitmap_change(img, &(struct qk__bitmap_change){ .op = QK__BM_DISABLE, .name = name });
+}
+
+QK_EXPORT int qk_bitmap_merge(qk_image *img, const char *name, qk_image *src, const char *src_name)
+{
+	qk__api_enter("qk_bitmap_merge");
+	if (!src || !src_name)
+		return qk__err(EINVAL, "source image and bitmap name are required");
+	struct qk__bitmap_change ch = { .op = QK__BM_MERGE, .name = name, .src = src,
+					.src_name = src_name };
+	return bitmap_change(img, &ch);
+}
+
+QK_EXPORT int qk_bitmap_status(qk_image *img, const char *name, uint64_t off, uint64_t max_len,
+			       uint64_t *len)
+{
+	qk__api_enter("qk_bitmap_status");
+	if (!img || !name || !len)
+		return qk__err(EINVAL, "image, bitmap name and length are required");
+	if (off >= img->size || max_len == 0)
+		return qk__err(EINVAL, "bitmap status at offset %llu: outside the image (%llu bytes)",
+			       (unsigned long long)off, (unsigned long long)img->size);
+	if (!img->drv->bitmap_status)
+		return qk__err(ENOENT, "Dirty bitmap '%s' not found", name);
+	return img->drv->bitmap_status(img, name, off, qk_min_u64(max_len, img->size - off), len);
+}

@@ -264,6 +264,18 @@ struct qk__measure_src {
 			  uint64_t *bytes);
 };
 
+/* A change of persistent bitmaps (qk_bitmap_add() and the others). */
+enum qk__bitmap_op { QK__BM_ADD, QK__BM_REMOVE, QK__BM_CLEAR, QK__BM_ENABLE, QK__BM_DISABLE,
+		     QK__BM_MERGE };
+struct qk__bitmap_change {
+	enum qk__bitmap_op op;
+	const char *name;
+	uint64_t granularity;    /* ADD: bytes per bit, 0 for the default */
+	bool disabled;           /* ADD */
+	qk_image *src;           /* MERGE: the image holding src_name */
+	const char *src_name;
+};
+
 struct qk__driver {
 	const char *name;
 	qk_format format;
@@ -313,6 +325,11 @@ struct qk__driver {
 	int (*snapshot_apply)(qk_image *img, uint32_t sn);
 	int (*snapshot_delete)(qk_image *img, uint32_t sn);
 	int (*list_bitmaps)(qk_image *img, const struct qk_bitmap **list, size_t *n);
+	/* Persistent bitmaps (see qk_bitmap_add() and the others); NULL: the
+	 * format has none. */
+	int (*bitmap_change)(qk_image *img, const struct qk__bitmap_change *ch);
+	int (*bitmap_status)(qk_image *img, const char *name, uint64_t off, uint64_t len,
+			     uint64_t *run);
 	/* The external data file this layer reads: *f once opened (else
 	 * NULL), *path its resolved name (NULL: none). May be NULL for
 	 * formats without one. */

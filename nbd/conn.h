@@ -20,6 +20,7 @@
 /* Context ids handed out by SET_META_CONTEXT (the same as qemu-nbd's). */
 #define NBD_CTX_ID_ALLOCATION 0
 #define NBD_CTX_ID_DEPTH      1
+#define NBD_CTX_ID_BITMAP     2 /* + the index of the export's bitmap */
 
 /* Largest READ or WRITE payload, and the BLOCK_SIZE maximum we advertise
  * (qemu-nbd's limit too). */
@@ -36,6 +37,7 @@ struct nbd_conn {
 	bool structured;          /* NBD_OPT_STRUCTURED_REPLY acknowledged */
 	bool ctx_allocation;      /* base:allocation selected */
 	bool ctx_depth;           /* qemu:allocation-depth selected */
+	uint32_t ctx_bitmaps;     /* bit i: qemu:dirty-bitmap of bitmaps[i] */
 };
 
 /* Transmission flags of this export for this connection. */

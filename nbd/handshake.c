@@ -241,38 +241,78 @@ static int opt_info_go(struct nbd_conn *c, uint32_t opt, const uint8_t *data,
 	return opt == NBD_OPT_GO ? 1 : 0;
 }
 
-/* Which of our contexts a query names. In LIST a namespace alone ("base:",
- * "qemu:") names all of its contexts. */
-static void match_query(const struct nbd_conn *c, const uint8_t *q,
-			uint32_t qlen, bool list, bool *alloc, bool *depth)
-{
-	static const char base_ns[] = "base:", qemu_ns[] = "qemu:";
-	static const char alloc_name[] = NBD_CONTEXT_BASE_ALLOCATION;
-	static const char depth_name[] = NBD_CONTEXT_QEMU_ALLOCATION_DEPTH;
+/* The contexts a query selects. */
+struct ctx_set {
+	bool alloc, depth;
+	uint32_t bitmaps;         /* bit i: the export's bitmaps[i] */
+};
 
-	if ((qlen == sizeof(alloc_name) - 1 &&
-	     memcmp(q, alloc_name, qlen) == 0) ||
-	    (list && qlen == sizeof(base_ns) - 1 &&
-	     memcmp(q, base_ns, qlen) == 0))
-		*alloc = true;
-	if (!c->exp->allocation_depth)
-		return;
-	if ((qlen == sizeof(depth_name) - 1 &&
-	     memcmp(q, depth_name, qlen) == 0) ||
-	    (list && qlen == sizeof(qemu_ns) - 1 &&
-	     memcmp(q, qemu_ns, qlen) == 0))
-		*depth = true;
+/* Does query q (qlen bytes) equal, or (prefix) begin with, `s`? */
+static bool query_is(const uint8_t *q, uint32_t qlen, const char *s, bool prefix)
+{
+	size_t n = strlen(s);
+	return (qlen == n || (prefix && qlen > n)) && memcmp(q, s, n) == 0;
 }
 
-static int send_context(struct nbd_conn *c, uint32_t opt, uint32_t id,
-			const char *name)
+/* Which of our contexts a query names, as qemu-nbd reads it. In LIST a
+ * namespace alone ("base:", "qemu:", "qemu:dirty-bitmap:") names all of
+ * its contexts. */
+static void match_query(const struct nbd_conn *c, const uint8_t *q,
+			uint32_t qlen, bool list, struct ctx_set *set)
 {
-	uint8_t buf[4 + 64];
-	size_t n = strlen(name);
+	static const char bm_ns[] = NBD_CONTEXT_QEMU_DIRTY_BITMAP;
+	uint32_t all = (uint32_t)((1ull << c->exp->nr_bitmaps) - 1);
 
+	if (query_is(q, qlen, NBD_CONTEXT_BASE_ALLOCATION, false) ||
+	    (list && query_is(q, qlen, "base:", false)))
+		set->alloc = true;
+	if (c->exp->allocation_depth &&
+	    (query_is(q, qlen, NBD_CONTEXT_QEMU_ALLOCATION_DEPTH, false) ||
+	     (list && query_is(q, qlen, "qemu:", false))))
+		set->depth = true;
+	if (list && (query_is(q, qlen, "qemu:", false) || query_is(q, qlen, bm_ns, false)))
+		set->bitmaps |= all;
+	if (!query_is(q, qlen, bm_ns, true))
+		return;
+	for (size_t i = 0; i < c->exp->nr_bitmaps; i++)
+		if (strlen(c->exp->bitmaps[i]) == qlen - (sizeof(bm_ns) - 1) &&
+		    memcmp(q + sizeof(bm_ns) - 1, c->exp->bitmaps[i], qlen - (sizeof(bm_ns) - 1)) == 0)
+			set->bitmaps |= 1u << i;
+}
+
+/* One META_CONTEXT reply: id, then `prefix` and `name`. */
+static int send_context(struct nbd_conn *c, uint32_t opt, uint32_t id,
+			const char *prefix, const char *name)
+{
+	uint8_t buf[4 + NBD_MAX_STRING];
+	size_t p = strlen(prefix), n = strlen(name);
+
+	if (p + n > NBD_MAX_STRING)
+		n = NBD_MAX_STRING - p;   /* -B names are checked: never */
 	nbd_put32(buf, id);
-	memcpy(buf + 4, name, n);
-	return send_rep(c, opt, NBD_REP_META_CONTEXT, buf, 4 + n);
+	memcpy(buf + 4, prefix, p);
+	memcpy(buf + 4 + p, name, n);
+	return send_rep(c, opt, NBD_REP_META_CONTEXT, buf, 4 + p + n);
+}
+
+/* Answer LIST or SET with the contexts in `set`, qemu-nbd's order (LIST
+ * gives id 0, as the specification suggests), then ACK. */
+static int send_contexts(struct nbd_conn *c, uint32_t opt, const struct ctx_set *set)
+{
+	bool list = opt == NBD_OPT_LIST_META_CONTEXT;
+	int r = 0;
+
+	if (set->alloc)
+		r = send_context(c, opt, list ? 0 : NBD_CTX_ID_ALLOCATION,
+				 NBD_CONTEXT_BASE_ALLOCATION, "");
+	if (r >= 0 && set->depth)
+		r = send_context(c, opt, list ? 0 : NBD_CTX_ID_DEPTH,
+				 NBD_CONTEXT_QEMU_ALLOCATION_DEPTH, "");
+	for (size_t i = 0; r >= 0 && i < c->exp->nr_bitmaps; i++)
+		if (set->bitmaps & (1u << i))
+			r = send_context(c, opt, list ? 0 : NBD_CTX_ID_BITMAP + (uint32_t)i,
+					 NBD_CONTEXT_QEMU_DIRTY_BITMAP, c->exp->bitmaps[i]);
+	return r < 0 ? r : send_ack(c, opt);
 }
 
 /* LIST_META_CONTEXT and SET_META_CONTEXT: u32 name length, name, u32 n,
@@ -281,9 +321,8 @@ static int opt_meta_context(struct nbd_conn *c, uint32_t opt,
 			    const uint8_t *data, uint32_t len)
 {
 	bool list = opt == NBD_OPT_LIST_META_CONTEXT;
-	bool alloc = false, depth = false;
+	struct ctx_set set = { false, false, 0 };
 	uint32_t nlen, nq, pos;
-	int r;
 
 	if (!list && !c->structured)
 		return send_err(c, opt, NBD_REP_ERR_INVALID,
@@ -317,27 +356,22 @@ static int opt_meta_context(struct nbd_conn *c, uint32_t opt,
 	if (!export_matches(c, data + 4, nlen))
 		return send_unknown_export(c, opt, data + 4, nlen);
 	if (list && nq == 0) {
-		alloc = true;
-		depth = c->exp->allocation_depth;
+		set.alloc = true;
+		set.depth = c->exp->allocation_depth;
+		set.bitmaps = (uint32_t)((1ull << c->exp->nr_bitmaps) - 1);
 	}
 	pos = 8 + nlen;
 	for (uint32_t i = 0; i < nq; i++) {
 		uint32_t qlen = nbd_get32(data + pos);
-		match_query(c, data + pos + 4, qlen, list, &alloc, &depth);
+		match_query(c, data + pos + 4, qlen, list, &set);
 		pos += 4 + qlen;
 	}
 	if (!list) {
-		c->ctx_allocation = alloc;
-		c->ctx_depth = depth;
+		c->ctx_allocation = set.alloc;
+		c->ctx_depth = set.depth;
+		c->ctx_bitmaps = set.bitmaps;
 	}
-	/* LIST answers with id 0, which the specification suggests. */
-	if (alloc && (r = send_context(c, opt, list ? 0 : NBD_CTX_ID_ALLOCATION,
-				       NBD_CONTEXT_BASE_ALLOCATION)) < 0)
-		return r;
-	if (depth && (r = send_context(c, opt, list ? 0 : NBD_CTX_ID_DEPTH,
-				       NBD_CONTEXT_QEMU_ALLOCATION_DEPTH)) < 0)
-		return r;
-	return send_ack(c, opt);
+	return send_contexts(c, opt, &set);
 }
 
 static const char *opt_name(uint32_t opt)

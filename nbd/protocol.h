@@ -121,6 +121,8 @@
 #define NBD_STATE_ZERO            (1u << 1)
 #define NBD_CONTEXT_BASE_ALLOCATION "base:allocation"
 #define NBD_CONTEXT_QEMU_ALLOCATION_DEPTH "qemu:allocation-depth"
+#define NBD_CONTEXT_QEMU_DIRTY_BITMAP "qemu:dirty-bitmap:" /* + the bitmap's name */
+#define NBD_STATE_DIRTY           (1u << 0) /* qemu:dirty-bitmap */
 
 /* Error values (not the host's errno numbers, though they agree on Linux). */
 #define NBD_EPERM                 1

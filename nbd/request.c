@@ -556,18 +556,22 @@ struct bs_chunk {
 };
 
 /* Add an extent, merged with the last one when the flags agree (lengths
- * add up to at most the request's u32 length, so they cannot wrap). */
-static void bs_add(struct bs_chunk *b, uint64_t len, uint32_t flags)
+ * add up to at most the request's u32 length, so they cannot wrap), unless
+ * a new one would pass `cap` extents: then false, nothing added. */
+static bool bs_add(struct bs_chunk *b, uint64_t len, uint32_t flags, size_t cap)
 {
 	uint8_t *e = b->p + NBD_CHUNK_HEADER_SIZE + 4 + 8 * b->n;
 
 	if (b->n > 0 && nbd_get32(e - 4) == flags) {
 		nbd_put32(e - 8, nbd_get32(e - 8) + (uint32_t)len);
-		return;
+		return true;
 	}
+	if (b->n == cap)
+		return false;
 	nbd_put32(e, (uint32_t)len);
 	nbd_put32(e + 4, flags);
 	b->n++;
+	return true;
 }
 
 /* Finish the chunk of context `id`: header and id. Returns its size. */
@@ -587,24 +591,104 @@ static size_t bs_finish(const struct request *rq, struct bs_chunk *b,
 _Static_assert(2 * NBD_BS_CHUNK_MAX <= NBD_KEEP_BUF,
 	       "BLOCK_STATUS chunks must fit in a worker's kept buffer");
 
-/* BLOCK_STATUS: one chunk per selected context, each with the extents of
- * at most NBD_BS_MAX_EXTENTS library extents (one with REQ_ONE) from the
- * request's offset on; a block status failure after the first extent
- * ends the reply early instead of failing it. */
+/* Extents of one qemu:dirty-bitmap chunk: qemu-nbd's bound
+ * (NBD_MAX_BLOCK_STATUS_EXTENTS), so that both cut a long reply at the
+ * same place. */
+#define NBD_BS_BITMAP_EXTENTS (1u << 17)
+
+/* The qemu:allocation-depth of extent e: the layer holding it, 1 for the
+ * top; past the end of a shorter backing file, that file's (its zeros
+ * count as its own, as qemu-nbd counts them); 0 when no layer holds it. */
+static uint32_t alloc_depth(qk_image *img, const struct qk_extent *e)
+{
+	if (e->flags & QK_EXTENT_PRESENT)
+		return e->depth + 1;
+	for (uint32_t i = 0; img && i < e->depth; i++)
+		img = qk_get_backing(img);
+	return img && qk_get_backing(img) ? e->depth + 2 : 0;
+}
+
+/* base:allocation and qemu:allocation-depth (as selected) from at most
+ * NBD_BS_MAX_EXTENTS library extents, each chunk at most `cap` extents
+ * (merged: with REQ_ONE a run goes on while its flags stay the same, as
+ * qemu-nbd's does). Returns 0, or the failure of the first extent (later
+ * ones end the chunks early). */
+static int bs_alloc_depth(struct nbd_conn *c, const struct request *rq, size_t cap,
+			  struct bs_chunk *alloc, struct bs_chunk *depth)
+{
+	uint64_t pos = rq->offset, end = rq->offset + rq->length;
+	bool more_alloc = c->ctx_allocation, more_depth = c->ctx_depth;
+	size_t raw = 0;
+
+	while (pos < end && raw < NBD_BS_MAX_EXTENTS && (more_alloc || more_depth)) {
+		struct qk_extent e;
+		uint64_t len;
+		int r = qk_block_status(c->img, pos, end - pos, &e);
+
+		if (r < 0)
+			return raw > 0 ? 0 : r;   /* answer for what is known */
+		len = e.length;
+		if (len == 0 || len > end - pos)
+			len = end - pos;
+		if (more_alloc)
+			more_alloc = bs_add(alloc, len, (e.flags & QK_EXTENT_DATA ? 0 : NBD_STATE_HOLE) |
+					    (e.flags & QK_EXTENT_ZERO ? NBD_STATE_ZERO : 0), cap);
+		if (more_depth)
+			more_depth = bs_add(depth, len, alloc_depth(c->img, &e), cap);
+		pos += len;
+		raw++;
+	}
+	return 0;
+}
+
+/* qemu:dirty-bitmap of the export's bitmap i: dirty and clean runs from
+ * the request's offset, merged, at most `cap` extents (as qemu-nbd); past
+ * the end of the image holding the bitmap (a smaller backing file) all is
+ * clean. Returns 0, or the failure of the first run. */
+static int bs_bitmap(struct nbd_conn *c, const struct request *rq, size_t i, size_t cap,
+		     struct bs_chunk *b)
+{
+	qk_image *img = c->exp->bitmap_images[i];
+	uint64_t pos = rq->offset, end = rq->offset + rq->length;
+	uint64_t stop = end < qk_get_size(img) ? end : qk_get_size(img);
+
+	while (pos < stop) {
+		uint64_t len;
+		int r = qk_bitmap_status(img, c->exp->bitmaps[i], pos, stop - pos, &len);
+
+		if (r < 0)
+			return b->n > 0 ? 0 : r;
+		if (!bs_add(b, len, r ? NBD_STATE_DIRTY : 0, cap))
+			return 0;
+		pos += len;
+	}
+	if (pos < end)
+		bs_add(b, end - pos, 0, cap);
+	return 0;
+}
+
+/* BLOCK_STATUS: one chunk per selected context, in qemu-nbd's order:
+ * base:allocation and qemu:allocation-depth with the extents of at most
+ * NBD_BS_MAX_EXTENTS library extents, each bitmap with at most
+ * NBD_BS_BITMAP_EXTENTS (one of each with REQ_ONE), from the request's
+ * offset on; a failure after the first extent ends a chunk early instead
+ * of failing the reply. */
 static void cmd_block_status(struct tx *t, struct worker *w,
 			     const struct request *rq)
 {
 	struct nbd_conn *c = t->c;
 	bool one = rq->flags & NBD_CMD_FLAG_REQ_ONE;
-	size_t cap = one ? 1 : NBD_BS_MAX_EXTENTS;
+	size_t cap = one ? 1 : NBD_BS_MAX_EXTENTS, bcap = one ? 1 : NBD_BS_BITMAP_EXTENTS;
 	size_t chunk_max = NBD_CHUNK_HEADER_SIZE + 4 + 8 * cap;
-	size_t nctx = (c->ctx_allocation ? 1 : 0) + (c->ctx_depth ? 1 : 0);
-	struct bs_chunk alloc, depth;
-	struct iovec iov[2];
-	uint64_t pos = rq->offset, end = rq->offset + rq->length;
-	size_t raw = 0;
+	size_t bchunk_max = NBD_CHUNK_HEADER_SIZE + 4 + 8 * bcap;
+	size_t nbm = (size_t)__builtin_popcount(c->ctx_bitmaps);
+	size_t nctx = (c->ctx_allocation ? 1 : 0) + (c->ctx_depth ? 1 : 0) + nbm;
+	struct bs_chunk ch[2 + NBD_MAX_EXPORT_BITMAPS];
+	struct iovec iov[2 + NBD_MAX_EXPORT_BITMAPS];
+	uint32_t ids[2 + NBD_MAX_EXPORT_BITMAPS];
 	uint8_t *buf;
-	int r, k = 0;
+	int r;
+	size_t k = 0;
 
 	if (nctx == 0) {
 		reply_err(t, rq, NBD_EINVAL, "CMD_BLOCK_STATUS not negotiated");
@@ -614,49 +698,36 @@ static void cmd_block_status(struct tx *t, struct worker *w,
 		reply_err(t, rq, NBD_EINVAL, "zero-length block status");
 		return;
 	}
-	buf = get_buf(w, nctx * chunk_max);
+	buf = get_buf(w, 2 * chunk_max + nbm * bchunk_max);
 	if (buf == NULL) {
 		reply_err(t, rq, NBD_ENOMEM, "out of memory for block status");
 		return;
 	}
-	alloc.p = buf;
-	alloc.n = 0;
-	depth.p = c->ctx_allocation ? buf + chunk_max : buf;
-	depth.n = 0;
-	while (pos < end && raw < cap) {
-		struct qk_extent e;
-		uint64_t len;
-
-		r = qk_block_status(c->img, pos, end - pos, &e);
-		if (r < 0) {
-			if (raw > 0)
-				break;   /* answer for what is known */
-			reply_lib_err(t, rq, r);
-			return;
-		}
-		len = e.length;
-		if (len == 0 || len > end - pos)
-			len = end - pos;
-		if (c->ctx_allocation)
-			bs_add(&alloc, len,
-			       (e.flags & QK_EXTENT_DATA ? 0 : NBD_STATE_HOLE) |
-			       (e.flags & QK_EXTENT_ZERO ? NBD_STATE_ZERO : 0));
-		if (c->ctx_depth)
-			bs_add(&depth, len,
-			       e.flags & QK_EXTENT_PRESENT ? e.depth + 1 : 0);
-		pos += len;
-		raw++;
+	ch[0] = (struct bs_chunk){ buf, 0 };
+	ch[1] = (struct bs_chunk){ buf + chunk_max, 0 };
+	r = c->ctx_allocation || c->ctx_depth ? bs_alloc_depth(c, rq, cap, &ch[0], &ch[1]) : 0;
+	if (r == 0 && c->ctx_allocation)
+		ids[k++] = NBD_CTX_ID_ALLOCATION;
+	if (r == 0 && c->ctx_depth) {
+		ch[k] = ch[1];
+		ids[k++] = NBD_CTX_ID_DEPTH;
 	}
-	if (c->ctx_allocation) {
-		iov[k].iov_base = alloc.p;
-		iov[k++].iov_len = bs_finish(rq, &alloc, NBD_CTX_ID_ALLOCATION,
-					     !c->ctx_depth);
+	for (size_t i = 0, j = 0; r == 0 && i < c->exp->nr_bitmaps; i++) {
+		if (!(c->ctx_bitmaps & (1u << i)))
+			continue;
+		ch[k] = (struct bs_chunk){ buf + 2 * chunk_max + j++ * bchunk_max, 0 };
+		r = bs_bitmap(c, rq, i, bcap, &ch[k]);
+		ids[k++] = NBD_CTX_ID_BITMAP + (uint32_t)i;
 	}
-	if (c->ctx_depth) {
-		iov[k].iov_base = depth.p;
-		iov[k++].iov_len = bs_finish(rq, &depth, NBD_CTX_ID_DEPTH, true);
+	if (r < 0) {
+		reply_lib_err(t, rq, r);
+		return;
 	}
-	send_reply(t, iov, k);
+	for (size_t i = 0; i < k; i++) {
+		iov[i].iov_base = ch[i].p;
+		iov[i].iov_len = bs_finish(rq, &ch[i], ids[i], i + 1 == k);
+	}
+	send_reply(t, iov, (int)k);
 }
 
 /* After a write-type command: FUA makes it durable before the reply. */

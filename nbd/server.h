@@ -26,7 +26,16 @@ struct nbd_export {
 	                           * share one image handle, so a flush on one
 	                           * connection covers writes done on all) */
 	bool allocation_depth;    /* offer qemu:allocation-depth */
+	/* Persistent bitmaps offered as qemu:dirty-bitmap:NAME contexts (as
+	 * qemu-nbd -B), at most NBD_MAX_EXPORT_BITMAPS: bitmaps[i] is read
+	 * from bitmap_images[i] (the image, or the image of its backing chain
+	 * that holds it) with qk_bitmap_status(). */
+	size_t nr_bitmaps;
+	const char *const *bitmaps;
+	qk_image *const *bitmap_images;
 };
+
+#define NBD_MAX_EXPORT_BITMAPS 8
 
 /*
  * Serve one already-connected stream socket `fd` (TCP, Unix, or one end of

@@ -542,13 +542,24 @@ walk_l1(qk_image *img, struct refs *r, uint64_t l1_off, uint32_t l1_size, const 
 	return ret;
 }
 
-/* Bitmap directory, tables and data clusters. */
+static void say(struct refs *r, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+/* Bitmap directory, tables and data clusters. In check mode, a bitmap
+ * left in use (no handle of ours keeps it) is reported and counted apart:
+ * the metadata is sound, only its bits may miss changes (a crash leaves
+ * that by design, and QEMU's check says nothing). */
 static int count_bitmaps(qk_image *img, struct refs *r)
 {
 	struct qcow2 *q = qcow2_of(img);
 	int ret = add_ref(img, r, q->bitmap_dir_offset, q->bitmap_dir_size, "bitmap directory");
 	for (uint32_t i = 0; ret == 0 && i < q->n_bitmaps; i++) {
 		const struct qk_bitmap *b = &q->bitmaps[i];
+		if (r->res && !r->kind && qk__qcow2_bitmap_inconsistent(q, i)) {
+			r->res->stale_bitmaps++;
+			say(r, "Warning: bitmap '%s' was left in use by a program that did not close the "
+			    "image: it is inconsistent, its bits may miss changes (-r all removes it)",
+			    b->name);
+		}
 		uint64_t bytes = (uint64_t)b->table_size * 8;
 		if (bytes > (512ull << 20) || (b->table_offset & (q->cluster_size - 1)))
 			return qk__qcow2_corrupt(img, "bitmap table of '%s' is invalid", b->name);
@@ -1254,7 +1265,8 @@ int qk__qcow2_check(qk_image *img, uint32_t flags, struct qk_check_result *res,
 	qk__qcow2_lock(q);
 	ret = check_pass(img, res, report, opaque, &r);
 	if (ret < 0 || !(flags & (QK_CHECK_FIX_LEAKS | QK_CHECK_FIX_ERRORS)) ||
-	    (res->leaks == 0 && res->corruptions == 0))
+	    (res->leaks == 0 && res->corruptions == 0 &&
+	     !((flags & QK_CHECK_FIX_ERRORS) && res->stale_bitmaps)))
 		goto out;
 	struct qk_check_result before = *res;
 	if (!(flags & QK_CHECK_FIX_ERRORS) && r.needs_rebuild) {
@@ -1297,6 +1309,10 @@ int qk__qcow2_check(qk_image *img, uint32_t flags, struct qk_check_result *res,
 			ret = fix_copied(img, &r);
 	}
 	free_refs(&r);
+	/* Stale bitmaps go once the refcounts are right: removing them frees
+	 * their clusters. */
+	if (ret == 0 && (flags & QK_CHECK_FIX_ERRORS) && before.stale_bitmaps)
+		ret = qk__qcow2_bitmaps_drop_inconsistent(img, report, opaque);
 	if (ret < 0)
 		goto out;
 	/* Check again: the result is what is left. */

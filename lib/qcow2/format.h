@@ -104,6 +104,16 @@
 #define BM_FLAG_IN_USE   (1u << 0)
 #define BM_FLAG_AUTO     (1u << 1)
 #define BM_FLAG_EXTRA    (1u << 2)
+#define BM_TYPE_DIRTY    1u
+/* QEMU's limits on the bitmaps it writes (block/qcow2-bitmap.c), kept so
+ * that every bitmap we write is one QEMU loads: granularity 512 B to
+ * 2 GiB, names of at most 1023 bytes, at most 0x8000000 table entries and
+ * 512 MiB of bits (what QEMU holds in memory). */
+#define BM_MIN_GRAN_BITS 9
+#define BM_MAX_GRAN_BITS 31
+#define BM_MAX_NAME      1023u
+#define BM_MAX_TABLE_ENTRIES 0x8000000ull
+#define BM_MAX_PHYS_BYTES (512ull << 20)
 
 /* The feature name table extension QEMU writes in a version 3 header
  * (left out of clusters of 4 KiB and less), and its length. */

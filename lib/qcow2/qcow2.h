@@ -66,6 +66,44 @@ struct qk__metamap {
 	uint64_t used;
 };
 
+/* bitmap.c: a persistent bitmap's bits in memory, laid out as its table
+ * lays them out on disk (bit k is bit k % 8 of byte k / 8), in whole
+ * clusters, one per table entry. */
+struct qk__bitmap_bits {
+	uint64_t nbits;        /* bits the image's size needs */
+	uint64_t *table;       /* host order: the table on disk (tracked bitmaps
+	                        * write changed clusters back through it) */
+	uint8_t *data;         /* table entries x cluster size bytes */
+	uint8_t *changed;      /* per table entry: changed since last written */
+	bool any_changed;
+};
+
+/* bitmap.c: what the driver keeps of directory entry i besides the public
+ * struct qk_bitmap (see the design note of bitmap.c). */
+struct qk__bitmap_priv {
+	uint64_t entry_off;    /* file offset of its directory entry */
+	uint32_t extra_flags;  /* flag bits other than in-use and auto */
+	uint32_t extra_len;    /* bytes of extra data in its entry */
+	uint32_t gran_bits;
+	bool tracked;          /* kept true by this handle's writes */
+	bool resizing;         /* marked in use by a resize (bitmap.c) */
+	struct qk__bitmap_bits *bits; /* loaded, or NULL */
+};
+
+/* bitmap.c: the directory a change wants (qk__qcow2_bitmap_edit_init()
+ * copies the current one, the change edits it, qk__qcow2_bitmaps_commit()
+ * writes it). Entry i came from entry from[i] of the current directory (-1:
+ * new); with fresh[i], priv[i].bits is written to new clusters, else the
+ * table of entry from[i] is kept. */
+struct qk__bitmap_edit {
+	uint32_t n, cap;
+	struct qk_bitmap *bm;          /* names owned by the edit */
+	struct qk__bitmap_priv *priv;  /* bits shared with the current entry
+	                                * from[i], or owned by the edit */
+	int64_t *from;
+	bool *fresh;
+};
+
 /* ---- the driver's state --------------------------------------------------- */
 
 /* What a guest unit (a cluster, or a subcluster with extended L2) is. */
@@ -156,12 +194,11 @@ struct qcow2 {
 	struct qk_bitmap *bitmaps;
 	uint32_t n_bitmaps;
 	uint64_t bitmap_dir_offset, bitmap_dir_size;
-	struct {
-		uint64_t entry_off;     /* file offset of its directory entry */
-		uint32_t extra_flags;   /* flag bits other than in-use and auto */
-	} *bitmap_priv;             /* n_bitmaps */
-	struct qk__tracked_bitmap *tracked; /* enabled bitmaps kept true (bitmap.c) */
-	uint32_t n_tracked;
+	struct qk__bitmap_priv *bitmap_priv; /* n_bitmaps (bitmap.c) */
+	uint32_t n_tracked;         /* bitmaps kept true by writes (bitmap.c) */
+	/* Guest range whose changes the bitmaps ignore: the zeroing of a new
+	 * end by resize, which QEMU does not count as a change. */
+	uint64_t bm_quiet_lo, bm_quiet_hi;
 	bool lazy;                  /* refcount writes deferred: image marked dirty */
 	bool write_refused;         /* corruption found: no more writes (v2 has
 	                             * no corrupt bit to say so on disk) */
@@ -423,6 +460,51 @@ int qk__qcow2_bitmaps_start(qk_image *img);
 void qk__qcow2_bitmaps_mark(qk_image *img, uint64_t off, uint64_t len);
 /* Write the changed bitmaps back and clear their in-use flags. */
 int qk__qcow2_bitmaps_store(qk_image *img);
+/* The index of the bitmap named `name`, or -1. */
+int64_t qk__qcow2_bitmap_find(const struct qcow2 *q, const char *name);
+/* Is bitmap i inconsistent: in use on disk, not tracked by this handle? */
+bool qk__qcow2_bitmap_inconsistent(const struct qcow2 *q, uint32_t i);
+/* Load the bits of bitmap i (once; they stay until close), its table
+ * checked. 0 or a negative errno (recorded). Image lock held. */
+int qk__qcow2_bitmap_load(qk_image *img, uint32_t i);
+/* Zeroed bits for a bitmap of `nbits` bits, or a copy of `from` (NULL: zeroed). 0, -ENOMEM (recorded). */
+int qk__qcow2_bits_new(const struct qcow2 *q, uint64_t nbits, const struct qk__bitmap_bits *from,
+		       struct qk__bitmap_bits **out);
+void qk__qcow2_bits_free(struct qk__bitmap_bits *b);
+/* Set the bits (of granularity 2^gb) covering guest bytes [off, off+len). */
+void qk__qcow2_bits_set(const struct qcow2 *q, struct qk__bitmap_bits *b, uint32_t gb, uint64_t off,
+			uint64_t len);
+/* The first bit from bit `k` on whose state is not `set` (b->nbits: none). */
+uint64_t qk__qcow2_bits_run(const struct qk__bitmap_bits *b, uint64_t k, bool set);
+/* The driver's qk_bitmap_status(); takes the image lock. */
+int qk__qcow2_bitmap_status(qk_image *img, const char *name, uint64_t off, uint64_t len,
+			    uint64_t *run);
+/* Start an edit from the current directory, with room for `room` more
+ * entries. -ENOTSUP when an entry holds what this version cannot write
+ * again (extra data, unknown flags or type). */
+int qk__qcow2_bitmap_edit_init(qk_image *img, struct qk__bitmap_edit *e, uint32_t room);
+/* Drop entry i of an edit. */
+void qk__qcow2_bitmap_edit_remove(qk_image *img, struct qk__bitmap_edit *e, uint32_t i);
+/* Free an edit that was not committed (bits it does not share). */
+void qk__qcow2_bitmap_edit_free(qk_image *img, struct qk__bitmap_edit *e);
+/* Make the directory what `e` says, crash-safely (see bitmap.c): on
+ * success e is emptied (its entries are the image's now); on failure the
+ * image is as before and e unchanged. Image lock held, handle ready to
+ * write (refcounts loaded, overlap map built). */
+int qk__qcow2_bitmaps_commit(qk_image *img, struct qk__bitmap_edit *e);
+/* Before resizing to `size`: refuse inconsistent bitmaps and sizes a
+ * bitmap cannot follow, load every bitmap and mark the untracked ones in
+ * use on disk (so a cut leaves them inconsistent, never wrong).
+ * qk__qcow2_bitmaps_resize(img, 1), once the size is written: every
+ * bitmap rewritten for the new size (bits past it dropped, new ones clean),
+ * as QEMU does; (img, 0) when the resize failed before the size changed:
+ * the marks taken off again; (img, -1) when the size write failed (it may
+ * have landed): every bitmap left in use, none kept true. Image lock held. */
+int qk__qcow2_bitmaps_resize_prepare(qk_image *img, uint64_t size);
+int qk__qcow2_bitmaps_resize(qk_image *img, int resized);
+/* check -r all: remove the inconsistent bitmaps, each reported. */
+int qk__qcow2_bitmaps_drop_inconsistent(qk_image *img, void (*report)(void *, const char *),
+					void *opaque);
 
 /* ---- header.c: parsing ---------------------------------------------------------- */
 /*
@@ -466,6 +548,10 @@ int qk__qcow2_create(const char *path, const struct qk_create_options *o);
 /* qk_measure with a qcow2 target (the driver's measure). */
 int qk__qcow2_measure(const struct qk_create_options *o, const struct qk__measure_src *src,
 		      struct qk_measure *res);
+
+/* ---- bitmap-edit.c (above the operations) ------------------------------------- */
+/* The driver's qk_bitmap_add() and the other changes (internal.h). */
+int qk__qcow2_bitmap_change(qk_image *img, const struct qk__bitmap_change *ch);
 
 /* ---- snapshot-write.c (above the operations) ---------------------------------- */
 /* The driver's internal snapshot calls (see qk_snapshot_create() and the

@@ -992,9 +992,6 @@ int qk__qcow2_resize(qk_image *img, uint64_t size, uint32_t flags)
 	uint64_t old = img->size, cs = q->cluster_size;
 	if (q->version < 3 && q->nb_snapshots)
 		return qk__err(ENOTSUP, "Can't resize a v2 image which has snapshots");
-	if (q->n_bitmaps)
-		return qk__err(ENOTSUP, "resizing '%s' is not supported yet: it has persistent bitmaps",
-			       img->filename);
 	if (size > (uint64_t)INT64_MAX - cs)
 		return qk__err(EFBIG, "size %llu is too large", (unsigned long long)size);
 	/* v2 has no zero flag: growing over a backing file that reaches past
@@ -1006,6 +1003,10 @@ int qk__qcow2_resize(qk_image *img, uint64_t size, uint32_t flags)
 			       "area would show the backing file's data (compat=1.1 images can)",
 			       img->filename);
 	int ret = qk__qcow2_begin_change(img, 0, 0);
+	/* Bitmaps follow the size (bitmap.c): in use on disk until then. */
+	bool bitmaps = ret == 0 && q->n_bitmaps != 0;
+	if (bitmaps)
+		ret = qk__qcow2_bitmaps_resize_prepare(img, size);
 	uint64_t per_l1 = cs << q->l2_bits;
 	uint64_t need = size / per_l1 + (size % per_l1 != 0);
 	if (ret == 0 && size < old) {
@@ -1022,6 +1023,7 @@ int qk__qcow2_resize(qk_image *img, uint64_t size, uint32_t flags)
 	} else if (ret == 0 && need > q->l1_size) {
 		ret = grow_l1(img, need);
 	}
+	bool size_tried = ret == 0;
 	if (ret == 0) {
 		uint8_t be[8];
 		qk_put_be64(be, size);
@@ -1029,17 +1031,33 @@ int qk__qcow2_resize(qk_image *img, uint64_t size, uint32_t flags)
 	}
 	if (ret == 0)
 		img->size = size;
+	/* The bitmaps follow; or, refused before the size changed, are as
+	 * they were; or, after a failed size write (which may have landed),
+	 * stay in use. */
+	if (bitmaps) {
+		int bret = qk__qcow2_bitmaps_resize(img, ret == 0 ? 1 : size_tried ? -1 : 0);
+		ret = ret < 0 ? ret : bret;
+	}
 	qk__qcow2_end_change(img);
 	if (ret < 0 || size <= old)
 		return ret;
 	/* Growing: what lies past the old end must read as zeros, not as stale
-	 * bytes of the last cluster or as a larger backing file. */
+	 * bytes of the last cluster or as a larger backing file. Not a change
+	 * the bitmaps see (QEMU's new area starts clean). */
 	uint64_t zero_end = qk_min_u64(size, (old + cs - 1) & ~(cs - 1));
 	if (img->backing && img->backing->size > zero_end)
 		zero_end = qk_min_u64(size, img->backing->size);
 	else if (q->backing_file && !img->backing)
 		zero_end = size;
-	if (zero_end > old)
+	if (zero_end > old) {
+		qk__qcow2_lock(q);
+		q->bm_quiet_lo = old;
+		q->bm_quiet_hi = zero_end;
+		qk__qcow2_unlock(q);
 		ret = qk__qcow2_write_zeroes(img, old, zero_end - old, 0);
+		qk__qcow2_lock(q);
+		q->bm_quiet_lo = q->bm_quiet_hi = 0;
+		qk__qcow2_unlock(q);
+	}
 	return ret;
 }
