@@ -376,6 +376,9 @@ void progress_init(struct cli_progress *p, bool enabled, float min_skip);
  * is added to the current value (qemu_progress_print). */
 void progress_print(struct cli_progress *p, float delta, int max);
 void progress_end(struct cli_progress *p);
+/* The library's progress callbacks (qk_progress_fn) printed as percent on
+ * `opaque`, a struct cli_progress. */
+void progress_cb(void *opaque, uint64_t done, uint64_t total);
 /*
  * Run fn(arg) on n threads (cli_run_threads()) under progress `p`, which
  * the caller has started: afterwards 100% is printed unless *failed (read

@@ -254,13 +254,6 @@ static int to_options(const struct amend_vals *v, struct qk_amend_options *o)
 #undef VAL
 }
 
-/* qemu-img's progress: the library's work units as percent. */
-static void on_progress(void *opaque, uint64_t done, uint64_t total)
-{
-	if (total)
-		progress_print(opaque, (float)((double)done * 100.0 / (double)total), 0);
-}
-
 /* Parse amend's options into *a. Returns CLI_GO, or the exit status after
  * --help or a message. */
 static int parse_args(int argc, char **argv, struct amend_args *a)
@@ -329,7 +322,7 @@ static int amend(struct amend_args *a, qk_format fmt)
 	ret = parse_options(a->olist, &v) < 0 || to_options(&v, &o) < 0 ? -1 : 0;
 	progress_init(&prog, a->progress && !a->quiet, 1.0f);
 	if (ret == 0) {
-		o.progress = on_progress;
+		o.progress = progress_cb;
 		o.progress_opaque = &prog;
 		progress_print(&prog, 0, 0);
 		ret = qk_amend(img, &o);

@@ -3,19 +3,15 @@
  *   qcowkit rebase [-f FMT] [-u] -b BACKING [-F FMT] [-p] [-q] [-c]
  *                  [-t CACHE] [-T CACHE] [-U] FILE     (-b "": none)
  *
- * Safe mode (no -u): wherever the image allocates nothing, the guest view
- * through the old backing chain is compared, 512-byte sector by sector as
- * qemu-img does, with the view through the new backing file (zeros past
- * its end, or everywhere with -b ""), and the sectors that differ are
- * written into the image (copy-on-write fills their clusters from the old
- * chain, still the image's backing then). Only then is the header changed
- * (qk_set_backing(): one durable write). With -c, a cluster holding a
- * difference is written whole and compressed (qemu-img 8.2's -c).
- *
- * Power cuts: until the header changes, every write puts into the image
- * the data it already read through the old chain, so a cut leaves the
- * guest view unchanged; after it, the new chain with those data gives the
- * same view.
+ * This file opens the image and the new backing file; qk_rebase()
+ * (lib/commit.c) does the rest. Safe mode (no -u): wherever the image
+ * allocates nothing, the guest view through the old backing chain is
+ * compared, 512-byte sector by sector as qemu-img does, with the view
+ * through the new backing file (zeros past its end, or everywhere with
+ * -b ""), and the sectors that differ are written into the image. Only
+ * then is the header changed (one durable write). With -c, a cluster
+ * holding a difference is written whole and compressed (qemu-img 8.2's
+ * -c). A power cut leaves the guest view unchanged (qcowkit.h says why).
  */
 #include "cli.h"
 
@@ -24,14 +20,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define REBASE_CHUNK (2u << 20) /* qemu-img's IO_BUF_SIZE */
-#define SECTOR 512u
-
 struct rebase_args {
 	const char *file, *backing, *bfmt;
 	qk_format fmt;
 	bool unsafe, quiet, progress, compress, direct;
-	uint32_t cluster;     /* of the image, for -c */
 };
 
 /* The library's message without its "qk_xxx: " prefix. */
@@ -39,96 +31,6 @@ static const char *lib_msg(void)
 {
 	const char *m = qk_last_error(), *c = strstr(m, ": ");
 	return c && strncmp(m, "qk_", 3) == 0 ? c + 2 : m;
-}
-
-/* Write [off, off+len) of old (the old view at `base`) into img: as is,
- * or with -c the whole clusters around it compressed. */
-static int put_old(qk_image *img, const struct rebase_args *a, const uint8_t *old, uint64_t base,
-		   uint64_t off, uint64_t len, uint8_t *cbuf)
-{
-	if (!a->compress || !a->cluster)
-		return qk_pwrite(img, old + (off - base), len, off);
-	uint64_t cs = a->cluster, size = qk_get_size(img);
-	for (uint64_t c = off - off % cs; c < off + len; c += cs) {
-		size_t n = (size_t)(cs < size - c ? cs : size - c);
-		int ret = qk_pread(img, cbuf, n, c);
-		if (ret == 0)
-			ret = qk_write_compressed(img, cbuf, n, c);
-		if (ret < 0)
-			return ret;
-	}
-	return 0;
-}
-
-/* Compare old and new over [off, off+n) by sectors, writing into img the
- * runs that differ. */
-static int write_diffs(qk_image *img, const struct rebase_args *a, const uint8_t *old,
-		       const uint8_t *nu, uint64_t off, uint64_t n, uint8_t *cbuf)
-{
-	uint64_t i = 0, done_to = 0;
-	while (i < n) {
-		uint64_t s = SECTOR < n - i ? SECTOR : n - i;
-		bool diff = memcmp(old + i, nu + i, s) != 0;
-		uint64_t j = i + s;
-		while (j < n) {
-			uint64_t t = SECTOR < n - j ? SECTOR : n - j;
-			if ((memcmp(old + j, nu + j, t) != 0) != diff)
-				break;
-			j += t;
-		}
-		/* with -c a cluster is written once, whatever its runs */
-		if (diff && off + j > done_to) {
-			int ret = put_old(img, a, old, off, off + i, j - i, cbuf);
-			if (ret < 0)
-				return ret;
-			done_to = a->compress && a->cluster ? off + j + a->cluster - 1 -
-							   (off + j - 1) % a->cluster : off + j;
-		}
-		i = j;
-	}
-	return 0;
-}
-
-/* Read [off, off+n) of `img` (NULL: zeros; zeros past its end). */
-static int read_view(qk_image *img, uint8_t *buf, uint64_t off, uint64_t n)
-{
-	uint64_t size = img ? qk_get_size(img) : 0, have = off < size ? size - off : 0;
-	if (have > n)
-		have = n;
-	memset(buf + have, 0, n - have);
-	return have ? qk_pread(img, buf, have, off) : 0;
-}
-
-/* Copy into img what differs between its old view and `nb`'s. */
-static int copy_diffs(qk_image *img, qk_image *nb, const struct rebase_args *a)
-{
-	uint64_t size = qk_get_size(img), off = 0;
-	uint8_t *old = cli_xmalloc(REBASE_CHUNK), *nu = cli_xmalloc(REBASE_CHUNK);
-	uint8_t *cbuf = cli_xmalloc(a->cluster ? a->cluster : 1);
-	struct cli_progress pr;
-	int ret = 0;
-	progress_init(&pr, a->progress, 1.0f);
-	progress_print(&pr, 0, 0);
-	while (ret == 0 && off < size) {
-		struct qk_extent e;
-		uint64_t n = REBASE_CHUNK < size - off ? REBASE_CHUNK : size - off;
-		ret = qk_block_status(img, off, n, &e);
-		if (ret == 0 && !(e.depth == 0 && (e.flags & QK_EXTENT_PRESENT))) {
-			ret = qk_pread(img, old, e.length, off);
-			if (ret == 0)
-				ret = read_view(nb, nu, off, e.length);
-			if (ret == 0)
-				ret = write_diffs(img, a, old, nu, off, e.length, cbuf);
-		}
-		if (ret == 0)
-			off += e.length;
-		progress_print(&pr, (float)off * 100 / (float)size, 0);
-	}
-	progress_end(&pr);
-	free(old);
-	free(nu);
-	free(cbuf);
-	return ret;
 }
 
 /* Open the new backing file as the image will, read-only. Returns 0 or 1
@@ -159,28 +61,34 @@ static int open_new_backing(const struct rebase_args *a, qk_image **nb)
 static int rebase(struct rebase_args *a)
 {
 	qk_image *img, *nb = NULL;
-	struct qk_info info = { .struct_size = sizeof info };
-	int ret = 0;
+	struct qk_rebase_options ro;
+	struct cli_progress pr;
 	if (cli_open(a->file, a->fmt, QK_OPEN_RDWR | (a->direct ? QK_OPEN_DIRECT : 0), &img) < 0)
 		return 1;
-	if (qk_get_info(img, &info) == 0)
-		a->cluster = info.cluster_size;
 	if (!a->unsafe && open_new_backing(a, &nb) != 0) {
 		qk_close(img);
 		return 1;
 	}
+	/* the data first (and qemu-img's order: copied, then a name without
+	 * its format refused), then the header */
+	qk_rebase_options_init(&ro);
+	ro.flags = (a->unsafe ? QK_REBASE_UNSAFE : 0) | (a->compress ? QK_REBASE_COMPRESS : 0) |
+		   QK_REBASE_COPY_ONLY;
+	ro.progress = progress_cb;
+	ro.progress_opaque = &pr;
+	progress_init(&pr, a->progress && !a->unsafe, 1.0f);
 	if (!a->unsafe)
-		ret = copy_diffs(img, nb, a);
-	if (ret == 0)
-		ret = qk_flush(img);
-	if (ret < 0)
-		cli_lib_error(ret);
+		progress_print(&pr, 0, 0);
+	int ret = qk_rebase(img, nb, a->backing, a->bfmt, &ro);
+	progress_end(&pr);
 	qk_close(nb);
-	if (ret == 0 && *a->backing && !a->bfmt) {
+	if (ret < 0) {
+		cli_lib_error(ret);
+	} else if (*a->backing && !a->bfmt) {
 		cli_error("Could not change the backing file to '%s': backing format must be "
 			  "specified", a->backing);
 		ret = -1;
-	} else if (ret == 0 && (ret = qk_set_backing(img, a->backing, a->bfmt)) < 0) {
+	} else if ((ret = qk_set_backing(img, a->backing, a->bfmt)) < 0) {
 		cli_error("Could not change the backing file to '%s': %s", a->backing, lib_msg());
 	}
 	int r = qk_close(img);

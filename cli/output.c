@@ -630,3 +630,9 @@ double cli_now(void)
 	clock_gettime(CLOCK_MONOTONIC, &ts);
 	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
+
+void progress_cb(void *opaque, uint64_t done, uint64_t total)
+{
+	if (total)
+		progress_print(opaque, (float)((double)done * 100.0 / (double)total), 0);
+}

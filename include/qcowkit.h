@@ -707,6 +707,84 @@ int qk_set_backing(qk_image *img, const char *name, const char *format);
  */
 int qk_make_empty(qk_image *img);
 
+/* Progress of qk_commit() and qk_rebase(): bytes of the guest disk gone
+ * through so far out of `total` (its size). */
+typedef void (*qk_progress_fn)(void *opaque, uint64_t done, uint64_t total);
+
+#define QK_COMMIT_EMPTY (1u << 0) /* empty the top afterwards (qemu-img commit
+                                   * without -d or -b): qk_make_empty() */
+
+struct qk_commit_options {
+	uint32_t struct_size;      /* sizeof, set by qk_commit_options_init() */
+	uint32_t flags;            /* QK_COMMIT_* */
+	qk_progress_fn progress;   /* may be NULL */
+	void *progress_opaque;
+};
+
+/* Fill *opts with the defaults: flags 0 (the top is left as it is). */
+void qk_commit_options_init(struct qk_commit_options *opts);
+
+/*
+ * Commit the top image's data into a file below it, as qemu-img commit:
+ * `layer` is a layer of top's backing chain (qk_get_backing(), once or
+ * more), and `base` the same file opened read-write with QK_OPEN_RDWR
+ * (top's chain opens it read-only: open top with QK_OPEN_FORCE_SHARE, or
+ * base's lock refuses the second open). Every cluster-sized chunk (base's
+ * cluster size within 4 and 64 KiB, as QEMU's mirror job) of which a layer
+ * above `layer` allocates some part is read through top and written into
+ * base; a chunk that reads as zeros throughout is written as zeros where
+ * base can hold zero clusters. base grows first when it is smaller than
+ * top. base is flushed; then, with QK_COMMIT_EMPTY (top opened read-write,
+ * `layer` its own backing file), top is emptied and flushed.
+ *
+ * Power cuts: base only receives, chunk by chunk, the data top's guest
+ * view already shows there, and top is emptied only once base is durable;
+ * so a cut at any point leaves top's guest view as it was, and base, in
+ * each 512-byte sector, its old content or the committed one.
+ *
+ * Returns 0, or -EINVAL (NULL arguments, `layer` not in top's chain, or
+ * QK_COMMIT_EMPTY with layer not top's backing file), -EPERM (base, or
+ * top with QK_COMMIT_EMPTY, read-only), or as qk_pread/qk_pwrite/qk_resize,
+ * with the message of the failing step.
+ */
+int qk_commit(qk_image *top, qk_image *layer, qk_image *base,
+	      const struct qk_commit_options *opts);
+
+#define QK_REBASE_UNSAFE    (1u << 0) /* only the header changes (rebase -u) */
+#define QK_REBASE_COMPRESS  (1u << 1) /* clusters copied in are compressed (-c) */
+#define QK_REBASE_COPY_ONLY (1u << 2) /* copy, but leave the header as it is */
+
+struct qk_rebase_options {
+	uint32_t struct_size;      /* sizeof, set by qk_rebase_options_init() */
+	uint32_t flags;            /* QK_REBASE_* */
+	qk_progress_fn progress;   /* may be NULL */
+	void *progress_opaque;
+};
+
+/* Fill *opts with the defaults: flags 0 (safe mode). */
+void qk_rebase_options_init(struct qk_rebase_options *opts);
+
+/*
+ * Give `img` (opened read-write, with its current backing chain) the
+ * backing file `name` of format `format`, as qemu-img rebase: `new_backing`
+ * is that file opened read-only (NULL: none, as with name NULL or "", then
+ * the image reads zeros where it allocates nothing). Safe mode: wherever
+ * img allocates nothing, its view through the old chain is compared, 512
+ * bytes at a time, with new_backing's (zeros past its end), and what
+ * differs is written into img (copy-on-write fills the rest of those
+ * clusters from the old chain; with QK_REBASE_COMPRESS each cluster that
+ * holds a difference is written whole and compressed); img is flushed, and
+ * only then is the header changed (qk_set_backing(): one durable write).
+ * A power cut leaves the guest view as it was: until the header changes,
+ * every write puts into img what the old chain shows there. The handle's
+ * open chain is not changed: reopen img to read through the new one.
+ * Returns 0, or -EINVAL (NULL img; unknown flags; new_backing without a
+ * name), -EPERM (read-only), -ENOTSUP (raw), or as qk_set_backing() and
+ * the reads and writes, with the message of the failing step.
+ */
+int qk_rebase(qk_image *img, qk_image *new_backing, const char *name, const char *format,
+	      const struct qk_rebase_options *opts);
+
 /* ---- changing persistent bitmaps --------------------------------------- */
 
 /*

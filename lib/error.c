@@ -55,6 +55,18 @@ int qk__err(int errnum, const char *fmt, ...)
 	return -errnum;
 }
 
+int qk__api_resume(int ret, const char *api)
+{
+	size_t old = strlen(tls_api), len = strlen(tls_msg), nl = strlen(api);
+	if (ret < 0 && tls_recorded && len >= old + 2 && strncmp(tls_msg, tls_api, old) == 0 &&
+	    len - old + nl < sizeof tls_msg) {
+		memmove(tls_msg + nl, tls_msg + old, len - old + 1);
+		memcpy(tls_msg, api, nl);
+	}
+	tls_api = api;
+	return ret;
+}
+
 int qk__err_prepend(int errnum, const char *fmt, ...)
 {
 	char ctx[256];

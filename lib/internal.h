@@ -38,6 +38,10 @@ int qk__err(int errnum, const char *fmt, ...) __attribute__((format(printf, 2, 3
  * recorded ("API: context: inner"), keeping its errno, which is returned
  * (negative); with none recorded, record the context alone with errnum. */
 int qk__err_prepend(int errnum, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* After a public call made from inside another (qk_commit calling
+ * qk_pwrite), name `api` again: the message the inner call recorded reads
+ * "api: ..." instead of "inner: ...". Returns ret. */
+int qk__api_resume(int ret, const char *api);
 /* Record "API: WHAT: strerror(errnum)" and return -errnum. */
 int qk__err_sys(int errnum, const char *what);
 
