@@ -117,8 +117,13 @@ static int commit_data(struct commit *c, const struct qk_commit_options *o)
 {
 	uint64_t off = 0;
 	int ret = granularity(c);
-	if (ret == 0 && c->base->size < c->size)
+	/* grown durably first: a raw base's size is its guest size, and a
+	 * cut must leave it the old or the new one */
+	if (ret == 0 && c->base->size < c->size) {
 		ret = qk_resize(c->base, c->size, 0);
+		if (ret == 0)
+			ret = qk_flush(c->base);
+	}
 	while (ret == 0 && off < c->size) {
 		uint64_t n = qk_min_u64(c->gran, c->size - off), next;
 		bool above, zero;
@@ -135,6 +140,8 @@ static int commit_data(struct commit *c, const struct qk_commit_options *o)
 		off += n;
 		progress(o->progress, o->progress_opaque, off, c->size);
 	}
+	if (ret == 0)
+		progress(o->progress, o->progress_opaque, c->size, c->size);
 	return ret == 0 ? qk_flush(c->base) : ret;
 }
 

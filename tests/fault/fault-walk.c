@@ -63,13 +63,9 @@
  * point passed.
  */
 #include "tap.h"
+#include "walk-util.h"
 
-#include <fcntl.h>
-#include <spawn.h>
-#include <sys/stat.h>
 #include <time.h>
-
-extern char **environ;
 
 #define MAX_SIZE (4u << 20)     /* the guest size after the resize */
 #define MAX_OPS 512
@@ -702,68 +698,6 @@ static int run_workload(struct qk__fault *ft, struct model *m, struct run *r, bo
 static const char *qemu_img = "qemu-img";
 static const char *qcowkit_prog;
 
-/* Run argv, its stdout into out (NUL-terminated, truncated to cap); the
- * exit status, or -1. */
-static int run_prog(char *const argv[], char *out, size_t cap)
-{
-	int fds[2];
-	if (pipe(fds) < 0)
-		return -1;
-	posix_spawn_file_actions_t fa;
-	posix_spawn_file_actions_init(&fa);
-	posix_spawn_file_actions_adddup2(&fa, fds[1], 1);
-	posix_spawn_file_actions_addclose(&fa, fds[0]);
-	posix_spawn_file_actions_addopen(&fa, 2, "/dev/null", O_WRONLY, 0);
-	pid_t pid;
-	int e = posix_spawnp(&pid, argv[0], &fa, NULL, argv, environ);
-	posix_spawn_file_actions_destroy(&fa);
-	close(fds[1]);
-	size_t n = 0;
-	if (e == 0) {
-		ssize_t k;
-		while ((k = read(fds[0], out + n, cap - 1 - n)) > 0 && n + (size_t)k < cap - 1)
-			n += (size_t)k;
-		if (k > 0)
-			n += (size_t)k;
-	}
-	close(fds[0]);
-	out[n] = '\0';
-	if (e != 0)
-		return -1;
-	int status;
-	while (waitpid(pid, &status, 0) < 0)
-		if (errno != EINTR)
-			return -1;
-	return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-}
-
-/* The number after "key": in qemu-img's JSON, 0 when absent. */
-static uint64_t json_num(const char *json, const char *key)
-{
-	char pat[64];
-	snprintf(pat, sizeof pat, "\"%s\": ", key);
-	const char *p = strstr(json, pat);
-	return p ? strtoull(p + strlen(pat), NULL, 10) : 0;
-}
-
-static bool write_file(const char *path, const void *data, size_t len)
-{
-	int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
-	if (fd < 0)
-		return false;
-	const uint8_t *p = data;
-	while (len) {
-		ssize_t w = write(fd, p, len);
-		if (w <= 0) {
-			close(fd);
-			return false;
-		}
-		p += w;
-		len -= (size_t)w;
-	}
-	return close(fd) == 0;
-}
-
 /* qemu-img check of the image: no corruptions, no check errors (leaks
  * allowed; *rc 3 says there are some). False with the reason in why. */
 static bool qemu_check(char *out, size_t cap, int *rc, char *why, size_t why_len)
@@ -1078,25 +1012,6 @@ static void walk_errors(enum qk__fault_kind kind, uint64_t count, uint64_t strid
 		qk__fault_free(ft);
 	}
 	model_free(&m);
-}
-
-static bool read_whole(const char *path, uint8_t **buf, size_t *len)
-{
-	int fd = open(path, O_RDONLY);
-	struct stat sb;
-	if (fd < 0 || fstat(fd, &sb) < 0)
-		return false;
-	*len = (size_t)sb.st_size;
-	*buf = malloc(*len ? *len : 1);
-	size_t n = 0;
-	while (*buf && n < *len) {
-		ssize_t k = read(fd, *buf + n, *len - n);
-		if (k <= 0)
-			break;
-		n += (size_t)k;
-	}
-	close(fd);
-	return *buf && n == *len;
 }
 
 int main(int argc, char **argv)
