@@ -11,9 +11,10 @@
  * that it reads as its backing file again. A power cut at any point leaves
  * the guest view of the top unchanged (qcowkit.h says why).
  *
- * Locks: the base is opened read-write with its own chain; the top (and
- * its chain) is opened force-share, so that its read of the base does not
- * conflict with our own write lock on it.
+ * Locks: the top is locked as usual (for writing when it is emptied, so
+ * no other writer may hold it), its chain sharing writes
+ * (QK_OPEN_SHARE_CHAIN), so that its read of the base does not conflict
+ * with our own write lock on the base, opened read-write second.
  */
 #include "cli.h"
 
@@ -73,7 +74,7 @@ static int commit(const struct commit_args *a)
 	struct cli_progress pr;
 	int ret;
 
-	if (cli_open(a->file, a->fmt, QK_OPEN_FORCE_SHARE | dflag | (empty ? QK_OPEN_RDWR : 0),
+	if (cli_open(a->file, a->fmt, QK_OPEN_SHARE_CHAIN | dflag | (empty ? QK_OPEN_RDWR : 0),
 		     &top) < 0)
 		return 1;
 	if (find_base(top, a, &layer) != 0) {

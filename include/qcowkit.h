@@ -85,6 +85,11 @@ typedef enum qk_format {
                                        * (no absolute names, no "..", no symlink
                                        * leading out), and an external data
                                        * file is only read (writes refused) */
+#define QK_OPEN_SHARE_CHAIN (1u << 8) /* the backing chain's files (not the
+                                       * image's own) are locked sharing writes:
+                                       * for qk_commit(), whose base, a layer
+                                       * of this chain, is written through a
+                                       * second handle */
 
 struct qk_open_options {
 	/* sizeof(struct qk_open_options), set by qk_open_options_init(); lets

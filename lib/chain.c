@@ -64,7 +64,8 @@ int qk__chain_open_file(qk_image *img, const char *name, const char *fmt,
 		return qk__err(ENOMEM, "out of memory");
 	int ret = img->host->open_backing(img->host, img->filename, name, *path, opts->flags, file);
 	if (ret == 0) {
-		ret = qk__file_lock(*file, false, opts->flags & QK_OPEN_FORCE_SHARE);
+		ret = qk__file_lock(*file, false,
+				    opts->flags & (QK_OPEN_FORCE_SHARE | QK_OPEN_SHARE_CHAIN));
 		if (ret < 0)
 			qk__file_close(*file);
 	}

@@ -112,10 +112,11 @@ static int copy_range(const struct commit *c, uint64_t off, uint64_t len)
  * Write into base every chunk (aligned) of which the layers above `depth`
  * allocate some part, as QEMU's mirror job does: a chunk that reads as
  * zeros throughout as zeros, any other as its data read through top.
+ * Adjacent data chunks are copied together, up to COMMIT_CHUNK at a time.
  */
 static int commit_data(struct commit *c, const struct qk_commit_options *o)
 {
-	uint64_t off = 0;
+	uint64_t off = 0, run = 0, run_len = 0;     /* data chunks not copied yet */
 	int ret = granularity(c);
 	/* grown durably first: a raw base's size is its guest size, and a
 	 * cut must leave it the old or the new one */
@@ -128,18 +129,31 @@ static int commit_data(struct commit *c, const struct qk_commit_options *o)
 		uint64_t n = qk_min_u64(c->gran, c->size - off), next;
 		bool above, zero;
 		ret = classify(c, off, n, &above, &zero, &next);
-		if (ret == 0 && !above) {
+		bool data = ret == 0 && above && !(zero && c->zero_ok);
+		if (ret == 0 && run_len && (!data || run + run_len != off ||
+					    run_len + n > COMMIT_CHUNK)) {
+			ret = copy_range(c, run, run_len);
+			run_len = 0;
+		}
+		if (ret < 0)
+			break;
+		if (!above) {
 			/* skip the whole chunks the run not above the base covers */
 			off = next - next % c->gran > off ? next - next % c->gran : off + n;
 			continue;
 		}
-		if (ret == 0 && zero && c->zero_ok)
+		if (data) {
+			if (!run_len)
+				run = off;
+			run_len += n;
+		} else {
 			ret = qk_write_zeroes(c->base, off, n, 0);
-		else if (ret == 0)
-			ret = copy_range(c, off, n);
+		}
 		off += n;
 		progress(o->progress, o->progress_opaque, off, c->size);
 	}
+	if (ret == 0 && run_len)
+		ret = copy_range(c, run, run_len);
 	if (ret == 0)
 		progress(o->progress, o->progress_opaque, c->size, c->size);
 	return ret == 0 ? qk_flush(c->base) : ret;

@@ -98,7 +98,9 @@ static int open_data_file(qk_image *img)
 		return qk__err(EPERM, "external data file '%s' of '%s' is the image file itself",
 			       q->data_file_name, img->filename);
 	}
-	ret = qk__file_lock(f, rw, img->flags & QK_OPEN_FORCE_SHARE);
+	/* a layer below the top shares as its chain does */
+	ret = qk__file_lock(f, rw, (img->flags & QK_OPEN_FORCE_SHARE) ||
+				  (img->depth > 0 && (img->flags & QK_OPEN_SHARE_CHAIN)));
 	if (ret < 0) {
 		qk__file_close(f);
 		return ret;

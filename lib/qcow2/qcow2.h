@@ -11,7 +11,7 @@
 #include "internal.h"
 #include "qcow2/format.h"
 
-#define MAX_PENDING_PUNCH 64
+#define MAX_PENDING_PUNCH 256
 
 struct qcow2;
 
@@ -124,7 +124,7 @@ struct qcow2 {
 	bool write_ready;           /* prepare_write done */
 	uint64_t snapshots_bytes;   /* length of the snapshot table */
 	/* host ranges to punch after the next metadata flush (write.c) */
-	struct { uint64_t off, len; } punch[MAX_PENDING_PUNCH];
+	struct qcow2_punch { uint64_t off, len; } punch[MAX_PENDING_PUNCH];
 	uint32_t n_punch;
 	bool has_data_file;         /* incompatible bit 2: guest data elsewhere */
 	struct qk__file *data_file; /* that file once opened (base.c), or NULL */

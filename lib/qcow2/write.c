@@ -647,6 +647,30 @@ int qk__qcow2_write_compressed(qk_image *img, const void *buf, size_t len, uint6
 	return ret;
 }
 
+static int punch_cmp(const void *a, const void *b)
+{
+	uint64_t x = ((const struct qcow2_punch *)a)->off, y = ((const struct qcow2_punch *)b)->off;
+	return x < y ? -1 : x > y;
+}
+
+/* Sort the queued holes and join the ranges that touch: clusters freed in
+ * guest order (qk_make_empty, a large discard) lie in a few host runs. */
+static void merge_punches(struct qcow2 *q)
+{
+	uint32_t n = 0;
+	qsort(q->punch, q->n_punch, sizeof q->punch[0], punch_cmp);
+	for (uint32_t i = 0; i < q->n_punch; i++) {
+		if (n && q->punch[n - 1].off + q->punch[n - 1].len >= q->punch[i].off) {
+			uint64_t end = qk_max_u64(q->punch[n - 1].off + q->punch[n - 1].len,
+						  q->punch[i].off + q->punch[i].len);
+			q->punch[n - 1].len = end - q->punch[n - 1].off;
+		} else {
+			q->punch[n++] = q->punch[i];
+		}
+	}
+	q->n_punch = n;
+}
+
 /* Queue host range [off, off+len) to be punched out of the file once the
  * metadata that stopped using it is on disk. Metadata lock held. */
 static int queue_punch(qk_image *img, uint64_t off, uint64_t len)
@@ -658,7 +682,9 @@ static int queue_punch(qk_image *img, uint64_t off, uint64_t len)
 		return 0;
 	}
 	if (q->n_punch == MAX_PENDING_PUNCH) {
-		int ret = qk__qcow2_flush_locked(img);
+		merge_punches(q);
+		/* ranges that do not merge: punch them now, after a flush */
+		int ret = q->n_punch > MAX_PENDING_PUNCH / 2 ? qk__qcow2_flush_locked(img) : 0;
 		if (ret < 0)
 			return ret;
 	}

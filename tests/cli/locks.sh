@@ -6,7 +6,9 @@
 #    -O qcow2/raw with and without -n, resize, io write, bench -w,
 #    check -r) fails with one line naming the lock, and the image keeps
 #    its bytes (sha256). qemu-img / qemu-io refuse the same commands with
-#    'Failed to get "write" lock', which proves the setup.
+#    'Failed to get "write" lock', which proves the setup. commit into the
+#    held image (its overlay's backing file) is refused the same way, and
+#    so is commit of an overlay another process holds.
 # 2. create -o data_file=X with X held: refused, X unchanged, a new image
 #    file removed again, an existing one unchanged.
 # 3. convert onto a file the source reads (itself, its backing file, a
@@ -104,6 +106,8 @@ for holder in qemu-nbd qcowkit; do
   rm -f img.qcow2 new.qcow2
   qemu-img create -q -f qcow2 img.qcow2 4M &&
     qemu-io -c 'write -P 0x33 0 1M' img.qcow2 >/dev/null || { bad "$holder setup" img; continue; }
+  qemu-img create -q -f qcow2 -b img.qcow2 -F qcow2 ov.qcow2 &&
+    qemu-io -c 'write -P 0x55 0 64k' ov.qcow2 >/dev/null || { bad "$holder setup" ov; continue; }
   hold "$holder" qcow2 img.qcow2 || continue
   h="held by $holder"
   refused "create qcow2, $h" "$L" img.qcow2 -- "$QCOWKIT" create -q -f qcow2 img.qcow2 1M
@@ -126,6 +130,13 @@ for holder in qemu-nbd qcowkit; do
   refused "create data_file=held over an existing image, $h" "$L" img.qcow2 new.qcow2 -- \
     "$QCOWKIT" create -q -f qcow2 -o data_file=img.qcow2 new.qcow2 1M
 
+  # commit into a held base: refused before any write
+  refused "commit into the held base, $h" "$L" img.qcow2 ov.qcow2 -- "$QCOWKIT" commit ov.qcow2
+  refused "commit -b into the held base, $h" "$L" img.qcow2 ov.qcow2 -- \
+    "$QCOWKIT" commit -b img.qcow2 ov.qcow2
+  qemu-img commit ov.qcow2 >out 2>&1 && bad "qemu-img commit into the held base, $h" "it ran" ||
+    { grep -q 'Failed to get shared "write" lock' out && ok "qemu-img commit, $h" ||
+        bad "qemu-img commit into the held base, $h" "$(cat out)"; }
   qemu_refuses "qemu-img create, $h" img.qcow2 -- qemu-img create -q -f qcow2 img.qcow2 1M
   qemu_refuses "qemu-img convert -O qcow2, $h" img.qcow2 -- qemu-img convert -O qcow2 src.qcow2 img.qcow2
   qemu_refuses "qemu-img convert -O raw, $h" img.qcow2 -- qemu-img convert -O raw src.qcow2 img.qcow2
@@ -137,6 +148,19 @@ for holder in qemu-nbd qcowkit; do
     qemu-img create -q -f qcow2 -o data_file=img.qcow2 new.qcow2 1M
   release "$holder exits cleanly"
 done
+
+# A top another process writes is not committed (its backing file free).
+rm -f ov.qcow2 img.qcow2
+qemu-img create -q -f qcow2 img.qcow2 4M &&
+  qemu-img create -q -f qcow2 -b img.qcow2 -F qcow2 ov.qcow2 &&
+  qemu-io -c 'write -P 0x56 0 64k' ov.qcow2 >/dev/null || bad "held top setup" ov
+if hold qemu-nbd qcow2 ov.qcow2; then
+  refused "commit of a held top" 'Failed to get "write" lock: Is another process using the image \[ov.qcow2\]?' \
+    ov.qcow2 img.qcow2 -- "$QCOWKIT" commit ov.qcow2
+  refused "commit -d of a held top" 'Failed to get shared "write" lock' ov.qcow2 img.qcow2 -- \
+    "$QCOWKIT" commit -d ov.qcow2
+  release "qemu-nbd exits cleanly"
+fi
 
 # ---- 3. files the source reads ---------------------------------------------
 rm -f new.qcow2
