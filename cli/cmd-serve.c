@@ -279,6 +279,7 @@ int cmd_serve(int argc, char **argv)
 	 * at once (nbdcopy opens 4), and the second would wait for the first
 	 * to leave, for ever (qemu-nbd does not offer it there either). */
 	a.exp.multi_conn = a.cfg.max_clients != 1;
+	a.exp.direct = a.direct;
 	if (cli_parse_format(a.o.fmtname, &fmt) < 0)
 		return CLI_EXIT_FAILURE;
 	return serve(&a, fmt);

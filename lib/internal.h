@@ -411,11 +411,20 @@ int qk__chain_open_file(qk_image *img, const char *name, const char *fmt,
 /* ---- compress (qcow2/compress.c) ---------------------------------------------- */
 
 /* Inflate one compressed cluster: exactly dst_len bytes must come out of
- * src (trailing input ignored). Returns 0; or -EIO with the reason written
+ * src (trailing input ignored), with the calling thread's codec state,
+ * kept from call to call. Returns 0; or -EIO with the reason written
  * to `why` (not recorded, so the caller can name the cluster); or -ENOMEM
  * (recorded). */
 int qk__decompress(uint32_t type, const void *src, size_t src_len,
 		   void *dst, size_t dst_len, char *why, size_t why_len);
+/* A buffer of at least `len` bytes private to the calling thread, kept
+ * for its next call with the same slot (so valid until then); NULL after
+ * recording ENOMEM. Slots: QK__SCRATCH_SRC for compressed data read from
+ * the file, QK__SCRATCH_DST for a cluster decompressed. */
+#define QK__SCRATCH_SRC 0
+#define QK__SCRATCH_DST 1
+#define QK__SCRATCH_SLOTS 2
+void *qk__codec_scratch(int slot, size_t len);
 /* Compress `len` bytes into at most `cap` bytes of dst (QEMU's formats).
  * Returns the compressed length, -ENOSPC (not recorded) when it does not
  * fit, or another negative errno (recorded). Thread-safe. */

@@ -11,7 +11,8 @@
  *   side and the input buffer, so requests are read whole and in order.
  * - Handing over: when more input is already waiting (buffered, or
  *   ready on the socket), or the request may be slow (flush, FUA, trim,
- *   zeroes, transfers from NBD_SLOW_LEN on), the leader lets the reading
+ *   zeroes, transfers from NBD_SLOW_LEN on, any read or write of an export
+ *   that bypasses the page cache), the leader lets the reading
  *   role go to a waiting thread, starting one if none waits and fewer than
  *   NBD_WORKERS exist, so pipelined requests run at once. Otherwise (a
  *   client waiting for each reply, or every thread busy) the same thread
@@ -376,9 +377,11 @@ static uint8_t *get_buf(struct worker *w, size_t len)
 			cap *= 2;
 		if (cap > NBD_KEEP_BUF)
 			cap = NBD_KEEP_BUF;
-		p = realloc(w->buf, cap);
-		if (p == NULL)
+		/* page aligned, so an image opened with O_DIRECT reads and
+		 * writes it without a bounce buffer; its content goes */
+		if (posix_memalign((void **)&p, 4096, cap) != 0)
 			return NULL;
+		free(w->buf);
 		w->buf = p;
 		w->cap = cap;
 		return p;
@@ -394,9 +397,10 @@ static uint8_t *get_buf(struct worker *w, size_t len)
 	t->big_bytes += len;
 	pthread_mutex_unlock(&t->lock);
 	w->charge = len;
-	w->big = malloc(len);
-	if (w->big == NULL)
+	if (posix_memalign((void **)&w->big, 4096, len) != 0) {
+		w->big = NULL;
 		put_big(w);
+	}
 	return w->big;
 }
 
@@ -890,12 +894,14 @@ static bool more_input(struct tx *t)
 	return r < 0 || got > 0;
 }
 
-/* Could the request take long? Then another thread goes on reading. */
-static bool maybe_slow(const struct request *rq)
+/* Could the request take long? Then another thread goes on reading. With
+ * the page cache bypassed every read and write may. */
+static bool maybe_slow(const struct tx *t, const struct request *rq)
 {
 	return (rq->type != NBD_CMD_READ && rq->type != NBD_CMD_WRITE &&
 		rq->type != NBD_CMD_BLOCK_STATUS) ||
-	       (rq->flags & NBD_CMD_FLAG_FUA) || rq->length >= NBD_SLOW_LEN;
+	       (rq->flags & NBD_CMD_FLAG_FUA) || rq->length >= NBD_SLOW_LEN ||
+	       (t->c->exp->direct && rq->type != NBD_CMD_BLOCK_STATUS);
 }
 
 /*
@@ -1009,7 +1015,7 @@ static void *worker_main(void *arg)
 			pthread_mutex_unlock(&t->read_lock);
 			break;
 		}
-		if ((maybe_slow(&rq) || more_input(t)) && hand_over(t)) {
+		if ((maybe_slow(t, &rq) || more_input(t)) && hand_over(t)) {
 			flush_out(t);
 			pthread_mutex_unlock(&t->read_lock);
 			leading = false;

@@ -26,6 +26,10 @@ struct nbd_export {
 	                           * share one image handle, so a flush on one
 	                           * connection covers writes done on all) */
 	bool allocation_depth;    /* offer qemu:allocation-depth */
+	bool direct;              /* the image bypasses the page cache: every
+	                           * read and write may wait for the device, so
+	                           * the next request is read by another thread
+	                           * (requests in flight overlap) */
 	/* Persistent bitmaps offered as qemu:dirty-bitmap:NAME contexts (as
 	 * qemu-nbd -B), at most NBD_MAX_EXPORT_BITMAPS: bitmaps[i] is read
 	 * from bitmap_images[i] (the image, or the image of its backing chain

@@ -68,9 +68,12 @@ static int file_pread(struct qk__file *f, void *buf, size_t len, uint64_t off)
 			    off % DIRECT_ALIGN == 0 && len % DIRECT_ALIGN == 0))
 		return read_full(f, buf, len, off);
 
-	/* Unaligned under O_DIRECT: bounce through an aligned window. */
+	/* Unaligned under O_DIRECT: bounce through an aligned window, no
+	 * larger than the request needs (a 4 KiB read must not map and
+	 * unmap a megabyte). */
 	uint64_t start = off & ~(uint64_t)(DIRECT_ALIGN - 1);
-	size_t chunk = 1u << 20;
+	size_t chunk = (size_t)qk_min_u64(1u << 20, ((off - start) + len + 2 * DIRECT_ALIGN - 1) &
+							~(uint64_t)(DIRECT_ALIGN - 1));
 	void *bounce;
 	if (posix_memalign(&bounce, DIRECT_ALIGN, chunk))
 		return qk__err(ENOMEM, "out of memory");
@@ -100,29 +103,9 @@ static int file_pread(struct qk__file *f, void *buf, size_t len, uint64_t off)
  * a range back before O_DIRECT reads or writes it, so both paths see the
  * same bytes, and no read-modify-write of a shared block is needed.
  */
-static int file_pwrite(struct qk__file *f, const void *buf, size_t len, uint64_t off)
+/* Plain full write of buf to fd. */
+static int write_full(struct qk__file *f, int fd, const uint8_t *p, size_t len, uint64_t off)
 {
-	struct posix_file *pf = f->priv;
-	const uint8_t *p = buf;
-	int fd = pf->fd;
-	if (pf->direct && (off % DIRECT_ALIGN || len % DIRECT_ALIGN) && pf->bfd >= 0) {
-		fd = pf->bfd;
-	} else if (pf->direct && (uintptr_t)buf % DIRECT_ALIGN) {
-		size_t chunk = qk_min_u64(len, 1u << 20);
-		void *bounce;
-		if (posix_memalign(&bounce, DIRECT_ALIGN, chunk))
-			return qk__err(ENOMEM, "out of memory");
-		int ret = 0;
-		for (size_t done = 0; ret == 0 && done < len; done += chunk) {
-			size_t n = qk_min_u64(chunk, len - done);
-			memcpy(bounce, p + done, n);
-			pf->direct = false;     /* aligned now: no recursion */
-			ret = file_pwrite(f, bounce, n, off + done);
-			pf->direct = true;
-		}
-		free(bounce);
-		return ret;
-	}
 	while (len > 0) {
 		ssize_t n = pwrite(fd, p, len, (off_t)off);
 		if (n < 0) {
@@ -136,6 +119,29 @@ static int file_pwrite(struct qk__file *f, const void *buf, size_t len, uint64_t
 		off += (uint64_t)n;
 	}
 	return 0;
+}
+
+static int file_pwrite(struct qk__file *f, const void *buf, size_t len, uint64_t off)
+{
+	struct posix_file *pf = f->priv;
+	const uint8_t *p = buf;
+	if (pf->direct && (off % DIRECT_ALIGN || len % DIRECT_ALIGN) && pf->bfd >= 0)
+		return write_full(f, pf->bfd, p, len, off);
+	if (!pf->direct || (uintptr_t)buf % DIRECT_ALIGN == 0)
+		return write_full(f, pf->fd, p, len, off);
+	/* aligned range, misaligned memory: through an aligned copy */
+	size_t chunk = qk_min_u64(len, 1u << 20);
+	void *bounce;
+	if (posix_memalign(&bounce, DIRECT_ALIGN, chunk))
+		return qk__err(ENOMEM, "out of memory");
+	int ret = 0;
+	for (size_t done = 0; ret == 0 && done < len; done += chunk) {
+		size_t n = qk_min_u64(chunk, len - done);
+		memcpy(bounce, p + done, n);
+		ret = write_full(f, pf->fd, bounce, n, off + done);
+	}
+	free(bounce);
+	return ret;
 }
 
 static int file_sync(struct qk__file *f)

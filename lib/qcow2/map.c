@@ -283,8 +283,28 @@ static int get_run(qk_image *img, uint64_t off, uint64_t len, bool status, struc
 	return ret;
 }
 
+/* Compressed data read with one pread at most (more when one cluster's
+ * own data is larger). */
+#define COMPRESSED_SPAN (1u << 20)
+
+/* Decompress the cluster `e` describes from src (its compressed bytes)
+ * into dst (one cluster). */
+static int inflate_entry(qk_image *img, uint64_t e, const uint8_t *src, uint8_t *dst)
+{
+	struct qcow2 *q = qcow2_of(img);
+	uint64_t coffset = qk__qcow2_compressed_offset(q, e);
+	char why[160];
+	int ret = qk__decompress(q->compression_type, src, qk__qcow2_compressed_size(q, e), dst,
+				 q->cluster_size, why, sizeof why);
+	if (ret == -EIO)
+		ret = qk__qcow2_corrupt(img, "compressed cluster at host offset 0x%llx: %s",
+					(unsigned long long)coffset, why);
+	return ret;
+}
+
 /* Read from a compressed cluster: bytes [in, in+n) of the cluster `e`
- * describes. Keeps the last decompressed cluster. */
+ * describes. Keeps the last decompressed cluster (small reads come
+ * cluster after cluster in pieces). */
 static int read_compressed(qk_image *img, uint64_t e, uint64_t in, void *buf, size_t n)
 {
 	struct qcow2 *q = qcow2_of(img);
@@ -301,36 +321,78 @@ static int read_compressed(qk_image *img, uint64_t e, uint64_t in, void *buf, si
 	if (ret < 0)
 		return ret;
 
-	uint64_t coffset = qk__qcow2_compressed_offset(q, e);
 	uint64_t csize = qk__qcow2_compressed_size(q, e);
-	uint8_t *src = malloc(csize);
+	uint8_t *src = qk__codec_scratch(QK__SCRATCH_SRC, csize);
 	uint8_t *dst = malloc(cs);
 	if (!src || !dst) {
-		ret = qk__err(ENOMEM, "out of memory");
-		goto out;
+		free(dst);
+		return qk__err(ENOMEM, "out of memory");
 	}
 	/* Data may end before the last sector: past EOF reads as zeros. */
-	ret = qk__file_pread(img->file, src, csize, coffset);
-	if (ret < 0)
-		goto out;
-	char why[160];
-	ret = qk__decompress(q->compression_type, src, csize, dst, cs, why, sizeof why);
-	if (ret == -EIO)
-		ret = qk__qcow2_corrupt(img, "compressed cluster at host offset 0x%llx: %s",
-					(unsigned long long)coffset, why);
-	if (ret < 0)
-		goto out;
-	memcpy(buf, dst + in, n);
-	qk__qcow2_lock(q);
-	uint8_t *old = q->cbuf;
-	q->cbuf = dst;
-	q->cbuf_entry = e;
-	q->cbuf_valid = true;
-	qk__qcow2_unlock(q);
-	dst = old;
-out:
-	free(src);
+	ret = qk__file_pread(img->file, src, csize, qk__qcow2_compressed_offset(q, e));
+	if (ret == 0)
+		ret = inflate_entry(img, e, src, dst);
+	if (ret == 0) {
+		memcpy(buf, dst + in, n);
+		qk__qcow2_lock(q);
+		uint8_t *old = q->cbuf;
+		q->cbuf = dst;
+		q->cbuf_entry = e;
+		q->cbuf_valid = true;
+		qk__qcow2_unlock(q);
+		dst = old;
+	}
 	free(dst);
+	return ret;
+}
+
+/*
+ * Read whole compressed clusters from guest offset `off` (cluster aligned,
+ * `len` at least one cluster; the first is `e`): as many as follow one
+ * another in the guest and whose compressed data lie together in the file
+ * (QEMU and qcowkit pack them back to back), up to COMPRESSED_SPAN of it,
+ * are read with one pread and decompressed straight into buf. Sets *done
+ * to the bytes read (whole clusters).
+ */
+static int read_compressed_run(qk_image *img, uint64_t e, uint64_t off, uint64_t len,
+			       uint8_t *buf, uint64_t *done)
+{
+	enum { MAX_BATCH = 64 };
+	struct qcow2 *q = qcow2_of(img);
+	uint64_t cs = q->cluster_size, ents[MAX_BATCH];
+	uint64_t start = qk__qcow2_compressed_offset(q, e);
+	uint64_t end = start + qk__qcow2_compressed_size(q, e);
+	size_t k = 1;
+	ents[0] = e;
+	while (k < MAX_BATCH && len - k * cs >= cs) {
+		struct run r;
+		int ret = get_run(img, off + k * cs, len - k * cs, false, &r);
+		if (ret < 0)
+			return ret;
+		if (r.type != CT_COMPRESSED || r.bytes < cs)
+			break;
+		uint64_t co = qk__qcow2_compressed_offset(q, r.l2e);
+		uint64_t ce = co + qk__qcow2_compressed_size(q, r.l2e);
+		if (co < start || co > end || qk_max_u64(end, ce) - start > COMPRESSED_SPAN)
+			break;
+		end = qk_max_u64(end, ce);
+		ents[k++] = r.l2e;
+	}
+	qk__qcow2_lock(q);
+	int ret = 0;
+	for (size_t i = 0; ret == 0 && i < k; i++)
+		ret = qk__qcow2_check_compressed(img, ents[i]);
+	qk__qcow2_unlock(q);
+	uint8_t *src = ret == 0 ? qk__codec_scratch(QK__SCRATCH_SRC, end - start) : NULL;
+	if (ret == 0 && !src)
+		ret = -ENOMEM;
+	/* Data may end before the last sector: past EOF reads as zeros. */
+	if (ret == 0)
+		ret = qk__file_pread(img->file, src, end - start, start);
+	for (size_t i = 0; ret == 0 && i < k; i++)
+		ret = inflate_entry(img, ents[i], src + (qk__qcow2_compressed_offset(q, ents[i]) - start),
+				    buf + i * cs);
+	*done = k * cs;
 	return ret;
 }
 
@@ -351,6 +413,7 @@ int qk__qcow2_pread(qk_image *img, void *buf, size_t len, uint64_t off)
 		if (ret < 0)
 			return ret;
 		size_t n = r.bytes;
+		uint64_t done = n;
 		switch (r.type) {
 		case CT_UNALLOCATED:
 		case CT_UNALLOCATED_ALLOC:
@@ -365,14 +428,18 @@ int qk__qcow2_pread(qk_image *img, void *buf, size_t len, uint64_t off)
 			ret = qk__file_pread(df, p, n, r.host);
 			break;
 		case CT_COMPRESSED:
-			ret = read_compressed(img, r.l2e, off & (q->cluster_size - 1), p, n);
+			if (n == q->cluster_size)    /* whole: with the ones after it */
+				ret = read_compressed_run(img, r.l2e, off, len, p, &done);
+			else
+				ret = read_compressed(img, r.l2e, off & (q->cluster_size - 1), p,
+						      n);
 			break;
 		}
 		if (ret < 0)
 			return ret;
-		p += n;
-		off += n;
-		len -= n;
+		p += done;
+		off += done;
+		len -= done;
 	}
 	return 0;
 }

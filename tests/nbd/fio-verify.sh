@@ -3,7 +3,8 @@
 # random writes of mixed sizes at queue depth 16 (pipelined, answered out
 # of order) with crc32c checksums, read back and verified in the same run;
 # then a random read/write mix verified the same way; then qemu-img check
-# on the served file and fio's verify-only pass on a fresh server.
+# on the served file and fio's verify-only pass on a fresh server; all of
+# it through the page cache and with --cache=none.
 # shellcheck source=../lib.sh
 . "$(dirname "$0")/../lib.sh"
 # shellcheck source=nbd.bash
@@ -25,19 +26,27 @@ run_fio() {
   fi
 }
 
+# Each server twice: through the page cache, and with --cache=none
+# (O_DIRECT: unaligned requests bounce or go through the page cache, and
+# requests in flight overlap on worker threads).
+for cache in writeback none; do
 for srv in $NBD_SERVERS; do
-  qemu-img create -q -f qcow2 "$srv.qcow2" 32M
-  serve_start "$srv" "$srv.qcow2" -t -f qcow2 || continue
-  run_fio randwrite "$URI" --rw=randwrite --size=16M --bsrange=512-64k --blockalign=512 \
+  img=$srv-$cache.qcow2
+  co=()
+  [ "$cache" = none ] && co=(--cache=none)
+  qemu-img create -q -f qcow2 "$img" 32M
+  serve_start "$srv" "$img" -t -f qcow2 "${co[@]}" || continue
+  run_fio "randwrite-$cache" "$URI" --rw=randwrite --size=16M --bsrange=512-64k --blockalign=512 \
     --do_verify=1
-  run_fio randrw "$URI" --rw=randrw --bs=4k --offset=16M --size=8M --do_verify=1 \
+  run_fio "randrw-$cache" "$URI" --rw=randrw --bs=4k --offset=16M --size=8M --do_verify=1 \
     --verify_backlog=64
-  serve_stop "$srv fio"
-  qemu-img check -q "$srv.qcow2" && ok "$srv: check" || bad "$srv: check" "not clean"
+  serve_stop "$srv fio $cache"
+  qemu-img check -q "$img" && ok "$srv: check $cache" || bad "$srv: check $cache" "not clean"
   # the data survived the server: verify only, through a new server
-  serve_start "$srv" "$srv.qcow2" -t -r -f qcow2 || continue
-  run_fio randwrite "$URI" --rw=randwrite --size=16M --bsrange=512-64k --blockalign=512 \
+  serve_start "$srv" "$img" -t -r -f qcow2 "${co[@]}" || continue
+  run_fio "verify-$cache" "$URI" --rw=randwrite --size=16M --bsrange=512-64k --blockalign=512 \
     --verify_only=1
-  serve_stop "$srv verify"
+  serve_stop "$srv verify $cache"
+done
 done
 finish
