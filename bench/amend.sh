@@ -27,21 +27,9 @@
 set -euo pipefail
 export LC_ALL=C
 
-clean_after=0
-clean_only=0
-pos=()
-for a in "$@"; do
-  case $a in
-    --clean) clean_after=1 ;;
-    --clean-only) clean_only=1 ;;
-    -h|--help) sed -n '2,/^set -e/{/^set -e/d;s/^# \{0,1\}//;p}' "$0"; exit 0 ;;
-    -*) echo "amend.sh: unknown option '$a'" >&2; exit 1 ;;
-    *) pos+=("$a") ;;
-  esac
-done
-repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-QCOWKIT=${pos[0]:-$repo/build/qcowkit}
-ROUNDS=${pos[1]:-5}
+# shellcheck source=common.bash
+. "$(dirname "${BASH_SOURCE[0]}")/common.bash"
+bench_args 5 "$@"
 ROWS=${BENCH_ROWS:-"refcount_bits=64 compat=0.10"}
 W=${BENCH_DIR:-/tmp}/qkabench
 if [ $clean_only = 1 ]; then rm -rf -- "$W"; exit 0; fi

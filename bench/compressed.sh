@@ -24,21 +24,9 @@
 set -euo pipefail
 export LC_ALL=C
 
-clean_after=0
-clean_only=0
-pos=()
-for a in "$@"; do
-  case $a in
-    --clean) clean_after=1 ;;
-    --clean-only) clean_only=1 ;;
-    -h|--help) sed -n '2,/^set -e/{/^set -e/d;s/^# \{0,1\}//;p}' "$0"; exit 0 ;;
-    -*) echo "compressed.sh: unknown option '$a'" >&2; exit 1 ;;
-    *) pos+=("$a") ;;
-  esac
-done
-repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-QCOWKIT=${pos[0]:-$repo/build/qcowkit}
-ROUNDS=${pos[1]:-3}
+# shellcheck source=common.bash
+. "$(dirname "${BASH_SOURCE[0]}")/common.bash"
+bench_args 3 "$@"
 SIZE=${BENCH_SIZE:-$((2 << 30))}
 W=${BENCH_DIR:-/tmp}/qkzbench
 if [ $clean_only = 1 ]; then rm -rf -- "$W"; exit 0; fi

@@ -1,0 +1,25 @@
+# Sourced by the bench scripts: their common command line.
+#
+# bench_args ROUNDS "$@": parse [--clean | --clean-only] [-h | --help]
+# [QCOWKIT_BINARY] [ROUNDS]; sets clean_after and clean_only (0 or 1),
+# repo (the repository root), QCOWKIT (default build/qcowkit) and ROUNDS
+# (default the first argument). --help prints the script's opening
+# comment and exits; an unknown option exits 1.
+bench_args() {
+  local default_rounds=$1 a pos=()
+  shift
+  clean_after=0
+  clean_only=0
+  for a in "$@"; do
+    case $a in
+      --clean) clean_after=1 ;;
+      --clean-only) clean_only=1 ;;
+      -h|--help) sed -n '2,/^set -e/{/^set -e/d;s/^# \{0,1\}//;p}' "$0"; exit 0 ;;
+      -*) echo "$(basename "$0"): unknown option '$a'" >&2; exit 1 ;;
+      *) pos+=("$a") ;;
+    esac
+  done
+  repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+  QCOWKIT=${pos[0]:-$repo/build/qcowkit}
+  ROUNDS=${pos[1]:-$default_rounds}
+}
