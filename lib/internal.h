@@ -417,14 +417,14 @@ int qk__chain_open_file(qk_image *img, const char *name, const char *fmt,
  * (recorded). */
 int qk__decompress(uint32_t type, const void *src, size_t src_len,
 		   void *dst, size_t dst_len, char *why, size_t why_len);
-/* A buffer of at least `len` bytes private to the calling thread, kept
- * for its next call with the same slot (so valid until then); NULL after
- * recording ENOMEM. Slots: QK__SCRATCH_SRC for compressed data read from
- * the file, QK__SCRATCH_DST for a cluster decompressed. */
-#define QK__SCRATCH_SRC 0
-#define QK__SCRATCH_DST 1
-#define QK__SCRATCH_SLOTS 2
-void *qk__codec_scratch(int slot, size_t len);
+/* Compressed data staged for decompression: a buffer of `len` bytes, the
+ * calling thread's own (kept for its next call, so no thread keeps more
+ * than QK__SCRATCH_KEEP) when len is at most that, else allocated for this
+ * call. Give it back with qk__codec_scratch_done(). NULL after recording
+ * ENOMEM. */
+#define QK__SCRATCH_KEEP (256u << 10)
+void *qk__codec_scratch(size_t len);
+void qk__codec_scratch_done(void *buf);
 /* Compress `len` bytes into at most `cap` bytes of dst (QEMU's formats).
  * Returns the compressed length, -ENOSPC (not recorded) when it does not
  * fit, or another negative errno (recorded). Thread-safe. */

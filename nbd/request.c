@@ -53,7 +53,9 @@
  * Replies are never queued beyond tx.out: a thread sends its own reply,
  * waiting for the socket at most the send stall limit (nbd_send_iov).
  * So about 16 x 4 + 64 MiB + 330 KiB = 128.3 MiB at most, plus the
- * threads' stacks; the handshake before it holds 64 KiB (handshake.c).
+ * threads' stacks and, on compressed images, each thread's codec state and
+ * staging buffer (lib/qcow2/compress.c: about 0.5 MiB); the handshake
+ * before it holds 64 KiB (handshake.c).
  * Request validation follows the specification rather than qemu-nbd: EPERM
  * for writing a read-only export, ENOSPC for writes past the end, EINVAL
  * for reads, trims and block status past the end and for bad flags or

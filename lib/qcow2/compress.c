@@ -20,8 +20,8 @@
 
 /*
  * Codec state is kept per thread (a zlib stream, a zstd context and a
- * libdeflate decompressor cost far more to set up than to reset), with
- * scratch buffers for callers that stage compressed data; freed when the
+ * libdeflate decompressor cost far more to set up than to reset), with a
+ * scratch buffer for callers that stage compressed data; freed when the
  * thread ends.
  */
 struct codec_ctx {
@@ -33,8 +33,7 @@ struct codec_ctx {
 	struct libdeflate_decompressor *ld;
 	ZSTD_DCtx *zd;
 	unsigned zd_wlog;               /* its windowLogMax */
-	uint8_t *scratch[QK__SCRATCH_SLOTS];
-	size_t scratch_len[QK__SCRATCH_SLOTS];
+	uint8_t *scratch;               /* QK__SCRATCH_KEEP bytes, once used */
 };
 
 static pthread_key_t codec_key;
@@ -52,8 +51,7 @@ static void codec_free(void *p)
 	ZSTD_freeDCtx(c->zd);
 	if (c->ld)
 		libdeflate_free_decompressor(c->ld);
-	for (int i = 0; i < QK__SCRATCH_SLOTS; i++)
-		free(c->scratch[i]);
+	free(c->scratch);
 	free(c);
 }
 
@@ -78,23 +76,22 @@ static struct codec_ctx *codec_get(void)
 	return c;
 }
 
-void *qk__codec_scratch(int slot, size_t len)
+void *qk__codec_scratch(size_t len)
+{
+	struct codec_ctx *c = len <= QK__SCRATCH_KEEP ? codec_get() : NULL;
+	if (c && !c->scratch)
+		c->scratch = malloc(QK__SCRATCH_KEEP);
+	void *buf = c && c->scratch ? c->scratch : malloc(len ? len : 1);
+	if (!buf)
+		qk__err(ENOMEM, "out of memory");
+	return buf;
+}
+
+void qk__codec_scratch_done(void *buf)
 {
 	struct codec_ctx *c = codec_get();
-	if (!c || slot < 0 || slot >= QK__SCRATCH_SLOTS) {
-		qk__err(ENOMEM, "out of memory");
-		return NULL;
-	}
-	if (c->scratch_len[slot] < len) {
-		free(c->scratch[slot]);
-		c->scratch_len[slot] = 0;
-		if (!(c->scratch[slot] = malloc(len))) {
-			qk__err(ENOMEM, "out of memory");
-			return NULL;
-		}
-		c->scratch_len[slot] = len;
-	}
-	return c->scratch[slot];
+	if (!c || buf != c->scratch)
+		free(buf);
 }
 
 /* zlib's verdict, for data libdeflate did not take: QEMU's reader accepts

@@ -284,8 +284,8 @@ static int get_run(qk_image *img, uint64_t off, uint64_t len, bool status, struc
 }
 
 /* Compressed data read with one pread at most (more when one cluster's
- * own data is larger). */
-#define COMPRESSED_SPAN (1u << 20)
+ * own data is larger): what a thread keeps for staging it. */
+#define COMPRESSED_SPAN QK__SCRATCH_KEEP
 
 /* Decompress the cluster `e` describes from src (its compressed bytes)
  * into dst (one cluster). */
@@ -322,9 +322,10 @@ static int read_compressed(qk_image *img, uint64_t e, uint64_t in, void *buf, si
 		return ret;
 
 	uint64_t csize = qk__qcow2_compressed_size(q, e);
-	uint8_t *src = qk__codec_scratch(QK__SCRATCH_SRC, csize);
+	uint8_t *src = qk__codec_scratch(csize);
 	uint8_t *dst = malloc(cs);
 	if (!src || !dst) {
+		qk__codec_scratch_done(src);
 		free(dst);
 		return qk__err(ENOMEM, "out of memory");
 	}
@@ -342,6 +343,7 @@ static int read_compressed(qk_image *img, uint64_t e, uint64_t in, void *buf, si
 		qk__qcow2_unlock(q);
 		dst = old;
 	}
+	qk__codec_scratch_done(src);
 	free(dst);
 	return ret;
 }
@@ -383,7 +385,7 @@ static int read_compressed_run(qk_image *img, uint64_t e, uint64_t off, uint64_t
 	for (size_t i = 0; ret == 0 && i < k; i++)
 		ret = qk__qcow2_check_compressed(img, ents[i]);
 	qk__qcow2_unlock(q);
-	uint8_t *src = ret == 0 ? qk__codec_scratch(QK__SCRATCH_SRC, end - start) : NULL;
+	uint8_t *src = ret == 0 ? qk__codec_scratch(end - start) : NULL;
 	if (ret == 0 && !src)
 		ret = -ENOMEM;
 	/* Data may end before the last sector: past EOF reads as zeros. */
@@ -392,6 +394,8 @@ static int read_compressed_run(qk_image *img, uint64_t e, uint64_t off, uint64_t
 	for (size_t i = 0; ret == 0 && i < k; i++)
 		ret = inflate_entry(img, ents[i], src + (qk__qcow2_compressed_offset(q, ents[i]) - start),
 				    buf + i * cs);
+	if (src)
+		qk__codec_scratch_done(src);
 	*done = k * cs;
 	return ret;
 }

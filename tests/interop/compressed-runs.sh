@@ -64,7 +64,7 @@ for cs in 512 65536 2097152; do
       "$((n * cs + 3)) $((cs / 2 - 3))" "$((15 * cs)) $((2 * cs))"
   done
 done
-# Compressed data larger than one batch (1 MiB): 64 KiB clusters that
+# Compressed data larger than one batch (256 KiB): 64 KiB clusters that
 # compress to about half (random bytes and zeros alternating).
 python3 - half.raw <<'EOF'
 import random, sys
