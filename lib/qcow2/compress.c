@@ -166,6 +166,15 @@ static int zstd_cluster(struct codec_ctx *c, const void *src, size_t src_len, vo
 			return qk__err(ENOMEM, "cannot set up zstd");
 		c->zd_wlog = wlog;
 	}
+	/* One frame of exactly one cluster (what QEMU and qcowkit write):
+	 * decompressed in one call; anything else goes through the stream. */
+	size_t fsize = ZSTD_findFrameCompressedSize(src, src_len);
+	if (!ZSTD_isError(fsize) && ZSTD_getFrameContentSize(src, fsize) == dst_len) {
+		size_t r = ZSTD_decompressDCtx(d, dst, dst_len, src, fsize);
+		if (!ZSTD_isError(r) && r == dst_len)
+			return 0;
+		ZSTD_DCtx_reset(d, ZSTD_reset_session_only);
+	}
 	ZSTD_inBuffer in = { src, src_len, 0 };
 	ZSTD_outBuffer out = { dst, dst_len, 0 };
 	while (out.pos < out.size) {
