@@ -31,11 +31,7 @@ export LC_ALL=C
 . "$(dirname "${BASH_SOURCE[0]}")/common.bash"
 bench_args 5 "$@"
 ROWS=${BENCH_ROWS:-"refcount_bits=64 compat=0.10"}
-W=${BENCH_DIR:-/tmp}/qkabench
-if [ $clean_only = 1 ]; then rm -rf -- "$W"; exit 0; fi
-[ -x "$QCOWKIT" ] || { echo "amend.sh: no qcowkit binary at $QCOWKIT" >&2; exit 1; }
-mkdir -p "$W"
-if [ $clean_after = 1 ]; then trap 'rm -rf -- "$W"' EXIT; fi
+bench_workdir qkabench
 
 if [ ! -f "$W/ready" ]; then
   echo "image: big-100G (preallocation=metadata, then 819200 discards, about 40 s) ..." >&2

@@ -28,11 +28,7 @@ export LC_ALL=C
 # shellcheck source=common.bash
 . "$(dirname "${BASH_SOURCE[0]}")/common.bash"
 bench_args 3 "$@"
-W=${BENCH_DIR:-/tmp}/qkcbench
-if [ $clean_only = 1 ]; then rm -rf -- "$W"; exit 0; fi
-[ -x "$QCOWKIT" ] || { echo "chain.sh: no qcowkit binary at $QCOWKIT" >&2; exit 1; }
-mkdir -p "$W"
-if [ $clean_after = 1 ]; then trap 'rm -rf -- "$W"' EXIT; fi
+bench_workdir qkcbench
 
 # writes STEP FIRST PATTERN0: qemu-io commands writing every STEP-th 64 KiB
 # cluster of 4 GiB from cluster FIRST, with patterns from PATTERN0 on.

@@ -27,11 +27,7 @@ export LC_ALL=C
 # shellcheck source=common.bash
 . "$(dirname "${BASH_SOURCE[0]}")/common.bash"
 bench_args 3 "$@"
-W=${BENCH_DIR:-/tmp}/qkcbench
-if [ $clean_only = 1 ]; then rm -rf -- "$W"; exit 0; fi
-[ -x "$QCOWKIT" ] || { echo "check.sh: no qcowkit binary at $QCOWKIT" >&2; exit 1; }
-mkdir -p "$W"
-if [ $clean_after = 1 ]; then trap 'rm -rf -- "$W"' EXIT; fi
+bench_workdir qkcbench
 
 if [ ! -f "$W/ready" ]; then
   echo "images: prealloc-1T (preallocation=metadata) ..." >&2

@@ -23,3 +23,14 @@ bench_args() {
   QCOWKIT=${pos[0]:-$repo/build/qcowkit}
   ROUNDS=${pos[1]:-$default_rounds}
 }
+
+# bench_workdir NAME: W=${BENCH_DIR:-/tmp}/NAME, the script's work
+# directory: removed instead of a run with --clean-only (exit 0), after
+# the run with --clean; the qcowkit binary must exist.
+bench_workdir() {
+  W=${BENCH_DIR:-/tmp}/$1
+  if [ "$clean_only" = 1 ]; then rm -rf -- "$W"; exit 0; fi
+  [ -x "$QCOWKIT" ] || { echo "$(basename "$0"): no qcowkit binary at $QCOWKIT" >&2; exit 1; }
+  mkdir -p "$W"
+  if [ "$clean_after" = 1 ]; then trap 'rm -rf -- "$W"' EXIT; fi
+}

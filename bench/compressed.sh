@@ -28,14 +28,10 @@ export LC_ALL=C
 . "$(dirname "${BASH_SOURCE[0]}")/common.bash"
 bench_args 3 "$@"
 SIZE=${BENCH_SIZE:-$((2 << 30))}
-W=${BENCH_DIR:-/tmp}/qkzbench
-if [ $clean_only = 1 ]; then rm -rf -- "$W"; exit 0; fi
-[ -x "$QCOWKIT" ] || { echo "compressed.sh: no qcowkit binary at $QCOWKIT" >&2; exit 1; }
+bench_workdir qkzbench
 for t in qemu-img qemu-nbd nbdcopy; do
   command -v $t >/dev/null || { echo "compressed.sh: $t is needed" >&2; exit 1; }
 done
-mkdir -p "$W"
-if [ $clean_after = 1 ]; then trap 'rm -rf -- "$W"' EXIT; fi
 if [ "$(cat "$W/stamp" 2>/dev/null)" != "$SIZE" ]; then
   rm -f -- "$W"/*.qcow2 "$W/src.raw" "$W/stamp"
   python3 "$repo/bench/mixed-data.py" "$W/src.raw" "$SIZE"
@@ -61,7 +57,7 @@ stop_server() {
   for _ in $(seq 50); do [ -e "$SOCK" ] || break; sleep 0.1; done
   rm -f -- "$SOCK" "$PIDF"
 }
-trap 'stop_server' EXIT
+trap 'stop_server; if [ "$clean_after" = 1 ]; then rm -rf -- "$W"; fi' EXIT
 # serve TOOL IMAGE: start TOOL's server on $SOCK, read-only.
 serve() {
   stop_server

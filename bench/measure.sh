@@ -20,11 +20,7 @@ export LC_ALL=C
 # shellcheck source=common.bash
 . "$(dirname "${BASH_SOURCE[0]}")/common.bash"
 bench_args 5 "$@"
-W=${BENCH_DIR:-/tmp}/qkmbench
-if [ $clean_only = 1 ]; then rm -rf -- "$W"; exit 0; fi
-[ -x "$QCOWKIT" ] || { echo "measure.sh: no qcowkit binary at $QCOWKIT" >&2; exit 1; }
-mkdir -p "$W"
-if [ $clean_after = 1 ]; then trap 'rm -rf -- "$W"' EXIT; fi
+bench_workdir qkmbench
 if [ ! -f "$W/quarter.qcow2" ]; then
   python3 - "$W/quarter.raw" <<'PY'
 import os, sys

@@ -23,11 +23,7 @@ export LC_ALL=C
 # shellcheck source=common.bash
 . "$(dirname "${BASH_SOURCE[0]}")/common.bash"
 bench_args 3 "$@"
-W=${BENCH_DIR:-/tmp}/qksbench
-if [ $clean_only = 1 ]; then rm -rf -- "$W"; exit 0; fi
-[ -x "$QCOWKIT" ] || { echo "snapshot.sh: no qcowkit binary at $QCOWKIT" >&2; exit 1; }
-mkdir -p "$W"
-if [ $clean_after = 1 ]; then trap 'rm -rf -- "$W"' EXIT; fi
+bench_workdir qksbench
 if [ ! -f "$W/half-100G.qcow2" ]; then
   qemu-img create -q -f qcow2 -o preallocation=metadata "$W/half-100G.qcow2" 50G
   qemu-img resize -q "$W/half-100G.qcow2" 100G
