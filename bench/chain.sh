@@ -49,16 +49,6 @@ if [ ! -f "$W/newbase.qcow2" ]; then
   sync
 fi
 
-# secs OUT CMD...: run CMD (stdout to OUT), print its wall-clock seconds.
-secs() {
-  local out=$1 t0 t1
-  shift
-  t0=$(date +%s.%N)
-  "$@" >"$out"
-  t1=$(date +%s.%N)
-  echo "$t1 - $t0" | bc -l
-}
-
 # fresh TOOL: copies of the chain for TOOL (q or k) in $W/TOOL/, outside
 # the timing, written back to the disk (so that neither tool pays for the
 # copies' writeback) and read once (both start with a warm cache).
@@ -108,8 +98,8 @@ for r in $(seq "$ROUNDS"); do
   for row in "${rows[@]}"; do
     fresh q
     fresh k
-    q=$(secs "$W/q.out" run "$row" "$W/q" qemu-img)
-    k=$(secs "$W/k.out" run "$row" "$W/k" "$QCOWKIT")
+    q=$(bench_secs "$W/q.out" run "$row" "$W/q" qemu-img)
+    k=$(bench_secs "$W/k.out" run "$row" "$W/k" "$QCOWKIT")
     if [ "$r" = 1 ] && ! same "$row"; then
       echo "chain.sh: $row: qcowkit's result differs from qemu-img's, or does not check clean" >&2
       exit 1

@@ -34,3 +34,14 @@ bench_workdir() {
   mkdir -p "$W"
   if [ "$clean_after" = 1 ]; then trap 'rm -rf -- "$W"' EXIT; fi
 }
+
+# bench_secs OUT CMD...: run CMD with its stdout to OUT; print its
+# wall-clock seconds.
+bench_secs() {
+  local out=$1 t0 t1
+  shift
+  t0=$(date +%s.%N)
+  "$@" >"$out"
+  t1=$(date +%s.%N)
+  echo "$t1 - $t0" | bc -l
+}

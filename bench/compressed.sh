@@ -41,15 +41,6 @@ if [ "$(cat "$W/stamp" 2>/dev/null)" != "$SIZE" ]; then
 fi
 cat "$W"/*.qcow2 >/dev/null
 
-# secs CMD...: run CMD, print its wall-clock seconds.
-secs() {
-  local t0 t1
-  t0=$(date +%s.%N)
-  "$@" >/dev/null
-  t1=$(date +%s.%N)
-  echo "$t1 - $t0" | bc -l
-}
-
 SOCK=$W/nbd.sock
 PIDF=$W/nbd.pid
 stop_server() {
@@ -78,13 +69,13 @@ run() {
       rm -f -- "$W/out.raw"
       sync    # the last run's output written back, outside the timing
       if [ "$tool" = qemu ]; then
-        secs qemu-img convert -f qcow2 -O raw "$img" "$W/out.raw"
+        bench_secs /dev/null qemu-img convert -f qcow2 -O raw "$img" "$W/out.raw"
       else
-        secs "$QCOWKIT" convert -f qcow2 -O raw "$img" "$W/out.raw"
+        bench_secs /dev/null "$QCOWKIT" convert -f qcow2 -O raw "$img" "$W/out.raw"
       fi ;;
     nbd-*)
       serve "$tool" "$img"
-      secs nbdcopy "nbd+unix:///?socket=$SOCK" null:
+      bench_secs /dev/null nbdcopy "nbd+unix:///?socket=$SOCK" null:
       stop_server ;;
   esac
 }

@@ -36,16 +36,6 @@ PY
   sync
 fi
 
-# secs OUT CMD...: run CMD (stdout to OUT), print its wall-clock seconds.
-secs() {
-  local out=$1 t0 t1
-  shift
-  t0=$(date +%s.%N)
-  "$@" >"$out"
-  t1=$(date +%s.%N)
-  echo "$t1 - $t0" | bc -l
-}
-
 rows=("qcow2-in:-O qcow2:quarter.qcow2" "qcow2-in-2M:-O qcow2 -o cluster_size=2M:quarter.qcow2"
       "raw-in:-f raw -O qcow2:quarter.raw")
 declare -A ratios
@@ -54,9 +44,9 @@ for r in $(seq "$ROUNDS"); do
   for row in "${rows[@]}"; do
     IFS=: read -r name args img <<<"$row"
     # shellcheck disable=SC2086 # the row's words
-    q=$(secs "$W/q.out" qemu-img measure $args "$W/$img")
+    q=$(bench_secs "$W/q.out" qemu-img measure $args "$W/$img")
     # shellcheck disable=SC2086
-    k=$(secs "$W/k.out" "$QCOWKIT" measure $args "$W/$img")
+    k=$(bench_secs "$W/k.out" "$QCOWKIT" measure $args "$W/$img")
     cmp -s "$W/q.out" "$W/k.out" ||
       { echo "measure.sh: $name: the numbers differ" >&2; diff "$W/q.out" "$W/k.out" >&2; exit 1; }
     ratio=$(echo "$q / $k" | bc -l)

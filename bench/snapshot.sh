@@ -29,15 +29,6 @@ if [ ! -f "$W/half-100G.qcow2" ]; then
   qemu-img resize -q "$W/half-100G.qcow2" 100G
 fi
 
-# secs CMD...: run CMD, print its wall-clock seconds.
-secs() {
-  local t0 t1
-  t0=$(date +%s.%N)
-  "$@" >/dev/null
-  t1=$(date +%s.%N)
-  echo "$t1 - $t0" | bc -l
-}
-
 clean_check() {
   local out
   out=$(qemu-img check --output=json "$1")
@@ -61,15 +52,15 @@ for round in $(seq 1 "$ROUNDS"); do
     name=$(basename "$tool")
     img="$W/$name.qcow2"
     cp --sparse=always "$W/half-100G.qcow2" "$img"
-    t[$name,take]=$(secs "$tool" snapshot -c s1 "$img")
+    t[$name,take]=$(bench_secs /dev/null "$tool" snapshot -c s1 "$img")
     qemu-io -c "write -P 7 0 64k" "$img" >/dev/null
-    t[$name,apply]=$(secs "$tool" snapshot -a s1 "$img")
-    t[$name,delete]=$(secs "$tool" snapshot -d s1 "$img")
+    t[$name,apply]=$(bench_secs /dev/null "$tool" snapshot -a s1 "$img")
+    t[$name,delete]=$(bench_secs /dev/null "$tool" snapshot -d s1 "$img")
     clean_check "$img" "$name take/apply/delete"
     rm -f "$img"
     qemu-img create -q -f qcow2 "$img" 1G
     qemu-io -c "write -P 1 0 16M" "$img" >/dev/null
-    t[$name,many-snapshots]=$(secs many "$tool" "$img")
+    t[$name,many-snapshots]=$(bench_secs /dev/null many "$tool" "$img")
     clean_check "$img" "$name 1000 snapshots"
     rm -f "$img"
   done

@@ -247,6 +247,8 @@ struct cli_kv {
  */
 int cli_parse_kv_list(const char *list, struct cli_kv **out);
 void cli_free_kv(struct cli_kv *kv, int n);
+/* Whether an -o list asks for help ("help" or "?" among its keys). */
+bool cli_opts_want_help(const char *list);
 
 /*
  * Open `path` with format `fmt` and QK_OPEN_* `flags`. On failure prints

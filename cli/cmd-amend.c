@@ -87,21 +87,6 @@ static void print_help(void)
 	}
 }
 
-/* True when an -o list asks for help ("help" or "?" as an item). */
-static bool wants_help(const char *list)
-{
-	struct cli_kv *kv;
-	int n = cli_parse_kv_list(list, &kv);
-	bool help = false;
-
-	for (int i = 0; i < n; i++)
-		if (strcmp(kv[i].key, "help") == 0 || strcmp(kv[i].key, "?") == 0)
-			help = true;
-	if (n >= 0)
-		cli_free_kv(kv, n);
-	return help;
-}
-
 /* QemuOpts booleans: on/yes/true/y and off/no/false/n. */
 static int parse_bool(const char *s, uint64_t *out)
 {
@@ -314,7 +299,7 @@ static int amend(struct amend_args *a, qk_format fmt)
 		qk_close(img);
 		return CLI_EXIT_FAILURE;
 	}
-	if (wants_help(a->olist)) {
+	if (cli_opts_want_help(a->olist)) {
 		print_help();
 		return qk_close(img) < 0 ? CLI_EXIT_FAILURE : CLI_EXIT_OK;
 	}
@@ -353,7 +338,7 @@ int cmd_amend(int argc, char **argv)
 		cli_error("Invalid option list: %s", a.olist);
 		r = CLI_EXIT_FAILURE;
 	}
-	if (r == CLI_GO && a.o.fmtname != NULL && wants_help(a.olist)) {
+	if (r == CLI_GO && a.o.fmtname != NULL && cli_opts_want_help(a.olist)) {
 		if (fmt == QK_FORMAT_RAW)
 			cli_error("Format driver 'raw' does not support option amendment");
 		else

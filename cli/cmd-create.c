@@ -187,21 +187,6 @@ out:
 	return ret;
 }
 
-/* True when an -o list asks for help ("help" or "?" as an item). */
-static bool wants_help(const char *list)
-{
-	struct cli_kv *kv;
-	int n = cli_parse_kv_list(list, &kv);
-	bool help = false;
-
-	for (int i = 0; i < n; i++)
-		if (strcmp(kv[i].key, "help") == 0 || strcmp(kv[i].key, "?") == 0)
-			help = true;
-	if (n >= 0)
-		cli_free_kv(kv, n);
-	return help;
-}
-
 static void use_descs(struct create_opts *c, qk_format fmt)
 {
 	if (fmt == QK_FORMAT_RAW) {
@@ -554,7 +539,7 @@ static int create(struct create_args *a, struct create_opts *c, int argc, char *
 
 	/* qemu-img's order: help, the file name, the size, then the format
 	 * and the option list. */
-	if (a->olist != NULL && wants_help(a->olist))
+	if (a->olist != NULL && cli_opts_want_help(a->olist))
 		return options_help(c, a->o.fmtname);
 	if ((r = parse_operands(argc, argv, a)) != CLI_GO)
 		return r;

@@ -541,3 +541,17 @@ void cli_append_opts(char **list, const char *add)
 		(*list)[old++] = ',';
 	memcpy(*list + old, add, n + 1);
 }
+
+bool cli_opts_want_help(const char *list)
+{
+	struct cli_kv *kv;
+	int n = cli_parse_kv_list(list, &kv);
+	bool help = false;
+
+	for (int i = 0; i < n; i++)
+		if (strcmp(kv[i].key, "help") == 0 || strcmp(kv[i].key, "?") == 0)
+			help = true;
+	if (n >= 0)
+		cli_free_kv(kv, n);
+	return help;
+}

@@ -23,26 +23,14 @@ only=${1:-}
 # (the image rebased: $TOP, top.qcow2 by default); both tools rebase it
 # with ARGS.
 run() {
-  local name=$1 setup=$2 f; shift 2
+  local name=$1 setup=$2; shift 2
   [ -n "$only" ] && [ "$only" != "$name" ] && return
   mkdir -p "$name/src" && (cd "$name/src" && $setup) || { bad "$name" setup; return; }
   cp -a "$name/src" "$name/ref"; cp -a "$name/src" "$name/our"
   local r o
   r=$(cd "$name/ref" && qemu-img rebase "$@" "${TOP:-top.qcow2}" 2>&1; echo "rc=$?")
   o=$(cd "$name/our" && "$QCOWKIT" rebase "$@" "${TOP:-top.qcow2}" 2>&1; echo "rc=$?")
-  [ "$r" = "${o//qcowkit/qemu-img}" ] && ok "$name out" || bad "$name out" "qemu-img: $r / ours: $o"
-  for f in $(cd "$name/src" && find . -type f | sort); do
-    if ! qemu-img compare -U -q "$name/ref/$f" "$name/our/$f" 2>/dev/null; then
-      bad "$name $f" "guest content differs"; continue; fi
-    if [ "$(cd "$name/ref" && desc "$f")" = "$(cd "$name/our" && desc "$f")" ]; then
-      ok "$name $f desc"
-    else
-      bad "$name $f" "info/map differ"
-      diff <(cd "$name/ref" && desc "$f") <(cd "$name/our" && desc "$f") >&2
-    fi
-    case $f in *.qcow2) qemu-img check -q "$name/our/$f" && ok "$name $f check" ||
-                        bad "$name $f" "qemu-img check";; esac
-  done
+  same_results "$name" "$r" "$o"
 }
 
 # top over old.qcow2 (3M); new.qcow2 (4M) shares part of it, differs elsewhere.
