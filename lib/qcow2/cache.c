@@ -304,6 +304,20 @@ int qk__cache_get(struct qk__cache *c, uint64_t offset, void **table)
 	return 0;
 }
 
+int qk__cache_peek(struct qk__cache *c, uint64_t offset, void *buf)
+{
+	bool found;
+	uint32_t b = find_bucket(c, offset, &found);
+	if (found) {
+		memcpy(buf, c->slots[c->hash[b] - 1].data, c->entry_size);
+		return 0;
+	}
+	int ret = qk__file_pread(c->file, buf, c->entry_size, offset);
+	if (ret == 0 && c->load)
+		ret = c->load(c->opaque, buf, offset);
+	return ret;
+}
+
 int qk__cache_get_empty(struct qk__cache *c, uint64_t offset, void **table)
 {
 	bool found;

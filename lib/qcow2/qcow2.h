@@ -325,6 +325,11 @@ void qk__cache_destroy(struct qk__cache *c);
  * the matching qk__cache_put(offset). Returns 0 or a negative errno (-EBUSY
  * when every slot is in use). */
 int qk__cache_get(struct qk__cache *c, uint64_t offset, void **table);
+/* A copy of the table at `offset` into buf (entry_size bytes): the
+ * cached one, changes included, or else read and checked as a load is,
+ * without taking a slot. For a pass over many tables that would only
+ * evict the ones in use. */
+int qk__cache_peek(struct qk__cache *c, uint64_t offset, void *buf);
 /* As qk__cache_get for a table that is new on disk: not read, zero-filled
  * and dirty. */
 int qk__cache_get_empty(struct qk__cache *c, uint64_t offset, void **table);
@@ -386,6 +391,13 @@ int qk__qcow2_load_refcounts(qk_image *img);
 int qk__qcow2_get_refcount(qk_image *img, uint64_t cluster, uint64_t *rc);
 /* The refcounts of clusters [first, first+n) into out[], block by block. */
 int qk__qcow2_get_refcounts(qk_image *img, uint64_t first, uint64_t n, uint64_t *out);
+/* The refcounts of clusters [0, n) as bits: bit c of one[] (n / 8 + 1
+ * bytes, zeroed by the caller) is set when cluster c's refcount is 1, and
+ * wide[c >> wide_shift] is set to 1 when some refcount of that group is
+ * above 1 (wide_shift >= 3). The blocks are read past the cache (see
+ * qk__cache_peek), one at a time. Image lock held. */
+int qk__qcow2_refcount_ones(qk_image *img, uint64_t n, uint8_t *one, uint8_t *wide,
+			    unsigned wide_shift);
 /* Add delta (+1 or -1) to the refcount of every cluster overlapping
  * [offset, offset+length), creating refcount blocks as needed. Changes
  * stay in the refcount cache until it is flushed. -EIO (corruption) on an

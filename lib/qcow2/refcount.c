@@ -179,6 +179,62 @@ int qk__qcow2_get_refcounts(qk_image *img, uint64_t first, uint64_t n, uint64_t 
 	return 0;
 }
 
+int qk__qcow2_refcount_ones(qk_image *img, uint64_t n, uint8_t *one, uint8_t *wide,
+			    unsigned wide_shift)
+{
+	struct qcow2 *q = qcow2_of(img);
+	QK_LOCK_HELD(q);
+	int ret = qk__qcow2_load_refcounts(img);
+	uint32_t order = q->refcount_order, eb = q->cluster_bits + 3 - order;
+	uint64_t per = 1ull << eb;      /* at least 64: whole bytes of one[] */
+	uint8_t *rb = ret == 0 ? malloc(q->cluster_size) : NULL;
+	if (ret == 0 && !rb)
+		ret = qk__err(ENOMEM, "out of memory");
+	for (uint64_t first = 0; ret == 0 && first < n; first += per) {
+		uint64_t i = first >> eb, k = qk_min_u64(per, n - first);
+		uint64_t rb_off = i < q->rt_entries ? q->rt[i] & ~RT_RESERVED_MASK : 0;
+		if (!rb_off)
+			continue;
+		/* A bad offset is reported where the single lookup reports it;
+		 * the group is left to the caller's own lookups. */
+		uint64_t rc;
+		if ((rb_off & (q->cluster_size - 1)) || rb_off > MAX_HOST_OFFSET) {
+			ret = qk__qcow2_get_refcount(img, first, &rc);
+			for (uint64_t g = first >> wide_shift; g <= (first + k - 1) >> wide_shift; g++)
+				wide[g] = 1;
+			continue;
+		}
+		if ((ret = qk__cache_peek(&q->rb_cache, rb_off, rb)) < 0)
+			break;
+		for (uint64_t j = 0; j < k; j += 8) {
+			unsigned bits = 0;
+			uint64_t above = 0;
+			if (order == 4 && j + 8 <= k) {     /* the default width */
+				const uint8_t *p = rb + 2 * j;
+				for (unsigned b = 0; b < 8; b++) {
+					above |= p[2 * b] | (p[2 * b + 1] & ~1u);
+					bits |= (unsigned)(p[2 * b + 1] & 1) << b;
+				}
+				if (above)      /* then bit b may stand for 3, 5... */
+					for (unsigned b = 0; b < 8; b++)
+						if (qk_be16(p + 2 * b) != 1)
+							bits &= ~(1u << b);
+			} else {
+				for (unsigned b = 0; b < 8 && j + b < k; b++) {
+					uint64_t v = rb_entry(rb, j + b, order);
+					above |= v & ~1ull;
+					bits |= (unsigned)(v == 1) << b;
+				}
+			}
+			one[(first + j) / 8] = (uint8_t)bits;
+			if (above)
+				wide[(first + j) >> wide_shift] = 1;
+		}
+	}
+	free(rb);
+	return ret;
+}
+
 /* Set entry i of a refcount block to v (v fits the width). */
 static void rb_set(uint8_t *rb, uint64_t i, uint32_t order, uint64_t v)
 {

@@ -228,6 +228,27 @@ ccase "extended L2 bitmaps" el2.qcow2 0
 mk trunc.qcow2 && truncate -s $(( $(stat -c %s trunc.qcow2) - 2 * 65536 )) trunc.qcow2
 ccase "truncated file" trunc.qcow2 0
 
+# 132k clusters of 512 bytes, every one written in order: check's fast
+# paths (eight L2 entries and eight counts at a time, whole chunks of
+# stored refcounts that are all 0 or 1) run here, and each damage below
+# lands inside them
+setup qemu-img create -q -f qcow2 -o cluster_size=512 big.qcow2 64M &&
+  setup qemu-io -f qcow2 -c 'write -P 7 0 64M' big.qcow2
+ccase "132k clusters" big.qcow2
+cp big.qcow2 bigleak.qcow2 && h=$(python3 poke.py bigleak.qcow2 host 70001) &&
+  python3 poke.py bigleak.qcow2 rc "$h" 2
+ccase "132k clusters, a refcount raised" bigleak.qcow2
+cp big.qcow2 bigrc0.qcow2 && h=$(python3 poke.py bigrc0.qcow2 host 90003) &&
+  python3 poke.py bigrc0.qcow2 rc "$h" 0
+ccase "132k clusters, a refcount 0" bigrc0.qcow2
+cp big.qcow2 bigcp.qcow2 &&
+  python3 poke.py bigcp.qcow2 l2 80005 $(( $(python3 poke.py bigcp.qcow2 host 80005) * 512 ))
+ccase "132k clusters, COPIED cleared" bigcp.qcow2
+cp big.qcow2 bigdbl.qcow2 && python3 poke.py bigdbl.qcow2 l2 100002 copy:100001
+ccase "132k clusters, a cluster referenced twice" bigdbl.qcow2
+cp big.qcow2 bigrt.qcow2 && python3 poke.py bigrt.qcow2 rt 300 0x10000000
+ccase "132k clusters, a refcount block past the end" bigrt.qcow2 0
+
 # a crash under lazy refcounts: qemu-io killed with the image open
 setup qemu-img create -q -f qcow2 -o lazy_refcounts=on lazy.qcow2 8M
 bash -c "qemu-io -f qcow2 -c 'write -P 1 0 1M' -c 'write -P 2 3M 512k' -c 'sigraise 9' lazy.qcow2; true" >/dev/null 2>&1

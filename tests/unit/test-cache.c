@@ -203,6 +203,35 @@ static void test_basics(void)
 }
 
 /* A slot in use is never evicted, whatever else happens. */
+/* qk__cache_peek: a cached table as it stands (changes included), else
+ * the file's, loaded, without taking a slot or counting a miss. */
+static void test_peek(void)
+{
+	struct qk__file *f = make_file(8, ES);
+	struct loader l = { .es = ES };
+	struct qk__cache c;
+	uint64_t buf[ES / 8];
+	void *t;
+
+	CHECK_EQ(qk__cache_init(&c, f, ES, 2, load, &l), 0, "init");
+	CHECK_EQ(qk__cache_peek(&c, 3 * ES, buf), 0, "peek an uncached table");
+	CHECK(table_ok(buf, 3 * ES, ES), "peek: the file's table, loaded");
+	CHECK(!cached(&c, 3 * ES) && c.misses == 0 && c.hits == 0 && l.calls == 1,
+	      "peek takes no slot and counts nothing");
+	CHECK_EQ(qk__cache_get(&c, 2 * ES, &t), 0, "get");
+	((uint64_t *)t)[1] = 77;
+	qk__cache_mark_dirty(&c, 2 * ES);
+	qk__cache_put(&c, 2 * ES);
+	CHECK_EQ(qk__cache_peek(&c, 2 * ES, buf), 0, "peek a cached table");
+	CHECK(buf[1] == 77 && buf[0] == 2 * ES * 1000, "peek sees the cached change");
+	l.fail_err = EIO;
+	l.fail_off = 5 * ES;
+	CHECK_EQ(qk__cache_peek(&c, 5 * ES, buf), -EIO, "a load error is passed through");
+	qk__cache_discard(&c, 2 * ES);
+	qk__cache_destroy(&c);
+	qk__file_close(f);
+}
+
 static void test_in_use(void)
 {
 	struct qk__file *f = make_file(64, ES);
@@ -461,6 +490,7 @@ int main(void)
 {
 	tap_watchdog(120);
 	test_basics();
+	test_peek();
 	test_in_use();
 	test_load_errors();
 	random_run(2, 5, 0, 20000, 1);
