@@ -410,7 +410,7 @@ static int alloc_clusters_at(struct model *m, uint64_t idx, uint64_t n, uint64_t
  * when missing. */
 static int get_l2(struct model *m, uint64_t i)
 {
-	uint64_t c;
+	uint64_t c = 0;
 	int ret;
 
 	if (m->l1[i] != 0)
@@ -450,7 +450,7 @@ static int alloc_host(struct model *m, uint64_t g, uint64_t *n, uint64_t *host)
 	int ret;
 
 	while (remaining > 0) {
-		uint64_t nb, h;
+		uint64_t nb, h = 0;
 
 		ret = get_l2(m, g >> m->l2_bits);
 		if (ret < 0)
@@ -586,7 +586,7 @@ static void model_free(struct model *m)
  */
 static int model_build(struct model *m, uint64_t size, int prealloc, bool extended_l2)
 {
-	uint64_t first, guest_clusters = div_round_up(size, m->cs);
+	uint64_t first = 0, guest_clusters = div_round_up(size, m->cs);
 	int ret;
 
 	m->rt_size = m->cs / 8;
