@@ -40,6 +40,7 @@ struct bench {
 	bool write;
 	int pattern;
 	uint64_t flush_interval;
+	unsigned batch;           /* reads per qk_pread_batch (0: qk_pread) */
 
 	atomic_ullong next;       /* next request number */
 	atomic_bool failed;
@@ -72,6 +73,49 @@ static uint64_t request_offset(const struct bench *b, uint64_t i)
 		return b->offset;
 	return (uint64_t)(((unsigned __int128)b->offset +
 			   (unsigned __int128)i * b->step) % b->image_size);
+}
+
+/* Record the first failure's message. */
+static void bench_fail(struct bench *b, const char *msg)
+{
+	pthread_mutex_lock(&b->lock);
+	if (!atomic_exchange(&b->failed, true))
+		snprintf(b->errmsg, sizeof(b->errmsg), "%s", msg);
+	pthread_mutex_unlock(&b->lock);
+}
+
+/* Reads of an image opened with -t none: b->batch requests at a time, in
+ * flight together (qk_pread_batch). */
+static void *bench_batch_worker(void *arg)
+{
+	struct bench *b = arg;
+	struct qk_read_op ops[CLI_MAX_THREADS];
+	uint8_t *buf;
+	size_t stride = (b->bufsize + 4095) & ~(size_t)4095;
+
+	if (posix_memalign((void **)&buf, 4096, stride * b->batch + 1) != 0) {
+		bench_fail(b, "out of memory");
+		return NULL;
+	}
+	while (!atomic_load_explicit(&b->failed, memory_order_relaxed)) {
+		uint64_t i = atomic_fetch_add(&b->next, b->batch);
+		size_t n = 0;
+
+		while (n < b->batch && i + n < b->count) {
+			ops[n].buf = buf + n * stride;
+			ops[n].len = (size_t)b->bufsize;
+			ops[n].offset = request_offset(b, i + n);
+			n++;
+		}
+		if (n == 0)
+			break;
+		if (qk_pread_batch(b->img, ops, n) < 0) {
+			bench_fail(b, qk_last_error());
+			break;
+		}
+	}
+	free(buf);
+	return NULL;
 }
 
 static void *bench_worker(void *arg)
@@ -243,10 +287,17 @@ static int run_bench(struct bench *b, uint64_t depth)
 	fflush(stdout);
 
 	nthreads = depth > MAX_THREADS ? MAX_THREADS : (unsigned)depth;
+	if (b->batch) {
+		/* Two threads, each keeping half the depth in flight. */
+		nthreads = depth > 1 ? 2 : 1;
+		b->batch = (unsigned)((depth + nthreads - 1) / nthreads);
+		if (b->batch > MAX_THREADS)
+			b->batch = MAX_THREADS;
+	}
 	if (b->count < nthreads)
 		nthreads = b->count ? (unsigned)b->count : 1;
 	t0 = cli_now();
-	if (cli_run_threads(nthreads, bench_worker, b) < 0)
+	if (cli_run_threads(nthreads, b->batch ? bench_batch_worker : bench_worker, b) < 0)
 		return CLI_EXIT_FAILURE;
 	secs = cli_now() - t0;
 
@@ -296,6 +347,8 @@ int cmd_bench(int argc, char **argv)
 	b.write = a.write;
 	b.pattern = (int)a.pattern;
 	b.flush_interval = a.flush_interval;
+	/* -t none reads: batches in flight together, not a thread each. */
+	b.batch = a.direct && !a.write && a.depth > 1;
 	atomic_init(&b.next, 0);
 	atomic_init(&b.failed, false);
 	pthread_mutex_init(&b.lock, NULL);

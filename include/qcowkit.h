@@ -337,6 +337,26 @@ int qk_pread(qk_image *img, void *buf, size_t len, uint64_t off);
 int qk_preadv(qk_image *img, const struct iovec *iov, int iovcnt,
 	      uint64_t off);
 
+/* One read of qk_pread_batch: `len` bytes at guest offset `offset` into
+ * `buf`. */
+struct qk_read_op {
+	void *buf;
+	size_t len;
+	uint64_t offset;
+};
+/*
+ * Run `n` reads as qk_pread would, one after the other, except that with
+ * an image opened QK_OPEN_DIRECT their reads of guest data from the disk
+ * are in flight together (through io_uring where the system offers it):
+ * one call keeps up to `n` requests at the device, from one thread. Other
+ * reads (metadata, compressed clusters, the page cache) are made at once.
+ * Every range is checked first; none past the end is read. Returns 0 when
+ * every read succeeded, or the negative errno of a failure (see qk_pread;
+ * the message names it); then what the buffers hold is unspecified.
+ * Buffers must not overlap.
+ */
+int qk_pread_batch(qk_image *img, const struct qk_read_op *ops, size_t n);
+
 /* ---- writing ------------------------------------------------------------ */
 
 /*

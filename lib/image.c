@@ -413,6 +413,28 @@ QK_EXPORT int qk_preadv(qk_image *img, const struct iovec *iov, int iovcnt,
 	return ret;
 }
 
+QK_EXPORT int qk_pread_batch(qk_image *img, const struct qk_read_op *ops, size_t n)
+{
+	qk__api_enter("qk_pread_batch");
+	if (!img || (!ops && n))
+		return qk__err(EINVAL, "image and reads are required");
+	for (size_t i = 0; i < n; i++) {
+		if (!ops[i].buf && ops[i].len)
+			return qk__err(EINVAL, "read %zu of the batch has no buffer", i);
+		int ret = check_range(img, ops[i].offset, ops[i].len, "read");
+		if (ret < 0)
+			return ret;
+	}
+	qk__io_batch_begin();
+	int ret = 0;
+	for (size_t i = 0; i < n && ret == 0; i++)
+		ret = qk__image_pread(img, ops[i].buf, ops[i].len, ops[i].offset);
+	/* Every queued read is waited for, even after a failure: the
+	 * buffers are the caller's again on return. */
+	int end = qk__io_batch_end(ret == 0);
+	return ret < 0 ? ret : end;
+}
+
 /* Common checks of the write entry points. */
 static int check_writable(const qk_image *img, uint64_t off, uint64_t len)
 {

@@ -94,6 +94,11 @@ struct qk__io_ops {
 	int (*lock)(struct qk__file *f, bool write, bool force_share);
 	/* Device and inode identity; optional. */
 	int (*identity)(struct qk__file *f, uint64_t *dev, uint64_t *ino);
+	/* As pread, for guest data going straight to the caller (nothing in
+	 * the library looks at it after), while a batch is open on this
+	 * thread (qk__io_batch_begin): the read may be queued and completed
+	 * at qk__io_batch_end. Optional (then pread, at once). */
+	int (*pread_batched)(struct qk__file *f, void *buf, size_t len, uint64_t off);
 	void (*close)(struct qk__file *f);
 };
 
@@ -110,6 +115,21 @@ static inline int qk__file_pread(struct qk__file *f, void *buf, size_t len, uint
 static inline int qk__file_pwrite(struct qk__file *f, const void *buf, size_t len, uint64_t off)
 {
 	return f->ops->pwrite(f, buf, len, off);
+}
+/* Batched reads of guest data (qk_pread_batch), per thread: between
+ * begin and end, qk__file_pread_data may queue a read instead of making
+ * it; end makes every queued read (in flight together) and waits for all.
+ * end returns 0 or the first failure's negative errno, recording its
+ * message only when `report`. In io/file.c. */
+void qk__io_batch_begin(void);
+int qk__io_batch_end(bool report);
+bool qk__io_batching(void);
+/* Read guest data that goes straight to the caller (see pread_batched). */
+static inline int qk__file_pread_data(struct qk__file *f, void *buf, size_t len, uint64_t off)
+{
+	if (f->ops->pread_batched && qk__io_batching())
+		return f->ops->pread_batched(f, buf, len, off);
+	return f->ops->pread(f, buf, len, off);
 }
 /* Write guest data (see pwrite_data in the ops table). */
 static inline int qk__file_pwrite_data(struct qk__file *f, const void *buf, size_t len,

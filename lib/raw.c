@@ -20,7 +20,7 @@ static int raw_open(qk_image *img, const struct qk_open_options *opts)
 
 static int raw_pread(qk_image *img, void *buf, size_t len, uint64_t off)
 {
-	return qk__file_pread(img->file, buf, len, off);
+	return qk__file_pread_data(img->file, buf, len, off);
 }
 
 static int raw_pwrite(qk_image *img, const void *buf, size_t len, uint64_t off)

@@ -98,6 +98,12 @@ _Static_assert(NBD_MAX_PAYLOAD <= NBD_INFLIGHT_BYTES,
 #define NBD_READ_PIECE (128u << 10)
 /* Reads up to this size are not split into data and holes. */
 #define NBD_SPLIT_MIN (64u << 10)
+/* With the page cache bypassed, READs of up to NBD_BATCH_LEN bytes that
+ * are already waiting in the input buffer are read together, up to
+ * NBD_BATCH of them, with one qk_pread_batch (their device reads in flight
+ * at once), then answered. */
+#define NBD_BATCH     32
+#define NBD_BATCH_LEN NBD_SPLIT_MIN
 /* Library extents looked at for one BLOCK_STATUS request; the reply then
  * covers less than asked, which the protocol allows. */
 #define NBD_BS_MAX_EXTENTS 65536
@@ -501,6 +507,26 @@ static void read_streamed(struct tx *t, struct worker *w,
 	}
 }
 
+/* The successful reply to READ `rq` whose rq->length bytes are in buf: a
+ * simple reply, or one data chunk. */
+static void reply_data(struct tx *t, const struct request *rq, uint8_t *buf)
+{
+	uint8_t h[NBD_CHUNK_HEADER_SIZE + 8];
+	struct iovec iov[2];
+
+	if (t->c->structured) {
+		put_data_chunk(h, rq->cookie, true, rq->offset, rq->length);
+		iov[0].iov_len = NBD_CHUNK_HEADER_SIZE + 8;
+	} else {
+		put_simple(h, rq->cookie, 0);
+		iov[0].iov_len = NBD_SIMPLE_REPLY_SIZE;
+	}
+	iov[0].iov_base = h;
+	iov[1].iov_base = buf;
+	iov[1].iov_len = rq->length;
+	send_reply(t, iov, 2);
+}
+
 /* READ: one reply (a simple one, or one data chunk), or the chunks of
  * read_streamed(). */
 static void cmd_read(struct tx *t, struct worker *w, const struct request *rq)
@@ -544,17 +570,84 @@ static void cmd_read(struct tx *t, struct worker *w, const struct request *rq)
 		reply_lib_err(t, rq, r);
 		return;
 	}
-	if (c->structured) {
-		put_data_chunk(h, rq->cookie, true, rq->offset, rq->length);
-		iov[0].iov_len = NBD_CHUNK_HEADER_SIZE + 8;
-	} else {
-		put_simple(h, rq->cookie, 0);
-		iov[0].iov_len = NBD_SIMPLE_REPLY_SIZE;
+	reply_data(t, rq, buf);
+}
+
+static bool refuse(struct tx *t, const struct request *rq);
+
+/*
+ * As the leader, with the page cache bypassed: take READ `first` and the
+ * small READs waiting behind it in the input buffer into rq[] (see
+ * NBD_BATCH), answering any refused; returns how many to read. A request
+ * the batch cannot take stays in the buffer for read_request.
+ */
+static size_t take_batch(struct tx *t, const struct request *first, struct request *rq)
+{
+	size_t n = 0;
+
+	if (!gone(t) && !refuse(t, first))
+		rq[n++] = *first;
+	while (n < NBD_BATCH && t->in_len - t->in_pos >= NBD_REQUEST_SIZE) {
+		const uint8_t *h = t->in + t->in_pos;
+		struct request *r = &rq[n];
+
+		if (nbd_get32(h) != NBD_REQUEST_MAGIC || nbd_get16(h + 6) != NBD_CMD_READ ||
+		    nbd_get32(h + 24) == 0 || nbd_get32(h + 24) > NBD_BATCH_LEN)
+			break;
+		t->in_pos += NBD_REQUEST_SIZE;
+		r->flags = nbd_get16(h + 4);
+		r->type = NBD_CMD_READ;
+		r->cookie = nbd_get64(h + 8);
+		r->offset = nbd_get64(h + 16);
+		r->length = nbd_get32(h + 24);
+		r->payload = NULL;
+		if (!refuse(t, r))      /* else answered already */
+			n++;
 	}
-	iov[0].iov_base = h;
-	iov[1].iov_base = buf;
-	iov[1].iov_len = rq->length;
-	send_reply(t, iov, 2);
+	return n;
+}
+
+/*
+ * Read rq[0..n) together with one qk_pread_batch into the worker's buffer
+ * (each at a page-aligned place, for O_DIRECT), and send every reply in one
+ * go. When the buffer cannot be had or the batch read fails, each request
+ * runs alone, for its own result and message.
+ */
+static void read_batch(struct tx *t, struct worker *w, const struct request *rq, size_t n)
+{
+	struct qk_read_op ops[NBD_BATCH];
+	uint8_t h[NBD_BATCH][NBD_CHUNK_HEADER_SIZE + 8];
+	struct iovec iov[2 * NBD_BATCH];
+	size_t total = 0;
+	uint8_t *buf;
+
+	for (size_t i = 0; i < n; i++)
+		total += ((size_t)rq[i].length + 4095) & ~(size_t)4095;
+	buf = n > 1 ? get_buf(w, total) : NULL;
+	for (size_t i = 0, at = 0; buf && i < n; i++) {
+		ops[i].buf = buf + at;
+		ops[i].len = rq[i].length;
+		ops[i].offset = rq[i].offset;
+		at += ((size_t)rq[i].length + 4095) & ~(size_t)4095;
+	}
+	if (buf == NULL || qk_pread_batch(t->c->img, ops, n) < 0) {
+		for (size_t i = 0; i < n && !gone(t); i++)
+			cmd_read(t, w, &rq[i]);
+		return;
+	}
+	for (size_t i = 0; i < n; i++) {
+		if (t->c->structured) {
+			put_data_chunk(h[i], rq[i].cookie, true, rq[i].offset, rq[i].length);
+			iov[2 * i].iov_len = NBD_CHUNK_HEADER_SIZE + 8;
+		} else {
+			put_simple(h[i], rq[i].cookie, 0);
+			iov[2 * i].iov_len = NBD_SIMPLE_REPLY_SIZE;
+		}
+		iov[2 * i].iov_base = h[i];
+		iov[2 * i + 1].iov_base = ops[i].buf;
+		iov[2 * i + 1].iov_len = rq[i].length;
+	}
+	send_now(t, iov, (int)(2 * n));
 }
 
 /* Longest BLOCK_STATUS chunk: header, context id, extents. */
@@ -911,6 +1004,14 @@ static bool maybe_slow(const struct tx *t, const struct request *rq)
 	       (t->c->exp->direct && rq->type != NBD_CMD_BLOCK_STATUS);
 }
 
+/* Does READ rq start a batch (read_batch)? With the page cache bypassed, a
+ * small one with others already waiting behind it. */
+static bool batchable(const struct tx *t, const struct request *rq)
+{
+	return t->c->exp->direct && rq->type == NBD_CMD_READ && rq->length > 0 &&
+	       rq->length <= NBD_BATCH_LEN && t->in_len - t->in_pos >= NBD_REQUEST_SIZE;
+}
+
 /*
  * As the leader: read the next request into *rq (a WRITE's payload into a
  * buffer of `w`). Returns 1 for a request, 0 when the client left by the
@@ -1021,6 +1122,22 @@ static void *worker_main(void *arg)
 			 * passes it on. */
 			pthread_mutex_unlock(&t->read_lock);
 			break;
+		}
+		if (batchable(t, &rq)) {
+			/* Take what waits, let another thread read on (its
+			 * batch then overlaps this one at the device), and
+			 * read this one. */
+			struct request batch[NBD_BATCH];
+			size_t n = take_batch(t, &rq, batch);
+
+			if (hand_over(t)) {
+				flush_out(t);
+				pthread_mutex_unlock(&t->read_lock);
+				leading = false;
+			}
+			read_batch(t, w, batch, n);
+			put_big(w);
+			continue;
 		}
 		if ((maybe_slow(t, &rq) || (rq.type != NBD_CMD_WRITE && more_input(t))) &&
 		    hand_over(t)) {

@@ -3,7 +3,7 @@
 # Runs as root (as `make test` does on a fresh machine); otherwise prints
 # what is missing and carries on, so a prepared machine still works.
 set -eu
-pkgs="build-essential cmake pkg-config zlib1g-dev libzstd-dev libdeflate-dev zstd qemu-utils libnbd-bin python3 fio nbd-client fuse3"
+pkgs="build-essential cmake pkg-config zlib1g-dev libzstd-dev libdeflate-dev liburing-dev zstd qemu-utils libnbd-bin python3 fio nbd-client fuse3"
 # `make fuzz` (QK_FUZZ_DEPS=1) also needs clang and its libFuzzer runtime,
 # which clang only recommends.
 if [ "${QK_FUZZ_DEPS:-0}" = 1 ]; then

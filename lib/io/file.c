@@ -17,6 +17,10 @@
 #include <sys/statfs.h>
 #include <sys/syscall.h>
 #include <unistd.h>
+#ifdef QK_HAVE_URING
+#include <liburing.h>
+#include <pthread.h>
+#endif
 
 #define DIRECT_ALIGN 4096u
 
@@ -340,6 +344,167 @@ static void file_close(struct qk__file *f)
 	free(pf);
 }
 
+/*
+ * Batched reads (qk_pread_batch). Each thread has its own queue, and with
+ * liburing its own ring, made at its first batch and closed when the
+ * thread ends. Only aligned reads of an O_DIRECT file are queued: they
+ * are the ones that wait for the device, so it pays to have many in
+ * flight; any other read is made at once. A short read (the end of the
+ * file) or an interrupted one is finished by read_full, as file_pread
+ * would have done it.
+ */
+#define IO_BATCH_MAX 64u
+
+struct batch_item {
+	struct qk__file *f;
+	void *buf;
+	size_t len;
+	uint64_t off;
+};
+
+static _Thread_local struct {
+	bool on;
+	unsigned n;
+	struct batch_item it[IO_BATCH_MAX];
+} batch;
+
+#ifdef QK_HAVE_URING
+static pthread_key_t ring_key;
+static pthread_once_t ring_once = PTHREAD_ONCE_INIT;
+static bool ring_key_ok;
+
+static void ring_free(void *p)
+{
+	io_uring_queue_exit(p);
+	free(p);
+}
+
+static void ring_key_init(void)
+{
+	ring_key_ok = pthread_key_create(&ring_key, ring_free) == 0;
+}
+
+/* This thread's ring, or NULL when the system has none to give. */
+static struct io_uring *ring_get(void)
+{
+	static _Thread_local bool refused;
+	pthread_once(&ring_once, ring_key_init);
+	if (!ring_key_ok || refused)
+		return NULL;
+	struct io_uring *r = pthread_getspecific(ring_key);
+	if (r)
+		return r;
+	r = calloc(1, sizeof *r);
+	if (r && io_uring_queue_init(IO_BATCH_MAX, r, 0) == 0) {
+		if (pthread_setspecific(ring_key, r) == 0)
+			return r;
+		io_uring_queue_exit(r);
+	}
+	free(r);
+	refused = true;     /* no io_uring here: plain reads from now on */
+	return NULL;
+}
+#endif
+
+/* Finish item `it` after the ring read `res` bytes of it (or failed with
+ * -res): 0 or a negative errno, recorded when `report`. */
+static int batch_finish(const struct batch_item *it, int res, bool report)
+{
+	if (res >= 0 && (size_t)res == it->len)
+		return 0;
+	if (res >= 0 || res == -EINTR || res == -EAGAIN) {
+		size_t done = res > 0 ? (size_t)res : 0;
+		return read_full(it->f, (uint8_t *)it->buf + done, it->len - done, it->off + done);
+	}
+	if (!report)
+		return res;
+	return qk__err(-res, "read of %zu bytes at offset %llu of %s failed: %s", it->len,
+		       (unsigned long long)it->off, it->f->path, strerror(-res));
+}
+
+/* Make every queued read, and wait for them all. */
+static int batch_run(bool report)
+{
+	unsigned n = batch.n;
+	int ret = 0;
+	batch.n = 0;
+#ifdef QK_HAVE_URING
+	struct io_uring *r = n > 1 ? ring_get() : NULL;
+	if (r) {
+		for (unsigned i = 0; i < n; i++) {
+			struct io_uring_sqe *sqe = io_uring_get_sqe(r);  /* n <= ring size */
+			io_uring_prep_read(sqe, fd_of(batch.it[i].f), batch.it[i].buf,
+					   (unsigned)batch.it[i].len, batch.it[i].off);
+			io_uring_sqe_set_data(sqe, &batch.it[i]);
+		}
+		int sub = io_uring_submit(r);
+		unsigned got = 0;
+		while (sub > 0 && got < (unsigned)sub) {
+			struct io_uring_cqe *cqe;
+			int w = io_uring_wait_cqe(r, &cqe);
+			if (w == -EINTR)
+				continue;
+			if (w < 0)
+				abort();    /* the kernel would still write into the buffers */
+			const struct batch_item *it = io_uring_cqe_get_data(cqe);
+			int res = cqe->res;
+			io_uring_cqe_seen(r, cqe);
+			got++;
+			int one = batch_finish(it, res, report && ret == 0);
+			if (ret == 0)
+				ret = one;
+		}
+		/* Whatever the ring did not take is read here. */
+		for (unsigned i = sub > 0 ? (unsigned)sub : 0; i < n; i++) {
+			int one = read_full(batch.it[i].f, batch.it[i].buf, batch.it[i].len,
+					    batch.it[i].off);
+			if (ret == 0)
+				ret = one;
+		}
+		return ret;
+	}
+#endif
+	for (unsigned i = 0; i < n; i++) {
+		int one = read_full(batch.it[i].f, batch.it[i].buf, batch.it[i].len, batch.it[i].off);
+		if (ret == 0)
+			ret = one;
+	}
+	return ret;
+}
+
+void qk__io_batch_begin(void)
+{
+	batch.on = true;
+	batch.n = 0;
+}
+
+bool qk__io_batching(void)
+{
+	return batch.on;
+}
+
+int qk__io_batch_end(bool report)
+{
+	int ret = batch_run(report);
+	batch.on = false;
+	return ret;
+}
+
+static int file_pread_batched(struct qk__file *f, void *buf, size_t len, uint64_t off)
+{
+	struct posix_file *pf = f->priv;
+	if (!pf->direct || (uintptr_t)buf % DIRECT_ALIGN || off % DIRECT_ALIGN ||
+	    len % DIRECT_ALIGN || len > (1u << 30) || off > (uint64_t)INT64_MAX - len)
+		return file_pread(f, buf, len, off);
+	if (batch.n == IO_BATCH_MAX) {
+		int ret = batch_run(true);
+		if (ret < 0)
+			return ret;
+	}
+	batch.it[batch.n++] = (struct batch_item){ .f = f, .buf = buf, .len = len, .off = off };
+	return 0;
+}
+
 static const struct qk__io_ops posix_ops = {
 	.pread = file_pread,
 	.pwrite = file_pwrite,
@@ -352,6 +517,7 @@ static const struct qk__io_ops posix_ops = {
 	.zero_range = file_zero_range,
 	.allocate = file_allocate,
 	.identity = file_identity,
+	.pread_batched = file_pread_batched,
 	.lock = file_lock,
 	.close = file_close,
 };

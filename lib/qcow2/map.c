@@ -429,7 +429,7 @@ int qk__qcow2_pread(qk_image *img, void *buf, size_t len, uint64_t off)
 			break;
 		case CT_NORMAL:
 		case CT_NORMAL_HOLE:
-			ret = qk__file_pread(df, p, n, r.host);
+			ret = qk__file_pread_data(df, p, n, r.host);
 			break;
 		case CT_COMPRESSED:
 			if (n == q->cluster_size)    /* whole: with the ones after it */
