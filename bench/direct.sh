@@ -11,10 +11,15 @@
 #   BENCH_RUNTIME   seconds per fio run (default 10)
 #
 # The image: 4 GiB qcow2, every cluster data (qemu-img convert of a raw
-# file of random blocks), and that raw file. Row: random 4 KiB reads at
-# depth 16 (fio's nbd engine over a Unix socket; io_uring engine for the
-# raw file), the page cache dropped before each run. Prints IOPS and, per
-# round, qcowkit / qemu-nbd and qcowkit / device limit.
+# file of random blocks), and that raw file. Rows, each with the page cache
+# dropped before each run:
+#   nbd    random 4 KiB reads at depth 16 (fio's nbd engine over a Unix
+#          socket; io_uring engine for the raw file)
+#   bench  in-process 4 KiB reads at depth 16, BENCH_COUNT (default
+#          200000) of them about 768 MiB apart (-S 805318656, the pattern
+#          qemu-img bench can make): `qcowkit bench -t none` against
+#          `qemu-img bench -t none -i io_uring`
+# Prints IOPS and, per round, qcowkit / qemu and qcowkit / device limit.
 set -euo pipefail
 export LC_ALL=C
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -77,11 +82,26 @@ run() {
   iops "$W/fio.json"
 }
 
-printf '%5s %10s %10s %10s %9s %9s\n' round qcowkit qemu-nbd device vs-qemu vs-device
+# bench TOOL: in-process reads with the page cache bypassed; prints ops/s.
+COUNT=${BENCH_COUNT:-200000}
+bench() {
+  drop
+  case $1 in
+    qcowkit) "$QCOWKIT" bench -f qcow2 -t none -d 16 -s 4k -S 805318656 -c "$COUNT" "$W/data.qcow2" ;;
+    qemu-img) qemu-img bench -f qcow2 -t none -i io_uring -d 16 -s 4k -S 805318656 -c "$COUNT" \
+                "$W/data.qcow2" ;;
+  esac | sed -n 's/.*MiB\/s, \([0-9]*\) ops\/s.*/\1/p'
+}
+
+printf '%-6s %5s %10s %10s %10s %9s %9s\n' row round qcowkit qemu device vs-qemu vs-device
 for r in $(seq "$ROUNDS"); do
   k=$(run qcowkit)
   q=$(run qemu-nbd)
   d=$(run device)
-  printf '%5d %10d %10d %10d %9.2f %9.2f\n' "$r" "$k" "$q" "$d" "$(echo "$k / $q" | bc -l)" \
+  printf '%-6s %5d %10d %10d %10d %9.2f %9.2f\n' nbd "$r" "$k" "$q" "$d" "$(echo "$k / $q" | bc -l)" \
+    "$(echo "$k / $d" | bc -l)"
+  k=$(bench qcowkit)
+  q=$(bench qemu-img)
+  printf '%-6s %5d %10d %10d %10d %9.2f %9.2f\n' bench "$r" "$k" "$q" "$d" "$(echo "$k / $q" | bc -l)" \
     "$(echo "$k / $d" | bc -l)"
 done

@@ -22,6 +22,13 @@
  *   kernel, so more threads only add lock waits and wake-ups (random 4 KiB
  *   writes at depth 16 ran 15-25% faster, with 20% less server CPU per
  *   write and a tenth of the 99.9th percentile latency).
+ * - With the page cache bypassed, a small READ with more requests waiting
+ *   behind it in the input buffer starts a batch: the leader takes the
+ *   small READs that follow it there (NBD_BATCH), hands the reading role
+ *   on, and reads them all with one qk_pread_batch, so their device reads
+ *   are in flight together, then answers them in one send. The batch's
+ *   data lives in the thread's own buffer (at most NBD_BATCH x
+ *   NBD_BATCH_LEN, under NBD_KEEP_BUF), so the memory bound below holds.
  * - Each thread owns one buffer for its request's data, kept between
  *   requests up to NBD_KEEP_BUF bytes; larger ones are allocated for the
  *   request and count against NBD_INFLIGHT_BYTES, waited for before
@@ -104,6 +111,8 @@ _Static_assert(NBD_MAX_PAYLOAD <= NBD_INFLIGHT_BYTES,
  * at once), then answered. */
 #define NBD_BATCH     32
 #define NBD_BATCH_LEN NBD_SPLIT_MIN
+_Static_assert((size_t)NBD_BATCH * NBD_BATCH_LEN <= NBD_KEEP_BUF,
+	       "a batch's data fits in the buffer a thread keeps");
 /* Library extents looked at for one BLOCK_STATUS request; the reply then
  * covers less than asked, which the protocol allows. */
 #define NBD_BS_MAX_EXTENTS 65536
