@@ -90,7 +90,8 @@ bench() {
     qcowkit) "$QCOWKIT" bench -f qcow2 -t none -d 16 -s 4k -S 805318656 -c "$COUNT" "$W/data.qcow2" ;;
     qemu-img) qemu-img bench -f qcow2 -t none -i io_uring -d 16 -s 4k -S 805318656 -c "$COUNT" \
                 "$W/data.qcow2" ;;
-  esac | sed -n 's/.*MiB\/s, \([0-9]*\) ops\/s.*/\1/p'
+  esac | sed -n 's/^Run completed in \([0-9.]*\) seconds.*/\1/p' |
+    { read -r secs; echo "$COUNT / $secs" | bc; }
 }
 
 printf '%-6s %5s %10s %10s %10s %9s %9s\n' row round qcowkit qemu device vs-qemu vs-device
