@@ -353,7 +353,8 @@ struct qk_read_op {
  * Every range is checked first; none past the end is read. Returns 0 when
  * every read succeeded, or the negative errno of a failure (see qk_pread;
  * the message names it); then what the buffers hold is unspecified.
- * Buffers must not overlap.
+ * Buffers must not overlap. -EBUSY when called from inside another
+ * qk_pread_batch on the same thread (from an I/O callback).
  */
 int qk_pread_batch(qk_image *img, const struct qk_read_op *ops, size_t n);
 

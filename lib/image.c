@@ -425,7 +425,8 @@ QK_EXPORT int qk_pread_batch(qk_image *img, const struct qk_read_op *ops, size_t
 		if (ret < 0)
 			return ret;
 	}
-	qk__io_batch_begin();
+	if (qk__io_batch_begin() < 0)
+		return qk__err(EBUSY, "a batch is already being read on this thread");
 	int ret = 0;
 	for (size_t i = 0; i < n && ret == 0; i++)
 		ret = qk__image_pread(img, ops[i].buf, ops[i].len, ops[i].offset);

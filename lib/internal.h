@@ -121,7 +121,7 @@ static inline int qk__file_pwrite(struct qk__file *f, const void *buf, size_t le
  * it; end makes every queued read (in flight together) and waits for all.
  * end returns 0 or the first failure's negative errno, recording its
  * message only when `report`. In io/file.c. */
-void qk__io_batch_begin(void);
+int qk__io_batch_begin(void);   /* -EBUSY: one is open on this thread */
 int qk__io_batch_end(bool report);
 bool qk__io_batching(void);
 /* Read guest data that goes straight to the caller (see pread_batched). */

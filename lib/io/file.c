@@ -39,17 +39,16 @@ static int fd_of(struct qk__file *f)
 	return ((struct posix_file *)f->priv)->fd;
 }
 
-/* Plain full read; zero-fill from EOF on. */
-static int read_full(struct qk__file *f, void *buf, size_t len, uint64_t off)
+/* Plain full read; zero-fill from EOF on. 0 or -errno, nothing recorded. */
+static int read_full_quiet(int fd, void *buf, size_t len, uint64_t off)
 {
 	uint8_t *p = buf;
 	while (len > 0) {
-		ssize_t n = pread(fd_of(f), p, len, (off_t)off);
+		ssize_t n = pread(fd, p, len, (off_t)off);
 		if (n < 0) {
 			if (errno == EINTR)
 				continue;
-			return qk__err(errno, "read of %zu bytes at offset %llu of %s failed: %s",
-				       len, (unsigned long long)off, f->path, strerror(errno));
+			return -errno;
 		}
 		if (n == 0) {
 			memset(p, 0, len);
@@ -60,6 +59,20 @@ static int read_full(struct qk__file *f, void *buf, size_t len, uint64_t off)
 		off += (uint64_t)n;
 	}
 	return 0;
+}
+
+/* The message of a failed read of [off, off+len) of f; returns ret. */
+static int read_failed(struct qk__file *f, int ret, size_t len, uint64_t off)
+{
+	return qk__err(-ret, "read of %zu bytes at offset %llu of %s failed: %s", len,
+		       (unsigned long long)off, f->path, strerror(-ret));
+}
+
+/* read_full_quiet, recording the message of a failure. */
+static int read_full(struct qk__file *f, void *buf, size_t len, uint64_t off)
+{
+	int ret = read_full_quiet(fd_of(f), buf, len, off);
+	return ret < 0 ? read_failed(f, ret, len, off) : 0;
 }
 
 static int file_pread(struct qk__file *f, void *buf, size_t len, uint64_t off)
@@ -373,9 +386,16 @@ static pthread_key_t ring_key;
 static pthread_once_t ring_once = PTHREAD_ONCE_INIT;
 static bool ring_key_ok;
 
+/* A thread's ring, and the process that made it (a child after fork()
+ * must not submit on its parent's). */
+struct ring {
+	struct io_uring r;
+	pid_t pid;
+};
+
 static void ring_free(void *p)
 {
-	io_uring_queue_exit(p);
+	io_uring_queue_exit(&((struct ring *)p)->r);
 	free(p);
 }
 
@@ -384,98 +404,137 @@ static void ring_key_init(void)
 	ring_key_ok = pthread_key_create(&ring_key, ring_free) == 0;
 }
 
-/* This thread's ring, or NULL when the system has none to give. */
+static _Thread_local bool ring_refused;
+
+/* Give up this thread's ring for good (every read it took was reaped). */
+static void ring_drop(void)
+{
+	struct ring *r = pthread_getspecific(ring_key);
+	if (r) {
+		(void)pthread_setspecific(ring_key, NULL);
+		ring_free(r);
+	}
+	ring_refused = true;
+}
+
+/* This thread's ring, or NULL when the system has none to give (no
+ * io_uring, or one without IORING_OP_READ, before Linux 5.6). */
 static struct io_uring *ring_get(void)
 {
-	static _Thread_local bool refused;
 	pthread_once(&ring_once, ring_key_init);
-	if (!ring_key_ok || refused)
+	if (!ring_key_ok || ring_refused)
 		return NULL;
-	struct io_uring *r = pthread_getspecific(ring_key);
-	if (r)
-		return r;
+	struct ring *r = pthread_getspecific(ring_key);
+	if (r && r->pid == getpid())
+		return &r->r;
+	if (r) {                /* inherited through fork(): ours to close */
+		(void)pthread_setspecific(ring_key, NULL);
+		ring_free(r);
+	}
 	r = calloc(1, sizeof *r);
-	if (r && io_uring_queue_init(IO_BATCH_MAX, r, 0) == 0) {
-		if (pthread_setspecific(ring_key, r) == 0)
-			return r;
-		io_uring_queue_exit(r);
+	if (r && io_uring_queue_init(IO_BATCH_MAX, &r->r, 0) == 0) {
+		struct io_uring_probe *probe = io_uring_get_probe_ring(&r->r);
+		bool reads = probe && io_uring_opcode_supported(probe, IORING_OP_READ);
+		if (probe)
+			io_uring_free_probe(probe);
+		r->pid = getpid();
+		if (reads && pthread_setspecific(ring_key, r) == 0)
+			return &r->r;
+		io_uring_queue_exit(&r->r);
 	}
 	free(r);
-	refused = true;     /* no io_uring here: plain reads from now on */
+	ring_refused = true;    /* plain reads from now on */
 	return NULL;
+}
+
+/* Submit the `n` reads prepared in ring r and reap them all into res[]
+ * (bytes read, or -errno). Returns how many the kernel took: the first
+ * ones, in order. When it took fewer, the rest are still in the ring's
+ * queue, where they must not stay: the caller drops the ring. */
+static unsigned ring_run(struct io_uring *r, unsigned n, int *res)
+{
+	unsigned taken = 0, got = 0;
+	while (taken < n) {
+		int s = io_uring_submit(r);
+		if (s > 0) {
+			taken += (unsigned)s;
+			continue;
+		}
+		if (s == -EINTR)
+			continue;
+		if ((s == -EAGAIN || s == -EBUSY) && got < taken) {
+			/* No room: let completions out, then go on. */
+			struct io_uring_cqe *cqe;
+			if (io_uring_wait_cqe(r, &cqe) == 0) {
+				res[(uintptr_t)io_uring_cqe_get_data(cqe)] = cqe->res;
+				io_uring_cqe_seen(r, cqe);
+				got++;
+			}
+			continue;
+		}
+		break;
+	}
+	while (got < taken) {
+		struct io_uring_cqe *cqe;
+		int w = io_uring_wait_cqe(r, &cqe);
+		if (w == -EINTR || w == -EAGAIN)
+			continue;
+		if (w < 0)
+			abort();        /* the kernel may still write into the buffers */
+		res[(uintptr_t)io_uring_cqe_get_data(cqe)] = cqe->res;
+		io_uring_cqe_seen(r, cqe);
+		got++;
+	}
+	return taken;
 }
 #endif
 
-/* Finish item `it` after the ring read `res` bytes of it (or failed with
- * -res): 0 or a negative errno, recorded when `report`. */
-static int batch_finish(const struct batch_item *it, int res, bool report)
-{
-	if (res >= 0 && (size_t)res == it->len)
-		return 0;
-	if (res >= 0 || res == -EINTR || res == -EAGAIN) {
-		size_t done = res > 0 ? (size_t)res : 0;
-		return read_full(it->f, (uint8_t *)it->buf + done, it->len - done, it->off + done);
-	}
-	if (!report)
-		return res;
-	return qk__err(-res, "read of %zu bytes at offset %llu of %s failed: %s", it->len,
-		       (unsigned long long)it->off, it->f->path, strerror(-res));
-}
-
-/* Make every queued read, and wait for them all. */
+/* Make every queued read, and wait for them all. The first failure's
+ * message is recorded when `report`. */
 static int batch_run(bool report)
 {
-	unsigned n = batch.n;
-	int ret = 0;
+	unsigned n = batch.n, done = 0;
+	int res[IO_BATCH_MAX], ret = 0;
 	batch.n = 0;
 #ifdef QK_HAVE_URING
 	struct io_uring *r = n > 1 ? ring_get() : NULL;
 	if (r) {
 		for (unsigned i = 0; i < n; i++) {
-			struct io_uring_sqe *sqe = io_uring_get_sqe(r);  /* n <= ring size */
+			struct io_uring_sqe *sqe = io_uring_get_sqe(r);   /* n <= its size */
 			io_uring_prep_read(sqe, fd_of(batch.it[i].f), batch.it[i].buf,
 					   (unsigned)batch.it[i].len, batch.it[i].off);
-			io_uring_sqe_set_data(sqe, &batch.it[i]);
+			io_uring_sqe_set_data(sqe, (void *)(uintptr_t)i);
 		}
-		int sub = io_uring_submit(r);
-		unsigned got = 0;
-		while (sub > 0 && got < (unsigned)sub) {
-			struct io_uring_cqe *cqe;
-			int w = io_uring_wait_cqe(r, &cqe);
-			if (w == -EINTR)
-				continue;
-			if (w < 0)
-				abort();    /* the kernel would still write into the buffers */
-			const struct batch_item *it = io_uring_cqe_get_data(cqe);
-			int res = cqe->res;
-			io_uring_cqe_seen(r, cqe);
-			got++;
-			int one = batch_finish(it, res, report && ret == 0);
-			if (ret == 0)
-				ret = one;
-		}
-		/* Whatever the ring did not take is read here. */
-		for (unsigned i = sub > 0 ? (unsigned)sub : 0; i < n; i++) {
-			int one = read_full(batch.it[i].f, batch.it[i].buf, batch.it[i].len,
-					    batch.it[i].off);
-			if (ret == 0)
-				ret = one;
-		}
-		return ret;
+		done = ring_run(r, n, res);
+		if (done < n)
+			ring_drop();    /* its queue still holds the rest */
 	}
 #endif
 	for (unsigned i = 0; i < n; i++) {
-		int one = read_full(batch.it[i].f, batch.it[i].buf, batch.it[i].len, batch.it[i].off);
-		if (ret == 0)
-			ret = one;
+		const struct batch_item *it = &batch.it[i];
+		int one = 0;
+		if (i >= done) {
+			one = read_full_quiet(fd_of(it->f), it->buf, it->len, it->off);
+		} else if (res[i] < 0 || (size_t)res[i] != it->len) {
+			/* Short (the end of the file), interrupted, or refused by
+			 * the ring: finished, or failed, as file_pread would. */
+			size_t got = res[i] > 0 ? (size_t)res[i] : 0;
+			one = read_full_quiet(fd_of(it->f), (uint8_t *)it->buf + got, it->len - got,
+					      it->off + got);
+		}
+		if (one < 0 && ret == 0)
+			ret = report ? read_failed(it->f, one, it->len, it->off) : one;
 	}
 	return ret;
 }
 
-void qk__io_batch_begin(void)
+int qk__io_batch_begin(void)
 {
+	if (batch.on)
+		return -EBUSY;
 	batch.on = true;
 	batch.n = 0;
+	return 0;
 }
 
 bool qk__io_batching(void)
