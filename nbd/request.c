@@ -584,6 +584,14 @@ static void cmd_read(struct tx *t, struct worker *w, const struct request *rq)
 
 static bool refuse(struct tx *t, const struct request *rq);
 
+/* A READ of these joins a batch: up to NBD_BATCH_LEN bytes in whole 4 KiB
+ * blocks. Others (512-byte sector reads) go through a bounce buffer one at
+ * a time, so they are better run by threads side by side. */
+static bool batch_size(uint64_t off, uint32_t len)
+{
+	return len > 0 && len <= NBD_BATCH_LEN && off % 4096 == 0 && len % 4096 == 0;
+}
+
 /*
  * As the leader, with the page cache bypassed: take READ `first` and the
  * small READs waiting behind it in the input buffer into rq[] (see
@@ -601,7 +609,7 @@ static size_t take_batch(struct tx *t, const struct request *first, struct reque
 		struct request *r = &rq[n];
 
 		if (nbd_get32(h) != NBD_REQUEST_MAGIC || nbd_get16(h + 6) != NBD_CMD_READ ||
-		    nbd_get32(h + 24) == 0 || nbd_get32(h + 24) > NBD_BATCH_LEN)
+		    !batch_size(nbd_get64(h + 16), nbd_get32(h + 24)))
 			break;
 		t->in_pos += NBD_REQUEST_SIZE;
 		r->flags = nbd_get16(h + 4);
@@ -1017,8 +1025,8 @@ static bool maybe_slow(const struct tx *t, const struct request *rq)
  * small one with others already waiting behind it. */
 static bool batchable(const struct tx *t, const struct request *rq)
 {
-	return t->c->exp->direct && rq->type == NBD_CMD_READ && rq->length > 0 &&
-	       rq->length <= NBD_BATCH_LEN && t->in_len - t->in_pos >= NBD_REQUEST_SIZE;
+	return t->c->exp->direct && rq->type == NBD_CMD_READ &&
+	       batch_size(rq->offset, rq->length) && t->in_len - t->in_pos >= NBD_REQUEST_SIZE;
 }
 
 /*
