@@ -518,11 +518,11 @@ static void read_streamed(struct tx *t, struct worker *w,
 
 /* The successful reply to READ `rq` whose rq->length bytes are in buf: a
  * simple reply, or one data chunk. */
-static void reply_data(struct tx *t, const struct request *rq, uint8_t *buf)
+/* Fill iov[0..2) with that reply: its header, built in h (at least
+ * NBD_CHUNK_HEADER_SIZE + 8 bytes), and the data. */
+static void put_data_reply(const struct tx *t, const struct request *rq, uint8_t *h,
+			   uint8_t *buf, struct iovec *iov)
 {
-	uint8_t h[NBD_CHUNK_HEADER_SIZE + 8];
-	struct iovec iov[2];
-
 	if (t->c->structured) {
 		put_data_chunk(h, rq->cookie, true, rq->offset, rq->length);
 		iov[0].iov_len = NBD_CHUNK_HEADER_SIZE + 8;
@@ -533,6 +533,14 @@ static void reply_data(struct tx *t, const struct request *rq, uint8_t *buf)
 	iov[0].iov_base = h;
 	iov[1].iov_base = buf;
 	iov[1].iov_len = rq->length;
+}
+
+static void reply_data(struct tx *t, const struct request *rq, uint8_t *buf)
+{
+	uint8_t h[NBD_CHUNK_HEADER_SIZE + 8];
+	struct iovec iov[2];
+
+	put_data_reply(t, rq, h, buf, iov);
 	send_reply(t, iov, 2);
 }
 
@@ -652,18 +660,8 @@ static void read_batch(struct tx *t, struct worker *w, const struct request *rq,
 			cmd_read(t, w, &rq[i]);
 		return;
 	}
-	for (size_t i = 0; i < n; i++) {
-		if (t->c->structured) {
-			put_data_chunk(h[i], rq[i].cookie, true, rq[i].offset, rq[i].length);
-			iov[2 * i].iov_len = NBD_CHUNK_HEADER_SIZE + 8;
-		} else {
-			put_simple(h[i], rq[i].cookie, 0);
-			iov[2 * i].iov_len = NBD_SIMPLE_REPLY_SIZE;
-		}
-		iov[2 * i].iov_base = h[i];
-		iov[2 * i + 1].iov_base = ops[i].buf;
-		iov[2 * i + 1].iov_len = rq[i].length;
-	}
+	for (size_t i = 0; i < n; i++)
+		put_data_reply(t, &rq[i], h[i], ops[i].buf, &iov[2 * i]);
 	send_now(t, iov, (int)(2 * n));
 }
 
