@@ -56,9 +56,9 @@ struct refs {
 	uint64_t n;             /* clusters covered */
 	uint64_t fsize;         /* bytes in the file */
 	uint8_t *one;           /* bit per cluster: stored refcount is 1 */
-	uint8_t *binary;        /* per STORED_CHUNK clusters: every stored
-	                         * refcount is 0 or 1 (then `one` holds them) */
-	uint64_t n_binary;      /* entries of binary */
+	uint8_t *wide;          /* per STORED_CHUNK clusters: some stored
+	                         * refcount is above 1 (else `one` holds them) */
+	uint64_t n_whole;       /* whole chunks `wide` covers */
 	uint64_t n_one;         /* clusters `one` covers */
 	bool past_data;         /* an active data entry lies past the end */
 	uint64_t *past;         /* clusters past the end that references name */
@@ -1131,17 +1131,12 @@ static int check_pass_body(qk_image *img, struct qk_check_result *res,
 		n = (fsize + cs - 1) >> q->cluster_bits;
 		if (ret == 0 && n > MAX_COUNTED_CLUSTERS)
 			ret = qk__err(EFBIG, "'%s' is too large to count its references", img->filename);
-		uint8_t *wide = NULL;
 		if (ret == 0 && (!(r->one = calloc(n / 8 + 1, 1)) ||
-				 !(r->binary = calloc(n / STORED_CHUNK + 1, 1)) ||
-				 !(wide = calloc(n / STORED_CHUNK + 1, 1))))
+				 !(r->wide = calloc(n / STORED_CHUNK + 1, 1))))
 			ret = qk__err(ENOMEM, "out of memory");
 		if (ret == 0)
-			ret = qk__qcow2_refcount_ones(img, n, r->one, wide, STORED_CHUNK_SHIFT);
-		for (uint64_t k = 0; ret == 0 && k < n / STORED_CHUNK; k++)
-			r->binary[k] = !wide[k];
-		free(wide);
-		r->n_binary = n / STORED_CHUNK;
+			ret = qk__qcow2_refcount_ones(img, n, r->one, r->wide, STORED_CHUNK_SHIFT);
+		r->n_whole = n / STORED_CHUNK;
 		r->n_one = n;
 		if (ret < 0)
 			return ret;
@@ -1157,11 +1152,11 @@ static int check_pass_body(qk_image *img, struct qk_check_result *res,
 	uint64_t *st = malloc(STORED_CHUNK * sizeof *st);
 	if (!st)
 		return qk__err(ENOMEM, "out of memory");
-	bool known = false;     /* the chunk at hand is binary: st is not read */
+	bool known = false;     /* `one` holds the chunk's stored refcounts: st is not read */
 	for (uint64_t c = 0; c < r->n; c++) {
 		if (c % STORED_CHUNK == 0) {
 			uint64_t k = qk_min_u64(STORED_CHUNK, r->n - c);
-			known = c / STORED_CHUNK < r->n_binary && r->binary[c / STORED_CHUNK] &&
+			known = c / STORED_CHUNK < r->n_whole && !r->wide[c / STORED_CHUNK] &&
 				k == STORED_CHUNK;
 			if (known) {
 				/* Eight clusters at a time while each count equals
@@ -1213,8 +1208,8 @@ static void free_refs(struct refs *r)
 {
 	free(r->one);
 	r->one = NULL;
-	free(r->binary);
-	r->binary = NULL;
+	free(r->wide);
+	r->wide = NULL;
 	free(r->past);
 	r->past = NULL;
 	r->n_past = 0;
